@@ -1,0 +1,4 @@
+pub mod link;
+pub mod record;
+pub mod ring;
+pub mod wire;
