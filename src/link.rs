@@ -218,20 +218,10 @@ impl<T> Link<T> {
         );
     }
 
-    /// Applies acks and rejections; acknowledges and deduplicates everything else.
+    /// Applies acks and rejections; acknowledges and deduplicates everything else. A `Store` is
+    /// the exception: the caller acknowledges it with [`Link::ack`], with how many of its rows
+    /// were new (for a duplicate: the count it gave the first time).
     pub fn accept(&mut self, now: Time, from: SocketAddr, envelope: &Envelope) -> Accepted {
-        self.accept_with(now, from, envelope, None)
-    }
-
-    /// Like [`Link::accept`], but a `Store` is acknowledged by the caller (with its count of new
-    /// rows) when `defer_ack` is set for it.
-    pub fn accept_with(
-        &mut self,
-        now: Time,
-        from: SocketAddr,
-        envelope: &Envelope,
-        new_rows: Option<u32>,
-    ) -> Accepted {
         match &envelope.body {
             Body::Ack { seq, new_rows } => {
                 if let Some(p) = self.pending.remove(seq) {
@@ -253,8 +243,8 @@ impl<T> Link<T> {
             }
             _ => {
                 let first = self.mark_seen(now, envelope.from, envelope.seq);
-                if !first || new_rows.is_some() || !matches!(envelope.body, Body::Store(_)) {
-                    self.ack(from, envelope.seq, new_rows);
+                if !matches!(envelope.body, Body::Store(_)) {
+                    self.ack(from, envelope.seq, None);
                 }
                 if first {
                     Accepted::New

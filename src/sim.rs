@@ -1,0 +1,802 @@
+//! A whole cluster in memory: one manager, any number of peers and a client, exchanging real
+//! encoded datagrams through a simulated network with seeded loss, duplication and reordering,
+//! in virtual time. No sockets, no clocks, no threads: a failing seed fails the same way every
+//! time. The protocol tests below run on it.
+
+use crate::link::{Accepted, Link, RetryPolicy, Time};
+use crate::manager::{Manager, ManagerConfig, ManagerEvent, PlacementKind};
+use crate::peer::{Peer, PeerConfig, PeerEvent};
+use crate::record::Dataset;
+use crate::wire::{Body, ClientRequest, Envelope, ReplyBody};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Seeded xorshift64*: the simulation's only source of chance.
+#[derive(Debug, Clone)]
+pub struct SimRng(u64);
+
+impl SimRng {
+    pub fn new(seed: u64) -> Self {
+        SimRng(seed.max(1))
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p && p > 0.0
+    }
+}
+
+/// How unkind the simulated network is.
+#[derive(Debug, Clone, Copy)]
+pub struct Faults {
+    pub loss: f64,
+    pub duplicate: f64,
+    /// Each datagram is delayed by a random time up to this, so datagrams overtake each other.
+    pub max_delay: Duration,
+}
+
+impl Faults {
+    pub fn none() -> Self {
+        Faults {
+            loss: 0.0,
+            duplicate: 0.0,
+            max_delay: Duration::from_micros(50),
+        }
+    }
+}
+
+struct Datagram {
+    at: Time,
+    order: u64,
+    from: SocketAddr,
+    to: SocketAddr,
+    bytes: Vec<u8>,
+}
+
+pub struct SimPeer {
+    pub addr: SocketAddr,
+    pub peer: Peer,
+    pub exit: Option<(i32, String)>,
+    /// Hop reports, for checking where queries went.
+    pub hops: Vec<crate::peer::HopReport>,
+}
+
+pub struct Sim {
+    pub now: Time,
+    pub faults: Faults,
+    rng: SimRng,
+    pub manager: Manager,
+    pub manager_addr: SocketAddr,
+    pub peers: Vec<SimPeer>,
+    client: Link<()>,
+    client_addr: SocketAddr,
+    replies: HashMap<u64, Result<ReplyBody, String>>,
+    network: Vec<Datagram>,
+    order: u64,
+    /// Files the manager may "load", by path.
+    pub files: HashMap<String, Dataset>,
+    pub manager_events: Vec<ManagerEvent>,
+}
+
+pub fn test_retry() -> RetryPolicy {
+    RetryPolicy {
+        initial: Duration::from_millis(20),
+        max: Duration::from_millis(200),
+        attempts: Some(12),
+    }
+}
+
+impl Sim {
+    pub fn new(seed: u64, faults: Faults, placement: PlacementKind) -> Self {
+        let cfg = ManagerConfig {
+            retry: test_retry(),
+            max_datagram: 8_000,
+            window: 4,
+            placement,
+            query_timeout: Duration::from_secs(5),
+            probe_timeout: Duration::from_millis(500),
+            default_data: Some("default.csv".into()),
+        };
+        let mut rng = SimRng::new(seed);
+        let manager = Manager::new(cfg, rng.next_u64());
+        let client = Link::new(rng.next_u64(), test_retry());
+        Sim {
+            now: Duration::ZERO,
+            faults,
+            rng,
+            manager,
+            manager_addr: addr(5000),
+            peers: Vec::new(),
+            client,
+            client_addr: addr(4000),
+            replies: HashMap::new(),
+            network: Vec::new(),
+            order: 0,
+            files: HashMap::new(),
+            manager_events: Vec::new(),
+        }
+    }
+
+    /// Starts a peer process; it registers by itself.
+    pub fn add_peer(&mut self, name: &str) -> usize {
+        let port = 6000 + self.peers.len() as u16;
+        let cfg = PeerConfig {
+            name: name.into(),
+            manager: self.manager_addr,
+            retry: test_retry(),
+            max_datagram: 8_000,
+            window: 4,
+        };
+        let peer = Peer::new(cfg, self.rng.next_u64(), self.now);
+        self.peers.push(SimPeer {
+            addr: addr(port),
+            peer,
+            exit: None,
+            hops: Vec::new(),
+        });
+        self.peers.len() - 1
+    }
+
+    fn schedule(&mut self, from: SocketAddr, to: SocketAddr, bytes: Vec<u8>) {
+        if self.rng.chance(self.faults.loss) {
+            return;
+        }
+        let copies = if self.rng.chance(self.faults.duplicate) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let max = self.faults.max_delay.as_micros().max(1) as u64;
+            let at = self.now + Duration::from_micros(1 + self.rng.next_u64() % max);
+            self.order += 1;
+            self.network.push(Datagram {
+                at,
+                order: self.order,
+                from,
+                to,
+                bytes: bytes.clone(),
+            });
+        }
+    }
+
+    fn collect_output(&mut self) {
+        let mut out = Vec::new();
+        while let Some(t) = self.manager.poll_transmit() {
+            out.push((self.manager_addr, t.dest, t.bytes));
+        }
+        while let Some(ev) = self.manager.poll_event() {
+            if let ManagerEvent::LoadFile { job, path } = &ev {
+                let loaded = self
+                    .files
+                    .get(path)
+                    .cloned()
+                    .ok_or_else(|| format!("{path}: no such file"));
+                self.manager.file_loaded(self.now, *job, loaded);
+                // Loading produces sends: go round again.
+                while let Some(t) = self.manager.poll_transmit() {
+                    out.push((self.manager_addr, t.dest, t.bytes));
+                }
+            }
+            self.manager_events.push(ev);
+        }
+        for p in &mut self.peers {
+            while let Some(t) = p.peer.poll_transmit() {
+                out.push((p.addr, t.dest, t.bytes));
+            }
+            while let Some(ev) = p.peer.poll_event() {
+                match ev {
+                    PeerEvent::Exit { code, reason } => p.exit = Some((code, reason)),
+                    PeerEvent::Hop(h) => p.hops.push(h),
+                    _ => {}
+                }
+            }
+        }
+        while let Some(t) = self.client.poll_transmit() {
+            out.push((self.client_addr, t.dest, t.bytes));
+        }
+        for (from, to, bytes) in out {
+            self.schedule(from, to, bytes);
+        }
+    }
+
+    fn next_wakeup(&self) -> Option<Time> {
+        let net = self.network.iter().map(|d| d.at).min();
+        let timers = self
+            .peers
+            .iter()
+            .filter(|p| p.exit.is_none())
+            .filter_map(|p| p.peer.poll_timeout())
+            .chain(self.manager.poll_timeout())
+            .chain(self.client.poll_timeout());
+        net.into_iter().chain(timers).min()
+    }
+
+    /// Advances to the next event. Returns false when nothing at all is left to happen.
+    pub fn step(&mut self) -> bool {
+        self.collect_output();
+        let Some(at) = self.next_wakeup() else {
+            return false;
+        };
+        self.now = self.now.max(at);
+        let now = self.now;
+        // Deliver every datagram that is due, in (time, send order).
+        let mut due: Vec<Datagram> = Vec::new();
+        let mut i = 0;
+        while i < self.network.len() {
+            if self.network[i].at <= now {
+                due.push(self.network.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        due.sort_by_key(|d| (d.at, d.order));
+        for d in due {
+            self.deliver(d);
+        }
+        if self.manager.poll_timeout().is_some_and(|t| t <= now) {
+            self.manager.handle_timeout(now);
+        }
+        for p in &mut self.peers {
+            if p.exit.is_none() && p.peer.poll_timeout().is_some_and(|t| t <= now) {
+                p.peer.handle_timeout(now);
+            }
+        }
+        if self.client.poll_timeout().is_some_and(|t| t <= now) {
+            self.client.handle_timeout(now);
+        }
+        self.collect_output();
+        true
+    }
+
+    fn deliver(&mut self, d: Datagram) {
+        let Ok(env) = Envelope::decode(&d.bytes) else {
+            return;
+        };
+        let now = self.now;
+        if d.to == self.manager_addr {
+            self.manager.handle(now, d.from, env, None);
+        } else if d.to == self.client_addr {
+            if self.client.accept(now, d.from, &env) == Accepted::New {
+                if let Body::Reply(r) = env.body {
+                    self.replies.insert(r.to, r.result);
+                }
+            }
+        } else if let Some(p) = self.peers.iter_mut().find(|p| p.addr == d.to) {
+            // An exited process receives nothing.
+            if p.exit.is_none() {
+                p.peer.handle(now, d.from, env, None);
+            }
+        }
+    }
+
+    /// Runs until `done` holds, for at most `limit` of virtual time.
+    pub fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&Sim) -> bool) -> bool {
+        let end = self.now + limit;
+        while !done(self) {
+            if self.now > end || !self.step() {
+                return done(self);
+            }
+        }
+        true
+    }
+
+    /// Sends a client request and runs the cluster until its reply arrives.
+    pub fn request(&mut self, req: ClientRequest) -> Result<ReplyBody, String> {
+        let seq = self
+            .client
+            .send(self.now, self.manager_addr, Body::Request(req), None, ())
+            .map_err(|e| e.to_string())?;
+        self.run_until(Duration::from_secs(120), |s| s.replies.contains_key(&seq));
+        self.replies
+            .remove(&seq)
+            .unwrap_or_else(|| Err("no reply within 120 s of virtual time".into()))
+    }
+
+    /// Lets every retransmission, hand-off and ring update play out.
+    pub fn settle(&mut self) {
+        self.run_until(Duration::from_secs(60), |s| {
+            s.network.is_empty()
+                && s.manager.poll_timeout().is_none()
+                && s.peers
+                    .iter()
+                    .all(|p| p.exit.is_some() || p.peer.poll_timeout().is_none())
+        });
+    }
+
+    pub fn registered(&self) -> usize {
+        self.peers.iter().filter(|p| p.peer.id().is_some()).count()
+    }
+
+    pub fn live_rows(&self) -> u64 {
+        self.peers
+            .iter()
+            .filter(|p| p.exit.is_none())
+            .map(|p| p.peer.store().row_count())
+            .sum()
+    }
+
+    pub fn peer_named(&self, name: &str) -> Option<&SimPeer> {
+        self.peers.iter().find(|p| p.peer.name() == name)
+    }
+
+    /// A peer process receiving SIGTERM.
+    pub fn terminate(&mut self, name: &str) {
+        let now = self.now;
+        if let Some(p) = self.peers.iter_mut().find(|p| p.peer.name() == name) {
+            p.peer.request_leave(now);
+        }
+    }
+
+    /// The peer's whole state, for assertions: rows by key.
+    pub fn holdings(&self) -> BTreeMap<String, u64> {
+        self.peers
+            .iter()
+            .filter(|p| p.exit.is_none())
+            .map(|p| (p.peer.name().to_string(), p.peer.store().row_count()))
+            .collect()
+    }
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{CsvFormat, RecordKey, Row};
+    use crate::ring::RingExt;
+    use crate::wire::{QueryOutcome, StatusReport};
+
+    const COLUMNS: [&str; 4] = ["event_id", "state", "event_type", "location_index"];
+
+    /// `events` events; every tenth has three location rows under one key, like the
+    /// locations file, and two rows have fallback keys.
+    fn dataset(events: u64) -> Dataset {
+        let mut rows = Vec::new();
+        let mut line = 1;
+        for i in 0..events {
+            let id = 5_000_000 + i * 7;
+            let copies = if i % 10 == 0 { 3 } else { 1 };
+            for c in 0..copies {
+                line += 1;
+                rows.push(Row {
+                    line,
+                    key: RecordKey::Event(id),
+                    values: vec![
+                        id.to_string(),
+                        format!("STATE{}", i % 50),
+                        "Hail".into(),
+                        c.to_string(),
+                    ],
+                });
+            }
+        }
+        for f in 0..2u64 {
+            line += 1;
+            let values = vec![
+                String::new(),
+                format!("NOWHERE{f}"),
+                "Fog".into(),
+                "0".into(),
+            ];
+            rows.push(Row {
+                line,
+                key: crate::record::fallback_key(&values),
+                values,
+            });
+        }
+        Dataset {
+            format: CsvFormat::Generic,
+            columns: COLUMNS.iter().map(|c| c.to_string()).collect(),
+            rows,
+            rejected: Vec::new(),
+            fallback_keys: 2,
+        }
+    }
+
+    fn cluster(seed: u64, faults: Faults, peers: usize, placement: PlacementKind) -> Sim {
+        let mut sim = Sim::new(seed, faults, placement);
+        for i in 0..peers {
+            sim.add_peer(&format!("peer-{i}"));
+        }
+        assert!(
+            sim.run_until(Duration::from_secs(30), |s| s.registered() == peers),
+            "peers did not register"
+        );
+        sim.files.insert("default.csv".into(), dataset(600));
+        sim
+    }
+
+    fn setup_and_distribute(sim: &mut Sim) -> crate::wire::DistributeReport {
+        let setup = sim.request(ClientRequest::Setup).expect("setup");
+        assert!(matches!(setup, ReplyBody::Setup(_)));
+        match sim
+            .request(ClientRequest::Distribute { path: None })
+            .expect("distribute")
+        {
+            ReplyBody::Distribute(r) => r,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn query(sim: &mut Sim, key: RecordKey, via: Option<&str>) -> QueryOutcome {
+        match sim.request(ClientRequest::Query {
+            key,
+            via: via.map(String::from),
+        }) {
+            Ok(ReplyBody::Query(q)) => q,
+            other => panic!("query {key}: {other:?}"),
+        }
+    }
+
+    fn status(sim: &mut Sim) -> StatusReport {
+        match sim.request(ClientRequest::Status) {
+            Ok(ReplyBody::Status(s)) => s,
+            other => panic!("status: {other:?}"),
+        }
+    }
+
+    /// Every row of the dataset is found, exactly, and nothing is held twice.
+    fn assert_all_found(sim: &mut Sim) {
+        let data = sim.files["default.csv"].clone();
+        let mut expected: BTreeMap<RecordKey, Vec<Vec<String>>> = BTreeMap::new();
+        for r in &data.rows {
+            expected.entry(r.key).or_default().push(r.values.clone());
+        }
+        for (key, rows) in &expected {
+            let q = query(sim, *key, None);
+            assert!(q.found, "{key} not found; path {:?}", q.path);
+            let mut got: Vec<Vec<String>> = q.records.iter().map(|r| r.values.clone()).collect();
+            got.sort();
+            let mut want = rows.clone();
+            want.sort();
+            assert_eq!(got, want, "{key}");
+            assert!(q.records.iter().all(|r| r.columns == data.columns));
+        }
+        assert_eq!(
+            sim.live_rows(),
+            data.rows.len() as u64,
+            "rows held: {:?}",
+            sim.holdings()
+        );
+    }
+
+    #[test]
+    fn every_record_is_found_on_a_clean_network() {
+        let mut sim = cluster(1, Faults::none(), 5, PlacementKind::Consistent);
+        let report = setup_and_distribute(&mut sim);
+        assert_eq!(
+            (report.read, report.stored, report.new_rows),
+            (722, 722, 722)
+        );
+        assert_eq!(report.rejected, 0);
+        assert!(
+            report.batches > 5,
+            "rows should be batched, not one per datagram: {}",
+            report.batches
+        );
+        assert_all_found(&mut sim);
+        // Each peer's share is what placement says, and the walk ends at the owner.
+        let ring = sim.manager.ring().cloned().unwrap();
+        let key = RecordKey::Event(5_000_007);
+        let owner = ring.owner_of(key).unwrap().id;
+        let q = query(&mut sim, key, Some("peer-0"));
+        assert_eq!(*q.path.last().unwrap(), owner);
+        assert!(q.path.len() <= 5);
+        assert_eq!(q.path_names.len(), q.path.len());
+    }
+
+    #[test]
+    fn the_walk_goes_next_by_next_from_the_entry_peer() {
+        let mut sim = cluster(2, Faults::none(), 5, PlacementKind::Consistent);
+        setup_and_distribute(&mut sim);
+        let ring = sim.manager.ring().cloned().unwrap();
+        let key = RecordKey::Event(5_000_014);
+        let owner = ring.owner_of(key).unwrap().id;
+        let entry = ring.next_of(owner).unwrap().clone();
+        let q = query(&mut sim, key, Some(&entry.name));
+        // Entering just after the owner is the longest walk: all the way round.
+        assert_eq!(q.path.len(), 5);
+        let mut at = entry.id;
+        for id in &q.path {
+            assert_eq!(*id, at);
+            at = ring.next_of(at).unwrap().id;
+        }
+    }
+
+    #[test]
+    fn an_absent_key_is_not_found_at_its_owner() {
+        let mut sim = cluster(3, Faults::none(), 5, PlacementKind::Consistent);
+        setup_and_distribute(&mut sim);
+        let key = RecordKey::Event(42);
+        let owner = sim.manager.ring().unwrap().owner_of(key).unwrap().id;
+        let q = query(&mut sim, key, None);
+        assert!(!q.found);
+        assert!(q.records.is_empty());
+        assert_eq!(*q.path.last().unwrap(), owner);
+    }
+
+    #[test]
+    fn loss_duplication_and_reordering_lose_nothing_and_store_nothing_twice() {
+        for seed in [11, 12, 13] {
+            let faults = Faults {
+                loss: 0.2,
+                duplicate: 0.1,
+                max_delay: Duration::from_millis(5),
+            };
+            let mut sim = cluster(seed, faults, 5, PlacementKind::Consistent);
+            let report = setup_and_distribute(&mut sim);
+            assert_eq!(report.stored, 722, "seed {seed}");
+            assert_eq!(
+                report.new_rows, 722,
+                "seed {seed}: an ack may be lost, never a row double-counted"
+            );
+            assert_all_found(&mut sim);
+        }
+    }
+
+    #[test]
+    fn distributing_twice_stores_nothing_twice() {
+        let mut sim = cluster(4, Faults::none(), 3, PlacementKind::Consistent);
+        setup_and_distribute(&mut sim);
+        let again = match sim.request(ClientRequest::Distribute { path: None }) {
+            Ok(ReplyBody::Distribute(r)) => r,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((again.stored, again.new_rows), (722, 0));
+        assert_eq!(sim.live_rows(), 722);
+    }
+
+    #[test]
+    fn a_leave_hands_over_to_the_successor_only() {
+        let faults = Faults {
+            loss: 0.05,
+            duplicate: 0.05,
+            max_delay: Duration::from_millis(2),
+        };
+        let mut sim = cluster(5, faults, 5, PlacementKind::Consistent);
+        setup_and_distribute(&mut sim);
+        let before = sim.holdings();
+        let ring = sim.manager.ring().cloned().unwrap();
+        let leaver = ring.members[2].clone();
+        let successor = ring.members[3].name.clone();
+        let reply = sim
+            .request(ClientRequest::Leave {
+                name: leaver.name.clone(),
+            })
+            .expect("leave");
+        let ReplyBody::Leave { id, .. } = reply else {
+            panic!("{reply:?}")
+        };
+        assert_eq!(id, leaver.id);
+        sim.settle();
+        assert_eq!(
+            sim.peer_named(&leaver.name)
+                .unwrap()
+                .exit
+                .as_ref()
+                .map(|e| e.0),
+            Some(0)
+        );
+        let after = sim.holdings();
+        for (name, rows) in &after {
+            if *name == successor {
+                assert_eq!(*rows, before[name] + before[&leaver.name]);
+            } else {
+                assert_eq!(*rows, before[name], "{name} gained or lost rows");
+            }
+        }
+        let ring = sim.manager.ring().unwrap();
+        assert_eq!(ring.members.len(), 4);
+        assert!(ring.settled);
+        assert_all_found(&mut sim);
+    }
+
+    #[test]
+    fn sigterm_is_a_graceful_leave() {
+        let mut sim = cluster(6, Faults::none(), 5, PlacementKind::Consistent);
+        setup_and_distribute(&mut sim);
+        sim.terminate("peer-1");
+        sim.settle();
+        assert_eq!(
+            sim.peer_named("peer-1").unwrap().exit.as_ref().map(|e| e.0),
+            Some(0)
+        );
+        assert_eq!(sim.manager.ring().unwrap().members.len(), 4);
+        assert_all_found(&mut sim);
+    }
+
+    #[test]
+    fn queries_during_a_leave_still_find_everything() {
+        let mut sim = cluster(7, Faults::none(), 5, PlacementKind::Consistent);
+        setup_and_distribute(&mut sim);
+        sim.terminate("peer-3");
+        // No settle: the hand-off is under way while the queries run.
+        assert_all_found(&mut sim);
+    }
+
+    #[test]
+    fn a_late_peer_joins_and_takes_part_of_one_arc() {
+        let mut sim = cluster(8, Faults::none(), 5, PlacementKind::Consistent);
+        setup_and_distribute(&mut sim);
+        let before = sim.holdings();
+        sim.add_peer("late");
+        sim.run_until(Duration::from_secs(10), |s| s.registered() == 6);
+        sim.settle();
+        let after = sim.holdings();
+        assert!(after["late"] > 0, "the joiner holds nothing: {after:?}");
+        let donors: Vec<_> = before.iter().filter(|(n, r)| after[*n] != **r).collect();
+        assert_eq!(
+            donors.len(),
+            1,
+            "records moved from more than one peer: {before:?} → {after:?}"
+        );
+        let ring = sim.manager.ring().unwrap();
+        assert_eq!(ring.members.len(), 6);
+        assert!(ring.settled);
+        assert_all_found(&mut sim);
+    }
+
+    #[test]
+    fn a_taken_name_is_refused_with_a_reason() {
+        let mut sim = cluster(9, Faults::none(), 2, PlacementKind::Consistent);
+        let i = sim.add_peer("peer-0");
+        sim.settle();
+        let exit = sim.peers[i]
+            .exit
+            .clone()
+            .expect("the duplicate should exit");
+        assert_eq!(exit.0, 1);
+        assert!(exit.1.contains("taken"), "{}", exit.1);
+        assert_eq!(sim.manager.peer_count(), 2);
+    }
+
+    #[test]
+    fn teardown_ends_every_peer_with_zero_and_the_manager_starts_over() {
+        let mut sim = cluster(10, Faults::none(), 4, PlacementKind::Consistent);
+        setup_and_distribute(&mut sim);
+        let reply = sim.request(ClientRequest::Teardown).expect("teardown");
+        assert_eq!(reply, ReplyBody::Teardown { peers: 4 });
+        sim.settle();
+        assert!(
+            sim.peers
+                .iter()
+                .all(|p| p.exit.as_ref().map(|e| e.0) == Some(0))
+        );
+        assert!(sim.manager.ring().is_none());
+        // New peers, new ring, new data.
+        for i in 0..3 {
+            sim.add_peer(&format!("second-{i}"));
+        }
+        sim.run_until(Duration::from_secs(10), |s| s.manager.peer_count() == 3);
+        setup_and_distribute(&mut sim);
+        assert_all_found(&mut sim);
+        let s = status(&mut sim);
+        assert_eq!(s.peers.len(), 3);
+        assert!(
+            s.peers.iter().all(|p| p.id > 4),
+            "ids are never reused: {:?}",
+            s.peers
+        );
+    }
+
+    #[test]
+    fn status_reports_every_peer_with_counts_and_shares() {
+        let mut sim = cluster(14, Faults::none(), 5, PlacementKind::Consistent);
+        setup_and_distribute(&mut sim);
+        let s = status(&mut sim);
+        assert_eq!(s.peers.len(), 5);
+        assert_eq!(s.peers.iter().map(|p| p.records.unwrap()).sum::<u64>(), 722);
+        assert!((s.peers.iter().map(|p| p.share).sum::<f64>() - 1.0).abs() < 1e-6);
+        assert!(s.peers.iter().all(|p| p.state == "up"));
+    }
+
+    #[test]
+    fn modulo_and_course_placements_find_everything_too() {
+        for placement in [PlacementKind::Modulo, PlacementKind::Course] {
+            let mut sim = cluster(15, Faults::none(), 5, placement);
+            setup_and_distribute(&mut sim);
+            sim.settle();
+            assert_all_found(&mut sim);
+            sim.terminate("peer-2");
+            sim.settle();
+            assert_all_found(&mut sim);
+        }
+    }
+
+    #[test]
+    fn commands_before_setup_get_clear_errors() {
+        let mut sim = cluster(16, Faults::none(), 2, PlacementKind::Consistent);
+        let e = sim
+            .request(ClientRequest::Distribute { path: None })
+            .unwrap_err();
+        assert!(e.contains("setup"), "{e}");
+        let e = sim
+            .request(ClientRequest::Query {
+                key: RecordKey::Event(1),
+                via: None,
+            })
+            .unwrap_err();
+        assert!(e.contains("setup"), "{e}");
+        let e = sim
+            .request(ClientRequest::Leave {
+                name: "nobody".into(),
+            })
+            .unwrap_err();
+        assert!(e.contains("nobody"), "{e}");
+        sim.request(ClientRequest::Setup).unwrap();
+        let e = sim
+            .request(ClientRequest::Distribute {
+                path: Some("missing.csv".into()),
+            })
+            .unwrap_err();
+        assert!(e.contains("missing.csv"), "{e}");
+    }
+
+    #[test]
+    fn a_dead_neighbour_is_routed_around() {
+        let mut sim = cluster(17, Faults::none(), 5, PlacementKind::Consistent);
+        setup_and_distribute(&mut sim);
+        let ring = sim.manager.ring().cloned().unwrap();
+        // Kill (no hand-off) the member right after the entry; query a key owned further on.
+        let entry = ring.members[0].clone();
+        let dead = ring.members[1].name.clone();
+        let idx = sim
+            .peers
+            .iter()
+            .position(|p| p.peer.name() == dead)
+            .unwrap();
+        sim.peers[idx].exit = Some((137, "killed".into()));
+        let owned_by_third = (0..600u64)
+            .map(|i| RecordKey::Event(5_000_000 + i * 7))
+            .find(|k| ring.owner_of(*k).unwrap().id == ring.members[2].id)
+            .unwrap();
+        let q = query(&mut sim, owned_by_third, Some(&entry.name));
+        assert!(q.found);
+        assert_eq!(q.path, vec![entry.id, ring.members[2].id]);
+    }
+
+    /// Joins and leaves overlapping, on a lossy, duplicating, reordering network, under both
+    /// consistent and modulo placement (where a change moves almost every row): every row is
+    /// still found exactly once.
+    #[test]
+    fn churn_on_a_bad_network_loses_and_duplicates_nothing() {
+        for seed in 20..36 {
+            for placement in [PlacementKind::Consistent, PlacementKind::Modulo] {
+                let faults = Faults {
+                    loss: 0.1,
+                    duplicate: 0.1,
+                    max_delay: Duration::from_millis(5),
+                };
+                let mut sim = cluster(seed, faults, 5, placement);
+                setup_and_distribute(&mut sim);
+                sim.terminate("peer-1");
+                sim.add_peer("joiner-a");
+                sim.run_until(Duration::from_millis(30), |_| false);
+                sim.terminate("peer-3");
+                sim.add_peer("joiner-b");
+                sim.settle();
+                for gone in ["peer-1", "peer-3"] {
+                    let exit = sim.peer_named(gone).unwrap().exit.clone();
+                    assert_eq!(
+                        exit.map(|e| e.0),
+                        Some(0),
+                        "seed {seed} {placement:?}: {gone}"
+                    );
+                }
+                let ring = sim.manager.ring().unwrap();
+                assert_eq!(ring.members.len(), 5, "seed {seed} {placement:?}");
+                assert!(ring.settled);
+                assert_all_found(&mut sim);
+            }
+        }
+    }
+}

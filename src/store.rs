@@ -1,0 +1,253 @@
+//! A peer's share of the records, and the batching that moves rows in datagrams.
+
+use crate::record::RecordKey;
+use crate::wire::{RecordOut, StoreBatch, WireRow};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Column names shared by every row of one CSV file, interned so that 48,000 rows cost one
+/// copy of the header, not 48,000.
+pub type Columns = Arc<[String]>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRow {
+    pub columns: Columns,
+    pub values: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Store {
+    schemas: Vec<Columns>,
+    rows: HashMap<RecordKey, Vec<StoredRow>>,
+    row_count: u64,
+}
+
+impl Store {
+    pub fn intern(&mut self, columns: &[String]) -> Columns {
+        if let Some(c) = self.schemas.iter().find(|c| c.as_ref() == columns) {
+            return c.clone();
+        }
+        let c: Columns = columns.to_vec().into();
+        self.schemas.push(c.clone());
+        c
+    }
+
+    /// Keeps a row; returns false if an equal row is held already (storing is idempotent).
+    pub fn insert(&mut self, key: RecordKey, columns: &Columns, values: Vec<String>) -> bool {
+        let held = self.rows.entry(key).or_default();
+        if held
+            .iter()
+            .any(|r| Arc::ptr_eq(&r.columns, columns) && r.values == values)
+        {
+            return false;
+        }
+        held.push(StoredRow {
+            columns: columns.clone(),
+            values,
+        });
+        self.row_count += 1;
+        true
+    }
+
+    /// Stores a whole batch; returns how many rows were new.
+    pub fn insert_batch(&mut self, batch: StoreBatch) -> u32 {
+        let columns = self.intern(&batch.columns);
+        let mut new_rows = 0;
+        for WireRow(key, values) in batch.rows {
+            if self.insert(key, &columns, values) {
+                new_rows += 1;
+            }
+        }
+        new_rows
+    }
+
+    pub fn get(&self, key: RecordKey) -> Option<&[StoredRow]> {
+        self.rows.get(&key).map(Vec::as_slice)
+    }
+
+    pub fn records_out(&self, key: RecordKey) -> Vec<RecordOut> {
+        self.get(key)
+            .unwrap_or_default()
+            .iter()
+            .map(|r| RecordOut {
+                columns: r.columns.to_vec(),
+                values: r.values.clone(),
+            })
+            .collect()
+    }
+
+    /// Removes the given rows of `key` (after their hand-off was acknowledged).
+    pub fn remove_rows(&mut self, key: RecordKey, gone: &[StoredRow]) {
+        if let Some(held) = self.rows.get_mut(&key) {
+            let before = held.len();
+            held.retain(|r| !gone.contains(r));
+            self.row_count -= (before - held.len()) as u64;
+            if held.is_empty() {
+                self.rows.remove(&key);
+            }
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&RecordKey, &Vec<StoredRow>)> {
+        self.rows.iter()
+    }
+
+    pub fn row_count(&self) -> u64 {
+        self.row_count
+    }
+
+    pub fn key_count(&self) -> u64 {
+        self.rows.len() as u64
+    }
+}
+
+/// Room kept in every datagram for the envelope and the trace context.
+const ENVELOPE_SLACK: usize = 512;
+
+/// An upper bound on a CBOR text string's encoded size.
+fn text_size(s: &str) -> usize {
+    s.len() + 9
+}
+
+/// An upper bound on one row's encoded size.
+pub fn row_size(values: &[String]) -> usize {
+    // Array header, the key (a one-entry map holding a u64), the values' array header.
+    32 + values.iter().map(|v| text_size(v)).sum::<usize>()
+}
+
+/// The room for rows in one batch of this schema.
+pub fn batch_budget(columns: &[String], max_datagram: usize) -> usize {
+    let header = ENVELOPE_SLACK + columns.iter().map(|c| text_size(c)).sum::<usize>();
+    max_datagram.saturating_sub(header)
+}
+
+/// Splits rows of one schema into batches whose encoded envelopes stay under `max_datagram`.
+/// A row too large for any datagram is returned in the second list, not dropped silently.
+pub fn make_batches(
+    epoch: u64,
+    columns: &[String],
+    rows: impl IntoIterator<Item = WireRow>,
+    max_datagram: usize,
+) -> (Vec<StoreBatch>, Vec<WireRow>) {
+    let budget = batch_budget(columns, max_datagram);
+    let mut batches = Vec::new();
+    let mut oversized = Vec::new();
+    let mut current: Vec<WireRow> = Vec::new();
+    let mut used = 0;
+    for row in rows {
+        let size = row_size(&row.1);
+        if size > budget {
+            oversized.push(row);
+            continue;
+        }
+        if used + size > budget && !current.is_empty() {
+            batches.push(StoreBatch {
+                epoch,
+                columns: columns.to_vec(),
+                rows: std::mem::take(&mut current),
+            });
+            used = 0;
+        }
+        used += size;
+        current.push(row);
+    }
+    if !current.is_empty() {
+        batches.push(StoreBatch {
+            epoch,
+            columns: columns.to_vec(),
+            rows: current,
+        });
+    }
+    (batches, oversized)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Body, Envelope};
+
+    fn cols() -> Vec<String> {
+        vec!["event_id".into(), "state".into()]
+    }
+
+    #[test]
+    fn insert_is_idempotent_and_keeps_distinct_rows_of_one_key() {
+        let mut s = Store::default();
+        let c = s.intern(&cols());
+        let k = RecordKey::Event(1);
+        assert!(s.insert(k, &c, vec!["1".into(), "OHIO".into()]));
+        assert!(!s.insert(k, &c, vec!["1".into(), "OHIO".into()]));
+        assert!(s.insert(k, &c, vec!["1".into(), "IOWA".into()]));
+        assert_eq!((s.row_count(), s.key_count()), (2, 1));
+        let out = s.records_out(k);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].columns, cols());
+    }
+
+    #[test]
+    fn interning_shares_one_header() {
+        let mut s = Store::default();
+        let a = s.intern(&cols());
+        let b = s.intern(&cols());
+        assert!(Arc::ptr_eq(&a, &b));
+    }
+
+    #[test]
+    fn remove_rows_drops_only_those_rows() {
+        let mut s = Store::default();
+        let c = s.intern(&cols());
+        let k = RecordKey::Event(1);
+        s.insert(k, &c, vec!["1".into(), "A".into()]);
+        s.insert(k, &c, vec!["1".into(), "B".into()]);
+        let gone = vec![StoredRow {
+            columns: c.clone(),
+            values: vec!["1".into(), "A".into()],
+        }];
+        s.remove_rows(k, &gone);
+        assert_eq!(s.row_count(), 1);
+        s.remove_rows(
+            k,
+            &[StoredRow {
+                columns: c,
+                values: vec!["1".into(), "B".into()],
+            }],
+        );
+        assert_eq!((s.row_count(), s.key_count()), (0, 0));
+    }
+
+    #[test]
+    fn batches_fit_the_datagram_and_keep_every_row() {
+        let rows: Vec<WireRow> = (0..5000u64)
+            .map(|i| {
+                WireRow(
+                    RecordKey::Event(i),
+                    vec![i.to_string(), "X".repeat((i % 200) as usize)],
+                )
+            })
+            .collect();
+        let (batches, oversized) = make_batches(3, &cols(), rows.clone(), 8_000);
+        assert!(oversized.is_empty());
+        assert!(batches.len() > 10);
+        let mut seen = Vec::new();
+        for b in batches {
+            let bytes = Envelope::new(u64::MAX, u64::MAX, None, Body::Store(b.clone()))
+                .encode()
+                .unwrap();
+            assert!(bytes.len() <= 8_000 - 256, "batch of {} bytes", bytes.len());
+            seen.extend(b.rows);
+        }
+        assert_eq!(seen, rows);
+    }
+
+    #[test]
+    fn a_row_larger_than_a_datagram_is_reported() {
+        let rows = vec![
+            WireRow(RecordKey::Event(1), vec!["1".into(), "y".repeat(10_000)]),
+            WireRow(RecordKey::Event(2), vec!["2".into(), "ok".into()]),
+        ];
+        let (batches, oversized) = make_batches(1, &cols(), rows, 4_000);
+        assert_eq!(batches.len(), 1);
+        assert_eq!(oversized.len(), 1);
+        assert_eq!(oversized[0].0, RecordKey::Event(1));
+    }
+}
