@@ -1,8 +1,14 @@
+pub mod client;
+pub mod cluster;
+pub mod config;
 pub mod link;
 pub mod manager;
+pub mod node;
 pub mod peer;
 pub mod record;
+pub mod report;
 pub mod ring;
 pub mod sim;
 pub mod store;
+pub mod telemetry;
 pub mod wire;

@@ -91,6 +91,14 @@ pub enum ManagerEvent {
         found: bool,
         path: Vec<PeerId>,
     },
+    QueryFailed {
+        query: u64,
+        reason: String,
+    },
+    DistributeFailed {
+        job: u64,
+        reason: String,
+    },
     DistributeDone {
         job: u64,
         stored: u64,
@@ -685,6 +693,10 @@ impl Manager {
             Err(e) => {
                 let call = job.call.clone();
                 self.job = None;
+                self.events.push_back(ManagerEvent::DistributeFailed {
+                    job: job_id,
+                    reason: e.clone(),
+                });
                 return self.reply(now, &call, Err(e));
             }
         };
@@ -796,10 +808,17 @@ impl Manager {
                 });
                 Ok(ReplyBody::Distribute(job.report))
             }
-            Err(e) => Err(format!(
-                "{e}; {} of {} rows were stored before the failure (distributing again is safe: nothing is stored twice)",
-                job.report.stored, job.report.read
-            )),
+            Err(e) => {
+                let reason = format!(
+                    "{e}; {} of {} rows were stored before the failure (distributing again is safe: nothing is stored twice)",
+                    job.report.stored, job.report.read
+                );
+                self.events.push_back(ManagerEvent::DistributeFailed {
+                    job: id,
+                    reason: reason.clone(),
+                });
+                Err(reason)
+            }
         };
         self.reply(now, &job.call, result);
     }
@@ -1032,15 +1051,15 @@ impl Manager {
     }
 
     fn maybe_finish_teardown(&mut self, now: Time) {
-        if self.teardown.as_ref().is_some_and(|t| t.waiting.is_empty()) {
-            if let Some(t) = self.teardown.take() {
-                self.events.push_back(ManagerEvent::RingChanged {
-                    epoch: self.last_epoch,
-                    settled: true,
-                    members: 0,
-                });
-                self.reply(now, &t.call, Ok(ReplyBody::Teardown { peers: t.peers }));
-            }
+        if self.teardown.as_ref().is_some_and(|t| t.waiting.is_empty())
+            && let Some(t) = self.teardown.take()
+        {
+            self.events.push_back(ManagerEvent::RingChanged {
+                epoch: self.last_epoch,
+                settled: true,
+                members: 0,
+            });
+            self.reply(now, &t.call, Ok(ReplyBody::Teardown { peers: t.peers }));
         }
     }
 
@@ -1111,13 +1130,10 @@ impl Manager {
                 Outcome::Rejected { tag, reason } => {
                     self.events
                         .push_back(ManagerEvent::Warning(format!("{tag:?} rejected: {reason}")));
-                    if let ManagerTag::Batch { job, peer, .. } = tag {
-                        if self.job.as_ref().is_some_and(|j| j.id == job) {
-                            self.finish_job(
-                                now,
-                                Err(format!("peer {peer} refused a batch: {reason}")),
-                            );
-                        }
+                    if let ManagerTag::Batch { job, peer, .. } = tag
+                        && self.job.as_ref().is_some_and(|j| j.id == job)
+                    {
+                        self.finish_job(now, Err(format!("peer {peer} refused a batch: {reason}")));
                     }
                 }
                 Outcome::GaveUp {
@@ -1139,7 +1155,12 @@ impl Manager {
             }
             ManagerTag::Find { query } => {
                 if let Some(q) = self.queries.remove(&query) {
-                    self.reply(now, &q.call, Err(format!("the entry peer at {silent}")));
+                    let reason = format!("the entry peer at {silent}");
+                    self.events.push_back(ManagerEvent::QueryFailed {
+                        query,
+                        reason: reason.clone(),
+                    });
+                    self.reply(now, &q.call, Err(reason));
                 }
             }
             ManagerTag::Exit { peer } => {
@@ -1153,12 +1174,12 @@ impl Manager {
                     "{what} for peer {peer}: {silent}"
                 )));
                 // A peer that cannot hear the ring cannot report its hand-off: stop waiting for it.
-                if what == "ring" {
-                    if let Some(t) = self.transition.as_mut() {
-                        if t.waiting.remove(&peer) && t.waiting.is_empty() {
-                            self.finish_transition(now);
-                        }
-                    }
+                if what == "ring"
+                    && let Some(t) = self.transition.as_mut()
+                    && t.waiting.remove(&peer)
+                    && t.waiting.is_empty()
+                {
+                    self.finish_transition(now);
                 }
             }
             ManagerTag::Reply => {
@@ -1181,5 +1202,12 @@ impl Manager {
 
     pub fn poll_event(&mut self) -> Option<ManagerEvent> {
         self.events.pop_front()
+    }
+
+    /// Puts events taken with [`Manager::poll_event`] back in front, in order.
+    pub fn requeue_events(&mut self, events: Vec<ManagerEvent>) {
+        for ev in events.into_iter().rev() {
+            self.events.push_front(ev);
+        }
     }
 }

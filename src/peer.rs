@@ -94,6 +94,9 @@ struct HandOffBatch {
     rows: Vec<(RecordKey, StoredRow)>,
 }
 
+/// Rows bound for one owner, of one schema: (owner's address, columns, rows).
+type Moving = (SocketAddr, Columns, Vec<(RecordKey, StoredRow)>);
+
 /// Rows leave only after their owner acknowledged them; a failed batch is tried again later.
 const HANDOFF_RETRY: Duration = Duration::from_secs(1);
 
@@ -392,10 +395,7 @@ impl Peer {
             return;
         };
         let epoch = ring.epoch;
-        let mut moving: BTreeMap<
-            (PeerId, usize),
-            (SocketAddr, Columns, Vec<(RecordKey, StoredRow)>),
-        > = BTreeMap::new();
+        let mut moving: BTreeMap<(PeerId, usize), Moving> = BTreeMap::new();
         let mut schema_ids: Vec<Columns> = Vec::new();
         for (key, rows) in self.store.iter() {
             if self.in_flight_keys.contains(key) {
@@ -726,5 +726,16 @@ impl Peer {
 
     pub fn poll_event(&mut self) -> Option<PeerEvent> {
         self.events.pop_front()
+    }
+
+    /// Puts events taken with [`Peer::poll_event`] back in front, in order.
+    pub fn requeue_events(&mut self, events: Vec<PeerEvent>) {
+        for ev in events.into_iter().rev() {
+            self.events.push_front(ev);
+        }
+    }
+
+    pub fn manager(&self) -> SocketAddr {
+        self.cfg.manager
     }
 }

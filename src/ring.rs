@@ -33,12 +33,12 @@ pub fn first_prime_above(n: u64) -> u64 {
         if m < 2 {
             return false;
         }
-        if m % 2 == 0 {
+        if m.is_multiple_of(2) {
             return m == 2;
         }
         let mut d = 3u64;
         while d.saturating_mul(d) <= m {
-            if m % d == 0 {
+            if m.is_multiple_of(d) {
                 return false;
             }
             d += 2;

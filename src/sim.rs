@@ -263,10 +263,10 @@ impl Sim {
         if d.to == self.manager_addr {
             self.manager.handle(now, d.from, env, None);
         } else if d.to == self.client_addr {
-            if self.client.accept(now, d.from, &env) == Accepted::New {
-                if let Body::Reply(r) = env.body {
-                    self.replies.insert(r.to, r.result);
-                }
+            if self.client.accept(now, d.from, &env) == Accepted::New
+                && let Body::Reply(r) = env.body
+            {
+                self.replies.insert(r.to, r.result);
             }
         } else if let Some(p) = self.peers.iter_mut().find(|p| p.addr == d.to) {
             // An exited process receives nothing.

@@ -1,1 +1,271 @@
-fn main() {}
+//! `stormctl`: the command-line client. It talks only to the manager's UDP port.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use stormdht::client::{Client, verify};
+use stormdht::config::TelemetryConfig;
+use stormdht::record::{self, RecordKey};
+use stormdht::report;
+use stormdht::telemetry::{self, TARGET};
+use stormdht::wire::{ClientRequest, ReplyBody};
+
+#[derive(Parser)]
+#[command(
+    name = "stormctl",
+    version,
+    about = "Control and query a stormdht cluster"
+)]
+struct Cli {
+    /// The manager's UDP address.
+    #[arg(
+        long,
+        global = true,
+        env = "STORMCTL_MANAGER",
+        default_value = "127.0.0.1:5000"
+    )]
+    manager: String,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Seconds to wait for a reply once the manager has acknowledged a request.
+    #[arg(long, global = true, default_value_t = 30.0)]
+    timeout: f64,
+    /// Jaeger UI base URL, to print a link to each query's trace.
+    #[arg(long, global = true, env = "STORM_JAEGER_UI")]
+    jaeger_ui: Option<String>,
+    /// OTLP/gRPC endpoint for stormctl's own spans (else OTEL_EXPORTER_OTLP_ENDPOINT).
+    #[arg(long, global = true, env = "STORM_TELEMETRY__OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Form the ring from the registered peers.
+    Setup,
+    /// Load a CSV on the manager and store every record on its owner.
+    Distribute {
+        /// The file as the manager sees it (default: the manager's `data` key).
+        #[arg(long)]
+        file: Option<String>,
+    },
+    /// Find an event by id (or a fallback key such as x00ff12ab34cd56ef).
+    Query {
+        event_id: String,
+        /// Enter the ring at this peer (name or id).
+        #[arg(long)]
+        via: Option<String>,
+    },
+    /// Make a peer leave the ring; its records are handed over first.
+    Leave { name: String },
+    /// Show the ring: each peer's id, name, address, state, records and share.
+    Status,
+    /// End every peer; the manager stays, ready for new peers.
+    Teardown,
+    /// Query every key of a local CSV file and compare the answers with the file.
+    Verify {
+        #[arg(long)]
+        file: PathBuf,
+        /// Queries in flight at once.
+        #[arg(long, default_value_t = 32)]
+        window: usize,
+    },
+}
+
+/// Exit statuses: 0 success (found), 1 not found / verification failed, 2 error.
+const EXIT_NOT_FOUND: u8 = 1;
+const EXIT_ERROR: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("stormctl: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let tcfg = TelemetryConfig {
+        otlp_endpoint: cli.otlp_endpoint.clone().unwrap_or_default(),
+        service_name: String::new(),
+        jaeger_ui: String::new(),
+        log: "warn".into(),
+    };
+    let instance = format!("stormctl-{}", std::process::id());
+    let telemetry = match telemetry::init(&tcfg, "stormctl", &instance) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            eprintln!("stormctl: telemetry disabled: {e}");
+            None
+        }
+    };
+    let code = command(&cli).await;
+    if let Some(t) = telemetry {
+        t.shutdown().await;
+    }
+    code
+}
+
+fn fail(json: bool, msg: impl std::fmt::Display) -> ExitCode {
+    if json {
+        println!("{}", serde_json::json!({ "error": msg.to_string() }));
+    } else {
+        eprintln!("stormctl: {msg}");
+    }
+    ExitCode::from(EXIT_ERROR)
+}
+
+async fn command(cli: &Cli) -> ExitCode {
+    let timeout = Duration::from_secs_f64(cli.timeout.clamp(0.1, 86_400.0));
+    let mut client = match Client::connect(&cli.manager, timeout).await {
+        Ok(c) => c,
+        Err(e) => return fail(cli.json, e),
+    };
+    let simple = |req: ClientRequest| req;
+    match &cli.command {
+        Command::Query { event_id, via } => {
+            let key: RecordKey = match event_id.parse() {
+                Ok(k) => k,
+                Err(e) => return fail(cli.json, format!("'{event_id}' is not an event id: {e}")),
+            };
+            query(cli, &mut client, key, via.clone()).await
+        }
+        Command::Verify { file, window } => {
+            let path = file.clone();
+            let loaded = tokio::task::spawn_blocking(move || record::load_path(&path)).await;
+            let dataset = match loaded {
+                Ok(Ok(d)) => d,
+                Ok(Err(e)) => return fail(cli.json, e),
+                Err(e) => return fail(cli.json, e),
+            };
+            let report = verify(&mut client, &file.display().to_string(), &dataset, *window).await;
+            if cli.json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                println!("{}", report::verify_text(&report));
+            }
+            if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_NOT_FOUND)
+            }
+        }
+        other => {
+            let req = match other {
+                Command::Setup => simple(ClientRequest::Setup),
+                Command::Distribute { file } => ClientRequest::Distribute { path: file.clone() },
+                Command::Leave { name } => ClientRequest::Leave { name: name.clone() },
+                Command::Status => ClientRequest::Status,
+                Command::Teardown => ClientRequest::Teardown,
+                Command::Query { .. } | Command::Verify { .. } => {
+                    return fail(cli.json, "unreachable");
+                }
+            };
+            let kind = req.kind();
+            let span = tracing::info_span!(target: TARGET, "stormctl", otel.name = format!("stormctl {kind}"));
+            let trace = telemetry::context_of(&span);
+            match client.call(req, trace).await {
+                Ok(reply) => {
+                    print_reply(cli.json, &reply);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(cli.json, e),
+            }
+        }
+    }
+}
+
+fn print_reply(json: bool, reply: &ReplyBody) {
+    let (text, value) = match reply {
+        ReplyBody::Setup(s) => (
+            format!("ring formed\n{}", report::status_text(s)),
+            report::status_json(s),
+        ),
+        ReplyBody::Status(s) => (report::status_text(s), report::status_json(s)),
+        ReplyBody::Distribute(d) => (
+            report::distribute_text(d),
+            serde_json::to_value(d).unwrap_or_default(),
+        ),
+        ReplyBody::Leave {
+            id,
+            name,
+            handed_over,
+        } => (
+            format!("peer {id} ({name}) left the ring; its records are with their new owners"),
+            serde_json::json!({ "id": id, "name": name, "handed_over": handed_over }),
+        ),
+        ReplyBody::Teardown { peers } => (
+            format!("torn down: {peers} peer(s) told to exit"),
+            serde_json::json!({ "peers": peers }),
+        ),
+        ReplyBody::Query(q) => (
+            report::query_text(q, 0.0),
+            report::query_json(q, 0.0, None, None),
+        ),
+    };
+    if json {
+        println!("{value}");
+    } else {
+        println!("{text}");
+    }
+}
+
+async fn query(cli: &Cli, client: &mut Client, key: RecordKey, via: Option<String>) -> ExitCode {
+    let span = tracing::info_span!(
+        target: TARGET,
+        "stormctl query",
+        otel.kind = "client",
+        event.id = %key,
+        found = tracing::field::Empty,
+        network.transport = "udp",
+        network.peer.address = %client.manager().ip(),
+        network.peer.port = client.manager().port(),
+    );
+    let trace_id = telemetry::trace_id_of(&span);
+    let trace = telemetry::context_of(&span);
+    let started = Instant::now();
+    let result = client.call(ClientRequest::Query { key, via }, trace).await;
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    let trace_url = match (&cli.jaeger_ui, &trace_id) {
+        (Some(ui), Some(id)) => Some(format!("{}/trace/{id}", ui.trim_end_matches('/'))),
+        _ => None,
+    };
+    match result {
+        Ok(ReplyBody::Query(q)) => {
+            span.record("found", q.found);
+            if cli.json {
+                println!(
+                    "{}",
+                    report::query_json(&q, elapsed_ms, trace_id.as_deref(), trace_url.as_deref())
+                );
+            } else {
+                println!("{}", report::query_text(&q, elapsed_ms));
+                if let Some(id) = &trace_id {
+                    println!("trace: {id}");
+                }
+                if let Some(url) = &trace_url {
+                    println!("jaeger: {url}");
+                }
+            }
+            drop(span);
+            if q.found {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_NOT_FOUND)
+            }
+        }
+        Ok(other) => fail(cli.json, format!("unexpected reply: {other:?}")),
+        Err(e) => fail(cli.json, e),
+    }
+}

@@ -1,0 +1,409 @@
+//! Layered configuration: built-in defaults < a TOML file < `STORM_*` environment variables
+//! (nested keys joined with `__`, e.g. `STORM_RETRY__ATTEMPTS=5`).
+//!
+//! A wrong value stops the daemon at start with a message that names the key and where the
+//! value came from: the file (with its path) or the environment variable.
+
+use crate::link::RetryPolicy;
+use crate::manager::{ManagerConfig, PlacementKind};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Manager,
+    Peer,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Manager => "manager",
+            Role::Peer => "peer",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// First retransmission after this many milliseconds; doubled each time.
+    pub initial_ms: u64,
+    pub max_ms: u64,
+    /// Attempts in all before giving up (registration retries forever).
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC endpoint, e.g. `http://jaeger:4317`. Empty: `OTEL_EXPORTER_OTLP_ENDPOINT`, or
+    /// no export at all.
+    pub otlp_endpoint: String,
+    /// Empty: `OTEL_SERVICE_NAME`, or `stormd-<role>`.
+    pub service_name: String,
+    /// The Jaeger UI, for printing trace links (e.g. `http://localhost:16686`).
+    pub jaeger_ui: String,
+    /// Log filter (`RUST_LOG` syntax); `RUST_LOG` itself wins when set.
+    pub log: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub role: Role,
+    /// A peer's name, unique in the cluster. Empty: the host name.
+    pub name: String,
+    /// UDP `host:port` to bind; port 0 picks a free port.
+    pub listen: String,
+    /// The manager's UDP `host:port` (peers).
+    pub manager: String,
+    /// The CSV that `distribute` loads when the client names none (manager).
+    pub data: String,
+    pub placement: PlacementKind,
+    /// Largest datagram sent, in bytes (batches are cut to fit).
+    pub max_datagram: usize,
+    /// Store batches in flight per peer.
+    pub window: usize,
+    /// Socket receive and send buffer sizes requested from the kernel.
+    pub socket_buffer: usize,
+    pub query_timeout_ms: u64,
+    pub probe_timeout_ms: u64,
+    pub retry: RetryConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            role: Role::Manager,
+            name: String::new(),
+            listen: "127.0.0.1:5000".into(),
+            manager: "127.0.0.1:5000".into(),
+            data: "data/sample-details.csv".into(),
+            placement: PlacementKind::Consistent,
+            max_datagram: 60_000,
+            window: 8,
+            socket_buffer: 4 << 20,
+            query_timeout_ms: 5_000,
+            probe_timeout_ms: 1_000,
+            retry: RetryConfig {
+                initial_ms: 200,
+                max_ms: 2_000,
+                attempts: 8,
+            },
+            telemetry: TelemetryConfig {
+                otlp_endpoint: String::new(),
+                service_name: String::new(),
+                jaeger_ui: String::new(),
+                log: "info".into(),
+            },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("invalid value for `{key}` (from {source_name}): {reason}")]
+    Value {
+        key: String,
+        source_name: String,
+        reason: String,
+    },
+}
+
+/// Where a key's value came from, for error messages.
+fn origin(figment: &Figment, key: &str) -> String {
+    match figment.find_metadata(key) {
+        Some(md) if md.name.contains("environment") => {
+            format!(
+                "environment variable STORM_{}",
+                key.replace('.', "__").to_uppercase()
+            )
+        }
+        Some(md) => match &md.source {
+            Some(src) => format!("{src}"),
+            None => md.name.to_string(),
+        },
+        None => "the built-in default".into(),
+    }
+}
+
+impl Config {
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment.merge(Env::prefixed("STORM_").split("__"))
+    }
+
+    /// Loads and checks the configuration.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        if let Some(path) = file
+            && !path.is_file()
+        {
+            return Err(ConfigError::File {
+                path: path.into(),
+                reason: "no such file".into(),
+            });
+        }
+        let figment = Self::figment(file);
+        let config: Config = figment.extract().map_err(|e| {
+            let key = e.path.join(".");
+            if key.is_empty() {
+                let reason = e.to_string();
+                return match file {
+                    Some(path) => ConfigError::File {
+                        path: path.into(),
+                        reason,
+                    },
+                    None => ConfigError::Value {
+                        key: "?".into(),
+                        source_name: "configuration".into(),
+                        reason,
+                    },
+                };
+            }
+            let source_name = origin(&figment, &key);
+            ConfigError::Value {
+                key,
+                source_name,
+                reason: e.kind.to_string(),
+            }
+        })?;
+        config.validate(&figment)?;
+        Ok(config)
+    }
+
+    fn validate(&self, figment: &Figment) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: String| ConfigError::Value {
+            key: key.into(),
+            source_name: origin(figment, key),
+            reason,
+        };
+        check_host_port(&self.listen).map_err(|r| bad("listen", r))?;
+        if self.role == Role::Peer {
+            check_host_port(&self.manager).map_err(|r| bad("manager", r))?;
+            if self.name.chars().any(char::is_control) || self.name.len() > 64 {
+                return Err(bad("name", "at most 64 printable characters".into()));
+            }
+        }
+        if !(1024..=crate::wire::MAX_UDP_PAYLOAD).contains(&self.max_datagram) {
+            let reason = format!(
+                "must be between 1024 and {} bytes",
+                crate::wire::MAX_UDP_PAYLOAD
+            );
+            return Err(bad("max_datagram", reason));
+        }
+        if !(1..=1024).contains(&self.window) {
+            return Err(bad("window", "must be between 1 and 1024".into()));
+        }
+        if self.retry.attempts == 0 {
+            return Err(bad("retry.attempts", "must be at least 1".into()));
+        }
+        if self.retry.initial_ms == 0 || self.retry.max_ms < self.retry.initial_ms {
+            return Err(bad(
+                "retry.initial_ms",
+                "must be positive and at most retry.max_ms".into(),
+            ));
+        }
+        if self.query_timeout_ms == 0 || self.probe_timeout_ms == 0 {
+            return Err(bad("query_timeout_ms", "timeouts must be positive".into()));
+        }
+        let endpoint = &self.telemetry.otlp_endpoint;
+        if !endpoint.is_empty()
+            && !endpoint.starts_with("http://")
+            && !endpoint.starts_with("https://")
+        {
+            let reason = format!("'{endpoint}' must start with http:// (or https://)");
+            return Err(bad("telemetry.otlp_endpoint", reason));
+        }
+        Ok(())
+    }
+
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            initial: Duration::from_millis(self.retry.initial_ms),
+            max: Duration::from_millis(self.retry.max_ms),
+            attempts: Some(self.retry.attempts),
+        }
+    }
+
+    pub fn manager_config(&self) -> ManagerConfig {
+        ManagerConfig {
+            retry: self.retry_policy(),
+            max_datagram: self.max_datagram,
+            window: self.window,
+            placement: self.placement,
+            query_timeout: Duration::from_millis(self.query_timeout_ms),
+            probe_timeout: Duration::from_millis(self.probe_timeout_ms),
+            default_data: (!self.data.is_empty()).then(|| self.data.clone()),
+        }
+    }
+
+    /// The peer's name: configured, or the host name.
+    pub fn peer_name(&self) -> String {
+        if !self.name.trim().is_empty() {
+            return self.name.trim().to_string();
+        }
+        std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "peer".into())
+    }
+}
+
+fn check_host_port(value: &str) -> Result<(), String> {
+    let Some((host, port)) = value.rsplit_once(':') else {
+        return Err(format!("'{value}' is not host:port"));
+    };
+    if host.is_empty() {
+        return Err(format!("'{value}' has no host"));
+    }
+    port.parse::<u16>()
+        .map_err(|_| format!("'{port}' in '{value}' is not a port number"))?;
+    Ok(())
+}
+
+/// Resolves `host:port` (a service name inside compose, an address elsewhere), preferring IPv4.
+pub fn resolve(value: &str) -> std::io::Result<SocketAddr> {
+    let addrs: Vec<SocketAddr> = value.to_socket_addrs()?.collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{value} resolves to no address"),
+            )
+        })
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's Jail closures return figment::Error
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_are_valid() {
+        Jail::expect_with(|_| {
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c, Config::default());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_env_overrides_file() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "storm.toml",
+                "role = \"peer\"\nname = \"p1\"\n[retry]\nattempts = 3\n",
+            )?;
+            jail.set_env("STORM_NAME", "from-env");
+            jail.set_env("STORM_RETRY__MAX_MS", "5000");
+            let c = Config::load(Some(Path::new("storm.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.role, Role::Peer);
+            assert_eq!(c.name, "from-env");
+            assert_eq!(c.retry.attempts, 3);
+            assert_eq!(c.retry.max_ms, 5000);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_wrong_env_value_names_the_key_and_the_variable() {
+        Jail::expect_with(|jail| {
+            jail.set_env("STORM_ROLE", "mangaer");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("`role`"), "{e}");
+            assert!(e.contains("STORM_ROLE"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_wrong_file_value_names_the_key_and_the_file() {
+        Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "window = \"many\"\n")?;
+            let e = Config::load(Some(Path::new("bad.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("`window`"), "{e}");
+            assert!(e.contains("bad.toml"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn semantic_checks_name_the_key_and_source() {
+        Jail::expect_with(|jail| {
+            jail.set_env("STORM_ROLE", "peer");
+            jail.set_env("STORM_MANAGER", "nohostport");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(
+                e.contains("`manager`") && e.contains("STORM_MANAGER"),
+                "{e}"
+            );
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "max_datagram = 10\n")?;
+            let e = Config::load(Some(Path::new("c.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("`max_datagram`") && e.contains("c.toml"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("STORM_TELEMETRY__OTLP_ENDPOINT", "jaeger:4317");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("http://"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_files_are_errors() {
+        Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "rol = \"peer\"\n")?;
+            let e = Config::load(Some(Path::new("c.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("rol"), "{e}");
+            Ok(())
+        });
+        let e = Config::load(Some(Path::new("/nonexistent/storm.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/storm.toml"), "{e}");
+    }
+
+    #[test]
+    fn peer_name_falls_back_to_the_host_name() {
+        let c = Config {
+            name: "  ".into(),
+            ..Config::default()
+        };
+        assert!(!c.peer_name().is_empty());
+        let c = Config {
+            name: "p7".into(),
+            ..Config::default()
+        };
+        assert_eq!(c.peer_name(), "p7");
+    }
+}

@@ -1,0 +1,200 @@
+//! Human-readable and JSON renderings of replies, shared by `stormctl` and the demo.
+
+use crate::client::VerifyReport;
+use crate::wire::{DistributeReport, Placement, QueryOutcome, RecordOut, StatusReport};
+use serde_json::{Map, Value, json};
+use std::fmt::Write;
+
+fn placement_name(p: Option<Placement>) -> String {
+    match p {
+        None => "none".into(),
+        Some(Placement::Consistent) => "consistent hashing".into(),
+        Some(Placement::Modulo) => "hash mod n".into(),
+        Some(Placement::Course { s }) => format!("course (s = {s})"),
+    }
+}
+
+/// The ring, like `nodetool status`.
+pub fn status_text(s: &StatusReport) -> String {
+    let mut out = String::new();
+    let state = if s.settled { "settled" } else { "rebalancing" };
+    let _ = writeln!(
+        out,
+        "Ring epoch {} ({state}), placement: {}, {} peer(s)",
+        s.epoch,
+        placement_name(s.placement),
+        s.peers.len()
+    );
+    let _ = writeln!(
+        out,
+        "Status=Up/Down/Joining/Leaving, State=Normal/Registered"
+    );
+    let _ = writeln!(
+        out,
+        "--  {:>4}  {:<20} {:<22} {:<12} {:>8} {:>8} {:>7}",
+        "ID", "Name", "Address", "State", "Records", "Keys", "Share"
+    );
+    for p in &s.peers {
+        let code = match p.state.as_str() {
+            "up" => "UN",
+            "leaving" => "UL",
+            "registered" => "UR",
+            _ => "DN",
+        };
+        let records = p.records.map_or("?".into(), |r| r.to_string());
+        let keys = p.keys.map_or("?".into(), |r| r.to_string());
+        let _ = writeln!(
+            out,
+            "{code}  {:>4}  {:<20} {:<22} {:<12} {:>8} {:>8} {:>6.1}%",
+            p.id,
+            p.name,
+            p.addr.to_string(),
+            p.state,
+            records,
+            keys,
+            p.share * 100.0
+        );
+    }
+    let total: u64 = s.peers.iter().filter_map(|p| p.records).sum();
+    let _ = write!(out, "Total records: {total}");
+    out
+}
+
+pub fn status_json(s: &StatusReport) -> Value {
+    json!({
+        "epoch": s.epoch,
+        "settled": s.settled,
+        "placement": s.placement,
+        "peers": s.peers.iter().map(|p| json!({
+            "id": p.id,
+            "name": p.name,
+            "addr": p.addr.to_string(),
+            "state": p.state,
+            "records": p.records,
+            "keys": p.keys,
+            "share": p.share,
+            "token": p.token.map(|t| t.to_string()),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// A record as an object keyed by its (lower-cased) column names, values as in the file.
+pub fn record_json(r: &RecordOut) -> Value {
+    let mut m = Map::new();
+    for (c, v) in r.columns.iter().zip(&r.values) {
+        m.insert(c.clone(), Value::String(v.clone()));
+    }
+    Value::Object(m)
+}
+
+pub fn query_json(
+    q: &QueryOutcome,
+    elapsed_ms: f64,
+    trace_id: Option<&str>,
+    trace_url: Option<&str>,
+) -> Value {
+    json!({
+        "found": q.found,
+        "event_id": q.key.to_string(),
+        "records": q.records.iter().map(record_json).collect::<Vec<_>>(),
+        "path": q.path,
+        "path_names": q.path_names,
+        "hops": q.path.len(),
+        "truncated": q.truncated,
+        "elapsed_ms": elapsed_ms,
+        "ring_ms": q.ring_micros as f64 / 1e3,
+        "trace_id": trace_id,
+        "trace_url": trace_url,
+    })
+}
+
+pub fn path_text(q: &QueryOutcome) -> String {
+    q.path
+        .iter()
+        .zip(&q.path_names)
+        .map(|(id, name)| format!("{id}:{name}"))
+        .collect::<Vec<_>>()
+        .join(" -> ")
+}
+
+pub fn query_text(q: &QueryOutcome, elapsed_ms: f64) -> String {
+    let mut out = String::new();
+    if q.found {
+        let _ = writeln!(out, "event {}: found, {} record(s)", q.key, q.records.len());
+        for (i, r) in q.records.iter().enumerate() {
+            if q.records.len() > 1 {
+                let _ = writeln!(out, "  record {}:", i + 1);
+            }
+            let width = r.columns.iter().map(String::len).max().unwrap_or(0);
+            for (c, v) in r.columns.iter().zip(&r.values) {
+                let _ = writeln!(out, "    {c:<width$}  {v}");
+            }
+        }
+        if q.truncated {
+            let _ = writeln!(out, "  (more rows exist than fit in one datagram)");
+        }
+    } else {
+        let _ = writeln!(out, "event {}: not found", q.key);
+    }
+    let _ = write!(
+        out,
+        "path ({} hop(s)): {}\ntime: {elapsed_ms:.3} ms",
+        q.path.len(),
+        path_text(q)
+    );
+    out
+}
+
+pub fn distribute_text(d: &DistributeReport) -> String {
+    let mut out = String::new();
+    let secs = d.elapsed_micros as f64 / 1e6;
+    let rate = if secs > 0.0 {
+        d.stored as f64 / secs
+    } else {
+        0.0
+    };
+    let _ = writeln!(out, "distributed {} ({})", d.path, d.format);
+    let _ = writeln!(
+        out,
+        "read {}, stored {} ({} new, {} already held), rejected {}, fallback keys {}",
+        d.read,
+        d.stored,
+        d.new_rows,
+        d.stored - d.new_rows.min(d.stored),
+        d.rejected,
+        d.fallback_keys
+    );
+    for (line, reason) in &d.rejected_samples {
+        let _ = writeln!(out, "  rejected line {line}: {reason}");
+    }
+    let per_peer: Vec<String> = d
+        .per_peer
+        .iter()
+        .map(|(id, n)| format!("{id}:{n}"))
+        .collect();
+    let _ = writeln!(out, "per peer: {}", per_peer.join(" "));
+    let _ = write!(
+        out,
+        "{} batches in {:.1} ms ({rate:.0} records/s)",
+        d.batches,
+        secs * 1e3
+    );
+    out
+}
+
+pub fn verify_text(v: &VerifyReport) -> String {
+    let mut out = format!(
+        "verify {}: {} keys ({} rows): {} found, {} missing, {} mismatched, {} errors in {:.0} ms",
+        v.file, v.keys, v.rows, v.found, v.missing, v.mismatched, v.errors, v.elapsed_ms
+    );
+    for (label, ids) in [
+        ("missing", &v.first_missing),
+        ("mismatched", &v.first_mismatched),
+        ("errors", &v.first_errors),
+    ] {
+        if !ids.is_empty() {
+            let _ = write!(out, "\n  first {label}: {}", ids.join(", "));
+        }
+    }
+    out
+}
