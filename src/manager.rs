@@ -251,6 +251,23 @@ impl Manager {
         env: Envelope,
         trace: Option<TraceContext>,
     ) {
+        // Refuse what the manager never handles before acknowledging it.
+        if !matches!(
+            env.body,
+            Body::Ack { .. }
+                | Body::Reject { .. }
+                | Body::Request(_)
+                | Body::Register { .. }
+                | Body::RebalanceDone { .. }
+                | Body::LeaveRequest
+                | Body::Found(_)
+                | Body::Report { .. }
+        ) {
+            let reason = format!("the manager does not handle '{}' messages", env.body.kind());
+            self.events
+                .push_back(ManagerEvent::Warning(format!("from {from}: {reason}")));
+            return self.link.reject(from, env.seq, reason);
+        }
         match self.link.accept(now, from, &env) {
             Accepted::New => {}
             Accepted::Duplicate => return,
@@ -278,17 +295,8 @@ impl Manager {
                     self.on_report(now, probe, id, report);
                 }
             }
-            Body::Store(_) => {
-                // The link defers a store's ack; a manager holds no rows.
-                self.link
-                    .reject(from, env.seq, "the manager does not store records");
-            }
-            other => {
-                let reason = format!("the manager does not handle '{}' messages", other.kind());
-                self.events
-                    .push_back(ManagerEvent::Warning(format!("from {from}: {reason}")));
-                self.link.reject(from, env.seq, reason);
-            }
+            // Refused above.
+            _ => {}
         }
     }
 

@@ -212,6 +212,13 @@ impl Peer {
         if self.exited {
             return;
         }
+        // Refuse what a peer never handles before acknowledging it, so the sender sees the
+        // reason instead of an ack followed by silence.
+        if let Some(reason) = self.refusal(&env.body) {
+            self.events
+                .push_back(PeerEvent::Warning(format!("from {from}: {reason}")));
+            return self.link.reject(from, env.seq, reason);
+        }
         // A first-time store is acknowledged below, once its count of new rows is known.
         match self.link.accept(now, from, &env) {
             Accepted::New => {}
@@ -260,19 +267,26 @@ impl Peer {
                 );
             }
             Body::Exit { reason } => self.exit(0, reason),
-            other => {
-                let reason = match other {
-                    Body::Request(r) => format!(
-                        "'{}' is a client command: send it to the manager, not to peer {}",
-                        r.kind(),
-                        self.cfg.name
-                    ),
-                    other => format!("a peer does not handle '{}' messages", other.kind()),
-                };
-                self.events
-                    .push_back(PeerEvent::Warning(format!("from {from}: {reason}")));
-                self.link.reject(from, env.seq, reason);
-            }
+            // Refused above.
+            _ => {}
+        }
+    }
+
+    /// Why a peer will never handle `body`, if it will not.
+    fn refusal(&self, body: &Body) -> Option<String> {
+        match body {
+            Body::Request(r) => Some(format!(
+                "'{}' is a client command: send it to the manager, not to peer {}",
+                r.kind(),
+                self.cfg.name
+            )),
+            Body::Register { .. }
+            | Body::RebalanceDone { .. }
+            | Body::LeaveRequest
+            | Body::Report { .. }
+            | Body::Found(_)
+            | Body::Reply(_) => Some(format!("a peer does not handle '{}' messages", body.kind())),
+            _ => None,
         }
     }
 

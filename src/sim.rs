@@ -799,4 +799,42 @@ mod tests {
             }
         }
     }
+
+    /// A message for the wrong role is refused before it is acknowledged, so the sender gets
+    /// the reason rather than an ack and then silence.
+    #[test]
+    fn a_message_for_another_role_is_rejected_not_acked() {
+        let mut sim = cluster(30, Faults::none(), 1, PlacementKind::Consistent);
+        let now = sim.now;
+        let status = Envelope::new(99, 1, None, Body::Request(ClientRequest::Status));
+        let from = addr(4444);
+        sim.peers[0].peer.handle(now, from, status, None);
+        let out = sim.peers[0].peer.poll_transmit().expect("a reply");
+        let reply = Envelope::decode(&out.bytes).unwrap();
+        assert!(
+            matches!(reply.body, Body::Reject { seq: 1, ref reason } if reason.contains("manager")),
+            "{reply:?}"
+        );
+        assert!(
+            sim.peers[0].peer.poll_transmit().is_none(),
+            "nothing else, no ack"
+        );
+        let store = Envelope::new(
+            99,
+            2,
+            None,
+            Body::Store(crate::wire::StoreBatch {
+                epoch: 0,
+                columns: vec![],
+                rows: vec![],
+            }),
+        );
+        sim.manager.handle(now, from, store, None);
+        let reply = Envelope::decode(&sim.manager.poll_transmit().unwrap().bytes).unwrap();
+        assert!(
+            matches!(reply.body, Body::Reject { seq: 2, .. }),
+            "{reply:?}"
+        );
+        assert!(sim.manager.poll_transmit().is_none());
+    }
 }

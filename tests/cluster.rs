@@ -1,0 +1,361 @@
+//! Real `stormd` processes on loopback: a manager and peers, driven by the real `stormctl`.
+
+mod support;
+
+use serde_json::Value;
+use std::net::UdpSocket;
+use std::time::Duration;
+use support::*;
+
+const DETAILS_1996_ROWS: u64 = 48_534;
+
+/// The whole life of a cluster on the real 1996 file: distribute, every record found with the
+/// right fields, a leave, every record still found, teardown, manager shutdown.
+#[test]
+fn full_lifecycle_on_details_1996() {
+    let file = shared_data("details-1996.csv");
+    let mut cluster = Cluster::start(5);
+    let setup = cluster.ctl_json(&["setup"]);
+    assert_eq!(setup["peers"].as_array().map(Vec::len), Some(5), "{setup}");
+    assert!(
+        setup["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["state"] == "up")
+    );
+
+    let d = cluster.ctl_json(&["distribute", "--file", file.to_str().unwrap()]);
+    assert_eq!(d["read"], DETAILS_1996_ROWS, "{d}");
+    assert_eq!(d["stored"], DETAILS_1996_ROWS, "{d}");
+    assert_eq!(d["new_rows"], DETAILS_1996_ROWS, "{d}");
+    assert_eq!(d["rejected"], 0, "{d}");
+    assert!(
+        d["batches"].as_u64().unwrap() < 200,
+        "rows must be batched: {d}"
+    );
+    assert_eq!(records_total(&cluster.status()), DETAILS_1996_ROWS);
+
+    let v = cluster.verify(&file);
+    assert_eq!(v["found"], DETAILS_1996_ROWS, "{v}");
+    assert_eq!(
+        (v["missing"].as_u64(), v["mismatched"].as_u64()),
+        (Some(0), Some(0)),
+        "{v}"
+    );
+
+    // One record in full: every column, keyed by lower-cased name, values as in the file.
+    let q = cluster.ctl_json(&["query", "5570068"]);
+    assert_eq!(q["found"], true);
+    assert_eq!(q["event_id"], "5570068");
+    let r = &q["records"][0];
+    assert_eq!(r["state"], "ILLINOIS");
+    assert_eq!(r["cz_name"], "HANCOCK");
+    assert_eq!(r["damage_property"], "0K");
+    assert_eq!(r["tor_f_scale"], "");
+    assert_eq!(r.as_object().map(|o| o.len()), Some(14));
+    assert!(!q["path"].as_array().unwrap().is_empty());
+
+    // A leave: its records go to the successor, and every record is still found.
+    let before = cluster.status();
+    let leaving = cluster.ctl_json(&["leave", "peer-2"]);
+    assert_eq!(leaving["name"], "peer-2");
+    let status = cluster
+        .peer("peer-2")
+        .wait(Duration::from_secs(20))
+        .expect("peer-2 exits after leaving");
+    assert_eq!(status.code(), Some(0));
+    let after = cluster.wait_settled();
+    assert_eq!(after["peers"].as_array().map(Vec::len), Some(4), "{after}");
+    assert_eq!(
+        records_total(&after),
+        DETAILS_1996_ROWS,
+        "before {before}\nafter {after}"
+    );
+    let v = cluster.verify(&file);
+    assert_eq!(v["found"], DETAILS_1996_ROWS, "{v}");
+
+    // Teardown: every peer exits 0; the manager stays up, then exits 0 on SIGTERM.
+    let t = cluster.ctl_json(&["teardown"]);
+    assert_eq!(t["peers"], 4);
+    for p in cluster.peers.iter_mut().filter(|p| p.name != "peer-2") {
+        let status = p
+            .wait(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("{} still running", p.name));
+        let errs = p.drain_stderr().to_vec();
+        assert_eq!(status.code(), Some(0), "{}: {errs:?}", p.name);
+    }
+    assert_eq!(cluster.status()["peers"].as_array().map(Vec::len), Some(0));
+    cluster.manager.signal("TERM");
+    let status = cluster
+        .manager
+        .wait(Duration::from_secs(10))
+        .expect("manager exits on SIGTERM");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn sigterm_on_a_peer_is_a_graceful_leave() {
+    let file = shared_data("details-1950.csv");
+    let mut cluster = Cluster::start(4);
+    cluster.ctl_json(&["setup"]);
+    let d = cluster.ctl_json(&["distribute", "--file", file.to_str().unwrap()]);
+    assert_eq!(d["stored"], 223);
+    let holding = cluster.status()["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["records"].as_u64() > Some(0))
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .unwrap();
+    cluster.peer(&holding).signal("TERM");
+    let status = cluster
+        .peer(&holding)
+        .wait(Duration::from_secs(20))
+        .expect("exits after SIGTERM");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{:?}",
+        cluster.peer(&holding).drain_stderr()
+    );
+    let after = cluster.wait_settled();
+    assert_eq!(after["peers"].as_array().map(Vec::len), Some(3));
+    assert_eq!(records_total(&after), 223);
+    assert_eq!(cluster.verify(&file)["found"], 223);
+    // SIGINT stops the manager with 0 as well.
+    cluster.manager.signal("INT");
+    assert_eq!(
+        cluster
+            .manager
+            .wait(Duration::from_secs(10))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+}
+
+#[test]
+fn a_peer_joining_after_setup_takes_over_its_share() {
+    let file = shared_data("details-1950.csv");
+    let mut cluster = Cluster::start(3);
+    cluster.ctl_json(&["setup"]);
+    cluster.ctl_json(&["distribute", "--file", file.to_str().unwrap()]);
+    cluster.add_peer("late");
+    cluster.wait_for_peers(4);
+    let s = cluster.wait_settled();
+    let late = s["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "late")
+        .cloned()
+        .unwrap();
+    assert_eq!(late["state"], "up", "{s}");
+    assert!(
+        late["records"].as_u64().unwrap() > 0,
+        "the joiner holds nothing: {s}"
+    );
+    assert_eq!(records_total(&s), 223);
+    assert_eq!(cluster.verify(&file)["found"], 223);
+}
+
+#[test]
+fn distributing_twice_stores_nothing_twice() {
+    let file = shared_data("details-1950.csv");
+    let cluster = Cluster::start(3);
+    cluster.ctl_json(&["setup"]);
+    let first = cluster.ctl_json(&["distribute", "--file", file.to_str().unwrap()]);
+    let second = cluster.ctl_json(&["distribute", "--file", file.to_str().unwrap()]);
+    assert_eq!(
+        (first["new_rows"].as_u64(), second["new_rows"].as_u64()),
+        (Some(223), Some(0))
+    );
+    assert_eq!(second["stored"], 223);
+    assert_eq!(records_total(&cluster.status()), 223);
+}
+
+#[test]
+fn query_output_and_exit_statuses() {
+    let file = shared_data("details-1950.csv");
+    let cluster = Cluster::start(5);
+    cluster.ctl_json(&["setup"]);
+    cluster.ctl_json(&["distribute", "--file", file.to_str().unwrap()]);
+    // Found: exit 0; the path walks the ring and ends at the owner.
+    let out = cluster.ctl(&["--json", "query", "10096222", "--via", "peer-0"]);
+    assert_eq!(out.status.code(), Some(0));
+    let q = parse_json(&out);
+    assert_eq!(q["records"][0]["tor_f_scale"], "F3");
+    assert_eq!(
+        q["path"][0].as_u64(),
+        cluster.status()["peers"][0]["id"].as_u64()
+    );
+    // Not found: exit 1.
+    let out = cluster.ctl(&["--json", "query", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(parse_json(&out)["found"], false);
+    // Not an id: exit 2 with a message.
+    let out = cluster.ctl(&["query", "not-a-number"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not-a-number"));
+    // Human output shows the record, the path and the time.
+    let out = cluster.ctl(&["query", "10096222"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("OKLAHOMA") && text.contains("path (") && text.contains("time:"),
+        "{text}"
+    );
+    // A bad --via is an error, not a hang.
+    let out = cluster.ctl(&["query", "10096222", "--via", "nobody"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn stormctl_fails_clearly_when_no_manager_answers() {
+    // A port nobody listens on: bind one, then drop it.
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let started = std::time::Instant::now();
+    let out = ctl_at(&format!("127.0.0.1:{port}"), &["status"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("did not answer"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+#[test]
+fn wrong_config_values_fail_at_start_naming_key_and_source() {
+    let out = std::process::Command::new(STORMD)
+        .env("STORM_ROLE", "mangaer")
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`role`") && err.contains("STORM_ROLE"),
+        "{err}"
+    );
+
+    let dir = std::env::temp_dir().join(format!("stormd-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, "role = \"peer\"\nmanager = \"no-port-here\"\n").unwrap();
+    let out = std::process::Command::new(STORMD)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`manager`") && err.contains("bad.toml"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_taken_name_is_refused() {
+    let mut cluster = Cluster::start(2);
+    let env = cluster.peer_env("peer-0");
+    let mut dup = Daemon::start("dup", &env);
+    let status = dup
+        .wait(Duration::from_secs(10))
+        .expect("the duplicate exits");
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        dup.drain_stderr().iter().any(|l| l.contains("taken")),
+        "{:?}",
+        dup.stderr_lines
+    );
+    assert_eq!(cluster.status()["peers"].as_array().map(Vec::len), Some(2));
+    assert!(cluster.peer("peer-0").is_running());
+}
+
+/// Garbage, truncated envelopes, unknown commands and commands for the wrong role: both the
+/// manager and a peer answer what they can, count the rest, and keep serving.
+#[test]
+fn malformed_datagrams_and_unknown_commands_do_not_stop_the_service() {
+    let file = shared_data("details-1950.csv");
+    let cluster = Cluster::start(3);
+    cluster.ctl_json(&["setup"]);
+    cluster.ctl_json(&["distribute", "--file", file.to_str().unwrap()]);
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let peer_addr = cluster.peers[0].addr;
+    let targets = [cluster.manager.addr, peer_addr];
+
+    let mut seed = 0x1234_5678_9abc_def0u64;
+    for target in targets {
+        // Random bytes of many lengths.
+        for len in [0usize, 1, 2, 7, 64, 512, 1400, 9000, 65_000] {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            sock.send_to(&bytes, target).unwrap();
+        }
+    }
+
+    // A well-formed envelope whose command this build does not know: a rejection comes back.
+    let unknown =
+        cbor(&serde_json::json!({"v": 1, "from": 77, "seq": 5, "body": {"Frobnicate": {"x": 1}}}));
+    for target in targets {
+        sock.send_to(&unknown, target).unwrap();
+        let reply = recv_json(&sock);
+        assert_eq!(reply["body"]["Reject"]["seq"], 5, "{reply}");
+        assert!(
+            reply["body"]["Reject"]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("unknown"),
+            "{reply}"
+        );
+    }
+    // Another protocol version: a rejection that says so.
+    let future = cbor(&serde_json::json!({"v": 99, "from": 77, "seq": 6, "body": "LeaveRequest"}));
+    sock.send_to(&future, cluster.manager.addr).unwrap();
+    let reply = recv_json(&sock);
+    assert!(
+        reply["body"]["Reject"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("version 99")),
+        "{reply}"
+    );
+    // A client command sent to a peer: rejected with a pointer to the manager.
+    let status_to_peer =
+        cbor(&serde_json::json!({"v": 1, "from": 78, "seq": 1, "body": {"Request": "Status"}}));
+    sock.send_to(&status_to_peer, peer_addr).unwrap();
+    let reply = recv_json(&sock);
+    assert!(
+        reply["body"]["Reject"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("manager"),
+        "{reply}"
+    );
+
+    // Both still serve.
+    let s = cluster.status();
+    assert_eq!(records_total(&s), 223, "{s}");
+    let q = cluster.ctl_json(&["query", "10096222", "--via", "peer-0"]);
+    assert_eq!(q["found"], true);
+}
+
+fn cbor(v: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::ser::into_writer(v, &mut out).unwrap();
+    out
+}
+
+fn recv_json(sock: &UdpSocket) -> Value {
+    let mut buf = vec![0u8; 65_536];
+    let (n, _) = sock.recv_from(&mut buf).expect("a reply datagram");
+    ciborium::de::from_reader(&buf[..n]).expect("a CBOR reply")
+}
