@@ -239,7 +239,10 @@ fn manager_receive(
         _ => None,
     };
     let trace = span.as_ref().and_then(context_of).or(env.trace.clone());
-    core.handle(now, from, env, trace);
+    {
+        let _entered = span.as_ref().map(Span::enter);
+        core.handle(now, from, env, trace);
+    }
     // Keep the span of a long-running request open until the core reports its end.
     if let Some(span) = span {
         let mut keep = None;
@@ -476,7 +479,10 @@ fn peer_receive(core: &mut Peer, now: Time, from: SocketAddr, env: Envelope) {
         set_remote_parent(span, env.trace.as_ref());
     }
     let trace = span.as_ref().and_then(context_of);
-    core.handle(now, from, env, trace);
+    {
+        let _entered = span.as_ref().map(Span::enter);
+        core.handle(now, from, env, trace);
+    }
     if let Some(span) = span {
         // Attributes the core decided: where the query went, whether it was found here.
         let mut rest = Vec::new();

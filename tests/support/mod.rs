@@ -270,3 +270,5 @@ pub fn records_total(status: &Value) -> u64 {
         ps.iter().filter_map(|p| p["records"].as_u64()).sum()
     })
 }
+
+pub mod otlp;

@@ -1,0 +1,274 @@
+//! Every query is one trace: stormctl's root span, the manager's span, then one span per peer
+//! hop, each the child of the hop before, exported over OTLP to a receiver the test runs.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+use support::otlp::{OtlpReceiver, SpanRecord};
+use support::*;
+
+fn traced_env(endpoint: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.to_string()),
+        // Export promptly; the default batch delay is 5 s.
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_string()),
+    ]
+}
+
+fn ctl_traced(cluster: &Cluster, endpoint: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(STORMCTL)
+        .arg("--manager")
+        .arg(cluster.manager.addr.to_string())
+        .args(args)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .output()
+        .expect("stormctl")
+}
+
+/// Finds a key and an entry peer such that the owner is at least `hops` hops from the entry.
+fn far_query(cluster: &Cluster, keys: &[&str], peers: &[String], hops: usize) -> (String, String) {
+    for key in keys {
+        let q = cluster.ctl_json(&["query", key]);
+        let owner = q["path"]
+            .as_array()
+            .and_then(|p| p.last())
+            .and_then(|v| v.as_u64())
+            .unwrap();
+        for via in peers {
+            let q = cluster.ctl_json(&["query", key, "--via", via]);
+            if q["found"] == true && q["path"].as_array().map_or(0, Vec::len) > hops {
+                assert_eq!(
+                    q["path"].as_array().unwrap().last().unwrap().as_u64(),
+                    Some(owner)
+                );
+                return (key.to_string(), via.clone());
+            }
+        }
+    }
+    panic!("no key found {hops} hops away");
+}
+
+fn hop_spans(spans: &[SpanRecord]) -> Vec<SpanRecord> {
+    let mut hops: Vec<SpanRecord> = spans
+        .iter()
+        .filter(|s| s.name == "find_event")
+        .cloned()
+        .collect();
+    hops.sort_by_key(|s| {
+        s.attr("hop")
+            .and_then(|h| h.parse::<u64>().ok())
+            .unwrap_or(u64::MAX)
+    });
+    hops
+}
+
+#[test]
+fn a_query_is_one_trace_with_one_span_per_hop() {
+    let receiver = OtlpReceiver::start();
+    let env = traced_env(&receiver.endpoint);
+    let mut cluster = Cluster::start_with(6, &env);
+    let file = shared_data("details-1950.csv");
+    cluster.ctl_json(&["setup"]);
+    cluster.ctl_json(&["distribute", "--file", file.to_str().unwrap()]);
+    let names: Vec<String> = cluster.peers.iter().map(|p| p.name.clone()).collect();
+    let (key, via) = far_query(
+        &cluster,
+        &["10096222", "10120412", "10104927", "9991519", "10104929"],
+        &names,
+        3,
+    );
+
+    let out = ctl_traced(
+        &cluster,
+        &receiver.endpoint,
+        &[
+            "--json",
+            "--jaeger-ui",
+            "http://localhost:16686",
+            "query",
+            &key,
+            "--via",
+            &via,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let found = parse_json(&out);
+    let trace_id = found["trace_id"]
+        .as_str()
+        .expect("stormctl reports the trace id")
+        .to_string();
+    assert_eq!(
+        found["trace_url"],
+        format!("http://localhost:16686/trace/{trace_id}")
+    );
+    let path: Vec<u64> = found["path"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .collect();
+    assert!(
+        path.len() >= 4,
+        "owner should be 3+ hops from the entry: {path:?}"
+    );
+
+    let out = ctl_traced(
+        &cluster,
+        &receiver.endpoint,
+        &["--json", "query", "1", "--via", &via],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let missing = parse_json(&out);
+    let missing_trace = missing["trace_id"].as_str().unwrap().to_string();
+    let missing_path = missing["path"].as_array().unwrap().len();
+
+    // Teardown and shutdown flush what is buffered.
+    cluster.ctl_json(&["teardown"]);
+    for p in cluster.peers.iter_mut() {
+        assert_eq!(
+            p.wait(Duration::from_secs(10)).and_then(|s| s.code()),
+            Some(0)
+        );
+    }
+    cluster.manager.signal("TERM");
+    assert_eq!(
+        cluster
+            .manager
+            .wait(Duration::from_secs(10))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+
+    let spans = receiver.wait_for(Duration::from_secs(10), |all| {
+        let n = |t: &str| all.iter().filter(|s| s.trace_id == t).count();
+        n(&trace_id) >= path.len() + 2 && n(&missing_trace) >= missing_path + 2
+    });
+    let trace: Vec<SpanRecord> = spans
+        .iter()
+        .filter(|s| s.trace_id == trace_id)
+        .cloned()
+        .collect();
+
+    // stormctl's root, the manager's span under it, then the hops.
+    let root = trace
+        .iter()
+        .find(|s| s.service == "stormctl")
+        .unwrap_or_else(|| panic!("no stormctl span: {trace:#?}"));
+    assert!(
+        root.parent_span_id.is_empty() || root.parent_span_id == "0000000000000000",
+        "{root:?}"
+    );
+    assert_eq!(root.attr("event.id"), Some(key.as_str()));
+    let manager = trace
+        .iter()
+        .find(|s| s.service == "stormd-manager")
+        .unwrap_or_else(|| panic!("no manager span: {trace:#?}"));
+    assert_eq!(manager.parent_span_id, root.span_id);
+    assert_eq!(manager.attr("event.id"), Some(key.as_str()));
+
+    let hops = hop_spans(&trace);
+    for s in std::iter::once(root)
+        .chain(std::iter::once(manager))
+        .chain(&hops)
+    {
+        println!(
+            "{} {} [{}] {} parent={}",
+            s.trace_id, s.span_id, s.service, s.name, s.parent_span_id
+        );
+    }
+    assert_eq!(hops.len(), path.len(), "one span per hop: {hops:#?}");
+    let mut parent = manager.span_id.clone();
+    let mut instances = BTreeSet::new();
+    for (i, (hop, peer)) in hops.iter().zip(&path).enumerate() {
+        assert_eq!(hop.service, "stormd-peer");
+        assert_eq!(
+            hop.parent_span_id, parent,
+            "hop {i} is not the child of the hop before"
+        );
+        assert_eq!(hop.attr("hop"), Some(i.to_string().as_str()));
+        assert_eq!(hop.attr("peer.id"), Some(peer.to_string().as_str()));
+        assert_eq!(hop.attr("event.id"), Some(key.as_str()));
+        assert!(
+            hop.attr("peer.name")
+                .is_some_and(|n| names.iter().any(|x| x == n)),
+            "{hop:?}"
+        );
+        assert_eq!(hop.attr("network.transport"), Some("udp"));
+        assert!(
+            hop.attr("network.peer.address")
+                .is_some_and(|a| a.starts_with("127.")),
+            "{hop:?}"
+        );
+        assert!(hop.attr("network.peer.port").is_some(), "{hop:?}");
+        let last = i + 1 == hops.len();
+        assert_eq!(
+            hop.attr("found"),
+            Some(if last { "true" } else { "false" }),
+            "{hop:?}"
+        );
+        instances.insert(hop.instance.clone());
+        parent = hop.span_id.clone();
+    }
+    assert_eq!(
+        instances.len(),
+        hops.len(),
+        "each hop reports its own service.instance.id"
+    );
+
+    // The absent id: the last hop says not found.
+    let missing: Vec<SpanRecord> = spans
+        .iter()
+        .filter(|s| s.trace_id == missing_trace)
+        .cloned()
+        .collect();
+    let hops = hop_spans(&missing);
+    assert_eq!(hops.len(), missing_path);
+    assert_eq!(hops.last().and_then(|h| h.attr("found")), Some("false"));
+
+    // Distribute left spans too: one per stored batch, under the manager's distribute span.
+    let distribute = spans
+        .iter()
+        .find(|s| s.name == "manager distribute")
+        .expect("a distribute span");
+    let batches = spans
+        .iter()
+        .filter(|s| s.name == "store_batch" && s.trace_id == distribute.trace_id)
+        .count();
+    assert!(batches >= 1);
+}
+
+#[test]
+fn queries_work_when_the_collector_is_down() {
+    // A port with nothing behind it.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let endpoint = format!("http://{closed}");
+    let env = vec![("STORM_TELEMETRY__OTLP_ENDPOINT", endpoint.clone())];
+    let mut cluster = Cluster::start_with(3, &env);
+    let file = shared_data("details-1950.csv");
+    cluster.ctl_json(&["setup"]);
+    cluster.ctl_json(&["distribute", "--file", file.to_str().unwrap()]);
+    for key in ["10096222", "10120412"] {
+        let started = std::time::Instant::now();
+        let out = ctl_traced(&cluster, &endpoint, &["--json", "query", key]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(parse_json(&out)["found"], true);
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+    cluster.ctl_json(&["teardown"]);
+    for p in cluster.peers.iter_mut() {
+        assert_eq!(
+            p.wait(Duration::from_secs(15)).and_then(|s| s.code()),
+            Some(0)
+        );
+    }
+}
