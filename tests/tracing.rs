@@ -11,8 +11,9 @@ use support::*;
 fn traced_env(endpoint: &str) -> Vec<(&'static str, String)> {
     vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.to_string()),
-        // Export promptly; the default batch delay is 5 s.
-        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_string()),
+        // Spans leave only when a process flushes at exit (teardown, SIGTERM): the test then
+        // proves that nothing buffered is lost.
+        ("OTEL_BSP_SCHEDULE_DELAY", "600000".to_string()),
     ]
 }
 
@@ -22,7 +23,7 @@ fn ctl_traced(cluster: &Cluster, endpoint: &str, args: &[&str]) -> std::process:
         .arg(cluster.manager.addr.to_string())
         .args(args)
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
         .output()
         .expect("stormctl")
 }
