@@ -393,6 +393,29 @@ mod tests {
         assert!(e.contains("/nonexistent/storm.toml"), "{e}");
     }
 
+    /// The documented files in config/ are valid, and stormd.toml states the real defaults.
+    #[test]
+    fn shipped_config_files_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Jail::expect_with(|_| {
+                    Config::load(Some(&path)).map_err(|e| e.to_string())?;
+                    Ok(())
+                });
+                seen += 1;
+            }
+        }
+        assert!(seen >= 3);
+        Jail::expect_with(|_| {
+            let documented = Config::load(Some(&dir.join("stormd.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(documented, Config::default());
+            Ok(())
+        });
+    }
+
     #[test]
     fn peer_name_falls_back_to_the_host_name() {
         let c = Config {
