@@ -1,0 +1,686 @@
+//! The container test: the real image, the real compose file, a manager and peers in containers,
+//! and the host's `stormctl` talking to the manager's published UDP port.
+//!
+//! It needs a Docker engine with Compose (`docker compose` or `docker-compose`), so it is ignored
+//! by default; `just test-containers` runs it (`--run-ignored only`), and skips it, saying so,
+//! when `STORM_SKIP_DOCKER=1`. Without an engine it fails with a message saying how to skip.
+//!
+//! Everything it makes carries a unique name (compose project, image tag, host port) and is
+//! removed at the end, also when an assertion fails (`Cluster`'s `Drop`). Jaeger is not started:
+//! the daemons log that they cannot export and carry on.
+
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::net::UdpSocket;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const STORMCTL: &str = env!("CARGO_BIN_EXE_stormctl");
+const DATA_FILE: &str = "details-1996.csv";
+const EXPECTED_RECORDS: u64 = 48_534;
+
+#[test]
+#[ignore = "needs a Docker engine: run with just test-containers"]
+fn compose_cluster_scales_and_loses_nothing() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    require_engine();
+    let compose = compose_command();
+    let data_dir = root
+        .join("../shared/data")
+        .canonicalize()
+        .unwrap_or_else(|e| {
+            panic!("the test data directory ../shared/data (next to the project) is missing: {e}")
+        });
+    let host_csv = data_dir.join(DATA_FILE);
+    assert!(host_csv.is_file(), "{} is missing", host_csv.display());
+
+    let unique = format!(
+        "{}{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_micros())
+            .unwrap_or(0)
+    );
+    let cluster = Cluster {
+        root: root.clone(),
+        compose,
+        project: format!("stormtest{unique}"),
+        tag: format!("stormdht-test:{unique}"),
+        port: free_udp_port(),
+        data_dir,
+        started: unix_now(),
+    };
+    println!(
+        "containers: project {}, image {}, manager on udp 127.0.0.1:{}, compose: {}",
+        cluster.project,
+        cluster.tag,
+        cluster.port,
+        cluster.compose.join(" ")
+    );
+
+    // The image, under a tag of its own (removed at the end).
+    println!("containers: building the image (static cargo build, then docker build)");
+    let started = Instant::now();
+    let build = run(
+        Command::new("bash")
+            .arg(root.join("deploy/build-image.sh"))
+            .arg(&cluster.tag)
+            .current_dir(&root),
+        Duration::from_secs(45 * 60),
+    );
+    assert_ok(&build, "deploy/build-image.sh");
+    let size = docker_out(&["image", "inspect", "-f", "{{.Size}}", &cluster.tag]);
+    let size: u64 = size.trim().parse().expect("image size");
+    println!(
+        "containers: FIGURE image size {:.1} MB ({size} bytes), built in {:.1} s",
+        size as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+
+    // Up: the manager and 5 peers, no Jaeger.
+    let up = Instant::now();
+    cluster.scale(5);
+    let status = wait_for(Duration::from_secs(60), "5 registered peers", || {
+        let s = cluster.status()?;
+        let n = peers(&s).len();
+        (n == 5)
+            .then_some(s)
+            .ok_or(format!("{n} peer(s) registered"))
+    });
+    let registered = up.elapsed();
+    cluster.assert_members_are_the_containers(&status);
+    let setup = cluster.ctl_json(&["setup"], Duration::from_secs(60));
+    assert_eq!(peers(&setup).len(), 5, "setup: {setup}");
+    println!(
+        "containers: FIGURE up -> 5 peers registered {:.2} s; up -> ring formed (setup answered) {:.2} s",
+        registered.as_secs_f64(),
+        up.elapsed().as_secs_f64()
+    );
+
+    // Distribute the whole year from the manager's read-only /data mount.
+    let started = Instant::now();
+    let d = cluster.ctl_json(
+        &["distribute", "--file", &format!("/data/{DATA_FILE}")],
+        Duration::from_secs(600),
+    );
+    assert_eq!(num(&d, "read"), EXPECTED_RECORDS, "distribute: {d}");
+    assert_eq!(num(&d, "stored"), EXPECTED_RECORDS, "distribute: {d}");
+    assert_eq!(num(&d, "rejected"), 0, "distribute: {d}");
+    println!(
+        "containers: distributed {EXPECTED_RECORDS} records in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    cluster.settled_ring(5, &BTreeSet::new());
+    let v = cluster.verify(&host_csv);
+    println!("containers: FIGURE verify with 5 peers {v:.2} s");
+
+    // Down to 3: compose stops two peers with SIGTERM; they hand their records over and leave.
+    let before: BTreeSet<String> = names(&cluster.status().expect("status"));
+    let started = Instant::now();
+    cluster.scale(3);
+    let scaled = started.elapsed();
+    let s = cluster.settled_ring(3, &BTreeSet::new());
+    let after = names(&s);
+    assert!(
+        after.is_subset(&before),
+        "scaling down added peers: {before:?} -> {after:?}"
+    );
+    let v = cluster.verify(&host_csv);
+    println!(
+        "containers: FIGURE scale 5 -> 3: compose {:.2} s, verify {v:.2} s, scale -> verified {:.2} s",
+        scaled.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // Up to 6: three new peers join the formed ring and take over their share.
+    let started = Instant::now();
+    cluster.scale(6);
+    let scaled = started.elapsed();
+    let s = cluster.settled_ring(6, &after);
+    let ready = started.elapsed();
+    for p in peers(&s) {
+        if !after.contains(&name(p)) {
+            println!(
+                "containers: new peer {} holds {} records",
+                name(p),
+                num(p, "records")
+            );
+        }
+    }
+    let v = cluster.verify(&host_csv);
+    println!(
+        "containers: FIGURE scale 3 -> 6: compose {:.2} s, new peers hold records {:.2} s, verify {v:.2} s, scale -> verified {:.2} s",
+        scaled.as_secs_f64(),
+        ready.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // Teardown: every peer exits 0; the manager stays.
+    let t = cluster.ctl_json(&["teardown"], Duration::from_secs(60));
+    assert_eq!(num(&t, "peers"), 6, "teardown: {t}");
+    let exits = wait_for(
+        Duration::from_secs(60),
+        "every peer container to exit",
+        || {
+            let ids = cluster.container_ids("peer");
+            let states = docker_out_lines(
+                &[
+                    &[
+                        "inspect",
+                        "-f",
+                        "{{.Name}} {{.State.Status}} {{.State.ExitCode}}",
+                    ][..],
+                    &ids.iter().map(String::as_str).collect::<Vec<_>>()[..],
+                ]
+                .concat(),
+            );
+            let running = states.iter().filter(|l| !l.contains(" exited ")).count();
+            (ids.len() == 6 && running == 0)
+                .then_some(states.clone())
+                .ok_or(format!("{} container(s): {states:?}", ids.len()))
+        },
+    );
+    for line in &exits {
+        assert!(
+            line.ends_with(" exited 0"),
+            "a peer did not exit with 0: {line}"
+        );
+    }
+    println!("containers: after teardown: {exits:?}");
+    let manager = cluster.container_ids("manager");
+    assert_eq!(manager.len(), 1, "manager containers: {manager:?}");
+    let state = docker_out(&["inspect", "-f", "{{.State.Status}}", &manager[0]]);
+    assert_eq!(
+        state.trim(),
+        "running",
+        "the manager should stay up after teardown"
+    );
+    cluster
+        .status()
+        .unwrap_or_else(|e| panic!("the manager does not answer after teardown: {e}"));
+
+    // Every peer that ever ran, including the two removed by the scale-down, exited with 0.
+    let deaths = cluster.peer_exit_events();
+    println!("containers: peer exits (docker events): {deaths:?}");
+    assert_eq!(
+        deaths.len(),
+        8,
+        "expected 8 peer exits (2 on scale-down, 6 on teardown): {deaths:?}"
+    );
+    for (name, code) in &deaths {
+        assert_eq!(code, "0", "peer container {name} exited with {code}");
+    }
+}
+
+/// The compose project under test. Dropping it removes the containers, network, volumes and the
+/// test's image tag, whether the test passed or not.
+struct Cluster {
+    root: PathBuf,
+    compose: Vec<String>,
+    project: String,
+    tag: String,
+    port: u16,
+    data_dir: PathBuf,
+    /// Unix seconds at the start, for `docker events --since`.
+    started: u64,
+}
+
+impl Cluster {
+    fn compose(&self) -> Command {
+        let mut cmd = Command::new(&self.compose[0]);
+        cmd.args(&self.compose[1..])
+            .arg("-f")
+            .arg(self.root.join("docker-compose.yml"))
+            .args(["-p", &self.project])
+            .current_dir(&self.root)
+            .env("STORM_IMAGE", &self.tag)
+            .env("STORM_PORT", self.port.to_string())
+            .env("STORM_DATA_DIR", &self.data_dir)
+            .env("STORM_DATA_FILE", DATA_FILE)
+            .env_remove("COMPOSE_FILE")
+            .env_remove("COMPOSE_PROJECT_NAME");
+        cmd
+    }
+
+    /// `up -d --scale peer=N manager peer` (never jaeger).
+    fn scale(&self, n: usize) {
+        let out = run(
+            self.compose().args([
+                "up",
+                "-d",
+                "--scale",
+                &format!("peer={n}"),
+                "manager",
+                "peer",
+            ]),
+            Duration::from_secs(180),
+        );
+        assert_ok(&out, &format!("compose up --scale peer={n}"));
+    }
+
+    fn container_ids(&self, service: &str) -> Vec<String> {
+        docker_out_lines(&[
+            "ps",
+            "-aq",
+            "--no-trunc",
+            "--filter",
+            &format!("label=com.docker.compose.project={}", self.project),
+            "--filter",
+            &format!("label=com.docker.compose.service={service}"),
+        ])
+    }
+
+    fn stormctl(&self, args: &[&str], reply_timeout: Duration) -> Command {
+        let mut cmd = Command::new(STORMCTL);
+        cmd.args(["--manager", &format!("127.0.0.1:{}", self.port), "--json"])
+            .args(["--timeout", &reply_timeout.as_secs_f64().to_string()])
+            .args(args)
+            // Traffic stays on loopback: no trace export from the host-side client.
+            .env_remove("STORM_TELEMETRY__OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("STORM_JAEGER_UI");
+        cmd
+    }
+
+    /// Runs stormctl and parses its JSON answer; panics unless it exits 0.
+    fn ctl_json(&self, args: &[&str], timeout: Duration) -> Value {
+        let out = run(&mut self.stormctl(args, timeout), timeout + timeout / 2);
+        assert_ok(&out, &format!("stormctl {}", args.join(" ")));
+        parse(&out.stdout, args)
+    }
+
+    fn status(&self) -> Result<Value, String> {
+        let out = run(
+            &mut self.stormctl(&["status"], Duration::from_secs(2)),
+            Duration::from_secs(30),
+        );
+        if out.timed_out || !out.status.is_some_and(|s| s.success()) {
+            return Err(format!("stormctl status: {}", out.describe()));
+        }
+        serde_json::from_str(&out.stdout).map_err(|e| format!("status: {e}: {}", out.stdout))
+    }
+
+    /// Waits for a settled ring of `n` peers, all up, whose members are the running peer
+    /// containers, holding every record between them; peers not in `old` must hold some.
+    fn settled_ring(&self, n: usize, old: &BTreeSet<String>) -> Value {
+        let what = format!("a settled ring of {n} peers holding all {EXPECTED_RECORDS} records");
+        let s = wait_for(Duration::from_secs(120), &what, || {
+            let s = self.status()?;
+            let ps = peers(&s);
+            let total: u64 = ps.iter().map(|p| num(p, "records")).sum();
+            let fresh_empty = ps
+                .iter()
+                .filter(|p| !old.is_empty() && !old.contains(&name(p)) && num(p, "records") == 0)
+                .count();
+            let states: BTreeSet<&str> = ps.iter().filter_map(|p| p["state"].as_str()).collect();
+            let ok = ps.len() == n
+                && s["settled"] == Value::Bool(true)
+                && states == BTreeSet::from(["up"])
+                && total == EXPECTED_RECORDS
+                && fresh_empty == 0;
+            ok.then_some(s.clone()).ok_or(format!(
+                "{} peer(s), settled {}, states {states:?}, {total} records, {fresh_empty} new peer(s) without records",
+                ps.len(),
+                s["settled"]
+            ))
+        });
+        self.assert_members_are_the_containers(&s);
+        s
+    }
+
+    /// A peer's name is its container's host name: the first 12 hex digits of the id.
+    fn assert_members_are_the_containers(&self, status: &Value) {
+        let containers: BTreeSet<String> = self
+            .container_ids("peer")
+            .iter()
+            .map(|id| id.chars().take(12).collect())
+            .collect();
+        assert_eq!(
+            names(status),
+            containers,
+            "ring members are not the peer containers"
+        );
+    }
+
+    /// `stormctl verify` of the host's copy of the file; returns its duration in seconds.
+    fn verify(&self, host_csv: &Path) -> f64 {
+        let file = host_csv.to_string_lossy().into_owned();
+        let args = ["verify", "--file", &file];
+        let started = Instant::now();
+        let out = run(
+            &mut self.stormctl(&args, Duration::from_secs(30)),
+            Duration::from_secs(900),
+        );
+        let secs = started.elapsed().as_secs_f64();
+        let v = parse(&out.stdout, &args);
+        for key in ["missing", "mismatched", "errors"] {
+            assert_eq!(num(&v, key), 0, "verify: {key}: {v}");
+        }
+        assert_eq!(num(&v, "keys"), EXPECTED_RECORDS, "verify: {v}");
+        assert_eq!(num(&v, "found"), EXPECTED_RECORDS, "verify: {v}");
+        assert_ok(&out, "stormctl verify");
+        secs
+    }
+
+    /// (container name, exit code) of every peer container that died since the test started.
+    fn peer_exit_events(&self) -> Vec<(String, String)> {
+        let out = run(
+            Command::new("docker").args([
+                "events",
+                "--since",
+                &self.started.saturating_sub(2).to_string(),
+                "--until",
+                &(unix_now() + 1).to_string(),
+                "--filter",
+                "type=container",
+                "--filter",
+                "event=die",
+                "--filter",
+                &format!("label=com.docker.compose.project={}", self.project),
+                "--format",
+                r#"{{index .Actor.Attributes "com.docker.compose.service"}} {{.Actor.Attributes.name}} {{.Actor.Attributes.exitCode}}"#,
+            ]),
+            Duration::from_secs(30),
+        );
+        assert_ok(&out, "docker events");
+        out.stdout
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next() == Some("peer")).then(|| {
+                    let name = f.next().unwrap_or_default().to_string();
+                    (name, f.next().unwrap_or_default().to_string())
+                })
+            })
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            let logs = run(
+                self.compose().args(["logs", "--no-color", "--tail", "40"]),
+                Duration::from_secs(60),
+            );
+            eprintln!(
+                "containers: the test failed; the cluster's last log lines:\n{}{}",
+                logs.stdout, logs.stderr
+            );
+        }
+        let down = run(
+            self.compose()
+                .args(["down", "-v", "--remove-orphans", "-t", "30"]),
+            Duration::from_secs(300),
+        );
+        if !down.succeeded() {
+            eprintln!("containers: cleanup: compose down: {}", down.describe());
+        }
+        // Whatever compose left behind (e.g. it was interrupted).
+        let label = format!("label=com.docker.compose.project={}", self.project);
+        for (list, rm) in [
+            (&["ps", "-aq", "--filter", &label][..], &["rm", "-f"][..]),
+            (
+                &["network", "ls", "-q", "--filter", &label][..],
+                &["network", "rm"][..],
+            ),
+            (
+                &["volume", "ls", "-q", "--filter", &label][..],
+                &["volume", "rm", "-f"][..],
+            ),
+        ] {
+            let ids = docker_out_lines(list);
+            if !ids.is_empty() {
+                let args: Vec<&str> = rm
+                    .iter()
+                    .copied()
+                    .chain(ids.iter().map(String::as_str))
+                    .collect();
+                let out = run(Command::new("docker").args(&args), Duration::from_secs(120));
+                eprintln!(
+                    "containers: cleanup: docker {}: {}",
+                    args.join(" "),
+                    out.describe()
+                );
+            }
+        }
+        let rmi = run(
+            Command::new("docker").args(["rmi", &self.tag]),
+            Duration::from_secs(120),
+        );
+        if rmi.succeeded() {
+            println!(
+                "containers: cleaned up project {} and image {}",
+                self.project, self.tag
+            );
+        } else if !rmi.stderr.contains("No such image") {
+            eprintln!(
+                "containers: cleanup: docker rmi {}: {}",
+                self.tag,
+                rmi.describe()
+            );
+        }
+    }
+}
+
+fn require_engine() {
+    let out = run(
+        Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]),
+        Duration::from_secs(60),
+    );
+    if !out.succeeded() || out.stdout.trim().is_empty() {
+        panic!(
+            "no Docker engine answers (`docker info`: {}); start one, or set STORM_SKIP_DOCKER=1 to skip the container tests",
+            out.describe()
+        );
+    }
+}
+
+/// `docker compose` if the plugin is there, else `docker-compose`.
+fn compose_command() -> Vec<String> {
+    let v2 = run(
+        Command::new("docker").args(["compose", "version"]),
+        Duration::from_secs(30),
+    );
+    if v2.succeeded() {
+        return vec!["docker".into(), "compose".into()];
+    }
+    let v1 = run(
+        Command::new("docker-compose").arg("version"),
+        Duration::from_secs(30),
+    );
+    assert!(
+        v1.succeeded(),
+        "neither `docker compose` nor `docker-compose` works: {}; install one, or set STORM_SKIP_DOCKER=1 to skip the container tests",
+        v1.describe()
+    );
+    vec!["docker-compose".into()]
+}
+
+fn free_udp_port() -> u16 {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind a UDP port on loopback");
+    socket.local_addr().expect("local address").port()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Polls `probe` every 250 ms until it gives a value; panics with its last complaint after
+/// `timeout`.
+fn wait_for<T>(timeout: Duration, what: &str, mut probe: impl FnMut() -> Result<T, String>) -> T {
+    let started = Instant::now();
+    loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(e) if started.elapsed() >= timeout => {
+                panic!("gave up waiting {timeout:?} for {what}; last: {e}")
+            }
+            Err(_) => thread::sleep(Duration::from_millis(250)),
+        }
+    }
+}
+
+fn parse(stdout: &str, args: &[&str]) -> Value {
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'));
+    serde_json::from_str(line.unwrap_or(""))
+        .unwrap_or_else(|e| panic!("stormctl {}: not JSON ({e}): {stdout}", args.join(" ")))
+}
+
+fn peers(status: &Value) -> Vec<&Value> {
+    status["peers"]
+        .as_array()
+        .map(|a| a.iter().collect())
+        .unwrap_or_default()
+}
+
+fn name(peer: &Value) -> String {
+    peer["name"].as_str().unwrap_or_default().to_string()
+}
+
+fn names(status: &Value) -> BTreeSet<String> {
+    peers(status).into_iter().map(name).collect()
+}
+
+fn num(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("`{key}` is not a count in {v}"))
+}
+
+fn docker_out(args: &[&str]) -> String {
+    let out = run(Command::new("docker").args(args), Duration::from_secs(120));
+    assert_ok(&out, &format!("docker {}", args.join(" ")));
+    out.stdout
+}
+
+fn docker_out_lines(args: &[&str]) -> Vec<String> {
+    let out = run(Command::new("docker").args(args), Duration::from_secs(120));
+    if !out.succeeded() {
+        eprintln!("containers: docker {}: {}", args.join(" "), out.describe());
+    }
+    out.stdout
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+struct Output {
+    status: Option<ExitStatus>,
+    stdout: String,
+    stderr: String,
+    timed_out: bool,
+    program: String,
+}
+
+impl Output {
+    fn succeeded(&self) -> bool {
+        !self.timed_out && self.status.is_some_and(|s| s.success())
+    }
+
+    fn describe(&self) -> String {
+        let how = match (self.timed_out, self.status) {
+            (true, _) => "timed out and was killed".to_string(),
+            (false, Some(s)) => s.to_string(),
+            (false, None) => "could not be started".to_string(),
+        };
+        format!(
+            "{} {how}\n--- stdout\n{}\n--- stderr\n{}",
+            self.program,
+            tail(&self.stdout),
+            tail(&self.stderr)
+        )
+    }
+}
+
+fn tail(s: &str) -> &str {
+    let start = s.len().saturating_sub(4000);
+    let start = (start..s.len())
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(s.len());
+    &s[start..]
+}
+
+fn assert_ok(out: &Output, what: &str) {
+    assert!(out.succeeded(), "{what} failed: {}", out.describe());
+}
+
+/// Runs a command to completion with a time limit, killing its whole process group if it
+/// overruns (so a build script's cargo goes too).
+fn run(cmd: &mut Command, timeout: Duration) -> Output {
+    let program = format!("{:?}", cmd.get_program());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return Output {
+                status: None,
+                stdout: String::new(),
+                stderr: e.to_string(),
+                timed_out: false,
+                program,
+            };
+        }
+    };
+    let pipe = |r: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let stdout = pipe(
+        child
+            .stdout
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let stderr = pipe(
+        child
+            .stderr
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let started = Instant::now();
+    let mut timed_out = false;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if started.elapsed() >= timeout => {
+                timed_out = true;
+                let _ = Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{}", child.id())])
+                    .status();
+                let _ = child.kill();
+                break child.wait().ok();
+            }
+            Ok(None) => thread::sleep(Duration::from_millis(20)),
+            Err(_) => break None,
+        }
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+        timed_out,
+        program,
+    }
+}
