@@ -359,3 +359,104 @@ fn recv_json(sock: &UdpSocket) -> Value {
     let (n, _) = sock.recv_from(&mut buf).expect("a reply datagram");
     ciborium::de::from_reader(&buf[..n]).expect("a CBOR reply")
 }
+
+/// The full NOAA forms in one cluster: a 51-column details file and a gzip-compressed locations
+/// file (several rows per event). A query returns the details row and every location row; a
+/// broken row is rejected with its line number, a row without an id gets a fallback key.
+#[test]
+fn details_and_gzipped_locations_share_keys_and_bad_rows_are_reported() {
+    use flate2::{Compression, write::GzEncoder};
+    use std::io::Write;
+    let dir = std::env::temp_dir().join(format!("stormd-noaa-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let header = "BEGIN_YEARMONTH,BEGIN_DAY,BEGIN_TIME,END_YEARMONTH,END_DAY,END_TIME,EPISODE_ID,EVENT_ID,STATE,STATE_FIPS,YEAR,MONTH_NAME,EVENT_TYPE,CZ_TYPE,CZ_FIPS,CZ_NAME,WFO,BEGIN_DATE_TIME,CZ_TIMEZONE,END_DATE_TIME,INJURIES_DIRECT,INJURIES_INDIRECT,DEATHS_DIRECT,DEATHS_INDIRECT,DAMAGE_PROPERTY,DAMAGE_CROPS,SOURCE,MAGNITUDE,MAGNITUDE_TYPE,FLOOD_CAUSE,CATEGORY,TOR_F_SCALE,TOR_LENGTH,TOR_WIDTH,TOR_OTHER_WFO,TOR_OTHER_CZ_STATE,TOR_OTHER_CZ_FIPS,TOR_OTHER_CZ_NAME,BEGIN_RANGE,BEGIN_AZIMUTH,BEGIN_LOCATION,END_RANGE,END_AZIMUTH,END_LOCATION,BEGIN_LAT,BEGIN_LON,END_LAT,END_LON,EPISODE_NARRATIVE,EVENT_NARRATIVE,DATA_SOURCE";
+    let row = |id: &str, state: &str| {
+        format!(
+            "202305,12,1530,202305,12,1545,178001,{id},{state},40,2023,May,Tornado,C,1,ADAIR,TSA,12-MAY-23 15:30:00,CST-6,12-MAY-23 15:45:00,0,0,0,0,10.00K,0.00K,NWS Storm Survey,,,,,EF1,2.1,150,,,,,1,N,STILWELL,2,NE,STILWELL,35.8,-94.6,35.82,-94.58,\"Storms formed, \"\"quickly\"\"\nalong a front.\",\"A brief tornado.\",CSV"
+        )
+    };
+    let details = format!(
+        "{header}\n{}\n{}\n{}\n202305,12,1530,broken row\n{}\n",
+        row("1100001", "OKLAHOMA"),
+        row("1100002", "KANSAS"),
+        row("", "NOWHERE"),
+        row("1100003", "TEXAS")
+    );
+    let details_path = dir.join("StormEvents_details-ftp_v1.0_d2023_c20240101.csv");
+    std::fs::write(&details_path, details).unwrap();
+    let locations = "YEARMONTH,EPISODE_ID,EVENT_ID,LOCATION_INDEX,RANGE,AZIMUTH,LOCATION,LATITUDE,LONGITUDE,LAT2,LON2\n\
+        202305,178001,1100001,1,1,N,STILWELL,35.8,-94.6,3548000,9436000\n\
+        202305,178001,1100001,2,2,NE,STILWELL,35.82,-94.58,3549200,9434800\n\
+        202305,178001,1100001,3,3,E,WESTVILLE,35.99,-94.57,3559400,9434200\n\
+        202305,178001,1100002,1,0,N,TULSA,36.1,-95.9,3606000,9554000\n";
+    let locations_path = dir.join("StormEvents_locations-ftp_v1.0_d2023_c20240101.csv.gz");
+    let mut gz = GzEncoder::new(Vec::new(), Compression::default());
+    gz.write_all(locations.as_bytes()).unwrap();
+    std::fs::write(&locations_path, gz.finish().unwrap()).unwrap();
+
+    let cluster = Cluster::start(3);
+    cluster.ctl_json(&["setup"]);
+    let d = cluster.ctl_json(&["distribute", "--file", details_path.to_str().unwrap()]);
+    assert_eq!(
+        (
+            d["read"].as_u64(),
+            d["stored"].as_u64(),
+            d["rejected"].as_u64()
+        ),
+        (Some(5), Some(4), Some(1)),
+        "{d}"
+    );
+    assert_eq!(d["fallback_keys"], 1, "{d}");
+    // Header on line 1, then three rows of two lines each (their narratives hold a newline).
+    assert_eq!(d["rejected_samples"][0][0], 8, "{d}");
+    let l = cluster.ctl_json(&["distribute", "--file", locations_path.to_str().unwrap()]);
+    assert_eq!(
+        (l["read"].as_u64(), l["stored"].as_u64()),
+        (Some(4), Some(4)),
+        "{l}"
+    );
+    assert!(l["format"].as_str().unwrap().contains("locations"), "{l}");
+
+    let q = cluster.ctl_json(&["query", "1100001"]);
+    let records = q["records"].as_array().unwrap();
+    assert_eq!(
+        records.len(),
+        4,
+        "one details row and three location rows: {q}"
+    );
+    let details_row = records
+        .iter()
+        .find(|r| r.get("event_narrative").is_some())
+        .expect("the details row");
+    assert_eq!(details_row["state"], "OKLAHOMA");
+    assert_eq!(
+        details_row["episode_narrative"],
+        "Storms formed, \"quickly\"\nalong a front."
+    );
+    assert_eq!(details_row.as_object().unwrap().len(), 51);
+    let mut indexes: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["location_index"].as_str())
+        .collect();
+    indexes.sort();
+    assert_eq!(indexes, ["1", "2", "3"]);
+
+    // The row without an id is stored under a stable fallback key, and found by it.
+    let fallback = stormdht::record::fallback_key(
+        &stormdht::record::load_path(&details_path)
+            .unwrap()
+            .rows
+            .iter()
+            .find(|r| r.values[7].is_empty())
+            .unwrap()
+            .values,
+    );
+    let q = cluster.ctl_json(&["query", &fallback.to_string()]);
+    assert_eq!(q["found"], true, "{q}");
+    assert_eq!(q["records"][0]["state"], "NOWHERE");
+
+    // verify checks both files, multi-row keys included.
+    assert_eq!(cluster.verify(&details_path)["found"], 4);
+    assert_eq!(cluster.verify(&locations_path)["found"], 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
