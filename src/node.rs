@@ -123,6 +123,28 @@ impl Io {
         }
     }
 
+    /// Decodes the datagram just received and whatever else is already queued (up to a burst),
+    /// so a flood of batches is handled with one wake-up.
+    async fn burst(
+        &mut self,
+        first: (usize, SocketAddr),
+        incarnation: u64,
+    ) -> Vec<(SocketAddr, Envelope)> {
+        let mut out = Vec::new();
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some((len, from)) = next.take() {
+            taken += 1;
+            if let Some(env) = self.decode(len, from, incarnation).await {
+                out.push((from, env));
+            }
+            if taken < RECV_BURST {
+                next = self.socket.try_recv_from(&mut self.buf).ok();
+            }
+        }
+        out
+    }
+
     /// Decodes one datagram, or counts it and answers it with a rejection where possible.
     async fn decode(&mut self, len: usize, from: SocketAddr, incarnation: u64) -> Option<Envelope> {
         match Envelope::decode(&self.buf[..len]) {
@@ -168,18 +190,9 @@ pub async fn run_manager(
         let wake = io.deadline(core.poll_timeout());
         tokio::select! {
             r = io.socket.recv_from(&mut io.buf) => {
-                let Ok((len, from)) = r else { continue };
-                let mut next = Some((len, from));
-                let mut burst = 0;
-                while let Some((len, from)) = next.take() {
-                    if let Some(env) = io.decode(len, from, incarnation).await {
-                        let now = io.now();
-                        manager_receive(&mut core, &mut spans, now, from, env);
-                    }
-                    burst += 1;
-                    if burst < RECV_BURST {
-                        next = io.socket.try_recv_from(&mut io.buf).ok();
-                    }
+                let Ok(first) = r else { continue };
+                for (from, env) in io.burst(first, incarnation).await {
+                    manager_receive(&mut core, &mut spans, io.now(), from, env);
                 }
             }
             _ = sleep_until(wake) => core.handle_timeout(io.now()),
@@ -381,18 +394,9 @@ pub async fn run_peer(
         let wake = io.deadline(core.poll_timeout());
         tokio::select! {
             r = io.socket.recv_from(&mut io.buf) => {
-                let Ok((len, from)) = r else { continue };
-                let mut next = Some((len, from));
-                let mut burst = 0;
-                while let Some((len, from)) = next.take() {
-                    if let Some(env) = io.decode(len, from, incarnation).await {
-                        let now = io.now();
-                        peer_receive(&mut core, now, from, env);
-                    }
-                    burst += 1;
-                    if burst < RECV_BURST {
-                        next = io.socket.try_recv_from(&mut io.buf).ok();
-                    }
+                let Ok(first) = r else { continue };
+                for (from, env) in io.burst(first, incarnation).await {
+                    peer_receive(&mut core, io.now(), from, env);
                 }
             }
             _ = sleep_until(wake) => core.handle_timeout(io.now()),
