@@ -143,7 +143,8 @@ impl Config {
         if let Some(path) = file {
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment.merge(Env::prefixed("STORM_").split("__"))
+        // STORM_CONFIG names the file itself (stormd's --config), it is not a key.
+        figment.merge(Env::prefixed("STORM_").ignore(&["config"]).split("__"))
     }
 
     /// Loads and checks the configuration.
@@ -326,6 +327,17 @@ mod tests {
     }
 
     #[test]
+    fn storm_config_names_the_file_and_is_not_a_key() {
+        Jail::expect_with(|jail| {
+            jail.create_file("p.toml", "role = \"peer\"\n")?;
+            jail.set_env("STORM_CONFIG", "p.toml");
+            let c = Config::load(Some(Path::new("p.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.role, Role::Peer);
+            Ok(())
+        });
+    }
+
+    #[test]
     fn a_wrong_env_value_names_the_key_and_the_variable() {
         Jail::expect_with(|jail| {
             jail.set_env("STORM_ROLE", "mangaer");
@@ -410,7 +422,8 @@ mod tests {
         }
         assert!(seen >= 3);
         Jail::expect_with(|_| {
-            let documented = Config::load(Some(&dir.join("stormd.toml"))).map_err(|e| e.to_string())?;
+            let documented =
+                Config::load(Some(&dir.join("stormd.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(documented, Config::default());
             Ok(())
         });

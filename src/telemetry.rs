@@ -118,6 +118,7 @@ pub fn init(
     // Separate filters: a quiet log level must not switch off the spans that are exported.
     let log_layer = fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .with_filter(env_filter);
     let otel_layer = tracing_opentelemetry::layer()
