@@ -6,7 +6,7 @@
 //! | layer | modules | owns |
 //! | --- | --- | --- |
 //! | records | [`record`] | NOAA CSV (details, locations, course; plain or gzip) → keyed rows |
-//! | wire | [`wire`] | the versioned CBOR [`wire::Envelope`] and every message kind |
+//! | wire | [`wire`], [`cbor_guard`] | the versioned CBOR [`wire::Envelope`] and every message kind; length checks before decoding |
 //! | reliability | [`link`] | sequence numbers, acks, retransmission with backoff, duplicate suppression |
 //! | placement | [`ring`] | consistent hashing (and the seed's and course's schemes), ring order |
 //! | state | [`store`] | a peer's rows and the batching that moves them |
@@ -18,6 +18,7 @@
 //!
 //! The binaries are thin: `stormd` (manager, peer, or `demo`) and `stormctl`.
 
+pub mod cbor_guard;
 pub mod client;
 pub mod cluster;
 pub mod config;

@@ -372,6 +372,11 @@ impl Envelope {
         if bytes.len() > MAX_UDP_PAYLOAD {
             return Err(WireError::TooLarge(bytes.len()));
         }
+        // Declared lengths must fit the datagram before serde sees them (bounded allocation).
+        crate::cbor_guard::check(bytes).map_err(|e| match e {
+            crate::cbor_guard::GuardError::Trailing(n) => WireError::Trailing(n),
+            e => WireError::Malformed(e.to_string()),
+        })?;
         let mut reader = bytes;
         match ciborium::de::from_reader::<Envelope, _>(&mut reader) {
             Ok(envelope) => {
@@ -392,6 +397,7 @@ impl Envelope {
 
     /// The header of a datagram whose body did not decode, if the header itself is readable.
     pub fn decode_header(bytes: &[u8]) -> Option<EnvelopeHeader> {
+        crate::cbor_guard::check(bytes).ok()?;
         ciborium::de::from_reader::<EnvelopeHeader, _>(bytes).ok()
     }
 }
