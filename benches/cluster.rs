@@ -46,10 +46,23 @@ async fn run(dataset: &Dataset, file: &str, env: &[(&'static str, String)]) -> V
         .expect("client");
 
     let started = Instant::now();
-    let reply = client.call(ClientRequest::Distribute { path: Some(file.to_string()) }, None).await;
+    let reply = client
+        .call(
+            ClientRequest::Distribute {
+                path: Some(file.to_string()),
+            },
+            None,
+        )
+        .await;
     let wall = started.elapsed().as_secs_f64();
-    let Ok(ReplyBody::Distribute(d)) = reply else { panic!("distribute failed: {reply:?}") };
-    assert_eq!(d.stored, dataset.rows.len() as u64, "not every record was stored");
+    let Ok(ReplyBody::Distribute(d)) = reply else {
+        panic!("distribute failed: {reply:?}")
+    };
+    assert_eq!(
+        d.stored,
+        dataset.rows.len() as u64,
+        "not every record was stored"
+    );
     let manager_secs = d.elapsed_micros as f64 / 1e6;
 
     // Seeded random keys: the same 1,000 queries on every run.
@@ -62,7 +75,9 @@ async fn run(dataset: &Dataset, file: &str, env: &[(&'static str, String)]) -> V
         seed ^= seed << 17;
         let key = dataset.rows[(seed % dataset.rows.len() as u64) as usize].key;
         let t = Instant::now();
-        let reply = client.call(ClientRequest::Query { key, via: None }, None).await;
+        let reply = client
+            .call(ClientRequest::Query { key, via: None }, None)
+            .await;
         latencies.push(t.elapsed().as_secs_f64() * 1e3);
         match reply {
             Ok(ReplyBody::Query(q)) if q.found => hops += q.path.len(),
@@ -73,7 +88,11 @@ async fn run(dataset: &Dataset, file: &str, env: &[(&'static str, String)]) -> V
 
     let v = verify(&mut client, file, dataset, 64).await;
     assert!(v.ok(), "verify failed: {v:?}");
-    let rss: Vec<u64> = cluster.peers.iter().filter_map(|p| rss_kib(p.pid())).collect();
+    let rss: Vec<u64> = cluster
+        .peers
+        .iter()
+        .filter_map(|p| rss_kib(p.pid()))
+        .collect();
 
     json!({
         "distribute_ms": round(manager_secs * 1e3, 1),
@@ -93,7 +112,11 @@ fn main() {
     let path = shared_data("details-1996.csv");
     let file = path.to_str().expect("utf-8 path").to_string();
     let dataset = record::load_path(&path).expect("details-1996.csv (../shared/data)");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
 
     let off = rt.block_on(run(&dataset, &file, &[]));
     let receiver = OtlpReceiver::start();
@@ -101,7 +124,12 @@ fn main() {
     let on = rt.block_on(run(&dataset, &file, &export));
     let spans = receiver.spans().len();
 
-    let ratio = |k: &str| round(on[k].as_f64().unwrap_or(f64::NAN) / off[k].as_f64().unwrap_or(f64::NAN), 2);
+    let ratio = |k: &str| {
+        round(
+            on[k].as_f64().unwrap_or(f64::NAN) / off[k].as_f64().unwrap_or(f64::NAN),
+            2,
+        )
+    };
     let line = json!({
         "bench": "cluster",
         "file": "details-1996.csv",

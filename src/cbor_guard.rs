@@ -212,7 +212,7 @@ mod tests {
         assert_eq!(check(&[]), Err(GuardError::Truncated(0)));
         assert_eq!(check(&[0x19, 0x01]), Err(GuardError::Truncated(1)));
         assert_eq!(check(&[0x1c]), Err(GuardError::Reserved(0)));
-        assert_eq!(check(&vec![0x81; 100]), Err(GuardError::TooDeep));
+        assert_eq!(check(&[0x81; 100]), Err(GuardError::TooDeep));
         assert_eq!(check(&[0x01, 0x02]), Err(GuardError::Trailing(1)));
         assert!(
             check(&[0x9f, 0x01]).is_err(),
