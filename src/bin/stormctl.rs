@@ -132,7 +132,6 @@ async fn command(cli: &Cli) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(cli.json, e),
     };
-    let simple = |req: ClientRequest| req;
     match &cli.command {
         Command::Query { event_id, via } => {
             let key: RecordKey = match event_id.parse() {
@@ -161,28 +160,32 @@ async fn command(cli: &Cli) -> ExitCode {
                 ExitCode::from(EXIT_NOT_FOUND)
             }
         }
-        other => {
-            let req = match other {
-                Command::Setup => simple(ClientRequest::Setup),
-                Command::Distribute { file } => ClientRequest::Distribute { path: file.clone() },
-                Command::Leave { name } => ClientRequest::Leave { name: name.clone() },
-                Command::Status => ClientRequest::Status,
-                Command::Teardown => ClientRequest::Teardown,
-                Command::Query { .. } | Command::Verify { .. } => {
-                    return fail(cli.json, "unreachable");
-                }
-            };
-            let kind = req.kind();
-            let span = tracing::info_span!(target: TARGET, "stormctl", otel.name = format!("stormctl {kind}"));
-            let trace = telemetry::context_of(&span);
-            match client.call(req, trace).await {
-                Ok(reply) => {
-                    print_reply(cli.json, &reply);
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(cli.json, e),
-            }
+        Command::Setup => request(cli, &mut client, ClientRequest::Setup).await,
+        Command::Distribute { file } => {
+            let req = ClientRequest::Distribute { path: file.clone() };
+            request(cli, &mut client, req).await
         }
+        Command::Leave { name } => {
+            let req = ClientRequest::Leave { name: name.clone() };
+            request(cli, &mut client, req).await
+        }
+        Command::Status => request(cli, &mut client, ClientRequest::Status).await,
+        Command::Teardown => request(cli, &mut client, ClientRequest::Teardown).await,
+    }
+}
+
+/// A command with one request and one reply, printed as it comes.
+async fn request(cli: &Cli, client: &mut Client, req: ClientRequest) -> ExitCode {
+    let kind = req.kind();
+    let span =
+        tracing::info_span!(target: TARGET, "stormctl", otel.name = format!("stormctl {kind}"));
+    let trace = telemetry::context_of(&span);
+    match client.call(req, trace).await {
+        Ok(reply) => {
+            print_reply(cli.json, &reply);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(cli.json, e),
     }
 }
 
