@@ -135,7 +135,13 @@ struct Transition {
     change: Change,
     waiting: BTreeSet<PeerId>,
     handed_over: u64,
+    /// When the view is sent again to members that have not reported (a member that cannot
+    /// be reached then gives up and is no longer waited for).
+    nudge_at: Time,
 }
+
+/// How long a membership change waits for hand-off reports before asking again.
+const TRANSITION_NUDGE: Duration = Duration::from_secs(3);
 
 struct DistributeJob {
     id: u64,
@@ -281,9 +287,9 @@ impl Manager {
         match env.body {
             Body::Request(req) => self.on_request(now, call, req),
             Body::Register { name } => self.on_register(now, from, env.from, name),
-            Body::RebalanceDone { epoch, records } => {
+            Body::RebalanceDone { epoch, handed_over } => {
                 let peer = self.peer_by_incarnation(env.from);
-                self.on_rebalance_done(now, peer, epoch, records);
+                self.on_rebalance_done(now, peer, epoch, handed_over);
             }
             Body::LeaveRequest => match self.peer_by_incarnation(env.from) {
                 Some(id) => self.begin_leave(now, id, None),
@@ -518,17 +524,23 @@ impl Manager {
             view.epoch = self.new_epoch();
             view.settled = false;
             let waiting = view.members.iter().map(|m| m.id).collect();
+            // A leave requested by stormctl continues its trace through the hand-off.
+            let trace = match &change {
+                Change::Leave(_, Some(call)) => call.trace.clone(),
+                _ => None,
+            };
             self.transition = Some(Transition {
                 epoch: view.epoch,
                 change,
                 waiting,
                 handed_over: 0,
+                nudge_at: now + TRANSITION_NUDGE,
             });
-            self.publish(now, view, None);
+            self.publish(now, view, trace);
         }
     }
 
-    fn on_rebalance_done(&mut self, now: Time, peer: Option<PeerId>, epoch: u64, _records: u64) {
+    fn on_rebalance_done(&mut self, now: Time, peer: Option<PeerId>, epoch: u64, handed_over: u64) {
         let Some(id) = peer else { return };
         let Some(t) = self.transition.as_mut() else {
             return;
@@ -536,9 +548,43 @@ impl Manager {
         if t.epoch != epoch {
             return; // a report for a view that has since been replaced
         }
-        t.waiting.remove(&id);
+        if t.waiting.remove(&id) {
+            t.handed_over += handed_over;
+        }
         if t.waiting.is_empty() {
             self.finish_transition(now);
+        }
+    }
+
+    /// Sends the current view again to members that have not reported their hand-off: their
+    /// report may have been lost with a crash, or they may be gone (then the send gives up and
+    /// they are no longer waited for).
+    fn nudge_transition(&mut self, now: Time) {
+        let Some(t) = self.transition.as_mut().filter(|t| t.nudge_at <= now) else {
+            return;
+        };
+        t.nudge_at = now + TRANSITION_NUDGE;
+        let waiting: Vec<PeerId> = t.waiting.iter().copied().collect();
+        let Some(view) = self.ring.clone() else {
+            return;
+        };
+        for id in waiting {
+            if self
+                .link
+                .has_pending_where(|tag| matches!(tag, ManagerTag::ToPeer(p, "ring") if *p == id))
+            {
+                continue; // still being retransmitted
+            }
+            if let Some(m) = view.members.iter().find(|m| m.id == id) {
+                let addr = m.addr;
+                self.send(
+                    now,
+                    addr,
+                    Body::Ring(view.clone()),
+                    None,
+                    ManagerTag::ToPeer(id, "ring"),
+                );
+            }
         }
     }
 
@@ -1076,12 +1122,14 @@ impl Manager {
             .queries
             .values()
             .map(|q| q.deadline)
-            .chain(self.probes.values().map(|p| p.deadline));
+            .chain(self.probes.values().map(|p| p.deadline))
+            .chain(self.transition.as_ref().map(|t| t.nudge_at));
         deadlines.chain(self.link.poll_timeout()).min()
     }
 
     pub fn handle_timeout(&mut self, now: Time) {
         self.link.handle_timeout(now);
+        self.nudge_transition(now);
         let expired: Vec<u64> = self
             .queries
             .iter()

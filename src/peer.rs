@@ -117,6 +117,8 @@ pub struct Peer {
     /// Recent store acks, (sender, seq) → new rows, to repeat them exactly for duplicates.
     store_acks: VecDeque<((u64, u64), u32)>,
     done_reported: Option<u64>,
+    /// Rows handed over since the current view arrived, for the hand-off report.
+    handed_this_epoch: u64,
     leaving: bool,
     events: VecDeque<PeerEvent>,
     exited: bool,
@@ -139,6 +141,7 @@ impl Peer {
             handoff_retry_at: None,
             store_acks: VecDeque::new(),
             done_reported: None,
+            handed_this_epoch: 0,
             leaving: false,
             events: VecDeque::new(),
             exited: false,
@@ -317,9 +320,16 @@ impl Peer {
     }
 
     fn on_ring(&mut self, now: Time, view: RingView, trace: Option<TraceContext>) {
-        if self.ring.as_ref().is_some_and(|r| r.epoch >= view.epoch) {
+        let current = self.ring.as_ref().map(|r| r.epoch);
+        if current == Some(view.epoch) {
+            // The manager asks again: our report may have been lost. Repeat it if we are done.
+            self.done_reported = None;
+            return self.report_if_settled(now);
+        }
+        if current.is_some_and(|e| e > view.epoch) {
             return; // reordered: an older view never replaces a newer one
         }
+        self.handed_this_epoch = 0;
         let next = self
             .id
             .and_then(|id| view.next_of(id))
@@ -504,7 +514,7 @@ impl Peer {
         self.done_reported = Some(epoch);
         let body = Body::RebalanceDone {
             epoch,
-            records: self.store.row_count(),
+            handed_over: self.handed_this_epoch,
         };
         let manager = self.cfg.manager;
         self.send(
@@ -656,6 +666,7 @@ impl Peer {
                 } => {
                     if let Some(b) = self.in_flight.remove(&batch) {
                         let n = b.rows.len();
+                        self.handed_this_epoch += n as u64;
                         for (key, row) in b.rows {
                             self.in_flight_keys.remove(&key);
                             self.store.remove_rows(key, std::slice::from_ref(&row));

@@ -334,6 +334,23 @@ impl Sim {
         }
     }
 
+    /// A peer process killed without notice: it stops, and what it had sent but not yet
+    /// delivered is lost with it.
+    pub fn crash(&mut self, name: &str) {
+        if let Some(p) = self.peers.iter_mut().find(|p| p.peer.name() == name) {
+            p.exit = Some((137, "killed".into()));
+            let addr = p.addr;
+            while p.peer.poll_transmit().is_some() {}
+            self.network.retain(|d| d.from != addr);
+        }
+    }
+
+    /// Loses the datagrams in flight for which `lose` holds.
+    pub fn lose_in_flight(&mut self, mut lose: impl FnMut(SocketAddr, &Envelope) -> bool) {
+        self.network
+            .retain(|d| Envelope::decode(&d.bytes).map_or(true, |env| !lose(d.from, &env)));
+    }
+
     /// The peer's whole state, for assertions: rows by key.
     pub fn holdings(&self) -> BTreeMap<String, u64> {
         self.peers
@@ -573,10 +590,17 @@ mod tests {
                 name: leaver.name.clone(),
             })
             .expect("leave");
-        let ReplyBody::Leave { id, .. } = reply else {
+        let ReplyBody::Leave {
+            id, handed_over, ..
+        } = reply
+        else {
             panic!("{reply:?}")
         };
         assert_eq!(id, leaver.id);
+        assert_eq!(
+            handed_over, before[&leaver.name],
+            "the reply counts the rows handed over"
+        );
         sim.settle();
         assert_eq!(
             sim.peer_named(&leaver.name)
@@ -836,5 +860,51 @@ mod tests {
             "{reply:?}"
         );
         assert!(sim.manager.poll_transmit().is_none());
+    }
+
+    /// A member that took the new view and then died before reporting its hand-off must not
+    /// stall membership changes forever: the manager asks again, the send gives up, and the
+    /// change completes.
+    #[test]
+    fn a_member_dying_mid_change_does_not_stall_the_ring() {
+        let mut sim = cluster(31, Faults::none(), 4, PlacementKind::Consistent);
+        setup_and_distribute(&mut sim);
+        sim.add_peer("joiner");
+        let victim = "peer-0";
+        let victim_addr = sim.peer_named(victim).unwrap().addr;
+        let reporting = |s: &Sim| {
+            s.network.iter().any(|d| {
+                d.from == victim_addr
+                    && Envelope::decode(&d.bytes)
+                        .is_ok_and(|e| matches!(e.body, Body::RebalanceDone { .. }))
+            })
+        };
+        assert!(
+            sim.run_until(Duration::from_secs(10), reporting),
+            "the victim never reported"
+        );
+        // Its ack of the view arrived; its hand-off report is lost as it dies.
+        let mut lost = 0;
+        sim.lose_in_flight(|from, env| {
+            let hit = from == victim_addr && matches!(env.body, Body::RebalanceDone { .. });
+            lost += usize::from(hit);
+            hit
+        });
+        assert_eq!(lost, 1, "the report should have been in flight");
+        if let Some(p) = sim.peers.iter_mut().find(|p| p.peer.name() == victim) {
+            p.exit = Some((137, "killed".into()));
+        }
+        sim.settle();
+        let ring = sim.manager.ring().unwrap();
+        assert!(ring.settled, "the join never completed");
+        assert_eq!(ring.members.len(), 5);
+        // The ring works again: a later leave completes too.
+        sim.terminate("peer-1");
+        sim.settle();
+        assert_eq!(
+            sim.peer_named("peer-1").unwrap().exit.as_ref().map(|e| e.0),
+            Some(0)
+        );
+        assert!(sim.manager.ring().unwrap().settled);
     }
 }

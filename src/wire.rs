@@ -74,8 +74,9 @@ pub enum Body {
     Refused { reason: String },
     /// manager → peers: the ring as of `epoch`.
     Ring(RingView),
-    /// peer → manager: every record I no longer own under `epoch` has been handed over.
-    RebalanceDone { epoch: u64, records: u64 },
+    /// peer → manager: every record I no longer own under `epoch` has been handed over
+    /// (`handed_over` rows since that view arrived).
+    RebalanceDone { epoch: u64, handed_over: u64 },
     /// peer → manager: I want to leave the ring (SIGTERM). The manager answers with a ring that
     /// marks the peer as leaving, then with [`Body::Exit`] once its records are handed over.
     LeaveRequest,
