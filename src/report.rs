@@ -27,7 +27,7 @@ pub fn status_text(s: &StatusReport) -> String {
     );
     let _ = writeln!(
         out,
-        "Status=Up/Down/Joining/Leaving, State=Normal/Registered"
+        "UN = up, UL = leaving (handing over), UR = registered (not in the ring yet), DN = unreachable"
     );
     let _ = writeln!(
         out,

@@ -460,3 +460,43 @@ fn details_and_gzipped_locations_share_keys_and_bad_rows_are_reported() {
     assert_eq!(cluster.verify(&locations_path)["found"], 2);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The main job: `stormd demo` runs a whole cluster on loopback and exits 0.
+#[test]
+fn the_demo_runs_end_to_end() {
+    let mut child = std::process::Command::new(STORMD)
+        .arg("demo")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("STORM_LISTEN", "127.0.0.1:0")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the demo did not finish in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "== setup",
+        "read 300, stored 300",
+        "path ",
+        "left",
+        "300 found, 0 missing",
+        "demo finished",
+    ] {
+        assert!(text.contains(expected), "missing '{expected}' in:\n{text}");
+    }
+}

@@ -149,7 +149,11 @@ async fn daemon(cfg: Config) -> u8 {
     code
 }
 
-async fn demo(cfg: Config, peers: usize, file: Option<String>) -> u8 {
+async fn demo(mut cfg: Config, peers: usize, file: Option<String>) -> u8 {
+    // The demo narrates on stdout; the six nodes' info logs would drown it.
+    if cfg.telemetry.log == Config::default().telemetry.log {
+        cfg.telemetry.log = "warn".into();
+    }
     let telemetry = match telemetry::init(&cfg.telemetry, "stormd-demo", "demo") {
         Ok(t) => t,
         Err(e) => {
@@ -282,7 +286,11 @@ async fn run_demo(cfg: &Config, peers: usize, file: Option<String>) -> Result<()
         .map(|p| p.name.clone())
         .ok_or("no peer to leave")?;
     println!("\n== leave {leaver}");
-    if let ReplyBody::Leave { id, name, .. } = call(
+    if let ReplyBody::Leave {
+        id,
+        name,
+        handed_over,
+    } = call(
         &mut client,
         ClientRequest::Leave {
             name: leaver.clone(),
@@ -290,7 +298,7 @@ async fn run_demo(cfg: &Config, peers: usize, file: Option<String>) -> Result<()
     )
     .await?
     {
-        println!("peer {id} ({name}) left; its records went to its successor");
+        println!("peer {id} ({name}) left; its {handed_over} records went to its successor");
     }
     // The leaver's task ends on its own once it has handed over.
     if let Some(exit) = cluster.terminate(&leaver).await {
