@@ -140,6 +140,10 @@ struct Transition {
     nudge_at: Time,
 }
 
+/// Queries the manager follows at once; beyond it clients are told to retry, so a flood of
+/// requests cannot grow its memory without bound.
+const MAX_QUERIES_IN_FLIGHT: usize = 16_384;
+
 /// How long a membership change waits for hand-off reports before asking again.
 const TRANSITION_NUDGE: Duration = Duration::from_secs(3);
 
@@ -881,6 +885,10 @@ impl Manager {
         let Some(ring) = self.ring.as_ref() else {
             return self.reply(now, &call, Err("no ring yet: run setup first".into()));
         };
+        if self.queries.len() >= MAX_QUERIES_IN_FLIGHT {
+            let reason = format!("busy: {MAX_QUERIES_IN_FLIGHT} queries are in flight; try again");
+            return self.reply(now, &call, Err(reason));
+        }
         let entry = match via {
             Some(v) => match ring
                 .members
