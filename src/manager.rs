@@ -134,6 +134,8 @@ struct Transition {
     epoch: u64,
     change: Change,
     waiting: BTreeSet<PeerId>,
+    /// Members given up on: they never confirmed their hand-off.
+    unreachable: BTreeSet<PeerId>,
     handed_over: u64,
     /// When the view is sent again to members that have not reported (a member that cannot
     /// be reached then gives up and is no longer waited for).
@@ -537,6 +539,7 @@ impl Manager {
                 epoch: view.epoch,
                 change,
                 waiting,
+                unreachable: BTreeSet::new(),
                 handed_over: 0,
                 nudge_at: now + TRANSITION_NUDGE,
             });
@@ -615,12 +618,19 @@ impl Manager {
                     name: p.name.clone(),
                 });
                 if let Some(call) = call {
-                    let body = ReplyBody::Leave {
-                        id: *id,
-                        name: p.name,
-                        handed_over: t.handed_over,
+                    let result = if t.unreachable.contains(id) {
+                        Err(format!(
+                            "peer {id} ({}) did not answer; it was removed from the ring, and the records it held are lost",
+                            p.name
+                        ))
+                    } else {
+                        Ok(ReplyBody::Leave {
+                            id: *id,
+                            name: p.name,
+                            handed_over: t.handed_over,
+                        })
                     };
-                    self.reply(now, call, Ok(body));
+                    self.reply(now, call, result);
                 }
             }
         }
@@ -1241,9 +1251,11 @@ impl Manager {
                 if what == "ring"
                     && let Some(t) = self.transition.as_mut()
                     && t.waiting.remove(&peer)
-                    && t.waiting.is_empty()
                 {
-                    self.finish_transition(now);
+                    t.unreachable.insert(peer);
+                    if t.waiting.is_empty() {
+                        self.finish_transition(now);
+                    }
                 }
             }
             ManagerTag::Reply => {

@@ -907,4 +907,23 @@ mod tests {
         );
         assert!(sim.manager.ring().unwrap().settled);
     }
+
+    /// `leave` of a peer that died without notice: the ring is rebuilt without it, and the
+    /// client is told plainly that its records are lost (there is no replication yet).
+    #[test]
+    fn leaving_a_dead_peer_says_its_records_are_lost() {
+        let mut sim = cluster(32, Faults::none(), 4, PlacementKind::Consistent);
+        setup_and_distribute(&mut sim);
+        sim.crash("peer-2");
+        let e = sim
+            .request(ClientRequest::Leave {
+                name: "peer-2".into(),
+            })
+            .unwrap_err();
+        assert!(e.contains("did not answer") && e.contains("lost"), "{e}");
+        sim.settle();
+        let ring = sim.manager.ring().unwrap();
+        assert_eq!(ring.members.len(), 3);
+        assert!(ring.settled);
+    }
 }
