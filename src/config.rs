@@ -77,6 +77,18 @@ pub struct Config {
     pub probe_timeout_ms: u64,
     pub retry: RetryConfig,
     pub telemetry: TelemetryConfig,
+    pub chaos: ChaosConfig,
+}
+
+/// Fault injection for testing: this process drops or duplicates a fraction of the datagrams
+/// it sends, as a lossy network would. Off (0) by default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChaosConfig {
+    /// Fraction of outgoing datagrams dropped (0 to 0.5).
+    pub loss: f64,
+    /// Fraction of outgoing datagrams sent twice (0 to 0.5).
+    pub duplicate: f64,
 }
 
 impl Default for Config {
@@ -103,6 +115,10 @@ impl Default for Config {
                 service_name: String::new(),
                 jaeger_ui: String::new(),
                 log: "info".into(),
+            },
+            chaos: ChaosConfig {
+                loss: 0.0,
+                duplicate: 0.0,
             },
         }
     }
@@ -219,6 +235,17 @@ impl Config {
         }
         if self.query_timeout_ms == 0 || self.probe_timeout_ms == 0 {
             return Err(bad("query_timeout_ms", "timeouts must be positive".into()));
+        }
+        for (key, value) in [
+            ("chaos.loss", self.chaos.loss),
+            ("chaos.duplicate", self.chaos.duplicate),
+        ] {
+            if !(0.0..=0.5).contains(&value) {
+                return Err(bad(
+                    key,
+                    format!("{value} is not a fraction between 0 and 0.5"),
+                ));
+            }
         }
         let endpoint = &self.telemetry.otlp_endpoint;
         if !endpoint.is_empty()

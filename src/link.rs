@@ -260,6 +260,15 @@ impl<T> Link<T> {
         self.send_unsequenced(dest, Body::Ack { seq, new_rows });
     }
 
+    /// True if `envelope` is a sequenced message already handled (without recording anything).
+    pub fn is_duplicate(&self, envelope: &Envelope) -> bool {
+        envelope.body.is_sequenced()
+            && self
+                .seen
+                .get(&envelope.from)
+                .is_some_and(|w| envelope.seq <= w.floor || w.above.contains(&envelope.seq))
+    }
+
     fn mark_seen(&mut self, now: Time, sender: u64, seq: u64) -> bool {
         if !self.seen.contains_key(&sender) && self.seen.len() >= SENDERS_LIMIT {
             // Forget the sender heard from least recently; its retransmissions are long over.

@@ -54,7 +54,7 @@ pub struct ClientCall {
 pub enum ManagerTag {
     ToPeer(PeerId, &'static str),
     Batch { job: u64, peer: PeerId, rows: u32 },
-    Find { query: u64 },
+    Find { query: u64, entry: PeerId },
     Exit { peer: PeerId },
     Reply,
 }
@@ -164,6 +164,8 @@ struct PendingQuery {
     key: RecordKey,
     sent: Time,
     deadline: Time,
+    /// Entry peers that refused the query or did not acknowledge it.
+    tried: Vec<PeerId>,
 }
 
 struct StatusGather {
@@ -197,6 +199,8 @@ pub struct Manager {
     probes: HashMap<u64, StatusGather>,
     next_probe: u64,
     teardown: Option<TeardownJob>,
+    /// `setup` calls waiting for every member to acknowledge the ring.
+    setups: Vec<ClientCall>,
     events: VecDeque<ManagerEvent>,
 }
 
@@ -219,6 +223,7 @@ impl Manager {
             probes: HashMap::new(),
             next_probe: 1,
             teardown: None,
+            setups: Vec::new(),
             events: VecDeque::new(),
         }
     }
@@ -461,7 +466,22 @@ impl Manager {
             };
             self.publish(now, view, call.trace.clone());
         }
-        self.start_status(now, call, true);
+        // Answer once every member holds the ring, so that the first query after `setup`
+        // cannot enter at a peer that does not know it yet.
+        self.setups.push(call);
+        self.release_setups(now);
+    }
+
+    fn release_setups(&mut self, now: Time) {
+        let delivering = self
+            .link
+            .has_pending_where(|t| matches!(t, ManagerTag::ToPeer(_, "ring")));
+        if delivering || self.setups.is_empty() {
+            return;
+        }
+        for call in std::mem::take(&mut self.setups) {
+            self.start_status(now, call, true);
+        }
     }
 
     /// Makes `view` current and sends it to every member.
@@ -916,7 +936,6 @@ impl Manager {
         let query = self.next_query;
         self.next_query += 1;
         let deadline = now + self.cfg.query_timeout;
-        let trace = call.trace.clone();
         self.queries.insert(
             query,
             PendingQuery {
@@ -924,26 +943,58 @@ impl Manager {
                 key,
                 sent: now,
                 deadline,
+                tried: Vec::new(),
             },
         );
+        self.send_find(now, query, entry.id, entry.addr);
+    }
+
+    fn send_find(&mut self, now: Time, query: u64, entry: PeerId, entry_addr: SocketAddr) {
+        let Some(q) = self.queries.get(&query) else {
+            return;
+        };
+        let (key, trace) = (q.key, q.call.trace.clone());
         self.events.push_back(ManagerEvent::QueryDispatched {
             query,
             key,
-            entry: entry.id,
-            entry_addr: entry.addr,
+            entry,
+            entry_addr,
         });
         let find = FindEvent {
             query,
             key,
             path: Vec::new(),
         };
-        self.send(
-            now,
-            entry.addr,
-            Body::Find(find),
-            trace,
-            ManagerTag::Find { query },
-        );
+        let tag = ManagerTag::Find { query, entry };
+        self.send(now, entry_addr, Body::Find(find), trace, tag);
+    }
+
+    /// The entry peer refused the query (not in the ring yet) or did not acknowledge it: enter
+    /// the ring somewhere else, until every member has been tried.
+    fn retry_find(&mut self, now: Time, query: u64, failed: PeerId, why: String) {
+        let Some(q) = self.queries.get_mut(&query) else {
+            return;
+        };
+        q.tried.push(failed);
+        let tried = q.tried.clone();
+        let next = self
+            .ring
+            .as_ref()
+            .and_then(|r| r.members.iter().find(|m| !tried.contains(&m.id)))
+            .map(|m| (m.id, m.addr));
+        match next {
+            Some((id, addr)) => self.send_find(now, query, id, addr),
+            None => {
+                if let Some(q) = self.queries.remove(&query) {
+                    let reason = format!("no peer in the ring could take the query (last: {why})");
+                    self.events.push_back(ManagerEvent::QueryFailed {
+                        query,
+                        reason: reason.clone(),
+                    });
+                    self.reply(now, &q.call, Err(reason));
+                }
+            }
+        }
     }
 
     fn on_found(&mut self, now: Time, result: FindResult) {
@@ -1085,6 +1136,9 @@ impl Manager {
         if let Some(job) = self.job.take() {
             self.reply(now, &job.call, Err("the cluster was torn down".into()));
         }
+        for call in std::mem::take(&mut self.setups) {
+            self.reply(now, &call, Err("the cluster was torn down".into()));
+        }
         for (_, q) in std::mem::take(&mut self.queries) {
             self.reply(now, &q.call, Err("the cluster was torn down".into()));
         }
@@ -1204,10 +1258,19 @@ impl Manager {
                 Outcome::Rejected { tag, reason } => {
                     self.events
                         .push_back(ManagerEvent::Warning(format!("{tag:?} rejected: {reason}")));
-                    if let ManagerTag::Batch { job, peer, .. } = tag
-                        && self.job.as_ref().is_some_and(|j| j.id == job)
-                    {
-                        self.finish_job(now, Err(format!("peer {peer} refused a batch: {reason}")));
+                    match tag {
+                        ManagerTag::Batch { job, peer, .. }
+                            if self.job.as_ref().is_some_and(|j| j.id == job) =>
+                        {
+                            self.finish_job(
+                                now,
+                                Err(format!("peer {peer} refused a batch: {reason}")),
+                            );
+                        }
+                        ManagerTag::Find { query, entry } => {
+                            self.retry_find(now, query, entry, reason)
+                        }
+                        _ => {}
                     }
                 }
                 Outcome::GaveUp {
@@ -1217,6 +1280,7 @@ impl Manager {
                 } => self.gave_up(now, tag, dest, attempts),
             }
         }
+        self.release_setups(now);
     }
 
     fn gave_up(&mut self, now: Time, tag: ManagerTag, dest: SocketAddr, attempts: u32) {
@@ -1227,15 +1291,8 @@ impl Manager {
                     self.finish_job(now, Err(format!("peer {peer} at {silent}")));
                 }
             }
-            ManagerTag::Find { query } => {
-                if let Some(q) = self.queries.remove(&query) {
-                    let reason = format!("the entry peer at {silent}");
-                    self.events.push_back(ManagerEvent::QueryFailed {
-                        query,
-                        reason: reason.clone(),
-                    });
-                    self.reply(now, &q.call, Err(reason));
-                }
+            ManagerTag::Find { query, entry } => {
+                self.retry_find(now, query, entry, format!("the entry peer at {silent}"))
             }
             ManagerTag::Exit { peer } => {
                 self.events.push_back(ManagerEvent::Warning(format!(

@@ -1,7 +1,7 @@
 //! The tokio drivers: they own the UDP socket, the clock and the CSV files, feed the sans-IO
 //! state machines, and open and close the OpenTelemetry spans around what the machines report.
 
-use crate::config::{Config, resolve};
+use crate::config::{ChaosConfig, Config, resolve};
 use crate::link::Time;
 use crate::manager::{Manager, ManagerEvent};
 use crate::peer::{Peer, PeerConfig, PeerEvent};
@@ -96,15 +96,27 @@ struct Io {
     start: Instant,
     buf: Vec<u8>,
     bad: BadDatagrams,
+    chaos: ChaosConfig,
+    /// Only drawn from when chaos is on.
+    rng: rand::rngs::SmallRng,
 }
 
 impl Io {
-    fn new(socket: UdpSocket) -> Self {
+    fn new(socket: UdpSocket, chaos: &ChaosConfig) -> Self {
+        if chaos.loss > 0.0 || chaos.duplicate > 0.0 {
+            warn!(
+                loss = chaos.loss,
+                duplicate = chaos.duplicate,
+                "chaos: dropping and duplicating outgoing datagrams"
+            );
+        }
         Io {
             socket,
             start: Instant::now(),
             buf: vec![0; 65_536],
             bad: BadDatagrams::default(),
+            chaos: chaos.clone(),
+            rng: rand::SeedableRng::from_os_rng(),
         }
     }
 
@@ -116,10 +128,22 @@ impl Io {
         at.map(|t| tokio::time::Instant::from_std(self.start + t))
     }
 
-    async fn send(&self, dest: SocketAddr, bytes: &[u8]) {
-        if let Err(e) = self.socket.send_to(bytes, dest).await {
-            // Loss is handled by retransmission; a send error is just another loss.
-            warn!(%dest, "send failed: {e}");
+    async fn send(&mut self, dest: SocketAddr, bytes: &[u8]) {
+        let mut copies = 1;
+        if self.chaos.loss > 0.0 || self.chaos.duplicate > 0.0 {
+            use rand::Rng;
+            if self.rng.random_bool(self.chaos.loss) {
+                return;
+            }
+            if self.rng.random_bool(self.chaos.duplicate) {
+                copies = 2;
+            }
+        }
+        for _ in 0..copies {
+            if let Err(e) = self.socket.send_to(bytes, dest).await {
+                // Loss is handled by retransmission; a send error is just another loss.
+                warn!(%dest, "send failed: {e}");
+            }
         }
     }
 
@@ -173,7 +197,7 @@ pub async fn run_manager(
     })?;
     let incarnation: u64 = rand::random();
     let mut core = Manager::new(cfg.manager_config(), incarnation);
-    let mut io = Io::new(socket);
+    let mut io = Io::new(socket, &cfg.chaos);
     info!(%local, placement = ?cfg.placement, "manager listening");
     if let Some(tx) = ready {
         let _ = tx.send(local);
@@ -365,7 +389,7 @@ pub async fn run_peer(
     let manager = resolve_with_retry(&cfg.manager, &mut shutdown).await?;
     let name = cfg.peer_name();
     let incarnation: u64 = rand::random();
-    let mut io = Io::new(socket);
+    let mut io = Io::new(socket, &cfg.chaos);
     let peer_cfg = PeerConfig {
         name: name.clone(),
         manager,
@@ -379,19 +403,27 @@ pub async fn run_peer(
         let _ = tx.send(local);
     }
     let mut shutdown_seen = false;
+    let mut exiting: Option<(PeerExit, tokio::time::Instant)> = None;
     loop {
         while let Some(t) = core.poll_transmit() {
             io.send(t.dest, &t.bytes).await;
         }
         while let Some(ev) = core.poll_event() {
             if let PeerEvent::Exit { code, reason } = ev {
-                // Acks already flushed above; the exit is clean.
                 info!(code, %reason, "peer exiting");
-                return Ok(PeerExit { code, reason });
+                // Linger a moment: if our ack of the Exit is lost, the retransmission gets
+                // acknowledged again instead of leaving the manager waiting for a dead peer.
+                let linger = tokio::time::Instant::now() + EXIT_LINGER;
+                exiting = Some((PeerExit { code, reason }, linger));
+            } else {
+                log_peer_event(&ev);
             }
-            log_peer_event(&ev);
         }
-        let wake = io.deadline(core.poll_timeout());
+        let wake = match &exiting {
+            Some((exit, at)) if tokio::time::Instant::now() >= *at => return Ok(exit.clone()),
+            Some((_, at)) => Some(*at),
+            None => io.deadline(core.poll_timeout()),
+        };
         tokio::select! {
             r = io.socket.recv_from(&mut io.buf) => {
                 let Ok(first) = r else { continue };
@@ -410,6 +442,9 @@ pub async fn run_peer(
         }
     }
 }
+
+/// How long an exiting peer keeps acknowledging repeated messages (a lost ack of its Exit).
+const EXIT_LINGER: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// In compose the manager's name may not resolve for a moment after start.
 async fn resolve_with_retry(addr: &str, shutdown: &mut Shutdown) -> Result<SocketAddr, NodeError> {

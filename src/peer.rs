@@ -213,6 +213,11 @@ impl Peer {
         trace: Option<TraceContext>,
     ) {
         if self.exited {
+            // Gone, but a repeat of something already handled (the Exit whose ack was lost)
+            // is acknowledged again. Nothing new is accepted.
+            if self.link.is_duplicate(&env) {
+                self.link.ack(from, env.seq, None);
+            }
             return;
         }
         // Refuse what a peer never handles before acknowledging it, so the sender sees the
@@ -278,6 +283,11 @@ impl Peer {
     /// Why a peer will never handle `body`, if it will not.
     fn refusal(&self, body: &Body) -> Option<String> {
         match body {
+            // Without a ring view this peer cannot tell owner from walker: let the sender
+            // enter the ring elsewhere rather than hear a false "not found".
+            Body::Find(_) if !self.in_ring() => {
+                Some(format!("peer {} is not in the ring yet", self.cfg.name))
+            }
             Body::Request(r) => Some(format!(
                 "'{}' is a client command: send it to the manager, not to peer {}",
                 r.kind(),
@@ -290,6 +300,13 @@ impl Peer {
             | Body::Found(_)
             | Body::Reply(_) => Some(format!("a peer does not handle '{}' messages", body.kind())),
             _ => None,
+        }
+    }
+
+    fn in_ring(&self) -> bool {
+        match (&self.ring, self.id) {
+            (Some(ring), Some(id)) => ring.member(id).is_some(),
+            _ => false,
         }
     }
 
@@ -683,6 +700,18 @@ impl Peer {
                     ..
                 } => {}
                 Outcome::Acked { .. } => {}
+                Outcome::Rejected {
+                    tag: PeerTag::Forward { find, skipped },
+                    reason,
+                } => {
+                    // The next peer cannot walk (not in the ring yet): route around it.
+                    let hop = find.path.len().saturating_sub(1) as u32;
+                    self.events.push_back(PeerEvent::Warning(format!(
+                        "next peer refused query {}: {reason}; routing around it",
+                        find.query
+                    )));
+                    self.forward(now, find, skipped + 1, None, hop);
+                }
                 Outcome::Rejected { tag, reason } => {
                     if let PeerTag::HandOff { batch } = tag {
                         self.fail_batch(now, batch);

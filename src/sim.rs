@@ -926,4 +926,40 @@ mod tests {
         assert_eq!(ring.members.len(), 3);
         assert!(ring.settled);
     }
+
+    /// A joiner the manager already counts in the ring, but which has not received the ring
+    /// yet, refuses a query instead of answering a false "not found"; the manager enters the
+    /// ring elsewhere.
+    #[test]
+    fn a_peer_without_the_ring_refuses_and_the_query_enters_elsewhere() {
+        let mut sim = cluster(33, Faults::none(), 4, PlacementKind::Consistent);
+        setup_and_distribute(&mut sim);
+        let i = sim.add_peer("late");
+        let late = sim.peers[i].addr;
+        let is_ring_for_late =
+            |to: SocketAddr, env: &Envelope| to == late && matches!(env.body, Body::Ring(_));
+        // Let it register and the join begin, but keep the ring from reaching it.
+        while !sim
+            .manager
+            .ring()
+            .is_some_and(|r| r.members.iter().any(|m| m.name == "late"))
+        {
+            assert!(sim.step());
+            sim.network.retain(|d| {
+                Envelope::decode(&d.bytes).map_or(true, |e| !is_ring_for_late(d.to, &e))
+            });
+        }
+        sim.network
+            .retain(|d| Envelope::decode(&d.bytes).map_or(true, |e| !is_ring_for_late(d.to, &e)));
+        assert!(sim.peers[i].peer.ring().is_none());
+        let key = sim.files["default.csv"].rows[0].key;
+        let q = query(&mut sim, key, Some("late"));
+        assert!(q.found, "{q:?}");
+        let late_id = sim.peers[i].peer.id().unwrap();
+        assert_ne!(
+            q.path.first(),
+            Some(&late_id),
+            "the query should have entered elsewhere"
+        );
+    }
 }

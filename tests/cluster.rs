@@ -500,3 +500,45 @@ fn the_demo_runs_end_to_end() {
         assert!(text.contains(expected), "missing '{expected}' in:\n{text}");
     }
 }
+
+/// Real processes on a bad network: every process drops 10% and duplicates 10% of what it
+/// sends. Distribute, a leave and a join still lose nothing and store nothing twice.
+#[test]
+fn a_lossy_duplicating_network_loses_nothing() {
+    let file = shared_data("details-1950.csv");
+    let chaos = [
+        ("STORM_CHAOS__LOSS", "0.1".to_string()),
+        ("STORM_CHAOS__DUPLICATE", "0.1".to_string()),
+    ];
+    let mut cluster = Cluster::start_with(4, &chaos);
+    cluster.ctl_json(&["setup"]);
+    let d = cluster.ctl_json(&["distribute", "--file", file.to_str().unwrap()]);
+    assert_eq!(
+        (d["stored"].as_u64(), d["new_rows"].as_u64()),
+        (Some(223), Some(223)),
+        "{d}"
+    );
+    assert_eq!(cluster.verify(&file)["found"], 223);
+    cluster.ctl_json(&["leave", "peer-1"]);
+    assert_eq!(
+        cluster
+            .peer("peer-1")
+            .wait(Duration::from_secs(30))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+    cluster.add_peer("late");
+    cluster.wait_for_peers(4);
+    let s = cluster.wait_settled();
+    assert_eq!(records_total(&s), 223, "{s}");
+    assert_eq!(cluster.verify(&file)["found"], 223);
+    cluster.ctl_json(&["teardown"]);
+    for p in cluster.peers.iter_mut().filter(|p| p.name != "peer-1") {
+        assert_eq!(
+            p.wait(Duration::from_secs(30)).and_then(|s| s.code()),
+            Some(0),
+            "{}",
+            p.name
+        );
+    }
+}
