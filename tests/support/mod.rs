@@ -141,6 +141,9 @@ impl Cluster {
         let mut env = vec![
             ("STORM_ROLE", "manager".to_string()),
             ("STORM_LISTEN", "127.0.0.1:0".to_string()),
+            // A loaded CI machine can be slow to schedule six processes: do not call a peer
+            // unreachable in `status` too early.
+            ("STORM_PROBE_TIMEOUT_MS", "3000".to_string()),
         ];
         env.extend(extra.iter().cloned());
         let manager = Daemon::start("manager", &env);
