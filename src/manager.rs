@@ -142,6 +142,14 @@ struct Transition {
     nudge_at: Time,
 }
 
+/// The keys of the entries whose deadline has passed.
+fn due<V>(map: &HashMap<u64, V>, now: Time, deadline: impl Fn(&V) -> Time) -> Vec<u64> {
+    map.iter()
+        .filter(|(_, v)| deadline(v) <= now)
+        .map(|(k, _)| *k)
+        .collect()
+}
+
 /// Queries the manager follows at once; beyond it clients are told to retry, so a flood of
 /// requests cannot grow its memory without bound.
 const MAX_QUERIES_IN_FLIGHT: usize = 16_384;
@@ -985,15 +993,20 @@ impl Manager {
         match next {
             Some((id, addr)) => self.send_find(now, query, id, addr),
             None => {
-                if let Some(q) = self.queries.remove(&query) {
-                    let reason = format!("no peer in the ring could take the query (last: {why})");
-                    self.events.push_back(ManagerEvent::QueryFailed {
-                        query,
-                        reason: reason.clone(),
-                    });
-                    self.reply(now, &q.call, Err(reason));
-                }
+                let reason = format!("no peer in the ring could take the query (last: {why})");
+                self.fail_query(now, query, reason);
             }
+        }
+    }
+
+    fn fail_query(&mut self, now: Time, query: u64, reason: String) {
+        if let Some(q) = self.queries.remove(&query) {
+            let reason = format!("{reason} (event {})", q.key);
+            self.events.push_back(ManagerEvent::QueryFailed {
+                query,
+                reason: reason.clone(),
+            });
+            self.reply(now, &q.call, Err(reason));
         }
     }
 
@@ -1202,32 +1215,15 @@ impl Manager {
     pub fn handle_timeout(&mut self, now: Time) {
         self.link.handle_timeout(now);
         self.nudge_transition(now);
-        let expired: Vec<u64> = self
-            .queries
-            .iter()
-            .filter(|(_, q)| q.deadline <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in expired {
-            if let Some(q) = self.queries.remove(&id) {
-                let secs = self.cfg.query_timeout.as_secs_f64();
-                self.reply(
-                    now,
-                    &q.call,
-                    Err(format!(
-                        "no answer from the ring within {secs:.1} s for {}",
-                        q.key
-                    )),
-                );
-            }
+        for id in due(&self.queries, now, |q| q.deadline) {
+            let secs = self.cfg.query_timeout.as_secs_f64();
+            self.fail_query(
+                now,
+                id,
+                format!("no answer from the ring within {secs:.1} s"),
+            );
         }
-        let probes: Vec<u64> = self
-            .probes
-            .iter()
-            .filter(|(_, p)| p.deadline <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for probe in probes {
+        for probe in due(&self.probes, now, |p| p.deadline) {
             self.maybe_finish_status(now, probe, true);
         }
         self.drain_outcomes(now);

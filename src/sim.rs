@@ -962,4 +962,26 @@ mod tests {
             "the query should have entered elsewhere"
         );
     }
+
+    /// A query the ring cannot answer ends in an error for the client (and an event for the
+    /// driver, which closes the query's span), never in silence.
+    #[test]
+    fn a_query_into_a_dead_ring_fails_with_a_reason() {
+        let mut sim = cluster(34, Faults::none(), 3, PlacementKind::Consistent);
+        setup_and_distribute(&mut sim);
+        for name in ["peer-0", "peer-1", "peer-2"] {
+            sim.crash(name);
+        }
+        let key = sim.files["default.csv"].rows[0].key;
+        let e = sim
+            .request(ClientRequest::Query { key, via: None })
+            .unwrap_err();
+        assert!(e.contains(&key.to_string()), "{e}");
+        assert!(
+            sim.manager_events
+                .iter()
+                .any(|ev| matches!(ev, ManagerEvent::QueryFailed { .. })),
+            "no QueryFailed event"
+        );
+    }
 }
