@@ -10,7 +10,7 @@
 use crate::link::{Accepted, Link, Outcome, RetryPolicy, Time, Transmit};
 use crate::record::RecordKey;
 use crate::ring::RingExt;
-use crate::store::{Columns, Store, StoredRow, make_batches};
+use crate::store::{Columns, Store, StoredRow, batch_budget, make_batches, row_size};
 use crate::wire::{
     Body, Envelope, FindEvent, FindResult, PeerId, PeerReport, RingView, StoreBatch, TraceContext,
     WireRow,
@@ -467,6 +467,18 @@ impl Peer {
             }
         }
         for ((owner, _), (dest, columns, rows)) in moving {
+            // A row too large for this peer's datagrams (a smaller `max_datagram` than the
+            // manager's) stays here, still found by the walk, rather than being lost.
+            let budget = batch_budget(&columns, self.cfg.max_datagram);
+            let (rows, oversized): (Vec<_>, Vec<_>) = rows
+                .into_iter()
+                .partition(|(_, r)| row_size(&r.values) <= budget);
+            if !oversized.is_empty() {
+                self.events.push_back(PeerEvent::Warning(format!(
+                    "{} rows are too large for one datagram and stay here",
+                    oversized.len()
+                )));
+            }
             for (key, _) in &rows {
                 self.in_flight_keys.insert(*key);
             }
@@ -474,13 +486,7 @@ impl Peer {
                 .iter()
                 .map(|(k, r)| WireRow(*k, r.values.clone()))
                 .collect();
-            let (batches, oversized) = make_batches(epoch, &columns, wire, self.cfg.max_datagram);
-            if !oversized.is_empty() {
-                self.events.push_back(PeerEvent::Warning(format!(
-                    "{} rows are too large for one datagram and stay here",
-                    oversized.len()
-                )));
-            }
+            let (batches, _) = make_batches(epoch, &columns, wire, self.cfg.max_datagram);
             let mut rest = rows.into_iter();
             for batch in batches {
                 let taken: Vec<(RecordKey, StoredRow)> =
