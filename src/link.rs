@@ -7,7 +7,7 @@
 //! [`Link::accept`] acknowledges every sequenced datagram, including duplicates (the earlier
 //! ack may have been lost), but reports only the first copy as new, so handlers run once.
 
-use crate::wire::{Body, Envelope, TraceContext, UNSEQUENCED, WireError};
+use crate::wire::{Body, Counters, Envelope, TraceContext, UNSEQUENCED, WireError};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -132,6 +132,7 @@ pub struct Link<T> {
     seen: HashMap<u64, SeenWindow>,
     outbox: VecDeque<Transmit>,
     outcomes: VecDeque<Outcome<T>>,
+    counters: Counters,
 }
 
 impl<T> Link<T> {
@@ -144,11 +145,21 @@ impl<T> Link<T> {
             seen: HashMap::new(),
             outbox: VecDeque::new(),
             outcomes: VecDeque::new(),
+            counters: Counters::default(),
         }
     }
 
     pub fn incarnation(&self) -> u64 {
         self.incarnation
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// The driver saw a datagram that did not decode.
+    pub fn note_bad_datagram(&mut self) {
+        self.counters.bad_datagrams += 1;
     }
 
     pub fn policy(&self) -> RetryPolicy {
@@ -249,6 +260,7 @@ impl<T> Link<T> {
                 if first {
                     Accepted::New
                 } else {
+                    self.counters.duplicates += 1;
                     Accepted::Duplicate
                 }
             }
@@ -332,6 +344,7 @@ impl<T> Link<T> {
             }
             p.attempts += 1;
             p.due = now + p.policy.delay(p.attempts);
+            self.counters.retransmits += 1;
             self.outbox.push_back(Transmit {
                 dest: p.dest,
                 bytes: p.bytes.clone(),

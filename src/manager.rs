@@ -1130,6 +1130,7 @@ impl Manager {
                     keys: reports.get(id).map(|r| r.keys),
                     token: tokens.get(id).copied(),
                     share: shares.get(id).copied().unwrap_or(0.0),
+                    counters: reports.get(id).map(|r| r.counters),
                 }
             })
             .collect();
@@ -1138,6 +1139,7 @@ impl Manager {
             settled: self.ring.as_ref().is_none_or(|r| r.settled),
             placement: self.ring.as_ref().map(|r| r.placement),
             peers,
+            manager: self.link.counters(),
         }
     }
 
@@ -1331,6 +1333,11 @@ impl Manager {
 
     pub fn poll_event(&mut self) -> Option<ManagerEvent> {
         self.events.pop_front()
+    }
+
+    /// The driver saw a datagram that did not decode.
+    pub fn note_bad_datagram(&mut self) {
+        self.link.note_bad_datagram();
     }
 
     /// Puts events taken with [`Manager::poll_event`] back in front, in order.

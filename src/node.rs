@@ -54,14 +54,23 @@ pub fn bind_udp(listen: &str, buffer: usize) -> Result<UdpSocket, NodeError> {
 
 /// Counts datagrams that did not decode, and logs the first few and then every thousandth.
 #[derive(Default)]
-struct BadDatagrams(u64);
+struct BadDatagrams {
+    total: u64,
+    /// Not yet reported to the protocol core (which shows them in `status`).
+    unreported: u64,
+}
 
 impl BadDatagrams {
     fn record(&mut self, from: SocketAddr, len: usize, err: &WireError) {
-        self.0 += 1;
-        if self.0 <= 10 || self.0.is_multiple_of(1000) {
-            warn!(%from, len, total = self.0, "dropped a datagram: {err}");
+        self.total += 1;
+        self.unreported += 1;
+        if self.total <= 10 || self.total.is_multiple_of(1000) {
+            warn!(%from, len, total = self.total, "dropped a datagram: {err}");
         }
+    }
+
+    fn take_unreported(&mut self) -> u64 {
+        std::mem::take(&mut self.unreported)
     }
 }
 
@@ -217,6 +226,9 @@ pub async fn run_manager(
                 let Ok(first) = r else { continue };
                 for (from, env) in io.burst(first, incarnation).await {
                     manager_receive(&mut core, &mut spans, io.now(), from, env);
+                }
+                for _ in 0..io.bad.take_unreported() {
+                    core.note_bad_datagram();
                 }
             }
             _ = sleep_until(wake) => core.handle_timeout(io.now()),
@@ -429,6 +441,9 @@ pub async fn run_peer(
                 let Ok(first) = r else { continue };
                 for (from, env) in io.burst(first, incarnation).await {
                     peer_receive(&mut core, io.now(), from, env);
+                }
+                for _ in 0..io.bad.take_unreported() {
+                    core.note_bad_datagram();
                 }
             }
             _ = sleep_until(wake) => core.handle_timeout(io.now()),

@@ -264,6 +264,7 @@ impl Peer {
                     keys: self.store.key_count(),
                     epoch: self.ring.as_ref().map_or(0, |r| r.epoch),
                     handing_over: self.handing_over(),
+                    counters: self.link.counters(),
                 };
                 let manager = self.cfg.manager;
                 self.send(
@@ -793,6 +794,11 @@ impl Peer {
         for ev in events.into_iter().rev() {
             self.events.push_front(ev);
         }
+    }
+
+    /// The driver saw a datagram that did not decode.
+    pub fn note_bad_datagram(&mut self) {
+        self.link.note_bad_datagram();
     }
 
     pub fn manager(&self) -> SocketAddr {

@@ -56,7 +56,19 @@ pub fn status_text(s: &StatusReport) -> String {
         );
     }
     let total: u64 = s.peers.iter().filter_map(|p| p.records).sum();
-    let _ = write!(out, "Total records: {total}");
+    let _ = writeln!(out, "Total records: {total}");
+    // Trouble on the network shows here first.
+    let mut sum = s.manager;
+    for c in s.peers.iter().filter_map(|p| p.counters) {
+        sum.retransmits += c.retransmits;
+        sum.bad_datagrams += c.bad_datagrams;
+        sum.duplicates += c.duplicates;
+    }
+    let _ = write!(
+        out,
+        "Datagrams (manager and peers): {} retransmitted, {} duplicates ignored, {} undecodable dropped",
+        sum.retransmits, sum.duplicates, sum.bad_datagrams
+    );
     out
 }
 
@@ -65,6 +77,11 @@ pub fn status_json(s: &StatusReport) -> Value {
         "epoch": s.epoch,
         "settled": s.settled,
         "placement": s.placement,
+        "manager": {
+            "retransmits": s.manager.retransmits,
+            "bad_datagrams": s.manager.bad_datagrams,
+            "duplicates": s.manager.duplicates,
+        },
         "peers": s.peers.iter().map(|p| json!({
             "id": p.id,
             "name": p.name,
@@ -74,6 +91,9 @@ pub fn status_json(s: &StatusReport) -> Value {
             "keys": p.keys,
             "share": p.share,
             "token": p.token.map(|t| t.to_string()),
+            "retransmits": p.counters.map(|c| c.retransmits),
+            "bad_datagrams": p.counters.map(|c| c.bad_datagrams),
+            "duplicates": p.counters.map(|c| c.duplicates),
         })).collect::<Vec<_>>(),
     })
 }

@@ -278,6 +278,19 @@ pub struct PeerReport {
     pub epoch: u64,
     /// Records waiting to be handed over to their owners.
     pub handing_over: u64,
+    #[serde(default)]
+    pub counters: Counters,
+}
+
+/// What a node has had to cope with since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Datagrams sent again because no acknowledgement came in time.
+    pub retransmits: u64,
+    /// Datagrams received that did not decode (counted and dropped).
+    pub bad_datagrams: u64,
+    /// Copies of datagrams already handled (acknowledged again, not handled twice).
+    pub duplicates: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -293,6 +306,9 @@ pub struct PeerStatus {
     pub token: Option<u64>,
     /// The fraction of the key space this peer owns.
     pub share: f64,
+    /// None when the peer did not answer the probe.
+    #[serde(default)]
+    pub counters: Option<Counters>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -301,6 +317,9 @@ pub struct StatusReport {
     pub settled: bool,
     pub placement: Option<Placement>,
     pub peers: Vec<PeerStatus>,
+    /// The manager's own.
+    #[serde(default)]
+    pub manager: Counters,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -341,9 +341,17 @@ fn malformed_datagrams_and_unknown_commands_do_not_stop_the_service() {
         "{reply}"
     );
 
-    // Both still serve.
+    // Both still serve, and both counted what they dropped.
     let s = cluster.status();
     assert_eq!(records_total(&s), 223, "{s}");
+    assert!(s["manager"]["bad_datagrams"].as_u64() >= Some(9), "{s}");
+    let peer0 = s["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "peer-0")
+        .unwrap();
+    assert!(peer0["bad_datagrams"].as_u64() >= Some(9), "{s}");
     let q = cluster.ctl_json(&["query", "10096222", "--via", "peer-0"]);
     assert_eq!(q["found"], true);
 }
@@ -531,6 +539,15 @@ fn a_lossy_duplicating_network_loses_nothing() {
     cluster.wait_for_peers(4);
     let s = cluster.wait_settled();
     assert_eq!(records_total(&s), 223, "{s}");
+    let peers = s["peers"].as_array().unwrap();
+    let sum = |k: &str| {
+        peers.iter().filter_map(|p| p[k].as_u64()).sum::<u64>()
+            + s["manager"][k].as_u64().unwrap_or(0)
+    };
+    assert!(
+        sum("retransmits") > 0 && sum("duplicates") > 0,
+        "the chaos should show: {s}"
+    );
     assert_eq!(cluster.verify(&file)["found"], 223);
     cluster.ctl_json(&["teardown"]);
     for p in cluster.peers.iter_mut().filter(|p| p.name != "peer-1") {
