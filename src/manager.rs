@@ -372,28 +372,20 @@ impl Manager {
                 ManagerTag::ToPeer(id, "registered"),
             );
         }
-        if name.trim().is_empty() {
-            let reason = "a peer name must not be empty".to_string();
-            return self.send(
-                now,
-                addr,
-                Body::Refused { reason },
-                None,
-                ManagerTag::ToPeer(0, "refused"),
-            );
-        }
-        if let Some((id, p)) = self.peers.iter().find(|(_, p)| p.name == name) {
-            let reason = format!("the name '{name}' is taken by peer {id} at {}", p.addr);
+        let refusal = if name.trim().is_empty() {
+            Some("a peer name must not be empty".to_string())
+        } else {
+            self.peers
+                .iter()
+                .find(|(_, p)| p.name == name)
+                .map(|(id, p)| format!("the name '{name}' is taken by peer {id} at {}", p.addr))
+        };
+        if let Some(reason) = refusal {
             self.events.push_back(ManagerEvent::Warning(format!(
                 "refused registration from {addr}: {reason}"
             )));
-            return self.send(
-                now,
-                addr,
-                Body::Refused { reason },
-                None,
-                ManagerTag::ToPeer(0, "refused"),
-            );
+            let tag = ManagerTag::ToPeer(0, "refused");
+            return self.send(now, addr, Body::Refused { reason }, None, tag);
         }
         let id = self.next_id;
         self.next_id += 1;
