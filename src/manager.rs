@@ -473,9 +473,13 @@ impl Manager {
     }
 
     fn release_setups(&mut self, now: Time) {
-        let delivering = self
-            .link
-            .has_pending_where(|t| matches!(t, ManagerTag::ToPeer(_, "ring")));
+        // Every member must know the ring and its own id before the first query walks it.
+        let delivering = self.link.has_pending_where(|t| {
+            matches!(
+                t,
+                ManagerTag::ToPeer(_, "ring") | ManagerTag::ToPeer(_, "registered")
+            )
+        });
         if delivering || self.setups.is_empty() {
             return;
         }

@@ -347,6 +347,13 @@ impl Peer {
         if current.is_some_and(|e| e > view.epoch) {
             return; // reordered: an older view never replaces a newer one
         }
+        // The ring can overtake a lost `Registered`: names are unique, so it tells us our id.
+        if self.id.is_none()
+            && let Some(me) = view.members.iter().find(|m| m.name == self.cfg.name)
+        {
+            self.id = Some(me.id);
+            self.events.push_back(PeerEvent::Registered { id: me.id });
+        }
         self.handed_this_epoch = 0;
         let next = self
             .id

@@ -984,4 +984,27 @@ mod tests {
             "no QueryFailed event"
         );
     }
+
+    /// The ring can reach a peer before its lost `Registered` does: the peer takes its id from
+    /// the ring, and `setup` answers only once every member knows both.
+    #[test]
+    fn a_lost_registration_answer_does_not_break_the_first_queries() {
+        let mut sim = Sim::new(35, Faults::none(), PlacementKind::Consistent);
+        for i in 0..4 {
+            sim.add_peer(&format!("peer-{i}"));
+        }
+        sim.files.insert("default.csv".into(), dataset(200));
+        // Lose the first `Registered` in flight.
+        let mut lost = false;
+        sim.run_until(Duration::from_secs(5), |s| s.manager.peer_count() == 4);
+        sim.lose_in_flight(|_, env| {
+            let hit = !lost && matches!(env.body, Body::Registered { .. });
+            lost |= hit;
+            hit
+        });
+        assert!(lost, "no Registered was in flight");
+        setup_and_distribute(&mut sim);
+        assert_all_found(&mut sim);
+        assert!(sim.peers.iter().all(|p| p.peer.id().is_some()));
+    }
 }
