@@ -1132,7 +1132,12 @@ impl Manager {
             .collect();
         StatusReport {
             epoch: self.ring.as_ref().map_or(self.last_epoch, |r| r.epoch),
-            settled: self.ring.as_ref().is_none_or(|r| r.settled),
+            // Counts are sampled when each peer answers: they describe a settled ring only if
+            // every answer was given under the current, settled view.
+            settled: self
+                .ring
+                .as_ref()
+                .is_none_or(|r| r.settled && reports.values().all(|rep| rep.epoch == r.epoch)),
             placement: self.ring.as_ref().map(|r| r.placement),
             peers,
             manager: self.link.counters(),

@@ -580,6 +580,7 @@ fn log_peer_event(ev: &PeerEvent) {
         }
         PeerEvent::HandedOver { to, rows } => info!(to, rows, "handed records over"),
         PeerEvent::Warning(w) => warn!("{w}"),
-        PeerEvent::Hop(_) | PeerEvent::Stored { .. } | PeerEvent::Exit { .. } => {}
+        PeerEvent::Stored { rows, new_rows } => tracing::debug!(rows, new_rows, "stored a batch"),
+        PeerEvent::Hop(_) | PeerEvent::Exit { .. } => {}
     }
 }

@@ -517,6 +517,12 @@ fn a_lossy_duplicating_network_loses_nothing() {
     let chaos = [
         ("STORM_CHAOS__LOSS", "0.1".to_string()),
         ("STORM_CHAOS__DUPLICATE", "0.1".to_string()),
+        // Settings for a lossy network: retransmit sooner and longer, so that a message lost
+        // several times in a row (0.19 per attempt, loss both ways) does not look like a dead
+        // peer, and give a query time for a few such losses along its walk.
+        ("STORM_RETRY__MAX_MS", "400".to_string()),
+        ("STORM_RETRY__ATTEMPTS", "30".to_string()),
+        ("STORM_QUERY_TIMEOUT_MS", "20000".to_string()),
     ];
     let mut cluster = Cluster::start_with(4, &chaos);
     cluster.ctl_json(&["setup"]);
