@@ -1007,4 +1007,49 @@ mod tests {
         assert_all_found(&mut sim);
         assert!(sim.peers.iter().all(|p| p.peer.id().is_some()));
     }
+
+    /// Record counts are sampled when each peer answers a probe: a status whose answers span
+    /// a membership change must not call itself settled.
+    #[test]
+    fn status_is_not_settled_when_its_counts_span_a_ring_change() {
+        let mut sim = cluster(36, Faults::none(), 4, PlacementKind::Consistent);
+        setup_and_distribute(&mut sim);
+        let seq = sim
+            .client
+            .send(
+                sim.now,
+                sim.manager_addr,
+                Body::Request(ClientRequest::Status),
+                None,
+                (),
+            )
+            .unwrap();
+        // Hold back one peer's answer (it is retransmitted later) ...
+        let slow = sim.peers[0].addr;
+        let mut held = false;
+        while !held {
+            assert!(sim.step());
+            sim.lose_in_flight(|from, env| {
+                let hit = !held && from == slow && matches!(env.body, Body::Report { .. });
+                held |= hit;
+                hit
+            });
+        }
+        // ... while a peer leaves and the ring settles under a new epoch.
+        sim.terminate("peer-2");
+        sim.run_until(Duration::from_secs(10), |s| s.replies.contains_key(&seq));
+        let Some(Ok(ReplyBody::Status(status))) = sim.replies.remove(&seq) else {
+            panic!("no status reply")
+        };
+        let ring = sim.manager.ring().unwrap();
+        assert!(
+            ring.settled && ring.epoch > 1,
+            "the leave should have completed first"
+        );
+        assert!(
+            !status.settled,
+            "counts from epoch 1 passed for the settled epoch {}",
+            ring.epoch
+        );
+    }
 }
