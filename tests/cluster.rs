@@ -86,12 +86,11 @@ fn full_lifecycle_on_details_1996() {
         assert_eq!(status.code(), Some(0), "{}: {errs:?}", p.name);
     }
     assert_eq!(cluster.status()["peers"].as_array().map(Vec::len), Some(0));
-    cluster.manager.signal("TERM");
-    let status = cluster
-        .manager
-        .wait(Duration::from_secs(10))
-        .expect("manager exits on SIGTERM");
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        cluster.manager.stop("TERM"),
+        Some(0),
+        "manager exits 0 on SIGTERM"
+    );
 }
 
 #[test]
@@ -124,14 +123,7 @@ fn sigterm_on_a_peer_is_a_graceful_leave() {
     assert_eq!(records_total(&after), 223);
     assert_eq!(cluster.verify(&file)["found"], 223);
     // SIGINT stops the manager with 0 as well.
-    cluster.manager.signal("INT");
-    assert_eq!(
-        cluster
-            .manager
-            .wait(Duration::from_secs(10))
-            .and_then(|s| s.code()),
-        Some(0)
-    );
+    assert_eq!(cluster.manager.stop("INT"), Some(0));
 }
 
 #[test]

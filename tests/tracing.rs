@@ -133,14 +133,7 @@ fn a_query_is_one_trace_with_one_span_per_hop() {
             Some(0)
         );
     }
-    cluster.manager.signal("TERM");
-    assert_eq!(
-        cluster
-            .manager
-            .wait(Duration::from_secs(10))
-            .and_then(|s| s.code()),
-        Some(0)
-    );
+    assert_eq!(cluster.manager.stop("TERM"), Some(0));
 
     let spans = receiver.wait_for(Duration::from_secs(10), |all| {
         let n = |t: &str| all.iter().filter(|s| s.trace_id == t).count();

@@ -93,6 +93,12 @@ impl Daemon {
         );
     }
 
+    /// Sends `sig` and returns the exit code, if the process ends within 10 s.
+    pub fn stop(&mut self, sig: &str) -> Option<i32> {
+        self.signal(sig);
+        self.wait(Duration::from_secs(10)).and_then(|s| s.code())
+    }
+
     /// Waits for the process to end; None if it is still running after `limit`.
     pub fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + limit;
