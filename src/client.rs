@@ -1,14 +1,19 @@
 //! The client side of `stormctl`: reliable requests to the manager over UDP, many at a time,
 //! and `verify`, which checks a CSV file against what the ring answers.
 
-use crate::link::{Accepted, Link, Outcome, RetryPolicy};
+use crate::driver::socket::DatagramSocket;
+use crate::driver::{bind_udp, lookup};
+use crate::link::{Accepted, Link, Outcome, RetryPolicy, Time, Transmit};
 use crate::record::{Dataset, RecordKey};
-use crate::wire::{Body, ClientRequest, Envelope, ReplyBody, TraceContext};
+use crate::wire::{
+    Body, ClientRequest, Envelope, RejectReason, ReplyBody, RequestError, TraceContext,
+};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::UdpSocket;
+use tokio::time::Instant;
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum ClientError {
@@ -29,31 +34,216 @@ pub enum ClientError {
     )]
     NoReply { manager: SocketAddr, secs: f64 },
     #[error("the manager rejected the request: {0}")]
-    Rejected(String),
+    Rejected(RejectReason),
     /// The manager handled the request and reports an error.
     #[error("{0}")]
-    Failed(String),
+    Failed(RequestError),
+    #[error("the request could not be encoded: {0}")]
+    Encode(String),
+    /// A result was asked of a request that was never sent (a bug, reported rather than a panic).
+    #[error("the request produced no result")]
+    NoResult,
 }
 
-pub struct Client {
-    socket: UdpSocket,
+/// The client's protocol, sans-IO: requests queued, at most `window` outstanding, each
+/// retransmitted until the manager acknowledges it, then awaited until its reply or a timeout.
+/// Time comes in as an argument; datagrams and results are pulled.
+pub struct ClientCore {
     manager: SocketAddr,
-    link: Link<u64>,
-    start: Instant,
+    link: Link<usize>,
     /// How long to wait for a reply once the manager has acknowledged a request.
-    pub reply_timeout: Duration,
-    buf: Vec<u8>,
+    reply_timeout: Duration,
+    window: usize,
+    queue: VecDeque<(usize, ClientRequest, Option<TraceContext>)>,
+    in_flight: HashMap<u64, InFlight>,
+    results: VecDeque<(usize, Result<ReplyBody, ClientError>)>,
 }
 
 struct InFlight {
     index: usize,
-    acked_at: Option<Instant>,
-    sent_at: Instant,
+    sent_at: Time,
+    acked_at: Option<Time>,
 }
 
-impl Client {
+/// How the client retransmits a request the manager has not acknowledged: about 4 s in all.
+pub fn client_retry() -> RetryPolicy {
+    RetryPolicy {
+        initial: Duration::from_millis(250),
+        max: Duration::from_secs(1),
+        attempts: Some(6),
+    }
+}
+
+impl ClientCore {
+    pub fn new(
+        manager: SocketAddr,
+        incarnation: u64,
+        policy: RetryPolicy,
+        reply_timeout: Duration,
+    ) -> Self {
+        ClientCore {
+            manager,
+            link: Link::new(incarnation, policy),
+            reply_timeout,
+            window: 1,
+            queue: VecDeque::new(),
+            in_flight: HashMap::new(),
+            results: VecDeque::new(),
+        }
+    }
+
+    pub fn manager(&self) -> SocketAddr {
+        self.manager
+    }
+
+    /// Requests outstanding at once.
+    pub fn set_window(&mut self, window: usize) {
+        self.window = window.max(1);
+    }
+
+    /// Queues request number `index`; its result comes back under the same number.
+    pub fn submit(&mut self, index: usize, req: ClientRequest, trace: Option<TraceContext>) {
+        self.queue.push_back((index, req, trace));
+    }
+
+    /// Nothing queued, nothing outstanding.
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty() && self.in_flight.is_empty()
+    }
+
+    /// Sends queued requests while the window allows.
+    pub fn pump(&mut self, now: Time) {
+        while self.in_flight.len() < self.window {
+            let Some((index, req, trace)) = self.queue.pop_front() else {
+                return;
+            };
+            match self
+                .link
+                .send(now, self.manager, Body::Request(req), trace, index)
+            {
+                Ok(seq) => {
+                    let f = InFlight {
+                        index,
+                        sent_at: now,
+                        acked_at: None,
+                    };
+                    self.in_flight.insert(seq, f);
+                }
+                Err(e) => self
+                    .results
+                    .push_back((index, Err(ClientError::Encode(e.to_string())))),
+            }
+        }
+    }
+
+    pub fn handle(&mut self, now: Time, from: SocketAddr, env: Envelope) {
+        if self.link.accept(now, from, &env) == Accepted::New
+            && let Body::Reply(reply) = env.body
+            && let Some(f) = self.in_flight.remove(&reply.to)
+        {
+            self.link.cancel(reply.to);
+            let result = reply.result.map_err(ClientError::Failed);
+            self.results.push_back((f.index, result));
+        }
+        self.drain_outcomes(now);
+    }
+
+    pub fn handle_timeout(&mut self, now: Time) {
+        self.link.handle_timeout(now);
+        self.drain_outcomes(now);
+        let expired: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.acked_at.is_some_and(|a| now >= a + self.reply_timeout))
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in expired {
+            if let Some(f) = self.in_flight.remove(&seq) {
+                let err = ClientError::NoReply {
+                    manager: self.manager,
+                    secs: self.reply_timeout.as_secs_f64(),
+                };
+                self.results.push_back((f.index, Err(err)));
+            }
+        }
+    }
+
+    /// The next retransmission or reply deadline.
+    pub fn poll_timeout(&self) -> Option<Time> {
+        let replies = self
+            .in_flight
+            .values()
+            .filter_map(|f| f.acked_at)
+            .min()
+            .map(|a| a + self.reply_timeout);
+        [self.link.poll_timeout(), replies]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.link.poll_transmit()
+    }
+
+    pub fn poll_result(&mut self) -> Option<(usize, Result<ReplyBody, ClientError>)> {
+        self.results.pop_front()
+    }
+
+    fn seq_of(&self, index: usize) -> Option<u64> {
+        self.in_flight
+            .iter()
+            .find(|(_, f)| f.index == index)
+            .map(|(seq, _)| *seq)
+    }
+
+    fn drain_outcomes(&mut self, now: Time) {
+        while let Some(outcome) = self.link.poll_outcome() {
+            match outcome {
+                Outcome::Acked { tag, .. } => {
+                    if let Some(seq) = self.seq_of(tag)
+                        && let Some(f) = self.in_flight.get_mut(&seq)
+                    {
+                        f.acked_at.get_or_insert(now);
+                    }
+                }
+                Outcome::Rejected { tag, reason } => {
+                    if let Some(seq) = self.seq_of(tag)
+                        && let Some(f) = self.in_flight.remove(&seq)
+                    {
+                        let err = ClientError::Rejected(reason);
+                        self.results.push_back((f.index, Err(err)));
+                    }
+                }
+                Outcome::GaveUp { tag, attempts, .. } => {
+                    if let Some(seq) = self.seq_of(tag)
+                        && let Some(f) = self.in_flight.remove(&seq)
+                    {
+                        let err = ClientError::NoAnswer {
+                            manager: self.manager,
+                            attempts,
+                            secs: now.saturating_sub(f.sent_at).as_secs_f64(),
+                        };
+                        self.results.push_back((f.index, Err(err)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`ClientCore`] over a datagram socket: real UDP for `stormctl`, the in-memory network in
+/// the simulations.
+pub struct Client<S = UdpSocket> {
+    socket: S,
+    core: ClientCore,
+    start: Instant,
+    buf: Vec<u8>,
+}
+
+impl Client<UdpSocket> {
     pub async fn connect(manager: &str, reply_timeout: Duration) -> Result<Client, ClientError> {
-        let addr = crate::config::resolve(manager).map_err(|e| ClientError::Resolve {
+        let addr = lookup(manager).await.map_err(|e| ClientError::Resolve {
             addr: manager.to_string(),
             reason: e.to_string(),
         })?;
@@ -62,25 +252,26 @@ impl Client {
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let socket = crate::node::bind_udp(&bind.to_string(), 4 << 20)
+        let socket = bind_udp(&bind.to_string(), 4 << 20)
+            .await
             .map_err(|e| ClientError::Io(e.to_string()))?;
-        let policy = RetryPolicy {
-            initial: Duration::from_millis(250),
-            max: Duration::from_secs(1),
-            attempts: Some(6),
-        };
-        Ok(Client {
+        let core = ClientCore::new(addr, rand::random(), client_retry(), reply_timeout);
+        Ok(Client::over(socket, core))
+    }
+}
+
+impl<S: DatagramSocket> Client<S> {
+    pub fn over(socket: S, core: ClientCore) -> Self {
+        Client {
             socket,
-            manager: addr,
-            link: Link::new(rand::random(), policy),
+            core,
             start: Instant::now(),
-            reply_timeout,
             buf: vec![0; 65_536],
-        })
+        }
     }
 
     pub fn manager(&self) -> SocketAddr {
-        self.manager
+        self.core.manager()
     }
 
     /// One request, one reply.
@@ -90,8 +281,7 @@ impl Client {
         trace: Option<TraceContext>,
     ) -> Result<ReplyBody, ClientError> {
         let mut out = self.call_many(vec![(req, trace)], 1).await;
-        out.pop()
-            .unwrap_or_else(|| Err(ClientError::Failed("no reply".into())))
+        out.pop().unwrap_or(Err(ClientError::NoResult))
     }
 
     /// Many requests with at most `window` outstanding; results in request order.
@@ -100,141 +290,69 @@ impl Client {
         requests: Vec<(ClientRequest, Option<TraceContext>)>,
         window: usize,
     ) -> Vec<Result<ReplyBody, ClientError>> {
+        self.call_many_with(requests, window, |_, _| {}).await
+    }
+
+    /// As [`Client::call_many`], telling `progress` (done, total) as results come in.
+    pub async fn call_many_with(
+        &mut self,
+        requests: Vec<(ClientRequest, Option<TraceContext>)>,
+        window: usize,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Vec<Result<ReplyBody, ClientError>> {
         let total = requests.len();
         let mut results: Vec<Option<Result<ReplyBody, ClientError>>> = vec![None; total];
-        let mut queue: VecDeque<(usize, ClientRequest, Option<TraceContext>)> = requests
-            .into_iter()
-            .enumerate()
-            .map(|(i, (r, t))| (i, r, t))
-            .collect();
-        let mut in_flight: HashMap<u64, InFlight> = HashMap::new();
+        self.core.set_window(window);
+        for (index, (req, trace)) in requests.into_iter().enumerate() {
+            self.core.submit(index, req, trace);
+        }
         let mut done = 0;
-        while done < total {
-            while in_flight.len() < window.max(1) {
-                let Some((index, req, trace)) = queue.pop_front() else {
-                    break;
-                };
-                let now = self.start.elapsed();
-                match self
-                    .link
-                    .send(now, self.manager, Body::Request(req), trace, index as u64)
-                {
-                    Ok(seq) => {
-                        in_flight.insert(
-                            seq,
-                            InFlight {
-                                index,
-                                acked_at: None,
-                                sent_at: Instant::now(),
-                            },
-                        );
-                    }
-                    Err(e) => {
-                        results[index] = Some(Err(ClientError::Failed(e.to_string())));
-                        done += 1;
-                    }
-                }
-            }
-            while let Some(t) = self.link.poll_transmit() {
+        while !self.core.is_idle() {
+            self.core.pump(self.start.elapsed());
+            while let Some(t) = self.core.poll_transmit() {
                 if let Err(e) = self.socket.send_to(&t.bytes, t.dest).await {
                     tracing::debug!("send to {} failed: {e}", t.dest);
                 }
             }
-            // Wake for the next retransmission or the earliest reply deadline.
-            let retransmit = self.link.poll_timeout().map(|t| self.start + t);
-            let reply_deadline = in_flight
-                .values()
-                .filter_map(|f| f.acked_at)
-                .min()
-                .map(|a| a + self.reply_timeout);
-            let wake = [retransmit, reply_deadline].into_iter().flatten().min();
-            let received = match wake {
-                Some(at) => {
-                    tokio::time::timeout_at(at.into(), self.socket.recv_from(&mut self.buf))
-                        .await
-                        .ok()
-                }
-                None => Some(self.socket.recv_from(&mut self.buf).await),
+            let wake = self.core.poll_timeout().map(|t| self.start + t);
+            let received = tokio::select! {
+                r = self.socket.recv_from(&mut self.buf) => Some(r),
+                _ = sleep_until(wake) => None,
             };
             let now = self.start.elapsed();
             match received {
                 Some(Ok((len, from))) => {
-                    if let Ok(env) = Envelope::decode(&self.buf[..len])
-                        && self.link.accept(now, from, &env) == Accepted::New
-                        && let Body::Reply(reply) = env.body
-                        && let Some(f) = in_flight.remove(&reply.to)
-                    {
-                        self.link.cancel(reply.to);
-                        results[f.index] = Some(reply.result.map_err(ClientError::Failed));
-                        done += 1;
+                    if let Ok(env) = Envelope::decode(&self.buf[..len]) {
+                        self.core.handle(now, from, env);
                     }
                 }
                 Some(Err(e)) => tracing::debug!("receive failed: {e}"),
                 None => {}
             }
-            self.link.handle_timeout(self.start.elapsed());
-            while let Some(outcome) = self.link.poll_outcome() {
-                match outcome {
-                    Outcome::Acked { tag, .. } => {
-                        if let Some(f) = in_flight.values_mut().find(|f| f.index as u64 == tag) {
-                            f.acked_at = Some(Instant::now());
-                        }
-                    }
-                    Outcome::Rejected { tag, reason } => {
-                        if let Some(seq) = in_flight
-                            .iter()
-                            .find(|(_, f)| f.index as u64 == tag)
-                            .map(|(s, _)| *s)
-                            && let Some(f) = in_flight.remove(&seq)
-                        {
-                            results[f.index] = Some(Err(ClientError::Rejected(reason)));
-                            done += 1;
-                        }
-                    }
-                    Outcome::GaveUp { tag, attempts, .. } => {
-                        if let Some(seq) = in_flight
-                            .iter()
-                            .find(|(_, f)| f.index as u64 == tag)
-                            .map(|(s, _)| *s)
-                            && let Some(f) = in_flight.remove(&seq)
-                        {
-                            let secs = f.sent_at.elapsed().as_secs_f64();
-                            results[f.index] = Some(Err(ClientError::NoAnswer {
-                                manager: self.manager,
-                                attempts,
-                                secs,
-                            }));
-                            done += 1;
-                        }
-                    }
-                }
-            }
-            let expired: Vec<u64> = in_flight
-                .iter()
-                .filter(|(_, f)| {
-                    f.acked_at
-                        .is_some_and(|a| a.elapsed() >= self.reply_timeout)
-                })
-                .map(|(s, _)| *s)
-                .collect();
-            for seq in expired {
-                if let Some(f) = in_flight.remove(&seq) {
-                    results[f.index] = Some(Err(ClientError::NoReply {
-                        manager: self.manager,
-                        secs: self.reply_timeout.as_secs_f64(),
-                    }));
+            self.core.handle_timeout(self.start.elapsed());
+            while let Some((index, result)) = self.core.poll_result() {
+                if let Some(slot) = results.get_mut(index) {
+                    *slot = Some(result);
                     done += 1;
+                    progress(done, total);
                 }
             }
-            // Acks for replies still in the link's outbox go out before the next wait.
-            while let Some(t) = self.link.poll_transmit() {
+            // Acks of replies go out before the next wait.
+            while let Some(t) = self.core.poll_transmit() {
                 let _ = self.socket.send_to(&t.bytes, t.dest).await;
             }
         }
         results
             .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(ClientError::Failed("no result".into()))))
+            .map(|r| r.unwrap_or(Err(ClientError::NoResult)))
             .collect()
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -264,13 +382,24 @@ const SAMPLES: usize = 5;
 
 /// Queries every key of `dataset` and compares the rows returned with the file's: a key is
 /// found when every row of the file for it comes back (with the same column names and values).
-pub async fn verify(
-    client: &mut Client,
+pub async fn verify<S: DatagramSocket>(
+    client: &mut Client<S>,
     file: &str,
     dataset: &Dataset,
     window: usize,
 ) -> VerifyReport {
-    let started = Instant::now();
+    verify_with(client, file, dataset, window, |_, _| {}).await
+}
+
+/// As [`verify`], telling `progress` (keys checked, keys in all) as answers come in.
+pub async fn verify_with<S: DatagramSocket>(
+    client: &mut Client<S>,
+    file: &str,
+    dataset: &Dataset,
+    window: usize,
+    progress: impl FnMut(usize, usize),
+) -> VerifyReport {
+    let started = std::time::Instant::now();
     let mut expected: BTreeMap<RecordKey, Vec<&Vec<String>>> = BTreeMap::new();
     for row in &dataset.rows {
         expected.entry(row.key).or_default().push(&row.values);
@@ -280,7 +409,7 @@ pub async fn verify(
         .iter()
         .map(|k| (ClientRequest::Query { key: *k, via: None }, None))
         .collect();
-    let results = client.call_many(requests, window).await;
+    let results = client.call_many_with(requests, window, progress).await;
     let mut report = VerifyReport {
         file: file.to_string(),
         keys: keys.len() as u64,

@@ -3,7 +3,8 @@
 
 use crate::client::Client;
 use crate::config::{Config, Role};
-use crate::node::{NodeError, PeerExit, run_manager, run_peer};
+use crate::driver::manager::NodeError;
+use crate::driver::{PeerExit, run_manager, run_peer};
 use crate::wire::{ClientRequest, ReplyBody};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

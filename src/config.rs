@@ -5,7 +5,8 @@
 //! value came from: the file (with its path) or the environment variable.
 
 use crate::link::RetryPolicy;
-use crate::manager::{ManagerConfig, PlacementKind};
+use crate::manager::ManagerConfig;
+use crate::wire::Placement;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
@@ -66,7 +67,7 @@ pub struct Config {
     pub manager: String,
     /// The CSV that `distribute` loads when the client names none (manager).
     pub data: String,
-    pub placement: PlacementKind,
+    pub placement: Placement,
     /// Largest datagram sent, in bytes (batches are cut to fit).
     pub max_datagram: usize,
     /// Store batches in flight per peer.
@@ -89,6 +90,9 @@ pub struct ChaosConfig {
     pub loss: f64,
     /// Fraction of outgoing datagrams sent twice (0 to 0.5).
     pub duplicate: f64,
+    /// Seed of the chaos generator; unset: a random one, logged at start so a run replays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
 }
 
 impl Default for Config {
@@ -99,7 +103,7 @@ impl Default for Config {
             listen: "127.0.0.1:5000".into(),
             manager: "127.0.0.1:5000".into(),
             data: "data/sample-details.csv".into(),
-            placement: PlacementKind::Consistent,
+            placement: Placement::Consistent,
             max_datagram: 60_000,
             window: 8,
             socket_buffer: 4 << 20,
@@ -119,6 +123,7 @@ impl Default for Config {
             chaos: ChaosConfig {
                 loss: 0.0,
                 duplicate: 0.0,
+                seed: None,
             },
         }
     }

@@ -7,7 +7,7 @@
 //! [`Link::accept`] acknowledges every sequenced datagram, including duplicates (the earlier
 //! ack may have been lost), but reports only the first copy as new, so handlers run once.
 
-use crate::wire::{Body, Counters, Envelope, TraceContext, UNSEQUENCED, WireError};
+use crate::wire::{Body, Counters, Envelope, RejectReason, TraceContext, UNSEQUENCED, WireError};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -63,7 +63,7 @@ pub enum Outcome<T> {
     },
     Rejected {
         tag: T,
-        reason: String,
+        reason: RejectReason,
     },
     GaveUp {
         tag: T,
@@ -219,14 +219,8 @@ impl<T> Link<T> {
     }
 
     /// Refuses a sequenced message for good: the sender stops retransmitting and learns why.
-    pub fn reject(&mut self, dest: SocketAddr, seq: u64, reason: impl Into<String>) {
-        self.send_unsequenced(
-            dest,
-            Body::Reject {
-                seq,
-                reason: reason.into(),
-            },
-        );
+    pub fn reject(&mut self, dest: SocketAddr, seq: u64, reason: RejectReason) {
+        self.send_unsequenced(dest, Body::Reject { seq, reason });
     }
 
     /// Applies acks and rejections; acknowledges and deduplicates everything else. A `Store` is
@@ -492,7 +486,7 @@ mod tests {
             None,
             Body::Reject {
                 seq,
-                reason: "nope".into(),
+                reason: RejectReason::NotRegistered,
             },
         );
         assert_eq!(a.accept(ms(1), addr(2), &rej), Accepted::Control);
@@ -500,7 +494,7 @@ mod tests {
             a.poll_outcome(),
             Some(Outcome::Rejected {
                 tag: 1,
-                reason: "nope".into()
+                reason: RejectReason::NotRegistered
             })
         );
         assert_eq!(a.poll_timeout(), None);

@@ -12,8 +12,8 @@ use crate::record::RecordKey;
 use crate::ring::RingExt;
 use crate::store::{Columns, Store, StoredRow, batch_budget, make_batches, row_size};
 use crate::wire::{
-    Body, Envelope, FindEvent, FindResult, PeerId, PeerReport, RingView, StoreBatch, TraceContext,
-    WireRow,
+    Body, Envelope, FindEvent, FindResult, PeerId, PeerReport, RejectReason, RingView, StoreBatch,
+    TraceContext, WireRow,
 };
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -84,6 +84,8 @@ pub struct HopReport {
     pub found: bool,
     /// Where the query went next, if it was not answered here.
     pub next: Option<(PeerId, SocketAddr)>,
+    /// Where this hop sent the query (the next peer) or the answer (the manager).
+    pub sent_to: SocketAddr,
 }
 
 struct HandOffBatch {
@@ -120,7 +122,8 @@ pub struct Peer {
     /// Rows handed over since the current view arrived, for the hand-off report.
     handed_this_epoch: u64,
     leaving: bool,
-    events: VecDeque<PeerEvent>,
+    /// What the current input produced; handed to the caller when it returns.
+    events: Vec<PeerEvent>,
     exited: bool,
 }
 
@@ -143,7 +146,7 @@ impl Peer {
             done_reported: None,
             handed_this_epoch: 0,
             leaving: false,
-            events: VecDeque::new(),
+            events: Vec::new(),
             exited: false,
         };
         let body = Body::Register {
@@ -153,6 +156,10 @@ impl Peer {
         let manager = peer.cfg.manager;
         peer.send_with(now, manager, body, None, PeerTag::Register, policy);
         peer
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        self.link.incarnation()
     }
 
     pub fn id(&self) -> Option<PeerId> {
@@ -199,13 +206,25 @@ impl Peer {
         let kind = body.kind();
         if let Err(e) = self.link.send_with(now, dest, body, trace, tag, policy) {
             self.events
-                .push_back(PeerEvent::Warning(format!("could not send {kind}: {e}")));
+                .push(PeerEvent::Warning(format!("could not send {kind}: {e}")));
         }
     }
 
     /// Handles one decoded datagram. `trace` is the context of the span the driver opened for
     /// it; messages sent in consequence carry it.
+    /// Returns exactly the events this datagram produced.
     pub fn handle(
+        &mut self,
+        now: Time,
+        from: SocketAddr,
+        env: Envelope,
+        trace: Option<TraceContext>,
+    ) -> Vec<PeerEvent> {
+        self.on_datagram(now, from, env, trace);
+        std::mem::take(&mut self.events)
+    }
+
+    fn on_datagram(
         &mut self,
         now: Time,
         from: SocketAddr,
@@ -224,7 +243,7 @@ impl Peer {
         // reason instead of an ack followed by silence.
         if let Some(reason) = self.refusal(&env.body) {
             self.events
-                .push_back(PeerEvent::Warning(format!("from {from}: {reason}")));
+                .push(PeerEvent::Warning(format!("from {from}: {reason}")));
             return self.link.reject(from, env.seq, reason);
         }
         // A first-time store is acknowledged below, once its count of new rows is known.
@@ -250,7 +269,7 @@ impl Peer {
         match env.body {
             Body::Registered { id } => {
                 self.id = Some(id);
-                self.events.push_back(PeerEvent::Registered { id });
+                self.events.push(PeerEvent::Registered { id });
             }
             Body::Refused { reason } => {
                 self.exit(1, format!("the manager refused registration: {reason}"))
@@ -275,31 +294,31 @@ impl Peer {
                     PeerTag::ToManager("report"),
                 );
             }
-            Body::Exit { reason } => self.exit(0, reason),
+            Body::Exit { reason } => self.exit(0, reason.to_string()),
             // Refused above.
             _ => {}
         }
     }
 
     /// Why a peer will never handle `body`, if it will not.
-    fn refusal(&self, body: &Body) -> Option<String> {
+    fn refusal(&self, body: &Body) -> Option<RejectReason> {
+        let peer = || self.cfg.name.clone();
         match body {
             // Without a ring view this peer cannot tell owner from walker: let the sender
             // enter the ring elsewhere rather than hear a false "not found".
-            Body::Find(_) if !self.in_ring() => {
-                Some(format!("peer {} is not in the ring yet", self.cfg.name))
-            }
-            Body::Request(r) => Some(format!(
-                "'{}' is a client command: send it to the manager, not to peer {}",
-                r.kind(),
-                self.cfg.name
-            )),
+            Body::Find(_) if !self.in_ring() => Some(RejectReason::NotInRing { peer: peer() }),
+            Body::Request(r) => Some(RejectReason::ClientCommandToPeer {
+                kind: r.kind().to_string(),
+                peer: peer(),
+            }),
             Body::Register { .. }
             | Body::RebalanceDone { .. }
             | Body::LeaveRequest
             | Body::Report { .. }
             | Body::Found(_)
-            | Body::Reply(_) => Some(format!("a peer does not handle '{}' messages", body.kind())),
+            | Body::Reply(_) => Some(RejectReason::NotForPeer {
+                kind: body.kind().to_string(),
+            }),
             _ => None,
         }
     }
@@ -312,7 +331,12 @@ impl Peer {
     }
 
     /// The operator (SIGTERM) or the manager asked this peer to leave.
-    pub fn request_leave(&mut self, now: Time) {
+    pub fn request_leave(&mut self, now: Time) -> Vec<PeerEvent> {
+        self.on_leave_asked(now);
+        std::mem::take(&mut self.events)
+    }
+
+    fn on_leave_asked(&mut self, now: Time) {
         if self.leaving || self.exited {
             return;
         }
@@ -333,7 +357,7 @@ impl Peer {
     fn exit(&mut self, code: i32, reason: String) {
         if !self.exited {
             self.exited = true;
-            self.events.push_back(PeerEvent::Exit { code, reason });
+            self.events.push(PeerEvent::Exit { code, reason });
         }
     }
 
@@ -352,14 +376,14 @@ impl Peer {
             && let Some(me) = view.members.iter().find(|m| m.name == self.cfg.name)
         {
             self.id = Some(me.id);
-            self.events.push_back(PeerEvent::Registered { id: me.id });
+            self.events.push(PeerEvent::Registered { id: me.id });
         }
         self.handed_this_epoch = 0;
         let next = self
             .id
             .and_then(|id| view.next_of(id))
             .map(|m| (m.id, m.addr));
-        self.events.push_back(PeerEvent::RingChanged {
+        self.events.push(PeerEvent::RingChanged {
             epoch: view.epoch,
             members: view.members.len(),
             next,
@@ -412,7 +436,7 @@ impl Peer {
         if self.store_acks.len() > STORE_ACKS_REMEMBERED {
             self.store_acks.pop_front();
         }
-        self.events.push_back(PeerEvent::Stored { rows, new_rows });
+        self.events.push(PeerEvent::Stored { rows, new_rows });
         if redirect {
             self.rebalance(now, trace);
         }
@@ -482,7 +506,7 @@ impl Peer {
                 .into_iter()
                 .partition(|(_, r)| row_size(&r.values) <= budget);
             if !oversized.is_empty() {
-                self.events.push_back(PeerEvent::Warning(format!(
+                self.events.push(PeerEvent::Warning(format!(
                     "{} rows are too large for one datagram and stay here",
                     oversized.len()
                 )));
@@ -601,12 +625,13 @@ impl Peer {
         let Some((next_id, next_addr)) = next else {
             return self.answer(now, find, false, trace, hop);
         };
-        self.events.push_back(PeerEvent::Hop(HopReport {
+        self.events.push(PeerEvent::Hop(HopReport {
             query: find.query,
             key: find.key,
             hop,
             found: false,
             next: Some((next_id, next_addr)),
+            sent_to: next_addr,
         }));
         let body = Body::Find(find.clone());
         self.send(
@@ -626,12 +651,13 @@ impl Peer {
         trace: Option<TraceContext>,
         hop: u32,
     ) {
-        self.events.push_back(PeerEvent::Hop(HopReport {
+        self.events.push(PeerEvent::Hop(HopReport {
             query: find.query,
             key: find.key,
             hop,
             found,
             next: None,
+            sent_to: self.cfg.manager,
         }));
         let mut records = if found {
             self.store.records_out(find.key)
@@ -676,7 +702,13 @@ impl Peer {
         }
     }
 
-    pub fn handle_timeout(&mut self, now: Time) {
+    /// Runs what is due at `now`; returns the events that produced.
+    pub fn handle_timeout(&mut self, now: Time) -> Vec<PeerEvent> {
+        self.on_timeout(now);
+        std::mem::take(&mut self.events)
+    }
+
+    fn on_timeout(&mut self, now: Time) {
         if self.exited {
             return;
         }
@@ -702,7 +734,7 @@ impl Peer {
                             self.in_flight_keys.remove(&key);
                             self.store.remove_rows(key, std::slice::from_ref(&row));
                         }
-                        self.events.push_back(PeerEvent::HandedOver {
+                        self.events.push(PeerEvent::HandedOver {
                             to: b.owner,
                             rows: n,
                         });
@@ -720,7 +752,7 @@ impl Peer {
                 } => {
                     // The next peer cannot walk (not in the ring yet): route around it.
                     let hop = find.path.len().saturating_sub(1) as u32;
-                    self.events.push_back(PeerEvent::Warning(format!(
+                    self.events.push(PeerEvent::Warning(format!(
                         "next peer refused query {}: {reason}; routing around it",
                         find.query
                     )));
@@ -739,7 +771,7 @@ impl Peer {
                         );
                     } else {
                         self.events
-                            .push_back(PeerEvent::Warning(format!("rejected: {reason}")));
+                            .push(PeerEvent::Warning(format!("rejected: {reason}")));
                     }
                 }
                 Outcome::GaveUp {
@@ -748,14 +780,14 @@ impl Peer {
                     attempts,
                 } => match tag {
                     PeerTag::HandOff { batch } => {
-                        self.events.push_back(PeerEvent::Warning(format!(
+                        self.events.push(PeerEvent::Warning(format!(
                             "hand-off batch to {dest} unacknowledged after {attempts} attempts; will retry"
                         )));
                         self.fail_batch(now, batch);
                     }
                     PeerTag::Forward { find, skipped } => {
                         let hop = find.path.len().saturating_sub(1) as u32;
-                        self.events.push_back(PeerEvent::Warning(format!(
+                        self.events.push(PeerEvent::Warning(format!(
                             "next peer {dest} did not acknowledge query {}; routing around it",
                             find.query
                         )));
@@ -770,7 +802,7 @@ impl Peer {
                         );
                     }
                     PeerTag::Register => {}
-                    PeerTag::ToManager(what) => self.events.push_back(PeerEvent::Warning(format!(
+                    PeerTag::ToManager(what) => self.events.push(PeerEvent::Warning(format!(
                         "the manager did not acknowledge {what} after {attempts} attempts"
                     ))),
                 },
@@ -790,17 +822,6 @@ impl Peer {
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.link.poll_transmit()
-    }
-
-    pub fn poll_event(&mut self) -> Option<PeerEvent> {
-        self.events.pop_front()
-    }
-
-    /// Puts events taken with [`Peer::poll_event`] back in front, in order.
-    pub fn requeue_events(&mut self, events: Vec<PeerEvent>) {
-        for ev in events.into_iter().rev() {
-            self.events.push_front(ev);
-        }
     }
 
     /// The driver saw a datagram that did not decode.

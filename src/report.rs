@@ -5,12 +5,12 @@ use crate::wire::{DistributeReport, Placement, QueryOutcome, RecordOut, StatusRe
 use serde_json::{Map, Value, json};
 use std::fmt::Write;
 
-fn placement_name(p: Option<Placement>) -> String {
+fn placement_name(p: Option<Placement>, table_size: u64) -> String {
     match p {
         None => "none".into(),
         Some(Placement::Consistent) => "consistent hashing".into(),
         Some(Placement::Modulo) => "hash mod n".into(),
-        Some(Placement::Course { s }) => format!("course (s = {s})"),
+        Some(Placement::Course) => format!("course (s = {table_size})"),
     }
 }
 
@@ -22,7 +22,7 @@ pub fn status_text(s: &StatusReport) -> String {
         out,
         "Ring epoch {} ({state}), placement: {}, {} peer(s)",
         s.epoch,
-        placement_name(s.placement),
+        placement_name(s.placement, s.table_size),
         s.peers.len()
     );
     let _ = writeln!(
@@ -35,12 +35,7 @@ pub fn status_text(s: &StatusReport) -> String {
         "ID", "Name", "Address", "State", "Records", "Keys", "Share"
     );
     for p in &s.peers {
-        let code = match p.state.as_str() {
-            "up" => "UN",
-            "leaving" => "UL",
-            "registered" => "UR",
-            _ => "DN",
-        };
+        let code = p.state.code();
         let records = p.records.map_or("?".into(), |r| r.to_string());
         let keys = p.keys.map_or("?".into(), |r| r.to_string());
         let _ = writeln!(
@@ -49,7 +44,7 @@ pub fn status_text(s: &StatusReport) -> String {
             p.id,
             p.name,
             p.addr.to_string(),
-            p.state,
+            p.state.to_string(),
             records,
             keys,
             p.share * 100.0

@@ -116,8 +116,8 @@ impl RingExt for RingView {
                     .or_else(|| owners(self).next())
             }
             Placement::Modulo => owners(self).nth((key_hash(key) % n) as usize),
-            Placement::Course { s } => {
-                let pos = key.as_u64() % s.max(1);
+            Placement::Course => {
+                let pos = key.as_u64() % self.table_size.max(1);
                 owners(self).nth((pos % n) as usize)
             }
         }
@@ -181,6 +181,7 @@ mod tests {
             epoch: 1,
             settled: true,
             placement,
+            table_size: first_prime_above(2 * 48_534),
             members,
         }
     }
@@ -274,7 +275,7 @@ mod tests {
     fn course_placement_matches_its_formula() {
         let s = first_prime_above(2 * 48_534);
         assert_eq!(s, 97_073);
-        let view = ring(5, Placement::Course { s });
+        let view = ring(5, Placement::Course);
         let id = 5_570_068u64;
         let expect = ((id % s) % 5) as usize;
         assert_eq!(

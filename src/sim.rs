@@ -4,9 +4,10 @@
 //! time. The protocol tests below run on it.
 
 use crate::link::{Accepted, Link, RetryPolicy, Time};
-use crate::manager::{Manager, ManagerConfig, ManagerEvent, PlacementKind};
+use crate::manager::{Manager, ManagerConfig, ManagerEvent};
 use crate::peer::{Peer, PeerConfig, PeerEvent};
 use crate::record::Dataset;
+use crate::wire::Placement;
 use crate::wire::{Body, ClientRequest, Envelope, ReplyBody};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -82,6 +83,7 @@ pub struct Sim {
     /// Files the manager may "load", by path.
     pub files: HashMap<String, Dataset>,
     pub manager_events: Vec<ManagerEvent>,
+    pending_manager_events: Vec<ManagerEvent>,
 }
 
 pub fn test_retry() -> RetryPolicy {
@@ -93,7 +95,7 @@ pub fn test_retry() -> RetryPolicy {
 }
 
 impl Sim {
-    pub fn new(seed: u64, faults: Faults, placement: PlacementKind) -> Self {
+    pub fn new(seed: u64, faults: Faults, placement: Placement) -> Self {
         let cfg = ManagerConfig {
             retry: test_retry(),
             max_datagram: 8_000,
@@ -120,6 +122,7 @@ impl Sim {
             order: 0,
             files: HashMap::new(),
             manager_events: Vec::new(),
+            pending_manager_events: Vec::new(),
         }
     }
 
@@ -171,31 +174,11 @@ impl Sim {
         while let Some(t) = self.manager.poll_transmit() {
             out.push((self.manager_addr, t.dest, t.bytes));
         }
-        while let Some(ev) = self.manager.poll_event() {
-            if let ManagerEvent::LoadFile { job, path } = &ev {
-                let loaded = self
-                    .files
-                    .get(path)
-                    .cloned()
-                    .ok_or_else(|| format!("{path}: no such file"));
-                self.manager.file_loaded(self.now, *job, loaded);
-                // Loading produces sends: go round again.
-                while let Some(t) = self.manager.poll_transmit() {
-                    out.push((self.manager_addr, t.dest, t.bytes));
-                }
-            }
-            self.manager_events.push(ev);
-        }
+        let events = std::mem::take(&mut self.pending_manager_events);
+        self.on_manager_events(events, &mut out);
         for p in &mut self.peers {
             while let Some(t) = p.peer.poll_transmit() {
                 out.push((p.addr, t.dest, t.bytes));
-            }
-            while let Some(ev) = p.peer.poll_event() {
-                match ev {
-                    PeerEvent::Exit { code, reason } => p.exit = Some((code, reason)),
-                    PeerEvent::Hop(h) => p.hops.push(h),
-                    _ => {}
-                }
             }
         }
         while let Some(t) = self.client.poll_transmit() {
@@ -203,6 +186,41 @@ impl Sim {
         }
         for (from, to, bytes) in out {
             self.schedule(from, to, bytes);
+        }
+    }
+
+    fn on_manager_events(
+        &mut self,
+        events: Vec<ManagerEvent>,
+        out: &mut Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
+    ) {
+        for ev in events {
+            if let ManagerEvent::LoadFile { job, path } = &ev {
+                let loaded = self
+                    .files
+                    .get(path)
+                    .cloned()
+                    .ok_or_else(|| format!("{path}: no such file"));
+                let more = self.manager.file_loaded(self.now, *job, loaded);
+                // Loading produces sends: go round again.
+                while let Some(t) = self.manager.poll_transmit() {
+                    out.push((self.manager_addr, t.dest, t.bytes));
+                }
+                self.manager_events.push(ev);
+                self.on_manager_events(more, out);
+                continue;
+            }
+            self.manager_events.push(ev);
+        }
+    }
+
+    fn record_peer_events(p: &mut SimPeer, events: Vec<PeerEvent>) {
+        for ev in events {
+            match ev {
+                PeerEvent::Exit { code, reason } => p.exit = Some((code, reason)),
+                PeerEvent::Hop(h) => p.hops.push(h),
+                _ => {}
+            }
         }
     }
 
@@ -241,11 +259,13 @@ impl Sim {
             self.deliver(d);
         }
         if self.manager.poll_timeout().is_some_and(|t| t <= now) {
-            self.manager.handle_timeout(now);
+            let events = self.manager.handle_timeout(now);
+            self.pending_manager_events.extend(events);
         }
         for p in &mut self.peers {
             if p.exit.is_none() && p.peer.poll_timeout().is_some_and(|t| t <= now) {
-                p.peer.handle_timeout(now);
+                let events = p.peer.handle_timeout(now);
+                Self::record_peer_events(p, events);
             }
         }
         if self.client.poll_timeout().is_some_and(|t| t <= now) {
@@ -261,17 +281,20 @@ impl Sim {
         };
         let now = self.now;
         if d.to == self.manager_addr {
-            self.manager.handle(now, d.from, env, None);
+            let events = self.manager.handle(now, d.from, env, None);
+            self.pending_manager_events.extend(events);
         } else if d.to == self.client_addr {
             if self.client.accept(now, d.from, &env) == Accepted::New
                 && let Body::Reply(r) = env.body
             {
-                self.replies.insert(r.to, r.result);
+                self.replies
+                    .insert(r.to, r.result.map_err(|e| e.to_string()));
             }
         } else if let Some(p) = self.peers.iter_mut().find(|p| p.addr == d.to) {
             // An exited process receives nothing.
             if p.exit.is_none() {
-                p.peer.handle(now, d.from, env, None);
+                let events = p.peer.handle(now, d.from, env, None);
+                Self::record_peer_events(p, events);
             }
         }
     }
@@ -330,7 +353,8 @@ impl Sim {
     pub fn terminate(&mut self, name: &str) {
         let now = self.now;
         if let Some(p) = self.peers.iter_mut().find(|p| p.peer.name() == name) {
-            p.peer.request_leave(now);
+            let events = p.peer.request_leave(now);
+            Self::record_peer_events(p, events);
         }
     }
 
@@ -419,7 +443,7 @@ mod tests {
         }
     }
 
-    fn cluster(seed: u64, faults: Faults, peers: usize, placement: PlacementKind) -> Sim {
+    fn cluster(seed: u64, faults: Faults, peers: usize, placement: Placement) -> Sim {
         let mut sim = Sim::new(seed, faults, placement);
         for i in 0..peers {
             sim.add_peer(&format!("peer-{i}"));
@@ -488,7 +512,7 @@ mod tests {
 
     #[test]
     fn every_record_is_found_on_a_clean_network() {
-        let mut sim = cluster(1, Faults::none(), 5, PlacementKind::Consistent);
+        let mut sim = cluster(1, Faults::none(), 5, Placement::Consistent);
         let report = setup_and_distribute(&mut sim);
         assert_eq!(
             (report.read, report.stored, report.new_rows),
@@ -513,7 +537,7 @@ mod tests {
 
     #[test]
     fn the_walk_goes_next_by_next_from_the_entry_peer() {
-        let mut sim = cluster(2, Faults::none(), 5, PlacementKind::Consistent);
+        let mut sim = cluster(2, Faults::none(), 5, Placement::Consistent);
         setup_and_distribute(&mut sim);
         let ring = sim.manager.ring().cloned().unwrap();
         let key = RecordKey::Event(5_000_014);
@@ -531,7 +555,7 @@ mod tests {
 
     #[test]
     fn an_absent_key_is_not_found_at_its_owner() {
-        let mut sim = cluster(3, Faults::none(), 5, PlacementKind::Consistent);
+        let mut sim = cluster(3, Faults::none(), 5, Placement::Consistent);
         setup_and_distribute(&mut sim);
         let key = RecordKey::Event(42);
         let owner = sim.manager.ring().unwrap().owner_of(key).unwrap().id;
@@ -549,7 +573,7 @@ mod tests {
                 duplicate: 0.1,
                 max_delay: Duration::from_millis(5),
             };
-            let mut sim = cluster(seed, faults, 5, PlacementKind::Consistent);
+            let mut sim = cluster(seed, faults, 5, Placement::Consistent);
             let report = setup_and_distribute(&mut sim);
             assert_eq!(report.stored, 722, "seed {seed}");
             assert_eq!(
@@ -562,7 +586,7 @@ mod tests {
 
     #[test]
     fn distributing_twice_stores_nothing_twice() {
-        let mut sim = cluster(4, Faults::none(), 3, PlacementKind::Consistent);
+        let mut sim = cluster(4, Faults::none(), 3, Placement::Consistent);
         setup_and_distribute(&mut sim);
         let again = match sim.request(ClientRequest::Distribute { path: None }) {
             Ok(ReplyBody::Distribute(r)) => r,
@@ -579,7 +603,7 @@ mod tests {
             duplicate: 0.05,
             max_delay: Duration::from_millis(2),
         };
-        let mut sim = cluster(5, faults, 5, PlacementKind::Consistent);
+        let mut sim = cluster(5, faults, 5, Placement::Consistent);
         setup_and_distribute(&mut sim);
         let before = sim.holdings();
         let ring = sim.manager.ring().cloned().unwrap();
@@ -626,7 +650,7 @@ mod tests {
 
     #[test]
     fn sigterm_is_a_graceful_leave() {
-        let mut sim = cluster(6, Faults::none(), 5, PlacementKind::Consistent);
+        let mut sim = cluster(6, Faults::none(), 5, Placement::Consistent);
         setup_and_distribute(&mut sim);
         sim.terminate("peer-1");
         sim.settle();
@@ -640,7 +664,7 @@ mod tests {
 
     #[test]
     fn queries_during_a_leave_still_find_everything() {
-        let mut sim = cluster(7, Faults::none(), 5, PlacementKind::Consistent);
+        let mut sim = cluster(7, Faults::none(), 5, Placement::Consistent);
         setup_and_distribute(&mut sim);
         sim.terminate("peer-3");
         // No settle: the hand-off is under way while the queries run.
@@ -649,7 +673,7 @@ mod tests {
 
     #[test]
     fn a_late_peer_joins_and_takes_part_of_one_arc() {
-        let mut sim = cluster(8, Faults::none(), 5, PlacementKind::Consistent);
+        let mut sim = cluster(8, Faults::none(), 5, Placement::Consistent);
         setup_and_distribute(&mut sim);
         let before = sim.holdings();
         sim.add_peer("late");
@@ -671,7 +695,7 @@ mod tests {
 
     #[test]
     fn a_taken_name_is_refused_with_a_reason() {
-        let mut sim = cluster(9, Faults::none(), 2, PlacementKind::Consistent);
+        let mut sim = cluster(9, Faults::none(), 2, Placement::Consistent);
         let i = sim.add_peer("peer-0");
         sim.settle();
         let exit = sim.peers[i]
@@ -685,7 +709,7 @@ mod tests {
 
     #[test]
     fn teardown_ends_every_peer_with_zero_and_the_manager_starts_over() {
-        let mut sim = cluster(10, Faults::none(), 4, PlacementKind::Consistent);
+        let mut sim = cluster(10, Faults::none(), 4, Placement::Consistent);
         setup_and_distribute(&mut sim);
         let reply = sim.request(ClientRequest::Teardown).expect("teardown");
         assert_eq!(reply, ReplyBody::Teardown { peers: 4 });
@@ -714,18 +738,22 @@ mod tests {
 
     #[test]
     fn status_reports_every_peer_with_counts_and_shares() {
-        let mut sim = cluster(14, Faults::none(), 5, PlacementKind::Consistent);
+        let mut sim = cluster(14, Faults::none(), 5, Placement::Consistent);
         setup_and_distribute(&mut sim);
         let s = status(&mut sim);
         assert_eq!(s.peers.len(), 5);
         assert_eq!(s.peers.iter().map(|p| p.records.unwrap()).sum::<u64>(), 722);
         assert!((s.peers.iter().map(|p| p.share).sum::<f64>() - 1.0).abs() < 1e-6);
-        assert!(s.peers.iter().all(|p| p.state == "up"));
+        assert!(
+            s.peers
+                .iter()
+                .all(|p| p.state == crate::wire::PeerState::Up)
+        );
     }
 
     #[test]
     fn modulo_and_course_placements_find_everything_too() {
-        for placement in [PlacementKind::Modulo, PlacementKind::Course] {
+        for placement in [Placement::Modulo, Placement::Course] {
             let mut sim = cluster(15, Faults::none(), 5, placement);
             setup_and_distribute(&mut sim);
             sim.settle();
@@ -738,7 +766,7 @@ mod tests {
 
     #[test]
     fn commands_before_setup_get_clear_errors() {
-        let mut sim = cluster(16, Faults::none(), 2, PlacementKind::Consistent);
+        let mut sim = cluster(16, Faults::none(), 2, Placement::Consistent);
         let e = sim
             .request(ClientRequest::Distribute { path: None })
             .unwrap_err();
@@ -767,7 +795,7 @@ mod tests {
 
     #[test]
     fn a_dead_neighbour_is_routed_around() {
-        let mut sim = cluster(17, Faults::none(), 5, PlacementKind::Consistent);
+        let mut sim = cluster(17, Faults::none(), 5, Placement::Consistent);
         setup_and_distribute(&mut sim);
         let ring = sim.manager.ring().cloned().unwrap();
         // Kill (no hand-off) the member right after the entry; query a key owned further on.
@@ -794,7 +822,7 @@ mod tests {
     #[test]
     fn churn_on_a_bad_network_loses_and_duplicates_nothing() {
         for seed in 20..36 {
-            for placement in [PlacementKind::Consistent, PlacementKind::Modulo] {
+            for placement in [Placement::Consistent, Placement::Modulo] {
                 let faults = Faults {
                     loss: 0.1,
                     duplicate: 0.1,
@@ -828,7 +856,7 @@ mod tests {
     /// the reason rather than an ack and then silence.
     #[test]
     fn a_message_for_another_role_is_rejected_not_acked() {
-        let mut sim = cluster(30, Faults::none(), 1, PlacementKind::Consistent);
+        let mut sim = cluster(30, Faults::none(), 1, Placement::Consistent);
         let now = sim.now;
         let status = Envelope::new(99, 1, None, Body::Request(ClientRequest::Status));
         let from = addr(4444);
@@ -836,7 +864,7 @@ mod tests {
         let out = sim.peers[0].peer.poll_transmit().expect("a reply");
         let reply = Envelope::decode(&out.bytes).unwrap();
         assert!(
-            matches!(reply.body, Body::Reject { seq: 1, ref reason } if reason.contains("manager")),
+            matches!(reply.body, Body::Reject { seq: 1, ref reason } if reason.to_string().contains("manager")),
             "{reply:?}"
         );
         assert!(
@@ -867,7 +895,7 @@ mod tests {
     /// change completes.
     #[test]
     fn a_member_dying_mid_change_does_not_stall_the_ring() {
-        let mut sim = cluster(31, Faults::none(), 4, PlacementKind::Consistent);
+        let mut sim = cluster(31, Faults::none(), 4, Placement::Consistent);
         setup_and_distribute(&mut sim);
         sim.add_peer("joiner");
         let victim = "peer-0";
@@ -912,7 +940,7 @@ mod tests {
     /// client is told plainly that its records are lost (there is no replication yet).
     #[test]
     fn leaving_a_dead_peer_says_its_records_are_lost() {
-        let mut sim = cluster(32, Faults::none(), 4, PlacementKind::Consistent);
+        let mut sim = cluster(32, Faults::none(), 4, Placement::Consistent);
         setup_and_distribute(&mut sim);
         sim.crash("peer-2");
         let e = sim
@@ -932,7 +960,7 @@ mod tests {
     /// ring elsewhere.
     #[test]
     fn a_peer_without_the_ring_refuses_and_the_query_enters_elsewhere() {
-        let mut sim = cluster(33, Faults::none(), 4, PlacementKind::Consistent);
+        let mut sim = cluster(33, Faults::none(), 4, Placement::Consistent);
         setup_and_distribute(&mut sim);
         let i = sim.add_peer("late");
         let late = sim.peers[i].addr;
@@ -967,7 +995,7 @@ mod tests {
     /// driver, which closes the query's span), never in silence.
     #[test]
     fn a_query_into_a_dead_ring_fails_with_a_reason() {
-        let mut sim = cluster(34, Faults::none(), 3, PlacementKind::Consistent);
+        let mut sim = cluster(34, Faults::none(), 3, Placement::Consistent);
         setup_and_distribute(&mut sim);
         for name in ["peer-0", "peer-1", "peer-2"] {
             sim.crash(name);
@@ -989,7 +1017,7 @@ mod tests {
     /// the ring, and `setup` answers only once every member knows both.
     #[test]
     fn a_lost_registration_answer_does_not_break_the_first_queries() {
-        let mut sim = Sim::new(35, Faults::none(), PlacementKind::Consistent);
+        let mut sim = Sim::new(35, Faults::none(), Placement::Consistent);
         for i in 0..4 {
             sim.add_peer(&format!("peer-{i}"));
         }
@@ -1012,7 +1040,7 @@ mod tests {
     /// a membership change must not call itself settled.
     #[test]
     fn status_is_not_settled_when_its_counts_span_a_ring_change() {
-        let mut sim = cluster(36, Faults::none(), 4, PlacementKind::Consistent);
+        let mut sim = cluster(36, Faults::none(), 4, Placement::Consistent);
         setup_and_distribute(&mut sim);
         let seq = sim
             .client

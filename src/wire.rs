@@ -61,7 +61,7 @@ pub enum Body {
     },
     /// Any node → the sender of `seq`: it arrived but will never be handled (unknown command,
     /// a message for another role). Also ends the sender's retransmission.
-    Reject { seq: u64, reason: String },
+    Reject { seq: u64, reason: RejectReason },
     /// stormctl → manager.
     Request(ClientRequest),
     /// manager → stormctl.
@@ -71,7 +71,7 @@ pub enum Body {
     /// manager → peer: you are in, under this id.
     Registered { id: PeerId },
     /// manager → peer: you are not (e.g. the name is taken).
-    Refused { reason: String },
+    Refused { reason: Refusal },
     /// manager → peers: the ring as of `epoch`.
     Ring(RingView),
     /// peer → manager: every record I no longer own under `epoch` has been handed over
@@ -81,7 +81,7 @@ pub enum Body {
     /// marks the peer as leaving, then with [`Body::Exit`] once its records are handed over.
     LeaveRequest,
     /// manager → peer: stop; every record you held is elsewhere now (or the cluster is torn down).
-    Exit { reason: String },
+    Exit { reason: ExitReason },
     /// manager → peer: report your state (for `status`).
     Probe { probe: u64 },
     /// peer → manager: the answer to a probe.
@@ -161,7 +161,7 @@ impl ClientRequest {
 pub struct ClientReply {
     /// The sequence number of the request this answers.
     pub to: u64,
-    pub result: Result<ReplyBody, String>,
+    pub result: Result<ReplyBody, RequestError>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -180,8 +180,8 @@ pub enum ReplyBody {
     },
 }
 
-/// How keys map to owners. Carried in every ring view so that every peer decides ownership the
-/// same way.
+/// How keys map to owners: chosen in the manager's configuration (`placement`) and carried in
+/// every ring view, so that every peer decides ownership the same way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Placement {
@@ -189,9 +189,19 @@ pub enum Placement {
     Consistent,
     /// The seed's scheme: `hash(key) mod n` picks the n-th peer of the ring.
     Modulo,
-    /// The networking course's: `pos = id mod s` (s the first prime above twice the record
-    /// count), owner `pos mod n`.
-    Course { s: u64 },
+    /// The networking course's: `pos = id mod s` (s = [`RingView::table_size`], the first prime
+    /// above twice the record count), owner `pos mod n`.
+    Course,
+}
+
+impl std::fmt::Display for Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Placement::Consistent => "consistent",
+            Placement::Modulo => "modulo",
+            Placement::Course => "course",
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,6 +222,10 @@ pub struct RingView {
     /// owner keeps walking instead of answering "not found".
     pub settled: bool,
     pub placement: Placement,
+    /// The course placement's table size `s` (fixed when records are distributed); unused by
+    /// the other placements.
+    #[serde(default)]
+    pub table_size: u64,
     /// Ordered by token: each member's next neighbour is the one after it, wrapping.
     pub members: Vec<Member>,
 }
@@ -298,8 +312,7 @@ pub struct PeerStatus {
     pub id: PeerId,
     pub name: String,
     pub addr: SocketAddr,
-    /// registered | up | leaving | unreachable
-    pub state: String,
+    pub state: PeerState,
     /// None when the peer did not answer the probe.
     pub records: Option<u64>,
     pub keys: Option<u64>,
@@ -316,6 +329,9 @@ pub struct StatusReport {
     pub epoch: u64,
     pub settled: bool,
     pub placement: Option<Placement>,
+    /// The course placement's table size, when that is the placement.
+    #[serde(default)]
+    pub table_size: u64,
     pub peers: Vec<PeerStatus>,
     /// The manager's own.
     #[serde(default)]
@@ -339,6 +355,141 @@ pub struct DistributeReport {
     pub batches: u64,
     pub per_peer: Vec<(PeerId, u64)>,
     pub elapsed_micros: u64,
+}
+
+/// A peer's state as `status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerState {
+    /// Registered, not yet in the ring (no `setup` yet).
+    Registered,
+    Up,
+    /// Handing its records over before it exits.
+    Leaving,
+    /// Did not answer the status probe.
+    Unreachable,
+}
+
+impl PeerState {
+    /// The two-letter code of `status`'s table, after `nodetool status`.
+    pub fn code(self) -> &'static str {
+        match self {
+            PeerState::Registered => "UR",
+            PeerState::Up => "UN",
+            PeerState::Leaving => "UL",
+            PeerState::Unreachable => "DN",
+        }
+    }
+}
+
+impl std::fmt::Display for PeerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PeerState::Registered => "registered",
+            PeerState::Up => "up",
+            PeerState::Leaving => "leaving",
+            PeerState::Unreachable => "unreachable",
+        })
+    }
+}
+
+/// Why a sequenced message will never be handled (it is answered with [`Body::Reject`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RejectReason {
+    #[error("protocol version {got} is not supported (this build speaks {PROTOCOL_VERSION})")]
+    Version { got: u16 },
+    #[error("unknown or malformed message: {detail}")]
+    Malformed { detail: String },
+    #[error("the manager does not handle '{kind}' messages")]
+    NotForManager { kind: String },
+    #[error("a peer does not handle '{kind}' messages")]
+    NotForPeer { kind: String },
+    #[error("'{kind}' is a client command: send it to the manager, not to peer {peer}")]
+    ClientCommandToPeer { kind: String, peer: String },
+    #[error("peer {peer} is not in the ring yet")]
+    NotInRing { peer: String },
+    #[error("not a registered peer")]
+    NotRegistered,
+}
+
+/// Why the manager refused a registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    #[error("a peer name must not be empty")]
+    EmptyName,
+    #[error("the name '{name}' is taken by peer {id} at {addr}")]
+    NameTaken {
+        name: String,
+        id: PeerId,
+        addr: SocketAddr,
+    },
+}
+
+/// Why the manager tells a peer to exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ExitReason {
+    #[error("the cluster is being torn down")]
+    TearDown,
+    #[error("left the ring; its records are with their new owners")]
+    Left,
+    #[error("left before joining the ring")]
+    LeftBeforeJoining,
+}
+
+/// Why a distribute stopped before every row was stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum DistributeFailure {
+    #[error("peer {peer} refused a batch: {reason}")]
+    BatchRefused { peer: PeerId, reason: RejectReason },
+    #[error("peer {peer} at {addr} did not acknowledge after {attempts} attempts")]
+    PeerSilent {
+        peer: PeerId,
+        addr: SocketAddr,
+        attempts: u32,
+    },
+}
+
+/// Why the manager could not carry out a client's request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+pub enum RequestError {
+    #[error("no peers have registered yet")]
+    NoPeers,
+    #[error("no ring yet: run setup first")]
+    NoRing,
+    #[error("a teardown is in progress")]
+    TeardownInProgress,
+    #[error("the cluster was torn down")]
+    TornDown,
+    #[error("a distribute is already running")]
+    DistributeRunning,
+    #[error("no file given and no `data` configured")]
+    NoData,
+    #[error("{reason}")]
+    Load { path: String, reason: String },
+    #[error(
+        "{failure}; {stored} of {read} rows were stored before the failure (distributing again is safe: nothing is stored twice)"
+    )]
+    Distribute {
+        failure: DistributeFailure,
+        stored: u64,
+        read: u64,
+    },
+    #[error("busy: {in_flight} queries are in flight; try again")]
+    Busy { in_flight: usize },
+    #[error("no peer is named '{name}'")]
+    NoSuchPeer { name: String },
+    #[error("no peer '{name}' in the ring")]
+    NotInRing { name: String },
+    #[error("peer '{name}' is already leaving")]
+    AlreadyLeaving { name: String },
+    #[error(
+        "peer {id} ({name}) did not answer; it was removed from the ring, and the records it held are lost"
+    )]
+    PeerLost { id: PeerId, name: String },
+    #[error("no answer from the ring within {secs:.1} s (event {key})")]
+    QueryTimeout { key: RecordKey, secs: f64 },
+    #[error("no peer in the ring could take the query (last: {last}) (event {key})")]
+    NoEntry { key: RecordKey, last: String },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -435,7 +586,7 @@ mod tests {
             },
             Body::Reject {
                 seq: 2,
-                reason: "no".into(),
+                reason: RejectReason::NotRegistered,
             },
             Body::Request(ClientRequest::Query {
                 key: RecordKey::Event(5570068),
@@ -448,7 +599,8 @@ mod tests {
             Body::Ring(RingView {
                 epoch: 3,
                 settled: true,
-                placement: Placement::Course { s: 97 },
+                placement: Placement::Course,
+                table_size: 97,
                 members: vec![Member {
                     id: 1,
                     name: "a".into(),
@@ -472,7 +624,7 @@ mod tests {
             }),
             Body::Reply(ClientReply {
                 to: 4,
-                result: Err("boom".into()),
+                result: Err(RequestError::AlreadyLeaving { name: "p1".into() }),
             }),
             Body::LeaveRequest,
         ]

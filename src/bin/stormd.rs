@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use stormdht::client::{Client, verify};
 use stormdht::cluster::LocalCluster;
 use stormdht::config::{Config, Role};
-use stormdht::node::{run_manager, run_peer};
+use stormdht::driver::{run_manager, run_peer};
 use stormdht::record::{self, RecordKey};
 use stormdht::report;
 use stormdht::telemetry;

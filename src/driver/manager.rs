@@ -1,0 +1,269 @@
+//! The manager's shell: a span per client request (kept open until the request's outcome),
+//! files loaded off the runtime thread, logs of what the manager did.
+
+use super::{Control, Machine, Shared, Shell, Shutdown, bind_udp, drive, shared};
+use crate::config::Config;
+use crate::link::{Time, Transmit};
+use crate::manager::{Manager, ManagerEvent};
+use crate::record::Dataset;
+use crate::telemetry::{TARGET, set_remote_parent};
+use crate::wire::{Body, ClientRequest, Envelope, TraceContext};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tracing::{Span, field, info, warn};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// What the manager's driver feeds it besides datagrams.
+#[derive(Debug)]
+pub enum ManagerInput {
+    /// The CSV of a distribute job, loaded (or not).
+    FileLoaded {
+        job: u64,
+        result: Result<Dataset, String>,
+    },
+}
+
+impl Machine for Manager {
+    type Event = ManagerEvent;
+    type Local = ManagerInput;
+
+    fn handle(
+        &mut self,
+        now: Time,
+        from: SocketAddr,
+        env: Envelope,
+        trace: Option<TraceContext>,
+    ) -> Vec<ManagerEvent> {
+        Manager::handle(self, now, from, env, trace)
+    }
+    fn handle_timeout(&mut self, now: Time) -> Vec<ManagerEvent> {
+        Manager::handle_timeout(self, now)
+    }
+    fn handle_local(&mut self, now: Time, input: ManagerInput) -> Vec<ManagerEvent> {
+        match input {
+            ManagerInput::FileLoaded { job, result } => self.file_loaded(now, job, result),
+        }
+    }
+    fn poll_timeout(&self) -> Option<Time> {
+        Manager::poll_timeout(self)
+    }
+    fn poll_transmit(&mut self) -> Option<Transmit> {
+        Manager::poll_transmit(self)
+    }
+    fn note_bad_datagrams(&mut self, n: u64) {
+        for _ in 0..n {
+            self.note_bad_datagram();
+        }
+    }
+    fn incarnation(&self) -> u64 {
+        Manager::incarnation(self)
+    }
+}
+
+/// Loads the CSV a distribute names.
+pub type LoadFn = Arc<dyn Fn(&str) -> Result<Dataset, String> + Send + Sync>;
+
+/// The loader of a real manager: the file system, on a blocking thread.
+pub fn disk_loader() -> LoadFn {
+    Arc::new(|path: &str| {
+        crate::record::load_path(std::path::Path::new(path)).map_err(|e| e.to_string())
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum SpanKey {
+    Query(u64),
+    Distribute(u64),
+}
+
+pub struct ManagerShell {
+    spans: HashMap<SpanKey, Span>,
+    load: LoadFn,
+    /// Load on a blocking thread (real files) or inline (the simulation's memory files).
+    blocking: bool,
+    loaded_tx: mpsc::UnboundedSender<ManagerInput>,
+    loaded_rx: mpsc::UnboundedReceiver<ManagerInput>,
+}
+
+impl ManagerShell {
+    pub fn new(load: LoadFn, blocking: bool) -> Self {
+        let (loaded_tx, loaded_rx) = mpsc::unbounded_channel();
+        ManagerShell {
+            spans: HashMap::new(),
+            load,
+            blocking,
+            loaded_tx,
+            loaded_rx,
+        }
+    }
+
+    fn load_file(&self, job: u64, path: String) {
+        info!(%path, "loading records");
+        let (load, tx) = (self.load.clone(), self.loaded_tx.clone());
+        let work = move || {
+            let result = load(&path);
+            // The receiver lives as long as the shell; a send can only fail after the loop ended.
+            let _ = tx.send(ManagerInput::FileLoaded { job, result });
+        };
+        if self.blocking {
+            tokio::task::spawn_blocking(work);
+        } else {
+            work();
+        }
+    }
+}
+
+impl Shell<Manager> for ManagerShell {
+    type Exit = ();
+
+    fn open_span(&mut self, _: &Manager, from: SocketAddr, env: &Envelope) -> Option<Span> {
+        let Body::Request(req) = &env.body else {
+            return None;
+        };
+        let span = tracing::info_span!(
+            target: TARGET,
+            "manager",
+            otel.name = field::Empty,
+            otel.kind = "server",
+            command = req.kind(),
+            event.id = field::Empty,
+            found = field::Empty,
+            path = field::Empty,
+            entry.peer.id = field::Empty,
+            network.transport = "udp",
+            network.peer.address = field::Empty,
+            network.peer.port = field::Empty,
+            client.address = %from.ip(),
+        );
+        span.record("otel.name", format!("manager {}", req.kind()));
+        if let ClientRequest::Query { key, .. } = req {
+            span.record("event.id", key.to_string());
+        }
+        set_remote_parent(&span, env.trace.as_ref());
+        Some(span)
+    }
+
+    fn close_span(&mut self, span: Span, events: &[ManagerEvent]) {
+        // A long-running request's span stays open until the manager reports its end.
+        let mut keep = None;
+        for ev in events {
+            match ev {
+                ManagerEvent::QueryDispatched {
+                    query,
+                    entry,
+                    entry_addr,
+                    ..
+                } => {
+                    span.record("entry.peer.id", *entry);
+                    span.record("network.peer.address", entry_addr.ip().to_string());
+                    span.record("network.peer.port", entry_addr.port());
+                    keep = Some(SpanKey::Query(*query));
+                }
+                ManagerEvent::LoadFile { job, .. } => keep = Some(SpanKey::Distribute(*job)),
+                _ => {}
+            }
+        }
+        if let Some(key) = keep {
+            self.spans.insert(key, span);
+        }
+    }
+
+    fn on_event(&mut self, ev: ManagerEvent) -> Control<()> {
+        match ev {
+            ManagerEvent::LoadFile { job, path } => self.load_file(job, path),
+            ManagerEvent::PeerRegistered { id, name, addr } => {
+                info!(id, %name, %addr, "peer registered")
+            }
+            ManagerEvent::RingChanged {
+                epoch,
+                settled,
+                members,
+            } => info!(epoch, settled, members, "ring changed"),
+            ManagerEvent::PeerLeft { id, name } => info!(id, %name, "peer left"),
+            ManagerEvent::QueryDispatched { .. } => {}
+            ManagerEvent::QueryDone { query, found, path } => {
+                if let Some(span) = self.spans.remove(&SpanKey::Query(query)) {
+                    span.record("found", found);
+                    span.record("path", format!("{path:?}"));
+                }
+            }
+            ManagerEvent::QueryFailed { query, reason } => {
+                if let Some(span) = self.spans.remove(&SpanKey::Query(query)) {
+                    span.set_status(opentelemetry::trace::Status::error(reason));
+                }
+            }
+            ManagerEvent::DistributeDone {
+                job,
+                stored,
+                elapsed,
+            } => {
+                info!(
+                    stored,
+                    elapsed_ms = elapsed.as_secs_f64() * 1e3,
+                    "distribute done"
+                );
+                self.spans.remove(&SpanKey::Distribute(job));
+            }
+            ManagerEvent::DistributeFailed { job, reason } => {
+                warn!("distribute failed: {reason}");
+                if let Some(span) = self.spans.remove(&SpanKey::Distribute(job)) {
+                    span.set_status(opentelemetry::trace::Status::error(reason));
+                }
+            }
+            ManagerEvent::Warning(w) => warn!("{w}"),
+        }
+        Control::Continue
+    }
+
+    async fn next_local(&mut self) -> ManagerInput {
+        match self.loaded_rx.recv().await {
+            Some(input) => input,
+            // The shell holds a sender itself, so the channel never closes while it lives.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn on_shutdown(&mut self, _: &mut Manager, _: Time) -> Result<Vec<ManagerEvent>, ()> {
+        info!("manager shutting down");
+        Err(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Socket(#[from] super::SocketError),
+    #[error("could not read the bound address of {addr}: {source}")]
+    LocalAddr {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// Runs a manager on real UDP until `shutdown` fires. `ready` receives the bound address.
+pub async fn run_manager(
+    cfg: &Config,
+    shutdown: Shutdown,
+    ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> Result<(), NodeError> {
+    let socket = bind_udp(&cfg.listen, cfg.socket_buffer).await?;
+    let local = socket.local_addr().map_err(|source| NodeError::LocalAddr {
+        addr: cfg.listen.clone(),
+        source,
+    })?;
+    let manager = shared(Manager::new(cfg.manager_config(), rand::random()));
+    info!(%local, placement = ?cfg.placement, "manager listening");
+    if let Some(tx) = ready {
+        let _ = tx.send(local);
+    }
+    let mut shell = ManagerShell::new(disk_loader(), true);
+    drive(&socket, &manager, &mut shell, shutdown, &cfg.chaos).await;
+    Ok(())
+}
+
+/// A manager machine ready to be driven, for callers that bring their own socket.
+pub fn manager_machine(cfg: &Config, incarnation: u64) -> Shared<Manager> {
+    shared(Manager::new(cfg.manager_config(), incarnation))
+}

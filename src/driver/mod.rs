@@ -1,0 +1,398 @@
+//! The driver: the one loop that runs a sans-IO state machine over a datagram socket. It owns
+//! the socket, the clock and the chaos settings; the machine owns the protocol. The same loop
+//! runs the manager and the peer over real UDP in production, and over the simulation's
+//! in-memory network in the tests.
+//!
+//! Everything a machine produces for one input comes back from that call ([`Machine::handle`]
+//! returns the events of that datagram alone), so a span opened for a datagram records what
+//! that datagram did and nothing of its neighbours in the same receive burst.
+//!
+//! Role-specific work — opening and closing spans, loading files, how an exit ends the process
+//! — lives in a [`Shell`]: [`manager`] and [`peer`].
+
+pub mod manager;
+pub mod peer;
+pub mod socket;
+
+use crate::config::ChaosConfig;
+use crate::link::{Time, Transmit};
+use crate::wire::{Body, Envelope, RejectReason, TraceContext, WireError};
+use rand::{Rng, SeedableRng};
+use socket::DatagramSocket;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{Span, warn};
+
+pub use manager::run_manager;
+pub use peer::{PeerExit, run_peer};
+pub use socket::{SocketError, bind_udp, lookup};
+
+/// A protocol state machine as the driver sees it: datagrams, timeouts and local inputs in;
+/// events returned, datagrams pulled.
+pub trait Machine {
+    type Event;
+    /// Inputs that come from the driver's side rather than the network (a file it loaded).
+    type Local;
+    fn handle(
+        &mut self,
+        now: Time,
+        from: SocketAddr,
+        env: Envelope,
+        trace: Option<TraceContext>,
+    ) -> Vec<Self::Event>;
+    fn handle_timeout(&mut self, now: Time) -> Vec<Self::Event>;
+    fn handle_local(&mut self, now: Time, input: Self::Local) -> Vec<Self::Event>;
+    fn poll_timeout(&self) -> Option<Time>;
+    fn poll_transmit(&mut self) -> Option<Transmit>;
+    /// The driver dropped datagrams that did not decode (shown in `status`).
+    fn note_bad_datagrams(&mut self, n: u64);
+    fn incarnation(&self) -> u64;
+}
+
+/// A machine shared between its driver and whoever wants to look at it (tests, the demo).
+/// The driver holds the lock only while the machine computes, never across an await.
+pub type Shared<M> = Arc<Mutex<M>>;
+
+pub fn shared<M>(machine: M) -> Shared<M> {
+    Arc::new(Mutex::new(machine))
+}
+
+/// Locks a shared machine. A panic while it was held cannot leave it half-updated in a way
+/// that matters more than stopping would, so a poisoned lock is taken over.
+pub fn lock<M>(machine: &Shared<M>) -> MutexGuard<'_, M> {
+    machine.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the loop does after an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control<X> {
+    Continue,
+    /// End the loop with this result.
+    Stop(X),
+    /// Keep answering for a moment (a repeated message whose ack was lost), then end.
+    Linger(Duration, X),
+}
+
+/// The role-specific side of a driver: spans, side effects, how it ends.
+pub trait Shell<M: Machine> {
+    type Exit;
+    /// The span for an incoming datagram, opened before the machine sees it.
+    fn open_span(&mut self, machine: &M, from: SocketAddr, env: &Envelope) -> Option<Span>;
+    /// Records on the datagram's span what its own events say (and may keep the span open).
+    fn close_span(&mut self, span: Span, events: &[M::Event]);
+    fn on_event(&mut self, event: M::Event) -> Control<Self::Exit>;
+    /// The next local input; pending forever when there is none. Must be cancel safe.
+    fn next_local(&mut self) -> impl Future<Output = M::Local>;
+    /// SIGTERM: stop at once (`Err`), or let the machine wind down (`Ok`, its events).
+    fn on_shutdown(&mut self, machine: &mut M, now: Time) -> Result<Vec<M::Event>, Self::Exit>;
+}
+
+/// Tells a node to stop: the manager stops at once, a peer leaves gracefully first.
+pub type Shutdown = watch::Receiver<bool>;
+
+/// Fault injection on the send path, seeded so that a failing run replays.
+struct Chaos {
+    loss: f64,
+    duplicate: f64,
+    rng: rand::rngs::SmallRng,
+}
+
+impl Chaos {
+    fn new(cfg: &ChaosConfig) -> Option<Chaos> {
+        if cfg.loss <= 0.0 && cfg.duplicate <= 0.0 {
+            return None;
+        }
+        let seed = cfg.seed.unwrap_or_else(rand::random);
+        warn!(
+            loss = cfg.loss,
+            duplicate = cfg.duplicate,
+            seed,
+            "chaos: dropping and duplicating outgoing datagrams (set chaos.seed = {seed} to replay)"
+        );
+        Some(Chaos {
+            loss: cfg.loss,
+            duplicate: cfg.duplicate,
+            rng: rand::rngs::SmallRng::seed_from_u64(seed),
+        })
+    }
+
+    /// How many copies of the next datagram go out: 0, 1 or 2.
+    fn copies(&mut self) -> usize {
+        if self.rng.random_bool(self.loss) {
+            0
+        } else if self.rng.random_bool(self.duplicate) {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+/// Counts datagrams that did not decode, and logs the first few and then every thousandth.
+#[derive(Default)]
+struct BadDatagrams {
+    total: u64,
+    /// Not yet reported to the machine.
+    unreported: u64,
+}
+
+impl BadDatagrams {
+    fn record(&mut self, from: SocketAddr, len: usize, err: &WireError) {
+        self.total += 1;
+        self.unreported += 1;
+        if self.total <= 10 || self.total.is_multiple_of(1000) {
+            warn!(%from, len, total = self.total, "dropped a datagram: {err}");
+        }
+    }
+}
+
+/// Answers a datagram whose header is readable but whose body is not, so that a client of
+/// another version learns why instead of timing out.
+fn reject_undecodable(bytes: &[u8], err: &WireError, incarnation: u64) -> Option<Vec<u8>> {
+    let header = Envelope::decode_header(bytes)?;
+    if header.seq == 0 {
+        return None;
+    }
+    let reason = match err {
+        WireError::Version { got } => RejectReason::Version { got: *got },
+        _ => RejectReason::Malformed {
+            detail: err.to_string(),
+        },
+    };
+    Envelope::new(
+        incarnation,
+        0,
+        None,
+        Body::Reject {
+            seq: header.seq,
+            reason,
+        },
+    )
+    .encode()
+    .ok()
+}
+
+/// Datagrams decoded per wake-up at most, so a flood of batches costs one wake-up, not many,
+/// and timers still run between floods.
+const RECV_BURST: usize = 64;
+
+/// The driver's own parts: clock, buffer, counters, chaos.
+struct Io<'s, S> {
+    socket: &'s S,
+    start: Instant,
+    buf: Vec<u8>,
+    bad: BadDatagrams,
+    chaos: Option<Chaos>,
+}
+
+impl<S: DatagramSocket> Io<'_, S> {
+    fn now(&self) -> Time {
+        self.start.elapsed()
+    }
+
+    fn deadline(&self, at: Time) -> Instant {
+        self.start + at
+    }
+
+    async fn send(&mut self, t: &Transmit) {
+        let copies = self.chaos.as_mut().map_or(1, Chaos::copies);
+        for _ in 0..copies {
+            if let Err(e) = self.socket.send_to(&t.bytes, t.dest).await {
+                // Loss is handled by retransmission; a send error is just another loss.
+                warn!(dest = %t.dest, "send failed: {e}");
+            }
+        }
+    }
+
+    /// Decodes one received datagram, or counts it and answers it with a rejection.
+    async fn decode(&mut self, len: usize, from: SocketAddr, incarnation: u64) -> Option<Envelope> {
+        match Envelope::decode(&self.buf[..len]) {
+            Ok(env) => Some(env),
+            Err(e) => {
+                self.bad.record(from, len, &e);
+                if let Some(bytes) = reject_undecodable(&self.buf[..len], &e, incarnation) {
+                    self.send(&Transmit { dest: from, bytes }).await;
+                }
+                None
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs `machine` over `socket` until the shell ends it (an exit, or a shutdown that stops at
+/// once). Sends everything the machine queues, wakes it at its timeouts, and hands it every
+/// datagram that decodes.
+pub async fn drive<S, M, H>(
+    socket: &S,
+    machine: &Shared<M>,
+    shell: &mut H,
+    mut shutdown: Shutdown,
+    chaos: &ChaosConfig,
+) -> H::Exit
+where
+    S: DatagramSocket,
+    M: Machine,
+    H: Shell<M>,
+{
+    let incarnation = lock(machine).incarnation();
+    let mut io = Io {
+        socket,
+        start: Instant::now(),
+        buf: vec![0; 65_536],
+        bad: BadDatagrams::default(),
+        chaos: Chaos::new(chaos),
+    };
+    let mut shutdown_seen = false;
+    let mut lingering: Option<(Instant, H::Exit)> = None;
+    let mut outgoing: Vec<Transmit> = Vec::new();
+    loop {
+        outgoing.extend(std::iter::from_fn(|| lock(machine).poll_transmit()));
+        for t in outgoing.drain(..) {
+            io.send(&t).await;
+        }
+        let wake = match lingering.take() {
+            Some((at, exit)) if Instant::now() >= at => return exit,
+            Some((at, exit)) => {
+                lingering = Some((at, exit));
+                Some(at)
+            }
+            None => lock(machine).poll_timeout().map(|t| io.deadline(t)),
+        };
+        let control = tokio::select! {
+            // Fixed order, so that a simulation replays exactly.
+            biased;
+            r = shutdown.changed(), if !shutdown_seen => {
+                shutdown_seen = true;
+                if r.is_err() {
+                    Control::Continue // the sender is gone: nobody can ask us to stop
+                } else {
+                    let now = io.now();
+                    let asked = shell.on_shutdown(&mut lock(machine), now);
+                    match asked {
+                        Err(exit) => return exit,
+                        Ok(events) => react(shell, events),
+                    }
+                }
+            }
+            r = socket.recv_from(&mut io.buf) => match r {
+                Ok(first) => receive_burst(&mut io, machine, shell, first, incarnation).await,
+                Err(e) => {
+                    // ICMP errors surface here on some systems; the next datagram is unaffected.
+                    tracing::debug!("receive failed: {e}");
+                    Control::Continue
+                }
+            },
+            _ = sleep_until(wake) => {
+                if lingering.is_some() {
+                    Control::Continue
+                } else {
+                    let events = lock(machine).handle_timeout(io.now());
+                    react(shell, events)
+                }
+            }
+            input = shell.next_local() => {
+                let events = lock(machine).handle_local(io.now(), input);
+                react(shell, events)
+            }
+        };
+        match control {
+            Control::Continue => {}
+            Control::Stop(exit) => {
+                // What the last input queued (the ack of an Exit) still goes out.
+                outgoing.extend(std::iter::from_fn(|| lock(machine).poll_transmit()));
+                for t in outgoing.drain(..) {
+                    io.send(&t).await;
+                }
+                return exit;
+            }
+            Control::Linger(d, exit) => {
+                if lingering.is_none() {
+                    lingering = Some((Instant::now() + d, exit));
+                }
+            }
+        }
+    }
+}
+
+/// Hands each event to the shell; the first that ends the loop wins, the rest are still seen.
+fn react<M: Machine, H: Shell<M>>(shell: &mut H, events: Vec<M::Event>) -> Control<H::Exit> {
+    let mut control = Control::Continue;
+    for ev in events {
+        let c = shell.on_event(ev);
+        if matches!(control, Control::Continue) {
+            control = c;
+        }
+    }
+    control
+}
+
+/// Handles the datagram just received and whatever else is already queued, up to a burst.
+async fn receive_burst<S, M, H>(
+    io: &mut Io<'_, S>,
+    machine: &Shared<M>,
+    shell: &mut H,
+    first: (usize, SocketAddr),
+    incarnation: u64,
+) -> Control<H::Exit>
+where
+    S: DatagramSocket,
+    M: Machine,
+    H: Shell<M>,
+{
+    let mut control = Control::Continue;
+    let mut next = Some(first);
+    let mut taken = 0;
+    while let Some((len, from)) = next.take() {
+        taken += 1;
+        if let Some(env) = io.decode(len, from, incarnation).await {
+            let c = deliver(io.now(), machine, shell, from, env);
+            if matches!(control, Control::Continue) {
+                control = c;
+            }
+        }
+        if taken < RECV_BURST {
+            next = io.socket.try_recv_from(&mut io.buf).ok();
+        }
+    }
+    let bad = std::mem::take(&mut io.bad.unreported);
+    if bad > 0 {
+        lock(machine).note_bad_datagrams(bad);
+    }
+    control
+}
+
+/// One datagram through the machine, inside the span the shell opens for it.
+fn deliver<M: Machine, H: Shell<M>>(
+    now: Time,
+    machine: &Shared<M>,
+    shell: &mut H,
+    from: SocketAddr,
+    env: Envelope,
+) -> Control<H::Exit> {
+    let mut m = lock(machine);
+    let span = shell.open_span(&m, from, &env);
+    let trace = span
+        .as_ref()
+        .and_then(crate::telemetry::context_of)
+        .or_else(|| env.trace.clone());
+    let events = {
+        let _entered = span.as_ref().map(Span::enter);
+        m.handle(now, from, env, trace)
+    };
+    drop(m);
+    if let Some(span) = span {
+        shell.close_span(span, &events);
+    }
+    react(shell, events)
+}

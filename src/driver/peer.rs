@@ -1,0 +1,217 @@
+//! The peer's shell: a span per query hop, stored batch and ring update; exit after a short
+//! linger; SIGTERM as a graceful leave.
+
+use super::manager::NodeError;
+use super::{Control, Machine, Shell, Shutdown, bind_udp, drive, lookup, shared};
+use crate::config::Config;
+use crate::link::{Time, Transmit};
+use crate::peer::{Peer, PeerConfig, PeerEvent};
+use crate::telemetry::{TARGET, set_remote_parent};
+use crate::wire::{Body, Envelope, TraceContext};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tracing::{Span, field, info, warn};
+
+impl Machine for Peer {
+    type Event = PeerEvent;
+    type Local = Infallible;
+
+    fn handle(
+        &mut self,
+        now: Time,
+        from: SocketAddr,
+        env: Envelope,
+        trace: Option<TraceContext>,
+    ) -> Vec<PeerEvent> {
+        Peer::handle(self, now, from, env, trace)
+    }
+    fn handle_timeout(&mut self, now: Time) -> Vec<PeerEvent> {
+        Peer::handle_timeout(self, now)
+    }
+    fn handle_local(&mut self, _: Time, input: Infallible) -> Vec<PeerEvent> {
+        match input {}
+    }
+    fn poll_timeout(&self) -> Option<Time> {
+        Peer::poll_timeout(self)
+    }
+    fn poll_transmit(&mut self) -> Option<Transmit> {
+        Peer::poll_transmit(self)
+    }
+    fn note_bad_datagrams(&mut self, n: u64) {
+        for _ in 0..n {
+            self.note_bad_datagram();
+        }
+    }
+    fn incarnation(&self) -> u64 {
+        Peer::incarnation(self)
+    }
+}
+
+/// How a peer process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerExit {
+    pub code: i32,
+    pub reason: String,
+}
+
+/// How long an exiting peer keeps acknowledging repeated messages (a lost ack of its Exit).
+const EXIT_LINGER: Duration = Duration::from_millis(300);
+
+#[derive(Default)]
+pub struct PeerShell;
+
+impl Shell<Peer> for PeerShell {
+    type Exit = PeerExit;
+
+    fn open_span(&mut self, peer: &Peer, from: SocketAddr, env: &Envelope) -> Option<Span> {
+        let id = peer.id();
+        let span = match &env.body {
+            Body::Find(find) => tracing::info_span!(
+                target: TARGET,
+                "find_event",
+                otel.kind = "server",
+                event.id = %find.key,
+                hop = find.path.len(),
+                peer.id = id,
+                peer.name = peer.name(),
+                found = field::Empty,
+                network.transport = "udp",
+                network.peer.address = field::Empty,
+                network.peer.port = field::Empty,
+                next.peer.id = field::Empty,
+            ),
+            Body::Store(batch) => tracing::info_span!(
+                target: TARGET,
+                "store_batch",
+                otel.kind = "server",
+                rows = batch.rows.len(),
+                new_rows = field::Empty,
+                peer.id = id,
+                peer.name = peer.name(),
+                network.transport = "udp",
+                network.peer.address = %from.ip(),
+                network.peer.port = from.port(),
+            ),
+            Body::Ring(view) => tracing::info_span!(
+                target: TARGET,
+                "ring_update",
+                epoch = view.epoch,
+                settled = view.settled,
+                members = view.members.len(),
+                peer.id = id,
+                peer.name = peer.name(),
+            ),
+            _ => return None,
+        };
+        set_remote_parent(&span, env.trace.as_ref());
+        Some(span)
+    }
+
+    fn close_span(&mut self, span: Span, events: &[PeerEvent]) {
+        // Attributes the peer decided: where the query went, whether it was found here.
+        for ev in events {
+            match ev {
+                PeerEvent::Hop(h) => {
+                    span.record("found", h.found);
+                    span.record("network.peer.address", h.sent_to.ip().to_string());
+                    span.record("network.peer.port", h.sent_to.port());
+                    if let Some((next_id, _)) = h.next {
+                        span.record("next.peer.id", next_id);
+                    }
+                }
+                PeerEvent::Stored { new_rows, .. } => {
+                    span.record("new_rows", *new_rows);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: PeerEvent) -> Control<PeerExit> {
+        match ev {
+            PeerEvent::Exit { code, reason } => {
+                info!(code, %reason, "peer exiting");
+                // Linger a moment: if our ack of the Exit is lost, the retransmission gets
+                // acknowledged again instead of leaving the manager waiting for a dead peer.
+                return Control::Linger(EXIT_LINGER, PeerExit { code, reason });
+            }
+            PeerEvent::Registered { id } => info!(id, "registered"),
+            PeerEvent::RingChanged {
+                epoch,
+                members,
+                next,
+            } => info!(epoch, members, next = ?next.map(|n| n.0), "ring changed"),
+            PeerEvent::HandedOver { to, rows } => info!(to, rows, "handed records over"),
+            PeerEvent::Warning(w) => warn!("{w}"),
+            PeerEvent::Stored { rows, new_rows } => {
+                tracing::debug!(rows, new_rows, "stored a batch")
+            }
+            PeerEvent::Hop(_) => {}
+        }
+        Control::Continue
+    }
+
+    async fn next_local(&mut self) -> Infallible {
+        std::future::pending().await
+    }
+
+    fn on_shutdown(&mut self, peer: &mut Peer, now: Time) -> Result<Vec<PeerEvent>, PeerExit> {
+        info!("leaving the ring: handing records over first");
+        Ok(peer.request_leave(now))
+    }
+}
+
+/// In compose the manager's name may not resolve for a moment after start.
+async fn lookup_with_retry(addr: &str, shutdown: &Shutdown) -> Result<SocketAddr, NodeError> {
+    let mut delay = Duration::from_millis(100);
+    let mut attempts = 0;
+    loop {
+        match lookup(addr).await {
+            Ok(a) => return Ok(a),
+            Err(e) if attempts >= 30 || *shutdown.borrow() => return Err(e.into()),
+            Err(e) => {
+                if attempts == 0 {
+                    warn!("{e}; retrying");
+                }
+                attempts += 1;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// The protocol settings of a peer from its configuration.
+pub fn peer_config(cfg: &Config, manager: SocketAddr) -> PeerConfig {
+    PeerConfig {
+        name: cfg.peer_name(),
+        manager,
+        retry: cfg.retry_policy(),
+        max_datagram: cfg.max_datagram,
+        window: cfg.window,
+    }
+}
+
+/// Runs a peer on real UDP until it exits (teardown, leave, refusal). `shutdown` asks it to
+/// leave.
+pub async fn run_peer(
+    cfg: &Config,
+    shutdown: Shutdown,
+    ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> Result<PeerExit, NodeError> {
+    let socket = bind_udp(&cfg.listen, cfg.socket_buffer).await?;
+    let local = socket.local_addr().map_err(|source| NodeError::LocalAddr {
+        addr: cfg.listen.clone(),
+        source,
+    })?;
+    let manager = lookup_with_retry(&cfg.manager, &shutdown).await?;
+    let peer_cfg = peer_config(cfg, manager);
+    info!(%local, %manager, name = %peer_cfg.name, "peer listening; registering");
+    // The peer's clock starts with its driver's: the registration it queues now goes out at 0.
+    let peer = shared(Peer::new(peer_cfg, rand::random(), Duration::ZERO));
+    if let Some(tx) = ready {
+        let _ = tx.send(local);
+    }
+    Ok(drive(&socket, &peer, &mut PeerShell, shutdown, &cfg.chaos).await)
+}

@@ -1,0 +1,239 @@
+//! Distribution: a CSV loaded by the driver, cut into batches per owner, sent with a window
+//! per peer; a row counts as stored once its owner acknowledged it.
+
+use super::membership::Change;
+use super::{ClientCall, Manager, ManagerEvent, ManagerTag};
+use crate::link::Time;
+use crate::record::Dataset;
+use crate::ring::{RingExt, first_prime_above};
+use crate::store::{batch_budget, make_batches, row_size};
+use crate::wire::{
+    Body, DistributeFailure, DistributeReport, PeerId, Placement, ReplyBody, RequestError,
+    StoreBatch, WireRow,
+};
+use std::collections::{BTreeMap, VecDeque};
+
+pub(super) struct DistributeJob {
+    pub(super) id: u64,
+    pub(super) call: ClientCall,
+    started: Time,
+    queues: BTreeMap<PeerId, VecDeque<StoreBatch>>,
+    in_flight: BTreeMap<PeerId, usize>,
+    report: DistributeReport,
+    per_peer: BTreeMap<PeerId, u64>,
+}
+
+impl Manager {
+    pub(super) fn distribute(&mut self, now: Time, call: ClientCall, path: Option<String>) {
+        if self.job.is_some() {
+            return self.reply(now, &call, Err(RequestError::DistributeRunning));
+        }
+        if self.ring.is_none() {
+            return self.reply(now, &call, Err(RequestError::NoRing));
+        }
+        let Some(path) = path.or_else(|| self.cfg.default_data.clone()) else {
+            return self.reply(now, &call, Err(RequestError::NoData));
+        };
+        let id = self.next_job;
+        self.next_job += 1;
+        self.job = Some(DistributeJob {
+            id,
+            call,
+            started: now,
+            queues: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            report: DistributeReport {
+                path: path.clone(),
+                format: String::new(),
+                read: 0,
+                stored: 0,
+                new_rows: 0,
+                rejected: 0,
+                rejected_samples: Vec::new(),
+                fallback_keys: 0,
+                batches: 0,
+                per_peer: Vec::new(),
+                elapsed_micros: 0,
+            },
+            per_peer: BTreeMap::new(),
+        });
+        self.events.push(ManagerEvent::LoadFile { job: id, path });
+    }
+
+    /// The driver loaded the file of a distribute job (or failed to).
+    pub fn file_loaded(
+        &mut self,
+        now: Time,
+        job_id: u64,
+        loaded: Result<Dataset, String>,
+    ) -> Vec<ManagerEvent> {
+        self.on_file_loaded(now, job_id, loaded);
+        std::mem::take(&mut self.events)
+    }
+
+    pub(super) fn on_file_loaded(
+        &mut self,
+        now: Time,
+        job_id: u64,
+        loaded: Result<Dataset, String>,
+    ) {
+        let Some(job) = self.job.as_mut().filter(|j| j.id == job_id) else {
+            return;
+        };
+        let dataset = match loaded {
+            Ok(d) => d,
+            Err(e) => {
+                let call = job.call.clone();
+                let path = job.report.path.clone();
+                self.job = None;
+                self.events.push(ManagerEvent::DistributeFailed {
+                    job: job_id,
+                    reason: e.clone(),
+                });
+                return self.reply(now, &call, Err(RequestError::Load { path, reason: e }));
+            }
+        };
+        if self.cfg.placement == Placement::Course {
+            let table_size = first_prime_above(2 * dataset.rows.len() as u64);
+            if self
+                .ring
+                .as_ref()
+                .is_some_and(|r| r.table_size != table_size)
+            {
+                self.enqueue(now, Change::Reshape { table_size });
+                // Place by the new table size at once; peers redirect anything placed early.
+                if let Some(r) = self.ring.as_mut() {
+                    r.table_size = table_size;
+                }
+            }
+        }
+        let Some(ring) = self.ring.clone() else {
+            return;
+        };
+        let Some(job) = self.job.as_mut() else { return };
+        job.report.format = dataset.format.to_string();
+        job.report.read = dataset.read();
+        job.report.rejected = dataset.rejected.len() as u64;
+        job.report.fallback_keys = dataset.fallback_keys;
+        job.report.rejected_samples = dataset
+            .rejected
+            .iter()
+            .take(10)
+            .map(|e| (e.line, e.reason.clone()))
+            .collect();
+        let budget = batch_budget(&dataset.columns, self.cfg.max_datagram);
+        let mut by_owner: BTreeMap<PeerId, Vec<WireRow>> = BTreeMap::new();
+        for row in dataset.rows {
+            if row_size(&row.values) > budget {
+                job.report.rejected += 1;
+                if job.report.rejected_samples.len() < 10 {
+                    job.report
+                        .rejected_samples
+                        .push((row.line, "row too large for one datagram".into()));
+                }
+                continue;
+            }
+            if let Some(owner) = ring.owner_of(row.key) {
+                by_owner
+                    .entry(owner.id)
+                    .or_default()
+                    .push(WireRow(row.key, row.values));
+            }
+        }
+        for (owner, rows) in by_owner {
+            let (batches, _) =
+                make_batches(ring.epoch, &dataset.columns, rows, self.cfg.max_datagram);
+            job.report.batches += batches.len() as u64;
+            job.queues.insert(owner, batches.into());
+        }
+        self.pump_job(now);
+    }
+
+    pub(super) fn pump_job(&mut self, now: Time) {
+        let Some(job) = self.job.as_mut() else { return };
+        let mut sends = Vec::new();
+        for (peer, queue) in job.queues.iter_mut() {
+            let flying = job.in_flight.entry(*peer).or_default();
+            while *flying < self.cfg.window.max(1) {
+                let Some(batch) = queue.pop_front() else {
+                    break;
+                };
+                *flying += 1;
+                sends.push((*peer, batch));
+            }
+        }
+        let (job_id, trace) = (job.id, job.call.trace.clone());
+        let done =
+            job.queues.values().all(VecDeque::is_empty) && job.in_flight.values().all(|n| *n == 0);
+        for (peer, batch) in sends {
+            let Some(addr) = self.registry.get(peer).map(|p| p.addr) else {
+                continue;
+            };
+            let rows = batch.rows.len() as u32;
+            let tag = ManagerTag::Batch {
+                job: job_id,
+                peer,
+                rows,
+            };
+            self.send(now, addr, Body::Store(batch), trace.clone(), tag);
+        }
+        if done {
+            self.finish_job(now, Ok(()));
+        }
+    }
+
+    pub(super) fn batch_acked(
+        &mut self,
+        now: Time,
+        job: u64,
+        peer: PeerId,
+        rows: u32,
+        new_rows: Option<u32>,
+    ) {
+        let Some(j) = self.job.as_mut().filter(|j| j.id == job) else {
+            return;
+        };
+        j.report.stored += rows as u64;
+        j.report.new_rows += new_rows.unwrap_or(0) as u64;
+        *j.per_peer.entry(peer).or_default() += rows as u64;
+        if let Some(n) = j.in_flight.get_mut(&peer) {
+            *n = n.saturating_sub(1);
+        }
+        self.pump_job(now);
+    }
+
+    pub(super) fn finish_job(&mut self, now: Time, outcome: Result<(), DistributeFailure>) {
+        let Some(mut job) = self.job.take() else {
+            return;
+        };
+        let id = job.id;
+        self.link
+            .cancel_where(|t| matches!(t, ManagerTag::Batch { job, .. } if *job == id));
+        let elapsed = now.saturating_sub(job.started);
+        job.report.elapsed_micros = elapsed.as_micros() as u64;
+        job.report.per_peer = job.per_peer.into_iter().collect();
+        let result = match outcome {
+            Ok(()) => {
+                self.events.push(ManagerEvent::DistributeDone {
+                    job: id,
+                    stored: job.report.stored,
+                    elapsed,
+                });
+                Ok(ReplyBody::Distribute(job.report))
+            }
+            Err(failure) => {
+                let err = RequestError::Distribute {
+                    failure,
+                    stored: job.report.stored,
+                    read: job.report.read,
+                };
+                self.events.push(ManagerEvent::DistributeFailed {
+                    job: id,
+                    reason: err.to_string(),
+                });
+                Err(err)
+            }
+        };
+        self.reply(now, &job.call, result);
+    }
+}

@@ -1,0 +1,354 @@
+//! Membership: forming the ring, and changing it one member at a time.
+//!
+//! A change (a join, a leave, a new course table size) is published as an unsettled view;
+//! every member hands over what it no longer owns and reports; then a settled view follows
+//! (without the leaver, who is told to exit). Every view carries a new epoch. A member that
+//! cannot be reached is given up on, so one dead member cannot stall every later change.
+
+use super::registry::Standing;
+use super::{ClientCall, Manager, ManagerEvent, ManagerTag, PeerMessage};
+use crate::link::Time;
+use crate::ring::{evenly_spaced_tokens, first_prime_above, token_for_joiner};
+use crate::wire::{
+    Body, ExitReason, Member, PeerId, ReplyBody, RequestError, RingView, TraceContext,
+};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub(super) enum Change {
+    Join(PeerId),
+    Leave(PeerId, Option<ClientCall>),
+    /// The course placement's table size changes: every peer re-checks what it owns.
+    Reshape {
+        table_size: u64,
+    },
+}
+
+pub(super) struct Transition {
+    pub(super) epoch: u64,
+    pub(super) change: Change,
+    pub(super) waiting: BTreeSet<PeerId>,
+    /// Members given up on: they never confirmed their hand-off.
+    pub(super) unreachable: BTreeSet<PeerId>,
+    pub(super) handed_over: u64,
+    /// When the view is sent again to members that have not reported (a member that cannot
+    /// be reached then gives up and is no longer waited for).
+    pub(super) nudge_at: Time,
+}
+
+/// How long a membership change waits for hand-off reports before asking again.
+const TRANSITION_NUDGE: Duration = Duration::from_secs(3);
+
+impl Manager {
+    pub(super) fn new_epoch(&mut self) -> u64 {
+        self.last_epoch += 1;
+        self.last_epoch
+    }
+
+    pub(super) fn setup(&mut self, now: Time, call: ClientCall) {
+        if self.ring.is_none() {
+            let ids: Vec<PeerId> = self
+                .registry
+                .iter()
+                .filter(|(_, p)| p.standing == Standing::Registered)
+                .map(|(id, _)| id)
+                .collect();
+            if ids.is_empty() {
+                return self.reply(now, &call, Err(RequestError::NoPeers));
+            }
+            let members = ids
+                .iter()
+                .zip(evenly_spaced_tokens(ids.len()))
+                .filter_map(|(id, token)| {
+                    let p = self.registry.get(*id)?;
+                    Some(Member {
+                        id: *id,
+                        name: p.name.clone(),
+                        addr: p.addr,
+                        token,
+                        leaving: false,
+                    })
+                })
+                .collect();
+            for id in &ids {
+                self.registry.set_standing(*id, Standing::InRing);
+            }
+            let epoch = self.new_epoch();
+            let view = RingView {
+                epoch,
+                settled: true,
+                placement: self.cfg.placement,
+                // The course's table size is fixed by the first distribute.
+                table_size: first_prime_above(0),
+                members,
+            };
+            self.publish(now, view, call.trace.clone());
+        }
+        // Answer once every member holds the ring, so that the first query after `setup`
+        // cannot enter at a peer that does not know it yet.
+        self.setups.push(call);
+        self.release_setups(now);
+    }
+
+    pub(super) fn release_setups(&mut self, now: Time) {
+        // Every member must know the ring and its own id before the first query walks it.
+        let delivering = self.link.has_pending_where(|t| {
+            matches!(
+                t,
+                ManagerTag::ToPeer(_, PeerMessage::Ring | PeerMessage::Registered)
+            )
+        });
+        if delivering || self.setups.is_empty() {
+            return;
+        }
+        for call in std::mem::take(&mut self.setups) {
+            self.start_status(now, call, true);
+        }
+    }
+
+    /// Makes `view` current and sends it to every member.
+    pub(super) fn publish(&mut self, now: Time, view: RingView, trace: Option<TraceContext>) {
+        self.events.push(ManagerEvent::RingChanged {
+            epoch: view.epoch,
+            settled: view.settled,
+            members: view.members.len(),
+        });
+        for m in &view.members {
+            self.send(
+                now,
+                m.addr,
+                Body::Ring(view.clone()),
+                trace.clone(),
+                ManagerTag::ToPeer(m.id, PeerMessage::Ring),
+            );
+        }
+        self.ring = Some(view);
+    }
+
+    pub(super) fn enqueue(&mut self, now: Time, change: Change) {
+        self.changes.push_back(change);
+        self.next_change(now);
+    }
+
+    pub(super) fn next_change(&mut self, now: Time) {
+        while self.transition.is_none() {
+            let Some(change) = self.changes.pop_front() else {
+                return;
+            };
+            let Some(mut view) = self.ring.clone() else {
+                return;
+            };
+            match &change {
+                Change::Join(id) => {
+                    let Some(p) = self.registry.get(*id) else {
+                        continue;
+                    };
+                    if p.standing != Standing::Registered {
+                        continue;
+                    }
+                    let (name, addr) = (p.name.clone(), p.addr);
+                    self.registry.set_standing(*id, Standing::InRing);
+                    let token = token_for_joiner(&view.members);
+                    view.members.push(Member {
+                        id: *id,
+                        name,
+                        addr,
+                        token,
+                        leaving: false,
+                    });
+                    view.members.sort_by_key(|m| (m.token, m.id));
+                }
+                Change::Leave(id, _) => {
+                    let Some(m) = view.members.iter_mut().find(|m| m.id == *id) else {
+                        continue;
+                    };
+                    m.leaving = true;
+                    self.registry.set_standing(*id, Standing::Leaving);
+                }
+                Change::Reshape { table_size } => view.table_size = *table_size,
+            }
+            view.epoch = self.new_epoch();
+            view.settled = false;
+            let waiting = view.members.iter().map(|m| m.id).collect();
+            // A leave requested by stormctl continues its trace through the hand-off.
+            let trace = match &change {
+                Change::Leave(_, Some(call)) => call.trace.clone(),
+                _ => None,
+            };
+            self.transition = Some(Transition {
+                epoch: view.epoch,
+                change,
+                waiting,
+                unreachable: BTreeSet::new(),
+                handed_over: 0,
+                nudge_at: now + TRANSITION_NUDGE,
+            });
+            self.publish(now, view, trace);
+        }
+    }
+
+    pub(super) fn on_rebalance_done(
+        &mut self,
+        now: Time,
+        peer: Option<PeerId>,
+        epoch: u64,
+        handed_over: u64,
+    ) {
+        let Some(id) = peer else { return };
+        let Some(t) = self.transition.as_mut() else {
+            return;
+        };
+        if t.epoch != epoch {
+            return; // a report for a view that has since been replaced
+        }
+        if t.waiting.remove(&id) {
+            t.handed_over += handed_over;
+        }
+        if t.waiting.is_empty() {
+            self.finish_transition(now);
+        }
+    }
+
+    /// Sends the current view again to members that have not reported their hand-off: their
+    /// report may have been lost with a crash, or they may be gone (then the send gives up and
+    /// they are no longer waited for).
+    pub(super) fn nudge_transition(&mut self, now: Time) {
+        let Some(t) = self.transition.as_mut().filter(|t| t.nudge_at <= now) else {
+            return;
+        };
+        t.nudge_at = now + TRANSITION_NUDGE;
+        let waiting: Vec<PeerId> = t.waiting.iter().copied().collect();
+        let Some(view) = self.ring.clone() else {
+            return;
+        };
+        for id in waiting {
+            if self.link.has_pending_where(
+                |tag| matches!(tag, ManagerTag::ToPeer(p, PeerMessage::Ring) if *p == id),
+            ) {
+                continue; // still being retransmitted
+            }
+            if let Some(m) = view.members.iter().find(|m| m.id == id) {
+                let addr = m.addr;
+                self.send(
+                    now,
+                    addr,
+                    Body::Ring(view.clone()),
+                    None,
+                    ManagerTag::ToPeer(id, PeerMessage::Ring),
+                );
+            }
+        }
+    }
+
+    pub(super) fn finish_transition(&mut self, now: Time) {
+        let Some(t) = self.transition.take() else {
+            return;
+        };
+        let Some(mut view) = self.ring.clone() else {
+            return;
+        };
+        if let Change::Leave(id, call) = &t.change {
+            view.members.retain(|m| m.id != *id);
+            if let Some(p) = self.registry.remove(*id) {
+                self.send(
+                    now,
+                    p.addr,
+                    Body::Exit {
+                        reason: ExitReason::Left,
+                    },
+                    None,
+                    ManagerTag::Exit { peer: *id },
+                );
+                self.events.push(ManagerEvent::PeerLeft {
+                    id: *id,
+                    name: p.name.clone(),
+                });
+                if let Some(call) = call {
+                    let result = if t.unreachable.contains(id) {
+                        Err(RequestError::PeerLost {
+                            id: *id,
+                            name: p.name,
+                        })
+                    } else {
+                        Ok(ReplyBody::Leave {
+                            id: *id,
+                            name: p.name,
+                            handed_over: t.handed_over,
+                        })
+                    };
+                    self.reply(now, call, result);
+                }
+            }
+        }
+        view.epoch = self.new_epoch();
+        view.settled = true;
+        if view.members.is_empty() {
+            self.events.push(ManagerEvent::RingChanged {
+                epoch: view.epoch,
+                settled: true,
+                members: 0,
+            });
+            self.ring = None;
+        } else {
+            self.publish(now, view, None);
+        }
+        self.next_change(now);
+    }
+
+    pub(super) fn begin_leave(&mut self, now: Time, id: PeerId, call: Option<ClientCall>) {
+        let Some(p) = self.registry.get(id) else {
+            return;
+        };
+        let name = p.name.clone();
+        match p.standing {
+            Standing::Registered => {
+                // Not in the ring: it holds nothing.
+                if let Some(p) = self.registry.remove(id) {
+                    self.send(
+                        now,
+                        p.addr,
+                        Body::Exit {
+                            reason: ExitReason::LeftBeforeJoining,
+                        },
+                        None,
+                        ManagerTag::Exit { peer: id },
+                    );
+                    self.events.push(ManagerEvent::PeerLeft {
+                        id,
+                        name: name.clone(),
+                    });
+                    if let Some(call) = call {
+                        self.reply(
+                            now,
+                            &call,
+                            Ok(ReplyBody::Leave {
+                                id,
+                                name,
+                                handed_over: 0,
+                            }),
+                        );
+                    }
+                }
+            }
+            Standing::Leaving => {
+                if let Some(call) = call {
+                    self.reply(now, &call, Err(RequestError::AlreadyLeaving { name }));
+                }
+            }
+            Standing::InRing => {
+                let queued = self
+                    .changes
+                    .iter()
+                    .any(|c| matches!(c, Change::Leave(l, _) if *l == id));
+                if queued {
+                    if let Some(call) = call {
+                        self.reply(now, &call, Err(RequestError::AlreadyLeaving { name }));
+                    }
+                } else {
+                    self.enqueue(now, Change::Leave(id, call));
+                }
+            }
+        }
+    }
+}

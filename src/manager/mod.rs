@@ -1,0 +1,445 @@
+//! The manager's protocol state machine (sans-IO).
+//!
+//! The manager is the tracker: it registers peers, forms and rebuilds the ring, places records
+//! on their owners, relays queries into the ring and answers back to `stormctl`, and tears the
+//! cluster down. Membership changes run one at a time, in two steps: a ring view that is not
+//! `settled` (a joiner added, or a leaver marked `leaving`), during which every peer hands over
+//! the rows it no longer owns and reports `RebalanceDone`; then a settled view without the
+//! leaver, which is told to exit. No row is dropped before its new owner acknowledged it.
+
+mod distribute;
+mod membership;
+mod query;
+pub mod registry;
+mod status;
+mod teardown;
+#[cfg(test)]
+mod testkit;
+
+use crate::link::{Accepted, Link, Outcome, RetryPolicy, Time, Transmit};
+use crate::record::RecordKey;
+use crate::wire::{
+    Body, ClientReply, ClientRequest, DistributeFailure, Envelope, Placement, RejectReason,
+    ReplyBody, RequestError, RingView, TraceContext,
+};
+use distribute::DistributeJob;
+use membership::{Change, Transition};
+use query::PendingQuery;
+use registry::Registry;
+use status::StatusGather;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Duration;
+use teardown::TeardownJob;
+
+pub use crate::wire::PeerId;
+
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    pub retry: RetryPolicy,
+    pub max_datagram: usize,
+    /// Store batches in flight per peer.
+    pub window: usize,
+    pub placement: Placement,
+    pub query_timeout: Duration,
+    pub probe_timeout: Duration,
+    /// The CSV that `distribute` loads when the client names none.
+    pub default_data: Option<String>,
+}
+
+/// A client request waiting for its reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientCall {
+    pub addr: SocketAddr,
+    pub seq: u64,
+    pub trace: Option<TraceContext>,
+}
+
+/// Which message to a peer a pending send was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerMessage {
+    Registered,
+    Ring,
+    Probe,
+}
+
+/// What a pending message was for, so that its outcome (acked, rejected, given up) can be acted on.
+#[derive(Debug, Clone)]
+pub enum ManagerTag {
+    ToPeer(PeerId, PeerMessage),
+    /// A refused registration (the sender has no id).
+    Refusal,
+    Batch {
+        job: u64,
+        peer: PeerId,
+        rows: u32,
+    },
+    Find {
+        query: u64,
+        entry: PeerId,
+    },
+    Exit {
+        peer: PeerId,
+    },
+    Reply,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ManagerEvent {
+    /// The driver should load this CSV and call [`Manager::file_loaded`].
+    LoadFile {
+        job: u64,
+        path: String,
+    },
+    PeerRegistered {
+        id: PeerId,
+        name: String,
+        addr: SocketAddr,
+    },
+    RingChanged {
+        epoch: u64,
+        settled: bool,
+        members: usize,
+    },
+    PeerLeft {
+        id: PeerId,
+        name: String,
+    },
+    QueryDispatched {
+        query: u64,
+        key: RecordKey,
+        entry: PeerId,
+        entry_addr: SocketAddr,
+    },
+    QueryDone {
+        query: u64,
+        found: bool,
+        path: Vec<PeerId>,
+    },
+    QueryFailed {
+        query: u64,
+        reason: String,
+    },
+    DistributeFailed {
+        job: u64,
+        reason: String,
+    },
+    DistributeDone {
+        job: u64,
+        stored: u64,
+        elapsed: Duration,
+    },
+    Warning(String),
+}
+
+/// The keys of the entries whose deadline has passed.
+fn due<V>(map: &HashMap<u64, V>, now: Time, deadline: impl Fn(&V) -> Time) -> Vec<u64> {
+    map.iter()
+        .filter(|(_, v)| deadline(v) <= now)
+        .map(|(k, _)| *k)
+        .collect()
+}
+
+pub struct Manager {
+    cfg: ManagerConfig,
+    link: Link<ManagerTag>,
+    registry: Registry,
+    ring: Option<RingView>,
+    last_epoch: u64,
+    transition: Option<Transition>,
+    changes: VecDeque<Change>,
+    job: Option<DistributeJob>,
+    next_job: u64,
+    queries: HashMap<u64, PendingQuery>,
+    next_query: u64,
+    next_entry: usize,
+    probes: HashMap<u64, StatusGather>,
+    next_probe: u64,
+    teardown: Option<TeardownJob>,
+    /// `setup` calls waiting for every member to acknowledge the ring.
+    setups: Vec<ClientCall>,
+    /// What the current input produced; handed to the caller when it returns.
+    events: Vec<ManagerEvent>,
+}
+
+impl Manager {
+    pub fn new(cfg: ManagerConfig, incarnation: u64) -> Self {
+        Manager {
+            link: Link::new(incarnation, cfg.retry),
+            cfg,
+            registry: Registry::default(),
+            ring: None,
+            last_epoch: 0,
+            transition: None,
+            changes: VecDeque::new(),
+            job: None,
+            next_job: 1,
+            queries: HashMap::new(),
+            next_query: 1,
+            next_entry: 0,
+            probes: HashMap::new(),
+            next_probe: 1,
+            teardown: None,
+            setups: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        self.link.incarnation()
+    }
+
+    pub fn ring(&self) -> Option<&RingView> {
+        self.ring.as_ref()
+    }
+
+    pub fn peer_count(&self) -> usize {
+        self.registry.len()
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub(super) fn send(
+        &mut self,
+        now: Time,
+        dest: SocketAddr,
+        body: Body,
+        trace: Option<TraceContext>,
+        tag: ManagerTag,
+    ) {
+        let kind = body.kind();
+        if let Err(e) = self.link.send(now, dest, body, trace, tag) {
+            self.events.push(ManagerEvent::Warning(format!(
+                "could not send {kind} to {dest}: {e}"
+            )));
+        }
+    }
+
+    pub(super) fn reply(
+        &mut self,
+        now: Time,
+        call: &ClientCall,
+        result: Result<ReplyBody, RequestError>,
+    ) {
+        let body = Body::Reply(ClientReply {
+            to: call.seq,
+            result,
+        });
+        self.send(now, call.addr, body, call.trace.clone(), ManagerTag::Reply);
+    }
+
+    /// Handles one decoded datagram; `trace` is the context of the driver's span for it.
+    /// Returns exactly the events this datagram produced.
+    pub fn handle(
+        &mut self,
+        now: Time,
+        from: SocketAddr,
+        env: Envelope,
+        trace: Option<TraceContext>,
+    ) -> Vec<ManagerEvent> {
+        self.on_datagram(now, from, env, trace);
+        std::mem::take(&mut self.events)
+    }
+
+    pub(super) fn on_datagram(
+        &mut self,
+        now: Time,
+        from: SocketAddr,
+        env: Envelope,
+        trace: Option<TraceContext>,
+    ) {
+        // Refuse what the manager never handles before acknowledging it.
+        if !matches!(
+            env.body,
+            Body::Ack { .. }
+                | Body::Reject { .. }
+                | Body::Request(_)
+                | Body::Register { .. }
+                | Body::RebalanceDone { .. }
+                | Body::LeaveRequest
+                | Body::Found(_)
+                | Body::Report { .. }
+        ) {
+            let reason = RejectReason::NotForManager {
+                kind: env.body.kind().to_string(),
+            };
+            self.events
+                .push(ManagerEvent::Warning(format!("from {from}: {reason}")));
+            return self.link.reject(from, env.seq, reason);
+        }
+        match self.link.accept(now, from, &env) {
+            Accepted::New => {}
+            Accepted::Duplicate => return,
+            Accepted::Control => return self.drain_outcomes(now),
+        }
+        let call = ClientCall {
+            addr: from,
+            seq: env.seq,
+            trace: trace.clone(),
+        };
+        match env.body {
+            Body::Request(req) => self.on_request(now, call, req),
+            Body::Register { name } => self.on_register(now, from, env.from, name),
+            Body::RebalanceDone { epoch, handed_over } => {
+                let peer = self.registry.by_incarnation(env.from);
+                self.on_rebalance_done(now, peer, epoch, handed_over);
+            }
+            Body::LeaveRequest => match self.registry.by_incarnation(env.from) {
+                Some(id) => self.begin_leave(now, id, None),
+                None => self.link.reject(from, env.seq, RejectReason::NotRegistered),
+            },
+            Body::Found(result) => self.on_found(now, result),
+            Body::Report { probe, report } => {
+                if let Some(id) = self.registry.by_incarnation(env.from) {
+                    self.on_report(now, probe, id, report);
+                }
+            }
+            // Refused above.
+            _ => {}
+        }
+    }
+
+    pub(super) fn on_request(&mut self, now: Time, call: ClientCall, req: ClientRequest) {
+        if self.teardown.is_some() && !matches!(req, ClientRequest::Status) {
+            return self.reply(now, &call, Err(RequestError::TeardownInProgress));
+        }
+        match req {
+            ClientRequest::Setup => self.setup(now, call),
+            ClientRequest::Distribute { path } => self.distribute(now, call, path),
+            ClientRequest::Query { key, via } => self.query(now, call, key, via),
+            ClientRequest::Leave { name } => match self.registry.by_name_or_id(&name) {
+                Some(id) => self.begin_leave(now, id, Some(call)),
+                None => self.reply(now, &call, Err(RequestError::NoSuchPeer { name })),
+            },
+            ClientRequest::Status => self.start_status(now, call, false),
+            ClientRequest::Teardown => self.start_teardown(now, call),
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Time> {
+        let deadlines = self
+            .queries
+            .values()
+            .map(|q| q.deadline)
+            .chain(self.probes.values().map(|p| p.deadline))
+            .chain(self.transition.as_ref().map(|t| t.nudge_at));
+        deadlines.chain(self.link.poll_timeout()).min()
+    }
+
+    /// Runs what is due at `now`; returns the events that produced.
+    pub fn handle_timeout(&mut self, now: Time) -> Vec<ManagerEvent> {
+        self.on_timeout(now);
+        std::mem::take(&mut self.events)
+    }
+
+    pub(super) fn on_timeout(&mut self, now: Time) {
+        self.link.handle_timeout(now);
+        self.nudge_transition(now);
+        for id in due(&self.queries, now, |q| q.deadline) {
+            let secs = self.cfg.query_timeout.as_secs_f64();
+            self.fail_query(now, id, |key| RequestError::QueryTimeout { key, secs });
+        }
+        for probe in due(&self.probes, now, |p| p.deadline) {
+            self.maybe_finish_status(now, probe, true);
+        }
+        self.drain_outcomes(now);
+    }
+
+    pub(super) fn drain_outcomes(&mut self, now: Time) {
+        while let Some(outcome) = self.link.poll_outcome() {
+            match outcome {
+                Outcome::Acked {
+                    tag: ManagerTag::Batch { job, peer, rows },
+                    new_rows,
+                } => self.batch_acked(now, job, peer, rows, new_rows),
+                Outcome::Acked {
+                    tag: ManagerTag::Exit { peer },
+                    ..
+                } => self.exit_confirmed(now, peer),
+                Outcome::Acked { .. } => {}
+                Outcome::Rejected { tag, reason } => {
+                    self.events
+                        .push(ManagerEvent::Warning(format!("{tag:?} rejected: {reason}")));
+                    match tag {
+                        ManagerTag::Batch { job, peer, .. }
+                            if self.job.as_ref().is_some_and(|j| j.id == job) =>
+                        {
+                            let failure = DistributeFailure::BatchRefused { peer, reason };
+                            self.finish_job(now, Err(failure));
+                        }
+                        ManagerTag::Find { query, entry } => {
+                            self.retry_find(now, query, entry, reason.to_string())
+                        }
+                        _ => {}
+                    }
+                }
+                Outcome::GaveUp {
+                    tag,
+                    dest,
+                    attempts,
+                } => self.gave_up(now, tag, dest, attempts),
+            }
+        }
+        self.release_setups(now);
+    }
+
+    pub(super) fn gave_up(&mut self, now: Time, tag: ManagerTag, dest: SocketAddr, attempts: u32) {
+        let silent = format!("{dest} did not acknowledge after {attempts} attempts");
+        match tag {
+            ManagerTag::Batch { job, peer, .. } => {
+                if self.job.as_ref().is_some_and(|j| j.id == job) {
+                    let failure = DistributeFailure::PeerSilent {
+                        peer,
+                        addr: dest,
+                        attempts,
+                    };
+                    self.finish_job(now, Err(failure));
+                }
+            }
+            ManagerTag::Find { query, entry } => {
+                self.retry_find(now, query, entry, format!("the entry peer at {silent}"))
+            }
+            ManagerTag::Exit { peer } => {
+                self.events.push(ManagerEvent::Warning(format!(
+                    "exit for peer {peer}: {silent}"
+                )));
+                self.exit_confirmed(now, peer);
+            }
+            ManagerTag::ToPeer(peer, what) => {
+                self.events.push(ManagerEvent::Warning(format!(
+                    "{what:?} for peer {peer}: {silent}"
+                )));
+                // A peer that cannot hear the ring cannot report its hand-off: stop waiting for it.
+                if what == PeerMessage::Ring
+                    && let Some(t) = self.transition.as_mut()
+                    && t.waiting.remove(&peer)
+                {
+                    t.unreachable.insert(peer);
+                    if t.waiting.is_empty() {
+                        self.finish_transition(now);
+                    }
+                }
+            }
+            ManagerTag::Refusal => {
+                self.events.push(ManagerEvent::Warning(format!(
+                    "refusal of a registration: {silent}"
+                )));
+            }
+            ManagerTag::Reply => {
+                self.events
+                    .push(ManagerEvent::Warning(format!("reply to client {silent}")));
+            }
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.link.poll_transmit()
+    }
+
+    /// The driver saw a datagram that did not decode.
+    pub fn note_bad_datagram(&mut self) {
+        self.link.note_bad_datagram();
+    }
+}

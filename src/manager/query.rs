@@ -1,0 +1,156 @@
+//! Queries: the manager sends `find_event` into the ring at an entry peer, enters elsewhere
+//! when that peer refuses or is silent, and relays the owner's answer to the client.
+
+use super::{ClientCall, Manager, ManagerEvent, ManagerTag};
+use crate::link::Time;
+use crate::record::RecordKey;
+use crate::wire::{Body, FindEvent, FindResult, PeerId, QueryOutcome, ReplyBody, RequestError};
+use std::net::SocketAddr;
+
+pub(super) struct PendingQuery {
+    pub(super) call: ClientCall,
+    key: RecordKey,
+    sent: Time,
+    pub(super) deadline: Time,
+    /// Entry peers that refused the query or did not acknowledge it.
+    tried: Vec<PeerId>,
+}
+
+/// Queries the manager follows at once; beyond it clients are told to retry, so a flood of
+/// requests cannot grow its memory without bound.
+const MAX_QUERIES_IN_FLIGHT: usize = 16_384;
+
+impl Manager {
+    pub(super) fn query(
+        &mut self,
+        now: Time,
+        call: ClientCall,
+        key: RecordKey,
+        via: Option<String>,
+    ) {
+        let Some(ring) = self.ring.as_ref() else {
+            return self.reply(now, &call, Err(RequestError::NoRing));
+        };
+        if self.queries.len() >= MAX_QUERIES_IN_FLIGHT {
+            let busy = RequestError::Busy {
+                in_flight: MAX_QUERIES_IN_FLIGHT,
+            };
+            return self.reply(now, &call, Err(busy));
+        }
+        let entry = match via {
+            Some(v) => match ring
+                .members
+                .iter()
+                .find(|m| m.name == v || m.id.to_string() == v)
+            {
+                Some(m) => m.clone(),
+                None => return self.reply(now, &call, Err(RequestError::NotInRing { name: v })),
+            },
+            None => {
+                self.next_entry = self.next_entry.wrapping_add(1);
+                ring.members[self.next_entry % ring.members.len()].clone()
+            }
+        };
+        let query = self.next_query;
+        self.next_query += 1;
+        let deadline = now + self.cfg.query_timeout;
+        self.queries.insert(
+            query,
+            PendingQuery {
+                call,
+                key,
+                sent: now,
+                deadline,
+                tried: Vec::new(),
+            },
+        );
+        self.send_find(now, query, entry.id, entry.addr);
+    }
+
+    pub(super) fn send_find(
+        &mut self,
+        now: Time,
+        query: u64,
+        entry: PeerId,
+        entry_addr: SocketAddr,
+    ) {
+        let Some(q) = self.queries.get(&query) else {
+            return;
+        };
+        let (key, trace) = (q.key, q.call.trace.clone());
+        self.events.push(ManagerEvent::QueryDispatched {
+            query,
+            key,
+            entry,
+            entry_addr,
+        });
+        let find = FindEvent {
+            query,
+            key,
+            path: Vec::new(),
+        };
+        let tag = ManagerTag::Find { query, entry };
+        self.send(now, entry_addr, Body::Find(find), trace, tag);
+    }
+
+    /// The entry peer refused the query (not in the ring yet) or did not acknowledge it: enter
+    /// the ring somewhere else, until every member has been tried.
+    pub(super) fn retry_find(&mut self, now: Time, query: u64, failed: PeerId, why: String) {
+        let Some(q) = self.queries.get_mut(&query) else {
+            return;
+        };
+        q.tried.push(failed);
+        let tried = q.tried.clone();
+        let next = self
+            .ring
+            .as_ref()
+            .and_then(|r| r.members.iter().find(|m| !tried.contains(&m.id)))
+            .map(|m| (m.id, m.addr));
+        match next {
+            Some((id, addr)) => self.send_find(now, query, id, addr),
+            None => self.fail_query(now, query, |key| RequestError::NoEntry { key, last: why }),
+        }
+    }
+
+    pub(super) fn fail_query(
+        &mut self,
+        now: Time,
+        query: u64,
+        error: impl FnOnce(RecordKey) -> RequestError,
+    ) {
+        if let Some(q) = self.queries.remove(&query) {
+            let err = error(q.key);
+            self.events.push(ManagerEvent::QueryFailed {
+                query,
+                reason: err.to_string(),
+            });
+            self.reply(now, &q.call, Err(err));
+        }
+    }
+
+    pub(super) fn on_found(&mut self, now: Time, result: FindResult) {
+        let Some(q) = self.queries.remove(&result.query) else {
+            return;
+        };
+        let path_names = result
+            .path
+            .iter()
+            .map(|id| self.registry.name_of(*id))
+            .collect();
+        self.events.push(ManagerEvent::QueryDone {
+            query: result.query,
+            found: result.found,
+            path: result.path.clone(),
+        });
+        let outcome = QueryOutcome {
+            key: q.key,
+            found: result.found,
+            records: result.records,
+            path: result.path,
+            path_names,
+            truncated: result.truncated,
+            ring_micros: now.saturating_sub(q.sent).as_micros() as u64,
+        };
+        self.reply(now, &q.call, Ok(ReplyBody::Query(outcome)));
+    }
+}

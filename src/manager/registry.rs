@@ -1,0 +1,243 @@
+//! The registry: which peers the manager knows, under which ids, names and incarnations.
+//!
+//! Ids are never reused while the manager runs. Names are unique: a second process under a
+//! taken name is refused, while the same process registering again (its earlier answer was
+//! lost) gets its id back.
+
+use super::{Change, Manager, ManagerEvent, ManagerTag, PeerMessage};
+use crate::link::Time;
+use crate::wire::{Body, PeerId, Refusal};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+/// Where a peer stands with the manager.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    Registered,
+    InRing,
+    Leaving,
+}
+
+#[derive(Debug, Clone)]
+pub struct PeerEntry {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub incarnation: u64,
+    pub standing: Standing,
+}
+
+/// The outcome of a registration that was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registration {
+    /// A new peer under a new id.
+    New(PeerId),
+    /// The same process asking again.
+    Again(PeerId),
+}
+
+#[derive(Debug)]
+pub struct Registry {
+    peers: BTreeMap<PeerId, PeerEntry>,
+    next_id: PeerId,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            peers: BTreeMap::new(),
+            next_id: 1,
+        }
+    }
+}
+
+impl Registry {
+    pub fn register(
+        &mut self,
+        name: &str,
+        addr: SocketAddr,
+        incarnation: u64,
+    ) -> Result<Registration, Refusal> {
+        if let Some(id) = self.by_incarnation(incarnation) {
+            return Ok(Registration::Again(id));
+        }
+        if name.trim().is_empty() {
+            return Err(Refusal::EmptyName);
+        }
+        if let Some((id, p)) = self.peers.iter().find(|(_, p)| p.name == name) {
+            return Err(Refusal::NameTaken {
+                name: name.to_string(),
+                id: *id,
+                addr: p.addr,
+            });
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let entry = PeerEntry {
+            name: name.to_string(),
+            addr,
+            incarnation,
+            standing: Standing::Registered,
+        };
+        self.peers.insert(id, entry);
+        Ok(Registration::New(id))
+    }
+
+    pub fn by_incarnation(&self, incarnation: u64) -> Option<PeerId> {
+        self.peers
+            .iter()
+            .find(|(_, p)| p.incarnation == incarnation)
+            .map(|(id, _)| *id)
+    }
+
+    /// A peer by name, or by id written as a number.
+    pub fn by_name_or_id(&self, name: &str) -> Option<PeerId> {
+        self.peers
+            .iter()
+            .find(|(_, p)| p.name == name)
+            .map(|(id, _)| *id)
+            .or_else(|| {
+                name.parse::<PeerId>()
+                    .ok()
+                    .filter(|id| self.peers.contains_key(id))
+            })
+    }
+
+    pub fn get(&self, id: PeerId) -> Option<&PeerEntry> {
+        self.peers.get(&id)
+    }
+
+    pub fn set_standing(&mut self, id: PeerId, standing: Standing) {
+        if let Some(p) = self.peers.get_mut(&id) {
+            p.standing = standing;
+        }
+    }
+
+    pub fn remove(&mut self, id: PeerId) -> Option<PeerEntry> {
+        self.peers.remove(&id)
+    }
+
+    pub fn clear(&mut self) {
+        self.peers.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (PeerId, &PeerEntry)> {
+        self.peers.iter().map(|(id, p)| (*id, p))
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.peers.keys().copied()
+    }
+
+    /// Every peer's id and address, for messages to all.
+    pub fn targets(&self) -> Vec<(PeerId, SocketAddr)> {
+        self.iter().map(|(id, p)| (id, p.addr)).collect()
+    }
+
+    /// The name of a peer, or `#id` for one that is gone.
+    pub fn name_of(&self, id: PeerId) -> String {
+        self.get(id)
+            .map_or_else(|| format!("#{id}"), |p| p.name.clone())
+    }
+}
+
+impl Manager {
+    pub(super) fn on_register(
+        &mut self,
+        now: Time,
+        addr: SocketAddr,
+        incarnation: u64,
+        name: String,
+    ) {
+        match self.registry.register(&name, addr, incarnation) {
+            Ok(Registration::Again(id)) => {
+                let tag = ManagerTag::ToPeer(id, PeerMessage::Registered);
+                self.send(now, addr, Body::Registered { id }, None, tag);
+            }
+            Ok(Registration::New(id)) => {
+                self.events
+                    .push(ManagerEvent::PeerRegistered { id, name, addr });
+                let tag = ManagerTag::ToPeer(id, PeerMessage::Registered);
+                self.send(now, addr, Body::Registered { id }, None, tag);
+                if self.ring.is_some() {
+                    self.enqueue(now, Change::Join(id));
+                }
+            }
+            Err(reason) => {
+                self.events.push(ManagerEvent::Warning(format!(
+                    "refused registration from {addr}: {reason}"
+                )));
+                self.send(
+                    now,
+                    addr,
+                    Body::Refused { reason },
+                    None,
+                    ManagerTag::Refusal,
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn ids_are_unique_and_never_reused() {
+        let mut r = Registry::default();
+        assert_eq!(r.register("a", addr(1), 10), Ok(Registration::New(1)));
+        assert_eq!(r.register("b", addr(2), 20), Ok(Registration::New(2)));
+        r.remove(2);
+        assert_eq!(r.register("c", addr(3), 30), Ok(Registration::New(3)));
+        assert_eq!(r.ids().collect::<Vec<_>>(), vec![1, 3]);
+    }
+
+    #[test]
+    fn the_same_process_registering_again_keeps_its_id() {
+        let mut r = Registry::default();
+        r.register("a", addr(1), 10).unwrap();
+        assert_eq!(r.register("a", addr(1), 10), Ok(Registration::Again(1)));
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn a_taken_or_empty_name_is_refused_with_who_holds_it() {
+        let mut r = Registry::default();
+        r.register("a", addr(1), 10).unwrap();
+        assert_eq!(
+            r.register("a", addr(2), 11),
+            Err(Refusal::NameTaken {
+                name: "a".into(),
+                id: 1,
+                addr: addr(1)
+            })
+        );
+        assert_eq!(r.register("  ", addr(3), 12), Err(Refusal::EmptyName));
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn lookups_by_name_id_and_incarnation() {
+        let mut r = Registry::default();
+        r.register("alpha", addr(1), 10).unwrap();
+        r.register("beta", addr(2), 20).unwrap();
+        assert_eq!(r.by_name_or_id("beta"), Some(2));
+        assert_eq!(r.by_name_or_id("1"), Some(1));
+        assert_eq!(r.by_name_or_id("7"), None);
+        assert_eq!(r.by_incarnation(20), Some(2));
+        assert_eq!(r.name_of(2), "beta");
+        assert_eq!(r.name_of(9), "#9");
+    }
+}
