@@ -83,7 +83,7 @@ pub struct Config {
 
 /// Fault injection for testing: this process drops or duplicates a fraction of the datagrams
 /// it sends, as a lossy network would. Off (0) by default.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChaosConfig {
     /// Fraction of outgoing datagrams dropped (0 to 0.5).

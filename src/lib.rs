@@ -29,6 +29,7 @@ pub mod peer;
 pub mod record;
 pub mod report;
 pub mod ring;
+#[cfg(test)]
 pub mod sim;
 pub mod store;
 pub mod telemetry;
