@@ -29,13 +29,21 @@ pub struct PeerConfig {
     pub window: usize,
 }
 
+/// Which message to the manager a pending send was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManagerMessage {
+    Report,
+    RebalanceDone,
+    Found,
+}
+
 /// What a pending message was for.
 #[derive(Debug, Clone)]
 pub enum PeerTag {
     Register,
     LeaveRequest,
     /// A message to the manager whose loss needs no special handling beyond logging.
-    ToManager(&'static str),
+    ToManager(ManagerMessage),
     /// A query passed to the next peer; `skipped` counts dead neighbours already routed around.
     Forward {
         find: FindEvent,
@@ -291,7 +299,7 @@ impl Peer {
                     manager,
                     Body::Report { probe, report },
                     trace,
-                    PeerTag::ToManager("report"),
+                    PeerTag::ToManager(ManagerMessage::Report),
                 );
             }
             Body::Exit { reason } => self.exit(0, reason.to_string()),
@@ -577,7 +585,7 @@ impl Peer {
             manager,
             body,
             None,
-            PeerTag::ToManager("rebalance_done"),
+            PeerTag::ToManager(ManagerMessage::RebalanceDone),
         );
     }
 
@@ -610,7 +618,10 @@ impl Peer {
         trace: Option<TraceContext>,
         hop: u32,
     ) {
-        let me = self.id.unwrap_or_default();
+        // Only a member walks a query on; without an id this peer ends the walk here.
+        let Some(me) = self.id else {
+            return self.answer(now, find, false, trace, hop);
+        };
         let next = self.ring.as_ref().and_then(|ring| {
             let mut at = me;
             // Route around `skipped` neighbours that did not acknowledge.
@@ -691,7 +702,7 @@ impl Peer {
             manager,
             Body::Found(result),
             trace,
-            PeerTag::ToManager("found"),
+            PeerTag::ToManager(ManagerMessage::Found),
         );
     }
 
@@ -803,7 +814,7 @@ impl Peer {
                     }
                     PeerTag::Register => {}
                     PeerTag::ToManager(what) => self.events.push(PeerEvent::Warning(format!(
-                        "the manager did not acknowledge {what} after {attempts} attempts"
+                        "the manager did not acknowledge {what:?} after {attempts} attempts"
                     ))),
                 },
             }

@@ -5,7 +5,7 @@ use super::{Control, Machine, Shared, Shell, Shutdown, bind_udp, drive, shared};
 use crate::config::Config;
 use crate::link::{Time, Transmit};
 use crate::manager::{Manager, ManagerEvent};
-use crate::record::Dataset;
+use crate::record::{Dataset, LoadError};
 use crate::telemetry::{TARGET, set_remote_parent};
 use crate::wire::{Body, ClientRequest, Envelope, TraceContext};
 use std::collections::HashMap;
@@ -21,7 +21,7 @@ pub enum ManagerInput {
     /// The CSV of a distribute job, loaded (or not).
     FileLoaded {
         job: u64,
-        result: Result<Dataset, String>,
+        result: Result<Dataset, LoadError>,
     },
 }
 
@@ -63,13 +63,11 @@ impl Machine for Manager {
 }
 
 /// Loads the CSV a distribute names.
-pub type LoadFn = Arc<dyn Fn(&str) -> Result<Dataset, String> + Send + Sync>;
+pub type LoadFn = Arc<dyn Fn(&str) -> Result<Dataset, LoadError> + Send + Sync>;
 
 /// The loader of a real manager: the file system, on a blocking thread.
 pub fn disk_loader() -> LoadFn {
-    Arc::new(|path: &str| {
-        crate::record::load_path(std::path::Path::new(path)).map_err(|e| e.to_string())
-    })
+    Arc::new(|path: &str| crate::record::load_path(std::path::Path::new(path)))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -4,7 +4,7 @@
 use super::membership::Change;
 use super::{ClientCall, Manager, ManagerEvent, ManagerTag};
 use crate::link::Time;
-use crate::record::Dataset;
+use crate::record::{Dataset, LoadError};
 use crate::ring::{RingExt, first_prime_above};
 use crate::store::{batch_budget, make_batches, row_size};
 use crate::wire::{
@@ -65,7 +65,7 @@ impl Manager {
         &mut self,
         now: Time,
         job_id: u64,
-        loaded: Result<Dataset, String>,
+        loaded: Result<Dataset, LoadError>,
     ) -> Vec<ManagerEvent> {
         self.on_file_loaded(now, job_id, loaded);
         std::mem::take(&mut self.events)
@@ -75,7 +75,7 @@ impl Manager {
         &mut self,
         now: Time,
         job_id: u64,
-        loaded: Result<Dataset, String>,
+        loaded: Result<Dataset, LoadError>,
     ) {
         let Some(job) = self.job.as_mut().filter(|j| j.id == job_id) else {
             return;
@@ -86,11 +86,12 @@ impl Manager {
                 let call = job.call.clone();
                 let path = job.report.path.clone();
                 self.job = None;
+                let reason = e.to_string();
                 self.events.push(ManagerEvent::DistributeFailed {
                     job: job_id,
-                    reason: e.clone(),
+                    reason: reason.clone(),
                 });
-                return self.reply(now, &call, Err(RequestError::Load { path, reason: e }));
+                return self.reply(now, &call, Err(RequestError::Load { path, reason }));
             }
         };
         if self.cfg.placement == Placement::Course {
@@ -235,5 +236,80 @@ impl Manager {
             }
         };
         self.reply(now, &job.call, result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::{Kit, dataset};
+    use crate::ring::RingExt;
+    use crate::wire::{ClientRequest, DistributeFailure, Placement, ReplyBody, RequestError};
+
+    #[test]
+    fn distribute_before_setup_asks_for_setup() {
+        let mut kit = Kit::new(Placement::Consistent);
+        kit.add_peer("p0");
+        let seq = kit.request(ClientRequest::Distribute { path: None });
+        assert_eq!(kit.reply(seq), Err(RequestError::NoRing));
+    }
+
+    #[test]
+    fn every_row_goes_to_its_owner_and_is_counted_once_acknowledged() {
+        let mut kit = Kit::with_ring(4);
+        let seq = kit.request(ClientRequest::Distribute { path: None });
+        kit.load(Ok(dataset(500)));
+        let report = match kit.reply(seq) {
+            Ok(ReplyBody::Distribute(r)) => r,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            (report.read, report.stored, report.new_rows),
+            (500, 500, 500)
+        );
+        assert!(report.batches > 4, "{report:?}");
+        let ring = kit.m.ring().cloned().unwrap();
+        for p in &kit.peers {
+            for key in &p.keys {
+                assert_eq!(
+                    ring.owner_of(*key).map(|m| m.name.as_str()),
+                    Some(p.name.as_str())
+                );
+            }
+        }
+        assert_eq!(kit.peers.iter().map(|p| p.keys.len()).sum::<usize>(), 500);
+    }
+
+    #[test]
+    fn a_refused_batch_ends_the_job_with_what_was_stored() {
+        let mut kit = Kit::with_ring(3);
+        kit.refusing.insert("p1".into());
+        let seq = kit.request(ClientRequest::Distribute { path: None });
+        kit.load(Ok(dataset(300)));
+        match kit.reply(seq) {
+            Err(RequestError::Distribute {
+                failure: DistributeFailure::BatchRefused { .. },
+                read,
+                ..
+            }) => assert_eq!(read, 300),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_file_that_does_not_load_is_reported_with_its_path() {
+        let mut kit = Kit::with_ring(2);
+        let seq = kit.request(ClientRequest::Distribute {
+            path: Some("missing.csv".into()),
+        });
+        kit.load(Err(crate::record::LoadError::EmptyFile {
+            path: Some("missing.csv".into()),
+        }));
+        match kit.reply(seq) {
+            Err(RequestError::Load { path, reason }) => {
+                assert_eq!(path, "missing.csv");
+                assert!(reason.contains("empty"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

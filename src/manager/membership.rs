@@ -352,3 +352,112 @@ impl Manager {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::Kit;
+    use crate::ring::RingExt;
+    use crate::wire::{Body, ClientRequest, ExitReason, Placement, ReplyBody, RequestError};
+    use std::time::Duration;
+
+    #[test]
+    fn setup_forms_one_settled_ring_with_even_shares() {
+        let mut kit = Kit::with_ring(4);
+        let ring = kit.m.ring().cloned().expect("a ring");
+        assert!(ring.settled);
+        assert_eq!(ring.epoch, 1);
+        assert_eq!(ring.members.len(), 4);
+        for (_, share) in ring.shares() {
+            assert!((share - 0.25).abs() < 1e-6);
+        }
+        // Every peer holds that very view; a second setup changes nothing.
+        assert!(kit.peers.iter().all(|p| p.ring.as_ref() == Some(&ring)));
+        let again = kit.request(ClientRequest::Setup);
+        assert!(matches!(kit.reply(again), Ok(ReplyBody::Setup(_))));
+        assert_eq!(kit.m.ring().map(|r| r.epoch), Some(1));
+    }
+
+    #[test]
+    fn setup_without_peers_says_so() {
+        let mut kit = Kit::new(Placement::Consistent);
+        let seq = kit.request(ClientRequest::Setup);
+        assert_eq!(kit.reply(seq), Err(RequestError::NoPeers));
+    }
+
+    #[test]
+    fn a_join_is_published_unsettled_then_settled_with_new_epochs() {
+        let mut kit = Kit::with_ring(3);
+        kit.add_peer("late");
+        let epochs: Vec<(u64, bool, usize)> = kit
+            .peer("late")
+            .inbox
+            .iter()
+            .filter_map(|b| match b {
+                Body::Ring(v) => Some((v.epoch, v.settled, v.members.len())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(epochs, vec![(2, false, 4), (3, true, 4)]);
+    }
+
+    #[test]
+    fn a_leave_marks_the_leaver_then_drops_it_and_tells_it_to_exit() {
+        let mut kit = Kit::with_ring(3);
+        let seq = kit.request(ClientRequest::Leave { name: "p1".into() });
+        match kit.reply(seq) {
+            Ok(ReplyBody::Leave { name, .. }) => assert_eq!(name, "p1"),
+            other => panic!("{other:?}"),
+        }
+        let leaver = kit.peer("p1");
+        let views: Vec<(bool, bool)> = leaver
+            .inbox
+            .iter()
+            .filter_map(|b| match b {
+                Body::Ring(v) => Some((
+                    v.settled,
+                    v.members.iter().any(|m| m.name == "p1" && m.leaving),
+                )),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(views, vec![(true, false), (false, true)]);
+        assert!(leaver.inbox.contains(&Body::Exit {
+            reason: ExitReason::Left
+        }));
+        let ring = kit.m.ring().cloned().unwrap();
+        assert!(ring.settled && ring.members.iter().all(|m| m.name != "p1"));
+        assert_eq!(kit.m.peer_count(), 2);
+    }
+
+    #[test]
+    fn leaving_twice_or_an_unknown_peer_is_a_clear_error() {
+        let mut kit = Kit::with_ring(3);
+        kit.silent.insert("p2".into());
+        let first = kit.request(ClientRequest::Leave { name: "p2".into() });
+        let second = kit.request(ClientRequest::Leave { name: "p2".into() });
+        assert_eq!(
+            kit.reply(second),
+            Err(RequestError::AlreadyLeaving { name: "p2".into() })
+        );
+        let unknown = kit.request(ClientRequest::Leave {
+            name: "nobody".into(),
+        });
+        assert_eq!(
+            kit.reply(unknown),
+            Err(RequestError::NoSuchPeer {
+                name: "nobody".into()
+            })
+        );
+        // The silent leaver is given up on: the change completes, and says what was lost.
+        kit.wait(Duration::from_secs(10));
+        assert!(matches!(
+            kit.reply(first),
+            Err(RequestError::PeerLost { .. })
+        ));
+        assert!(
+            kit.m
+                .ring()
+                .is_some_and(|r| r.settled && r.members.len() == 2)
+        );
+    }
+}

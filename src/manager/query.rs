@@ -154,3 +154,69 @@ impl Manager {
         self.reply(now, &q.call, Ok(ReplyBody::Query(outcome)));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::Kit;
+    use crate::record::RecordKey;
+    use crate::wire::{ClientRequest, Placement, ReplyBody, RequestError};
+    use std::time::Duration;
+
+    fn query(key: u64, via: Option<&str>) -> ClientRequest {
+        ClientRequest::Query {
+            key: RecordKey::Event(key),
+            via: via.map(String::from),
+        }
+    }
+
+    #[test]
+    fn queries_need_a_ring_and_a_known_entry_peer() {
+        let mut kit = Kit::new(Placement::Consistent);
+        let seq = kit.request(query(1, None));
+        assert_eq!(kit.reply(seq), Err(RequestError::NoRing));
+        let mut kit = Kit::with_ring(2);
+        let seq = kit.request(query(1, Some("ghost")));
+        assert_eq!(
+            kit.reply(seq),
+            Err(RequestError::NotInRing {
+                name: "ghost".into()
+            })
+        );
+    }
+
+    #[test]
+    fn the_answer_carries_the_path_with_names() {
+        let mut kit = Kit::with_ring(3);
+        let seq = kit.request(query(42, Some("p1")));
+        match kit.reply(seq) {
+            Ok(ReplyBody::Query(q)) => {
+                assert!(!q.found);
+                assert_eq!(q.path_names, vec!["p1".to_string()]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_silent_entry_peer_is_replaced_and_a_silent_ring_times_out() {
+        let mut kit = Kit::with_ring(3);
+        kit.silent.insert("p0".into());
+        let seq = kit.request(query(42, Some("p0")));
+        kit.wait(Duration::from_secs(1));
+        match kit.reply(seq) {
+            Ok(ReplyBody::Query(q)) => {
+                assert_ne!(q.path_names.first().map(String::as_str), Some("p0"))
+            }
+            other => panic!("{other:?}"),
+        }
+        for p in ["p1", "p2"] {
+            kit.silent.insert(p.into());
+        }
+        let seq = kit.request(query(42, None));
+        kit.wait(Duration::from_secs(5));
+        assert!(matches!(
+            kit.reply(seq),
+            Err(RequestError::NoEntry { .. } | RequestError::QueryTimeout { .. })
+        ));
+    }
+}

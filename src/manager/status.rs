@@ -126,3 +126,51 @@ impl Manager {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::Kit;
+    use crate::wire::{ClientRequest, PeerState, ReplyBody};
+    use std::time::Duration;
+
+    #[test]
+    fn a_silent_peer_shows_unreachable_and_the_rest_report_counts() {
+        let mut kit = Kit::with_ring(3);
+        kit.silent.insert("p2".into());
+        let seq = kit.request(ClientRequest::Status);
+        kit.wait(Duration::from_secs(1));
+        let s = match kit.reply(seq) {
+            Ok(ReplyBody::Status(s)) => s,
+            other => panic!("{other:?}"),
+        };
+        let states: Vec<(String, PeerState, Option<u64>)> = s
+            .peers
+            .iter()
+            .map(|p| (p.name.clone(), p.state, p.records))
+            .collect();
+        assert_eq!(
+            states,
+            vec![
+                ("p0".into(), PeerState::Up, Some(0)),
+                ("p1".into(), PeerState::Up, Some(0)),
+                ("p2".into(), PeerState::Unreachable, None),
+            ]
+        );
+        assert!(s.settled);
+        assert!((s.peers.iter().map(|p| p.share).sum::<f64>() - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn registered_peers_outside_the_ring_say_so() {
+        let mut kit = Kit::new(crate::wire::Placement::Consistent);
+        kit.add_peer("p0");
+        let seq = kit.request(ClientRequest::Status);
+        match kit.reply(seq) {
+            Ok(ReplyBody::Status(s)) => {
+                assert_eq!(s.peers[0].state, PeerState::Registered);
+                assert_eq!(s.peers[0].share, 0.0);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

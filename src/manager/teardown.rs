@@ -83,3 +83,41 @@ impl Manager {
         self.maybe_finish_teardown(now);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::Kit;
+    use crate::wire::{Body, ClientRequest, ExitReason, ReplyBody, RequestError};
+    use std::time::Duration;
+
+    #[test]
+    fn teardown_tells_every_peer_to_exit_and_answers_once_they_confirmed() {
+        let mut kit = Kit::with_ring(3);
+        let seq = kit.request(ClientRequest::Teardown);
+        assert_eq!(kit.reply(seq), Ok(ReplyBody::Teardown { peers: 3 }));
+        for p in &kit.peers {
+            assert!(p.exited, "{} was not told to exit", p.name);
+            assert!(p.inbox.contains(&Body::Exit {
+                reason: ExitReason::TearDown
+            }));
+        }
+        assert_eq!(kit.m.peer_count(), 0);
+        assert!(kit.m.ring().is_none());
+    }
+
+    #[test]
+    fn work_in_progress_is_answered_and_a_silent_peer_does_not_block_it() {
+        let mut kit = Kit::with_ring(2);
+        kit.silent.insert("p1".into());
+        let query = kit.request(ClientRequest::Query {
+            key: crate::record::RecordKey::Event(5),
+            via: Some("p1".into()),
+        });
+        let teardown = kit.request(ClientRequest::Teardown);
+        assert_eq!(kit.reply(query), Err(RequestError::TornDown));
+        kit.wait(Duration::from_secs(2));
+        assert_eq!(kit.reply(teardown), Ok(ReplyBody::Teardown { peers: 2 }));
+        let during = kit.request(ClientRequest::Setup);
+        assert_eq!(kit.reply(during), Err(RequestError::NoPeers));
+    }
+}

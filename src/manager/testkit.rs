@@ -1,1 +1,299 @@
+//! A manager under test with scripted peers and a client, and no network: the tests hand it
+//! datagrams and read what it sends. Peers behave (acknowledge, report, answer) unless a test
+//! tells one to stay silent or to refuse.
 
+use super::{Manager, ManagerConfig, ManagerEvent};
+use crate::link::{RetryPolicy, Time};
+use crate::record::{CsvFormat, Dataset, RecordKey, Row};
+use crate::wire::{
+    Body, ClientRequest, Envelope, FindResult, PeerId, PeerReport, Placement, RejectReason,
+    ReplyBody, RequestError, RingView, UNSEQUENCED,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub struct FakePeer {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub incarnation: u64,
+    pub id: Option<PeerId>,
+    /// Every message the manager sent it, in order.
+    pub inbox: Vec<Body>,
+    /// Keys it holds (a find for one of them is answered found).
+    pub keys: BTreeSet<RecordKey>,
+    /// The last ring it heard.
+    pub ring: Option<RingView>,
+    pub exited: bool,
+}
+
+pub struct Kit {
+    pub m: Manager,
+    pub now: Time,
+    pub peers: Vec<FakePeer>,
+    client: SocketAddr,
+    next_seq: u64,
+    /// Replies to the client, by the request's sequence number.
+    pub replies: BTreeMap<u64, Result<ReplyBody, RequestError>>,
+    pub events: Vec<ManagerEvent>,
+    /// Peers that receive but never answer (as if dead).
+    pub silent: BTreeSet<String>,
+    /// Peers that refuse store batches.
+    pub refusing: BTreeSet<String>,
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+pub fn dataset(events: u64) -> Dataset {
+    let rows = (0..events)
+        .map(|i| Row {
+            line: i + 2,
+            key: RecordKey::Event(1_000 + i),
+            values: vec![(1_000 + i).to_string(), format!("S{i}")],
+        })
+        .collect();
+    Dataset {
+        format: CsvFormat::Generic,
+        columns: vec!["event_id".into(), "state".into()],
+        rows,
+        rejected: Vec::new(),
+        fallback_keys: 0,
+    }
+}
+
+impl Kit {
+    pub fn new(placement: Placement) -> Kit {
+        let cfg = ManagerConfig {
+            retry: RetryPolicy {
+                initial: Duration::from_millis(10),
+                max: Duration::from_millis(40),
+                attempts: Some(4),
+            },
+            max_datagram: 4_000,
+            window: 2,
+            placement,
+            query_timeout: Duration::from_secs(2),
+            probe_timeout: Duration::from_millis(300),
+            default_data: Some("data.csv".into()),
+        };
+        Kit {
+            m: Manager::new(cfg, 1),
+            now: Duration::ZERO,
+            peers: Vec::new(),
+            client: addr(4000),
+            next_seq: 1,
+            replies: BTreeMap::new(),
+            events: Vec::new(),
+            silent: BTreeSet::new(),
+            refusing: BTreeSet::new(),
+        }
+    }
+
+    /// A kit whose `n` peers registered and formed a ring.
+    pub fn with_ring(n: usize) -> Kit {
+        let mut kit = Kit::new(Placement::Consistent);
+        for i in 0..n {
+            kit.add_peer(&format!("p{i}"));
+        }
+        let setup = kit.request(ClientRequest::Setup);
+        assert!(matches!(kit.reply(setup), Ok(ReplyBody::Setup(_))));
+        kit
+    }
+
+    fn seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    /// A peer process starts and registers; runs until the manager answered.
+    pub fn add_peer(&mut self, name: &str) -> usize {
+        let i = self.peers.len();
+        self.peers.push(FakePeer {
+            name: name.into(),
+            addr: addr(6000 + i as u16),
+            incarnation: 100 + i as u64,
+            id: None,
+            inbox: Vec::new(),
+            keys: BTreeSet::new(),
+            ring: None,
+            exited: false,
+        });
+        let seq = self.seq();
+        self.from_peer(i, seq, Body::Register { name: name.into() });
+        self.run();
+        i
+    }
+
+    pub fn peer(&self, name: &str) -> &FakePeer {
+        self.peers
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no peer {name}"))
+    }
+
+    pub fn from_peer(&mut self, i: usize, seq: u64, body: Body) {
+        let p = &self.peers[i];
+        let env = Envelope::new(p.incarnation, seq, None, body);
+        let events = self.m.handle(self.now, p.addr, env, None);
+        self.events.extend(events);
+    }
+
+    /// Sends a client request; returns its sequence number. Runs until nothing moves.
+    pub fn request(&mut self, req: ClientRequest) -> u64 {
+        let seq = self.seq();
+        let env = Envelope::new(7, seq, None, Body::Request(req));
+        let events = self.m.handle(self.now, self.client, env, None);
+        self.events.extend(events);
+        self.run();
+        seq
+    }
+
+    pub fn reply(&mut self, seq: u64) -> Result<ReplyBody, RequestError> {
+        self.replies
+            .remove(&seq)
+            .unwrap_or_else(|| panic!("no reply to request {seq}; events {:?}", self.events))
+    }
+
+    /// Hands the manager a loaded file for the distribute job it asked for.
+    pub fn load(&mut self, data: Result<Dataset, crate::record::LoadError>) {
+        let job = self
+            .events
+            .iter()
+            .rev()
+            .find_map(|e| match e {
+                ManagerEvent::LoadFile { job, .. } => Some(*job),
+                _ => None,
+            })
+            .expect("the manager asked for a file");
+        let events = self.m.file_loaded(self.now, job, data);
+        self.events.extend(events);
+        self.run();
+    }
+
+    /// Lets time pass by `d`, then runs.
+    pub fn wait(&mut self, d: Duration) {
+        let end = self.now + d;
+        while let Some(t) = self.m.poll_timeout().filter(|t| *t <= end) {
+            self.now = self.now.max(t);
+            let events = self.m.handle_timeout(self.now);
+            self.events.extend(events);
+            self.run();
+        }
+        self.now = end;
+    }
+
+    /// Delivers everything the manager sends, and the peers' and client's answers, until
+    /// nothing moves.
+    pub fn run(&mut self) {
+        while let Some(t) = self.m.poll_transmit() {
+            let Ok(env) = Envelope::decode(&t.bytes) else {
+                panic!("the manager sent an undecodable datagram");
+            };
+            if t.dest == self.client {
+                self.to_client(env);
+            } else if let Some(i) = self.peers.iter().position(|p| p.addr == t.dest) {
+                self.to_peer(i, env);
+            }
+        }
+    }
+
+    fn to_client(&mut self, env: Envelope) {
+        if let Body::Reply(r) = env.body {
+            self.replies.insert(r.to, r.result);
+            self.ack(self.client, 7, env.seq, None);
+        }
+    }
+
+    fn ack(&mut self, from: SocketAddr, incarnation: u64, seq: u64, new_rows: Option<u32>) {
+        let env = Envelope::new(incarnation, UNSEQUENCED, None, Body::Ack { seq, new_rows });
+        let events = self.m.handle(self.now, from, env, None);
+        self.events.extend(events);
+    }
+
+    fn to_peer(&mut self, i: usize, env: Envelope) {
+        let (silent, refusing) = {
+            let p = &self.peers[i];
+            (
+                self.silent.contains(&p.name) || p.exited,
+                self.refusing.contains(&p.name),
+            )
+        };
+        self.peers[i].inbox.push(env.body.clone());
+        if silent || !env.body.is_sequenced() {
+            return;
+        }
+        let (from, inc) = (self.peers[i].addr, self.peers[i].incarnation);
+        if refusing && matches!(env.body, Body::Store(_)) {
+            let reason = RejectReason::NotForPeer {
+                kind: "store".into(),
+            };
+            let rej = Envelope::new(
+                inc,
+                UNSEQUENCED,
+                None,
+                Body::Reject {
+                    seq: env.seq,
+                    reason,
+                },
+            );
+            let events = self.m.handle(self.now, from, rej, None);
+            self.events.extend(events);
+            return;
+        }
+        let new_rows = match &env.body {
+            Body::Store(b) => {
+                self.peers[i].keys.extend(b.rows.iter().map(|r| r.0));
+                Some(b.rows.len() as u32)
+            }
+            _ => None,
+        };
+        self.ack(from, inc, env.seq, new_rows);
+        let answer = match env.body {
+            Body::Registered { id } => {
+                self.peers[i].id = Some(id);
+                None
+            }
+            Body::Ring(view) => {
+                let unsettled = (!view.settled).then_some(view.epoch);
+                self.peers[i].ring = Some(view);
+                unsettled.map(|epoch| Body::RebalanceDone {
+                    epoch,
+                    handed_over: 0,
+                })
+            }
+            Body::Probe { probe } => Some(Body::Report {
+                probe,
+                report: PeerReport {
+                    records: self.peers[i].keys.len() as u64,
+                    keys: self.peers[i].keys.len() as u64,
+                    epoch: self.peers[i].ring.as_ref().map_or(0, |r| r.epoch),
+                    handing_over: 0,
+                    counters: Default::default(),
+                },
+            }),
+            Body::Find(mut find) => {
+                let p = &self.peers[i];
+                find.path.extend(p.id);
+                Some(Body::Found(FindResult {
+                    query: find.query,
+                    key: find.key,
+                    found: p.keys.contains(&find.key),
+                    records: Vec::new(),
+                    path: find.path,
+                    truncated: false,
+                }))
+            }
+            Body::Exit { .. } => {
+                self.peers[i].exited = true;
+                None
+            }
+            _ => None,
+        };
+        if let Some(body) = answer {
+            let seq = self.seq();
+            self.from_peer(i, seq, body);
+        }
+    }
+}

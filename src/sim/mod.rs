@@ -22,7 +22,7 @@ use crate::driver::{Control, Machine, Shared, Shell, drive, lock, shared};
 use crate::link::{RetryPolicy, Time};
 use crate::manager::{Manager, ManagerConfig, ManagerEvent};
 use crate::peer::{HopReport, Peer, PeerConfig, PeerEvent};
-use crate::record::Dataset;
+use crate::record::{Dataset, LoadError};
 use crate::wire::{ClientRequest, Envelope, Placement, ReplyBody};
 pub use net::{Datagram, Faults, SimNet, SimSocket};
 use rand::{RngCore, SeedableRng};
@@ -167,7 +167,11 @@ impl Sim {
                     .unwrap_or_else(|p| p.into_inner())
                     .get(path)
                     .cloned()
-                    .ok_or_else(|| format!("{path}: no such file"))
+                    .ok_or_else(|| LoadError::Io {
+                        path: Some(path.into()),
+                        line: None,
+                        source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                    })
             })
         };
         let manager_addr = addr(5000);
