@@ -121,7 +121,7 @@ impl Kit {
             exited: false,
         });
         let seq = self.seq();
-        self.from_peer(i, seq, Body::Register { name: name.into() });
+        self.send_from_peer(i, seq, Body::Register { name: name.into() });
         self.run();
         i
     }
@@ -133,7 +133,7 @@ impl Kit {
             .unwrap_or_else(|| panic!("no peer {name}"))
     }
 
-    pub fn from_peer(&mut self, i: usize, seq: u64, body: Body) {
+    pub fn send_from_peer(&mut self, i: usize, seq: u64, body: Body) {
         let p = &self.peers[i];
         let env = Envelope::new(p.incarnation, seq, None, body);
         let events = self.m.handle(self.now, p.addr, env, None);
@@ -192,14 +192,14 @@ impl Kit {
                 panic!("the manager sent an undecodable datagram");
             };
             if t.dest == self.client {
-                self.to_client(env);
+                self.deliver_to_client(env);
             } else if let Some(i) = self.peers.iter().position(|p| p.addr == t.dest) {
-                self.to_peer(i, env);
+                self.deliver_to_peer(i, env);
             }
         }
     }
 
-    fn to_client(&mut self, env: Envelope) {
+    fn deliver_to_client(&mut self, env: Envelope) {
         if let Body::Reply(r) = env.body {
             self.replies.insert(r.to, r.result);
             self.ack(self.client, 7, env.seq, None);
@@ -212,7 +212,7 @@ impl Kit {
         self.events.extend(events);
     }
 
-    fn to_peer(&mut self, i: usize, env: Envelope) {
+    fn deliver_to_peer(&mut self, i: usize, env: Envelope) {
         let (silent, refusing) = {
             let p = &self.peers[i];
             (
@@ -293,7 +293,7 @@ impl Kit {
         };
         if let Some(body) = answer {
             let seq = self.seq();
-            self.from_peer(i, seq, body);
+            self.send_from_peer(i, seq, body);
         }
     }
 }
