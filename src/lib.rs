@@ -6,15 +6,18 @@
 //! | layer | modules | owns |
 //! | --- | --- | --- |
 //! | records | [`record`] | NOAA CSV (details, locations, course; plain or gzip) → keyed rows |
-//! | wire | [`wire`], [`cbor_guard`] | the versioned CBOR [`wire::Envelope`] and every message kind; length checks before decoding |
+//! | wire | [`wire`], [`cbor_guard`] | the versioned CBOR [`wire::Envelope`], every message kind, typed rejections and errors; length checks before decoding |
 //! | reliability | [`link`] | sequence numbers, acks, retransmission with backoff, duplicate suppression |
 //! | placement | [`ring`] | consistent hashing (and the seed's and course's schemes), ring order |
 //! | state | [`store`] | a peer's rows and the batching that moves them |
-//! | protocol | [`manager`], [`peer`] | the sans-IO state machines: (time, datagram) in, datagrams, timers and events out |
-//! | simulation | [`sim`] | a whole cluster in memory with seeded loss, duplication and reordering |
-//! | drivers | [`node`], [`cluster`] | tokio tasks owning the socket, the clock and the files |
-//! | client | [`client`], [`report`] | `stormctl`'s reliable requests, `verify`, and output |
+//! | protocol | [`manager`] (registry, membership, distribute, query, status, teardown), [`peer`], [`client::ClientCore`] | sans-IO state machines: (time, datagram) in; the events of that one input returned, datagrams pulled |
+//! | driver | [`driver`] | the one loop that runs a machine over a [`driver::socket::DatagramSocket`]: real UDP in production, the in-memory network in the simulation; spans and side effects in a per-role shell |
+//! | cluster, client | [`cluster`], [`client`], [`report`] | a loopback cluster in one process (demo, bench); `stormctl`'s requests, `verify`, output |
 //! | config, telemetry | [`config`], [`telemetry`] | figment layers; logs and OTLP spans |
+//!
+//! Imports only run down this table: no machine imports tokio, a socket or a clock. The tests
+//! add a simulation (`sim`, test builds only): the production drivers over a simulated
+//! network in virtual time, seeded and replayable.
 //!
 //! The binaries are thin: `stormd` (manager, peer, or `demo`) and `stormctl`.
 
