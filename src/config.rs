@@ -11,7 +11,6 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -307,22 +306,6 @@ fn check_host_port(value: &str) -> Result<(), String> {
     port.parse::<u16>()
         .map_err(|_| format!("'{port}' in '{value}' is not a port number"))?;
     Ok(())
-}
-
-/// Resolves `host:port` (a service name inside compose, an address elsewhere), preferring IPv4.
-pub fn resolve(value: &str) -> std::io::Result<SocketAddr> {
-    let addrs: Vec<SocketAddr> = value.to_socket_addrs()?.collect();
-    addrs
-        .iter()
-        .find(|a| a.is_ipv4())
-        .or(addrs.first())
-        .copied()
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("{value} resolves to no address"),
-            )
-        })
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ pub mod cluster;
 pub mod config;
 pub mod driver;
 pub mod link;
+pub mod machine;
 pub mod manager;
 pub mod peer;
 pub mod record;

@@ -158,8 +158,8 @@ impl<T> Link<T> {
     }
 
     /// The driver saw a datagram that did not decode.
-    pub fn note_bad_datagram(&mut self) {
-        self.counters.bad_datagrams += 1;
+    pub fn note_bad_datagrams(&mut self, n: u64) {
+        self.counters.bad_datagrams += n;
     }
 
     pub fn policy(&self) -> RetryPolicy {

@@ -8,6 +8,7 @@
 //! that walks the whole ring always finds it somewhere.
 
 use crate::link::{Accepted, Link, Outcome, RetryPolicy, Time, Transmit};
+use crate::machine::Machine;
 use crate::record::RecordKey;
 use crate::ring::RingExt;
 use crate::store::{Columns, Store, StoredRow, batch_budget, make_batches, row_size};
@@ -16,6 +17,7 @@ use crate::wire::{
     TraceContext, WireRow,
 };
 use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -166,10 +168,6 @@ impl Peer {
         peer
     }
 
-    pub fn incarnation(&self) -> u64 {
-        self.link.incarnation()
-    }
-
     pub fn id(&self) -> Option<PeerId> {
         self.id
     }
@@ -216,20 +214,6 @@ impl Peer {
             self.events
                 .push(PeerEvent::Warning(format!("could not send {kind}: {e}")));
         }
-    }
-
-    /// Handles one decoded datagram. `trace` is the context of the span the driver opened for
-    /// it; messages sent in consequence carry it.
-    /// Returns exactly the events this datagram produced.
-    pub fn handle(
-        &mut self,
-        now: Time,
-        from: SocketAddr,
-        env: Envelope,
-        trace: Option<TraceContext>,
-    ) -> Vec<PeerEvent> {
-        self.on_datagram(now, from, env, trace);
-        std::mem::take(&mut self.events)
     }
 
     fn on_datagram(
@@ -706,19 +690,6 @@ impl Peer {
         );
     }
 
-    pub fn poll_timeout(&self) -> Option<Time> {
-        match (self.link.poll_timeout(), self.handoff_retry_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
-    /// Runs what is due at `now`; returns the events that produced.
-    pub fn handle_timeout(&mut self, now: Time) -> Vec<PeerEvent> {
-        self.on_timeout(now);
-        std::mem::take(&mut self.events)
-    }
-
     fn on_timeout(&mut self, now: Time) {
         if self.exited {
             return;
@@ -831,16 +802,54 @@ impl Peer {
         self.pump_handoff(now, None);
     }
 
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+    pub fn manager(&self) -> SocketAddr {
+        self.cfg.manager
+    }
+}
+
+impl Machine for Peer {
+    type Event = PeerEvent;
+    /// A peer takes nothing but datagrams and time.
+    type Local = Infallible;
+
+    /// `trace` is the context of the span the driver opened for this datagram; messages sent
+    /// in consequence carry it.
+    fn handle(
+        &mut self,
+        now: Time,
+        from: SocketAddr,
+        env: Envelope,
+        trace: Option<TraceContext>,
+    ) -> Vec<PeerEvent> {
+        self.on_datagram(now, from, env, trace);
+        std::mem::take(&mut self.events)
+    }
+
+    fn handle_timeout(&mut self, now: Time) -> Vec<PeerEvent> {
+        self.on_timeout(now);
+        std::mem::take(&mut self.events)
+    }
+
+    fn handle_local(&mut self, _: Time, input: Infallible) -> Vec<PeerEvent> {
+        match input {}
+    }
+
+    fn poll_timeout(&self) -> Option<Time> {
+        match (self.link.poll_timeout(), self.handoff_retry_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn poll_transmit(&mut self) -> Option<Transmit> {
         self.link.poll_transmit()
     }
 
-    /// The driver saw a datagram that did not decode.
-    pub fn note_bad_datagram(&mut self) {
-        self.link.note_bad_datagram();
+    fn note_bad_datagrams(&mut self, n: u64) {
+        self.link.note_bad_datagrams(n);
     }
 
-    pub fn manager(&self) -> SocketAddr {
-        self.cfg.manager
+    fn incarnation(&self) -> u64 {
+        self.link.incarnation()
     }
 }

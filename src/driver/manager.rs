@@ -1,66 +1,19 @@
 //! The manager's shell: a span per client request (kept open until the request's outcome),
 //! files loaded off the runtime thread, logs of what the manager did.
 
-use super::{Control, Machine, Shared, Shell, Shutdown, bind_udp, drive, shared};
+use super::{Control, Shared, Shell, Shutdown, bind_udp, drive, shared};
 use crate::config::Config;
-use crate::link::{Time, Transmit};
-use crate::manager::{Manager, ManagerEvent};
+use crate::link::Time;
+use crate::manager::{Manager, ManagerEvent, ManagerInput};
 use crate::record::{Dataset, LoadError};
 use crate::telemetry::{TARGET, set_remote_parent};
-use crate::wire::{Body, ClientRequest, Envelope, TraceContext};
+use crate::wire::{Body, ClientRequest, Envelope};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tracing::{Span, field, info, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-
-/// What the manager's driver feeds it besides datagrams.
-#[derive(Debug)]
-pub enum ManagerInput {
-    /// The CSV of a distribute job, loaded (or not).
-    FileLoaded {
-        job: u64,
-        result: Result<Dataset, LoadError>,
-    },
-}
-
-impl Machine for Manager {
-    type Event = ManagerEvent;
-    type Local = ManagerInput;
-
-    fn handle(
-        &mut self,
-        now: Time,
-        from: SocketAddr,
-        env: Envelope,
-        trace: Option<TraceContext>,
-    ) -> Vec<ManagerEvent> {
-        Manager::handle(self, now, from, env, trace)
-    }
-    fn handle_timeout(&mut self, now: Time) -> Vec<ManagerEvent> {
-        Manager::handle_timeout(self, now)
-    }
-    fn handle_local(&mut self, now: Time, input: ManagerInput) -> Vec<ManagerEvent> {
-        match input {
-            ManagerInput::FileLoaded { job, result } => self.file_loaded(now, job, result),
-        }
-    }
-    fn poll_timeout(&self) -> Option<Time> {
-        Manager::poll_timeout(self)
-    }
-    fn poll_transmit(&mut self) -> Option<Transmit> {
-        Manager::poll_transmit(self)
-    }
-    fn note_bad_datagrams(&mut self, n: u64) {
-        for _ in 0..n {
-            self.note_bad_datagram();
-        }
-    }
-    fn incarnation(&self) -> u64 {
-        Manager::incarnation(self)
-    }
-}
 
 /// Loads the CSV a distribute names.
 pub type LoadFn = Arc<dyn Fn(&str) -> Result<Dataset, LoadError> + Send + Sync>;

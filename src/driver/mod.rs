@@ -16,7 +16,8 @@ pub mod socket;
 
 use crate::config::ChaosConfig;
 use crate::link::{Time, Transmit};
-use crate::wire::{Body, Envelope, RejectReason, TraceContext, WireError};
+pub use crate::machine::Machine;
+use crate::wire::{Body, Envelope, RejectReason, WireError};
 use rand::{Rng, SeedableRng};
 use socket::DatagramSocket;
 use std::future::Future;
@@ -30,28 +31,6 @@ use tracing::{Span, warn};
 pub use manager::run_manager;
 pub use peer::{PeerExit, run_peer};
 pub use socket::{SocketError, bind_udp, lookup};
-
-/// A protocol state machine as the driver sees it: datagrams, timeouts and local inputs in;
-/// events returned, datagrams pulled.
-pub trait Machine {
-    type Event;
-    /// Inputs that come from the driver's side rather than the network (a file it loaded).
-    type Local;
-    fn handle(
-        &mut self,
-        now: Time,
-        from: SocketAddr,
-        env: Envelope,
-        trace: Option<TraceContext>,
-    ) -> Vec<Self::Event>;
-    fn handle_timeout(&mut self, now: Time) -> Vec<Self::Event>;
-    fn handle_local(&mut self, now: Time, input: Self::Local) -> Vec<Self::Event>;
-    fn poll_timeout(&self) -> Option<Time>;
-    fn poll_transmit(&mut self) -> Option<Transmit>;
-    /// The driver dropped datagrams that did not decode (shown in `status`).
-    fn note_bad_datagrams(&mut self, n: u64);
-    fn incarnation(&self) -> u64;
-}
 
 /// A machine shared between its driver and whoever wants to look at it (tests, the demo).
 /// The driver holds the lock only while the machine computes, never across an await.

@@ -2,51 +2,16 @@
 //! linger; SIGTERM as a graceful leave.
 
 use super::manager::NodeError;
-use super::{Control, Machine, Shell, Shutdown, bind_udp, drive, lookup, shared};
+use super::{Control, Shell, Shutdown, bind_udp, drive, lookup, shared};
 use crate::config::Config;
-use crate::link::{Time, Transmit};
+use crate::link::Time;
 use crate::peer::{Peer, PeerConfig, PeerEvent};
 use crate::telemetry::{TARGET, set_remote_parent};
-use crate::wire::{Body, Envelope, TraceContext};
+use crate::wire::{Body, Envelope};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tracing::{Span, field, info, warn};
-
-impl Machine for Peer {
-    type Event = PeerEvent;
-    type Local = Infallible;
-
-    fn handle(
-        &mut self,
-        now: Time,
-        from: SocketAddr,
-        env: Envelope,
-        trace: Option<TraceContext>,
-    ) -> Vec<PeerEvent> {
-        Peer::handle(self, now, from, env, trace)
-    }
-    fn handle_timeout(&mut self, now: Time) -> Vec<PeerEvent> {
-        Peer::handle_timeout(self, now)
-    }
-    fn handle_local(&mut self, _: Time, input: Infallible) -> Vec<PeerEvent> {
-        match input {}
-    }
-    fn poll_timeout(&self) -> Option<Time> {
-        Peer::poll_timeout(self)
-    }
-    fn poll_transmit(&mut self) -> Option<Transmit> {
-        Peer::poll_transmit(self)
-    }
-    fn note_bad_datagrams(&mut self, n: u64) {
-        for _ in 0..n {
-            self.note_bad_datagram();
-        }
-    }
-    fn incarnation(&self) -> u64 {
-        Peer::incarnation(self)
-    }
-}
 
 /// How a peer process ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -61,16 +61,6 @@ impl Manager {
     }
 
     /// The driver loaded the file of a distribute job (or failed to).
-    pub fn file_loaded(
-        &mut self,
-        now: Time,
-        job_id: u64,
-        loaded: Result<Dataset, LoadError>,
-    ) -> Vec<ManagerEvent> {
-        self.on_file_loaded(now, job_id, loaded);
-        std::mem::take(&mut self.events)
-    }
-
     pub(super) fn on_file_loaded(
         &mut self,
         now: Time,

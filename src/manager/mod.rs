@@ -17,7 +17,8 @@ mod teardown;
 mod testkit;
 
 use crate::link::{Accepted, Link, Outcome, RetryPolicy, Time, Transmit};
-use crate::record::RecordKey;
+use crate::machine::Machine;
+use crate::record::{Dataset, LoadError, RecordKey};
 use crate::wire::{
     Body, ClientReply, ClientRequest, DistributeFailure, Envelope, Placement, RejectReason,
     ReplyBody, RequestError, RingView, TraceContext,
@@ -185,10 +186,6 @@ impl Manager {
         }
     }
 
-    pub fn incarnation(&self) -> u64 {
-        self.link.incarnation()
-    }
-
     pub fn ring(&self) -> Option<&RingView> {
         self.ring.as_ref()
     }
@@ -228,19 +225,6 @@ impl Manager {
             result,
         });
         self.send(now, call.addr, body, call.trace.clone(), ManagerTag::Reply);
-    }
-
-    /// Handles one decoded datagram; `trace` is the context of the driver's span for it.
-    /// Returns exactly the events this datagram produced.
-    pub fn handle(
-        &mut self,
-        now: Time,
-        from: SocketAddr,
-        env: Envelope,
-        trace: Option<TraceContext>,
-    ) -> Vec<ManagerEvent> {
-        self.on_datagram(now, from, env, trace);
-        std::mem::take(&mut self.events)
     }
 
     pub(super) fn on_datagram(
@@ -316,22 +300,6 @@ impl Manager {
             ClientRequest::Status => self.start_status(now, call, false),
             ClientRequest::Teardown => self.start_teardown(now, call),
         }
-    }
-
-    pub fn poll_timeout(&self) -> Option<Time> {
-        let deadlines = self
-            .queries
-            .values()
-            .map(|q| q.deadline)
-            .chain(self.probes.values().map(|p| p.deadline))
-            .chain(self.transition.as_ref().map(|t| t.nudge_at));
-        deadlines.chain(self.link.poll_timeout()).min()
-    }
-
-    /// Runs what is due at `now`; returns the events that produced.
-    pub fn handle_timeout(&mut self, now: Time) -> Vec<ManagerEvent> {
-        self.on_timeout(now);
-        std::mem::take(&mut self.events)
     }
 
     pub(super) fn on_timeout(&mut self, now: Time) {
@@ -433,13 +401,65 @@ impl Manager {
             }
         }
     }
+}
 
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+/// What the manager's driver feeds it besides datagrams.
+#[derive(Debug)]
+pub enum ManagerInput {
+    /// The CSV of a distribute job, loaded (or not).
+    FileLoaded {
+        job: u64,
+        result: Result<Dataset, LoadError>,
+    },
+}
+
+impl Machine for Manager {
+    type Event = ManagerEvent;
+    type Local = ManagerInput;
+
+    /// `trace` is the context of the driver's span for this datagram.
+    fn handle(
+        &mut self,
+        now: Time,
+        from: SocketAddr,
+        env: Envelope,
+        trace: Option<TraceContext>,
+    ) -> Vec<ManagerEvent> {
+        self.on_datagram(now, from, env, trace);
+        std::mem::take(&mut self.events)
+    }
+
+    fn handle_timeout(&mut self, now: Time) -> Vec<ManagerEvent> {
+        self.on_timeout(now);
+        std::mem::take(&mut self.events)
+    }
+
+    fn handle_local(&mut self, now: Time, input: ManagerInput) -> Vec<ManagerEvent> {
+        match input {
+            ManagerInput::FileLoaded { job, result } => self.on_file_loaded(now, job, result),
+        }
+        std::mem::take(&mut self.events)
+    }
+
+    fn poll_timeout(&self) -> Option<Time> {
+        let deadlines = self
+            .queries
+            .values()
+            .map(|q| q.deadline)
+            .chain(self.probes.values().map(|p| p.deadline))
+            .chain(self.transition.as_ref().map(|t| t.nudge_at));
+        deadlines.chain(self.link.poll_timeout()).min()
+    }
+
+    fn poll_transmit(&mut self) -> Option<Transmit> {
         self.link.poll_transmit()
     }
 
-    /// The driver saw a datagram that did not decode.
-    pub fn note_bad_datagram(&mut self) {
-        self.link.note_bad_datagram();
+    fn note_bad_datagrams(&mut self, n: u64) {
+        self.link.note_bad_datagrams(n);
+    }
+
+    fn incarnation(&self) -> u64 {
+        self.link.incarnation()
     }
 }

@@ -2,8 +2,9 @@
 //! datagrams and read what it sends. Peers behave (acknowledge, report, answer) unless a test
 //! tells one to stay silent or to refuse.
 
-use super::{Manager, ManagerConfig, ManagerEvent};
+use super::{Manager, ManagerConfig, ManagerEvent, ManagerInput};
 use crate::link::{RetryPolicy, Time};
+use crate::machine::Machine;
 use crate::record::{CsvFormat, Dataset, RecordKey, Row};
 use crate::wire::{
     Body, ClientRequest, Envelope, FindResult, PeerId, PeerReport, Placement, RejectReason,
@@ -167,7 +168,8 @@ impl Kit {
                 _ => None,
             })
             .expect("the manager asked for a file");
-        let events = self.m.file_loaded(self.now, job, data);
+        let input = ManagerInput::FileLoaded { job, result: data };
+        let events = self.m.handle_local(self.now, input);
         self.events.extend(events);
         self.run();
     }

@@ -2,6 +2,7 @@
 //! network), seeded and replayable. Each ends by checking what the scenario claims.
 
 use super::*;
+use crate::machine::Machine;
 use crate::record::{CsvFormat, RecordKey, Row};
 use crate::ring::RingExt;
 use crate::wire::{Body, QueryOutcome, StatusReport};

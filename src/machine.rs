@@ -1,0 +1,28 @@
+//! The shape of every protocol state machine (manager, peer): sans-IO, as in quinn-proto.
+//! Time and inputs come in as arguments; the events an input produced come back from that
+//! very call; datagrams to send are pulled. The driver runs anything of this shape.
+
+use crate::link::{Time, Transmit};
+use crate::wire::{Envelope, TraceContext};
+use std::net::SocketAddr;
+
+/// Datagrams, timeouts and local inputs in; events returned, datagrams pulled.
+pub trait Machine {
+    type Event;
+    /// Inputs that come from the driver's side rather than the network (a file it loaded).
+    type Local;
+    fn handle(
+        &mut self,
+        now: Time,
+        from: SocketAddr,
+        env: Envelope,
+        trace: Option<TraceContext>,
+    ) -> Vec<Self::Event>;
+    fn handle_timeout(&mut self, now: Time) -> Vec<Self::Event>;
+    fn handle_local(&mut self, now: Time, input: Self::Local) -> Vec<Self::Event>;
+    fn poll_timeout(&self) -> Option<Time>;
+    fn poll_transmit(&mut self) -> Option<Transmit>;
+    /// The driver dropped datagrams that did not decode (shown in `status`).
+    fn note_bad_datagrams(&mut self, n: u64);
+    fn incarnation(&self) -> u64;
+}
