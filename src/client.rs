@@ -1,6 +1,7 @@
 //! The client side of `stormctl`: reliable requests to the manager over UDP, many at a time,
 //! and `verify`, which checks a CSV file against what the ring answers.
 
+use crate::auth::{Keyring, wall_clock_ms};
 use crate::driver::socket::DatagramSocket;
 use crate::driver::{bind_udp, lookup};
 use crate::link::{Accepted, Link, Outcome, RetryPolicy, Time, Transmit};
@@ -22,7 +23,7 @@ pub enum ClientError {
     #[error("UDP socket error: {0}")]
     Io(String),
     #[error(
-        "the manager at {manager} did not answer ({attempts} attempts over {secs:.1} s); is it running?"
+        "the manager at {manager} did not answer ({attempts} attempts over {secs:.1} s); is it running at that address, and if the cluster has a key, does stormctl have it (--key-file or STORMCTL_KEY)?"
     )]
     NoAnswer {
         manager: SocketAddr,
@@ -239,6 +240,8 @@ pub struct Client<S = UdpSocket> {
     core: ClientCore,
     start: Instant,
     buf: Vec<u8>,
+    /// The cluster's keyring, when it has one: requests are sealed, replies must be.
+    keyring: Option<Keyring>,
 }
 
 impl Client<UdpSocket> {
@@ -267,6 +270,27 @@ impl<S: DatagramSocket> Client<S> {
             core,
             start: Instant::now(),
             buf: vec![0; 65_536],
+            keyring: None,
+        }
+    }
+
+    /// Seals requests with `keyring`'s first key and hears only replies sealed by one of its.
+    pub fn with_keyring(mut self, keyring: Option<Keyring>) -> Self {
+        self.keyring = keyring;
+        self
+    }
+
+    async fn send(&self, t: &Transmit) {
+        let sealed;
+        let bytes = match &self.keyring {
+            Some(ring) => {
+                sealed = ring.seal(&t.bytes, wall_clock_ms());
+                &sealed
+            }
+            None => &t.bytes,
+        };
+        if let Err(e) = self.socket.send_to(bytes, t.dest).await {
+            tracing::debug!("send to {} failed: {e}", t.dest);
         }
     }
 
@@ -310,9 +334,7 @@ impl<S: DatagramSocket> Client<S> {
         while !self.core.is_idle() {
             self.core.pump(self.start.elapsed());
             while let Some(t) = self.core.poll_transmit() {
-                if let Err(e) = self.socket.send_to(&t.bytes, t.dest).await {
-                    tracing::debug!("send to {} failed: {e}", t.dest);
-                }
+                self.send(&t).await;
             }
             let wake = self.core.poll_timeout().map(|t| self.start + t);
             let received = tokio::select! {
@@ -322,7 +344,11 @@ impl<S: DatagramSocket> Client<S> {
             let now = self.start.elapsed();
             match received {
                 Some(Ok((len, from))) => {
-                    if let Ok(env) = Envelope::decode(&self.buf[..len]) {
+                    let payload = match &self.keyring {
+                        Some(ring) => ring.open(&self.buf[..len], wall_clock_ms()).ok(),
+                        None => Some(&self.buf[..len]),
+                    };
+                    if let Some(env) = payload.and_then(|p| Envelope::decode(p).ok()) {
                         self.core.handle(now, from, env);
                     }
                 }
@@ -339,7 +365,7 @@ impl<S: DatagramSocket> Client<S> {
             }
             // Acks of replies go out before the next wait.
             while let Some(t) = self.core.poll_transmit() {
-                let _ = self.socket.send_to(&t.bytes, t.dest).await;
+                self.send(&t).await;
             }
         }
         results

@@ -4,6 +4,8 @@
 //! A wrong value stops the daemon at start with a message that names the key and where the
 //! value came from: the file (with its path) or the environment variable.
 
+use crate::auth::Keyring;
+use crate::driver::DriveOptions;
 use crate::link::RetryPolicy;
 use crate::manager::ManagerConfig;
 use crate::wire::Placement;
@@ -76,6 +78,11 @@ pub struct Config {
     pub query_timeout_ms: u64,
     pub probe_timeout_ms: u64,
     pub retry: RetryConfig,
+    /// The cluster keyring, inline: keys separated by commas, the first used to send. Empty:
+    /// no key (datagrams are not authenticated).
+    pub cluster_key: String,
+    /// The cluster keyring in a file: one key per line, the first used to send; `#` comments.
+    pub cluster_key_file: String,
     pub telemetry: TelemetryConfig,
     pub chaos: ChaosConfig,
 }
@@ -113,6 +120,8 @@ impl Default for Config {
                 max_ms: 2_000,
                 attempts: 8,
             },
+            cluster_key: String::new(),
+            cluster_key_file: String::new(),
             telemetry: TelemetryConfig {
                 otlp_endpoint: String::new(),
                 service_name: String::new(),
@@ -251,6 +260,15 @@ impl Config {
                 ));
             }
         }
+        if !self.cluster_key.is_empty() && !self.cluster_key_file.is_empty() {
+            return Err(bad(
+                "cluster_key",
+                "set cluster_key or cluster_key_file, not both".into(),
+            ));
+        }
+        if let Err((key, reason)) = self.load_keyring() {
+            return Err(bad(key, reason));
+        }
         let endpoint = &self.telemetry.otlp_endpoint;
         if !endpoint.is_empty()
             && !endpoint.starts_with("http://")
@@ -260,6 +278,41 @@ impl Config {
             return Err(bad("telemetry.otlp_endpoint", reason));
         }
         Ok(())
+    }
+
+    /// The cluster keyring, if one is configured; on error, the key at fault and why.
+    fn load_keyring(&self) -> Result<Option<Keyring>, (&'static str, String)> {
+        let (key, text) = if !self.cluster_key_file.is_empty() {
+            let text = std::fs::read_to_string(&self.cluster_key_file).map_err(|e| {
+                (
+                    "cluster_key_file",
+                    format!("cannot read {}: {e}", self.cluster_key_file),
+                )
+            })?;
+            ("cluster_key_file", text)
+        } else if !self.cluster_key.is_empty() {
+            ("cluster_key", self.cluster_key.clone())
+        } else {
+            return Ok(None);
+        };
+        Keyring::parse(&text)
+            .map(Some)
+            .map_err(|e| (key, e.to_string()))
+    }
+
+    /// How the driver runs: chaos settings and the keyring (read again from its file).
+    pub fn drive_options(&self) -> Result<DriveOptions, ConfigError> {
+        let keyring = self
+            .load_keyring()
+            .map_err(|(key, reason)| ConfigError::Value {
+                key: key.into(),
+                source_name: "configuration".into(),
+                reason,
+            })?;
+        Ok(DriveOptions {
+            chaos: self.chaos.clone(),
+            keyring,
+        })
     }
 
     pub fn retry_policy(&self) -> RetryPolicy {
@@ -359,6 +412,49 @@ mod tests {
             let e = Config::load(None).unwrap_err().to_string();
             assert!(e.contains("`role`"), "{e}");
             assert!(e.contains("STORM_ROLE"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_cluster_key_comes_inline_or_from_a_file_and_bad_keys_name_their_key() {
+        Jail::expect_with(|jail| {
+            // No key: none.
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert!(
+                c.drive_options()
+                    .map_err(|e| e.to_string())?
+                    .keyring
+                    .is_none()
+            );
+            // A keyring file with a comment and two keys.
+            jail.create_file(
+                "keys",
+                "# rotated 2026-11\nnew-key-0123456789ab\nold-key-0123456789ab\n",
+            )?;
+            jail.set_env("STORM_CLUSTER_KEY_FILE", "keys");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            let ring = c.drive_options().map_err(|e| e.to_string())?.keyring;
+            assert_eq!(ring.map(|r| r.len()), Some(2));
+            // Both at once is ambiguous.
+            jail.set_env("STORM_CLUSTER_KEY", "inline-key-0123456789");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("`cluster_key`") && e.contains("not both"), "{e}");
+            // A short key, and a missing file, are refused by name.
+            jail.set_env("STORM_CLUSTER_KEY_FILE", "");
+            jail.set_env("STORM_CLUSTER_KEY", "short");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(
+                e.contains("`cluster_key`") && e.contains("at least 16"),
+                "{e}"
+            );
+            jail.set_env("STORM_CLUSTER_KEY", "");
+            jail.set_env("STORM_CLUSTER_KEY_FILE", "no-such-file");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(
+                e.contains("`cluster_key_file`") && e.contains("no-such-file"),
+                "{e}"
+            );
             Ok(())
         });
     }

@@ -21,6 +21,7 @@
 //!
 //! The binaries are thin: `stormd` (manager, peer, or `demo`) and `stormctl`.
 
+pub mod auth;
 pub mod cbor_guard;
 pub mod client;
 pub mod cluster;

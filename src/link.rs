@@ -47,6 +47,21 @@ impl RetryPolicy {
     }
 }
 
+/// Datagrams the driver dropped since it last told the machine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dropped {
+    /// Did not decode.
+    pub undecodable: u64,
+    /// Had no valid cluster-key tag.
+    pub unauthenticated: u64,
+}
+
+impl Dropped {
+    pub fn is_empty(&self) -> bool {
+        self.undecodable == 0 && self.unauthenticated == 0
+    }
+}
+
 /// A datagram ready to go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
@@ -158,8 +173,10 @@ impl<T> Link<T> {
     }
 
     /// The driver saw a datagram that did not decode.
-    pub fn note_bad_datagrams(&mut self, n: u64) {
-        self.counters.bad_datagrams += n;
+    /// The driver dropped datagrams before they reached the protocol.
+    pub fn note_dropped(&mut self, dropped: Dropped) {
+        self.counters.bad_datagrams += dropped.undecodable;
+        self.counters.unauthenticated += dropped.unauthenticated;
     }
 
     pub fn policy(&self) -> RetryPolicy {

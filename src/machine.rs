@@ -2,7 +2,7 @@
 //! Time and inputs come in as arguments; the events an input produced come back from that
 //! very call; datagrams to send are pulled. The driver runs anything of this shape.
 
-use crate::link::{Time, Transmit};
+use crate::link::{Dropped, Time, Transmit};
 use crate::wire::{Envelope, TraceContext};
 use std::net::SocketAddr;
 
@@ -22,7 +22,7 @@ pub trait Machine {
     fn handle_local(&mut self, now: Time, input: Self::Local) -> Vec<Self::Event>;
     fn poll_timeout(&self) -> Option<Time>;
     fn poll_transmit(&mut self) -> Option<Transmit>;
-    /// The driver dropped datagrams that did not decode (shown in `status`).
-    fn note_bad_datagrams(&mut self, n: u64);
+    /// The driver dropped datagrams that did not decode or were not authentic (`status`).
+    fn note_dropped(&mut self, dropped: Dropped);
     fn incarnation(&self) -> u64;
 }

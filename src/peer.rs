@@ -7,7 +7,7 @@
 //! ring view). A row leaves the store only once its new owner has acknowledged it, so a query
 //! that walks the whole ring always finds it somewhere.
 
-use crate::link::{Accepted, Link, Outcome, RetryPolicy, Time, Transmit};
+use crate::link::{Accepted, Dropped, Link, Outcome, RetryPolicy, Time, Transmit};
 use crate::machine::Machine;
 use crate::record::RecordKey;
 use crate::ring::RingExt;
@@ -845,8 +845,8 @@ impl Machine for Peer {
         self.link.poll_transmit()
     }
 
-    fn note_bad_datagrams(&mut self, n: u64) {
-        self.link.note_bad_datagrams(n);
+    fn note_dropped(&mut self, dropped: Dropped) {
+        self.link.note_dropped(dropped);
     }
 
     fn incarnation(&self) -> u64 {

@@ -58,11 +58,12 @@ pub fn status_text(s: &StatusReport) -> String {
         sum.retransmits += c.retransmits;
         sum.bad_datagrams += c.bad_datagrams;
         sum.duplicates += c.duplicates;
+        sum.unauthenticated += c.unauthenticated;
     }
     let _ = write!(
         out,
-        "Datagrams (manager and peers): {} retransmitted, {} duplicates ignored, {} undecodable dropped",
-        sum.retransmits, sum.duplicates, sum.bad_datagrams
+        "Datagrams (manager and peers): {} retransmitted, {} duplicates ignored, {} undecodable dropped, {} unauthenticated dropped",
+        sum.retransmits, sum.duplicates, sum.bad_datagrams, sum.unauthenticated
     );
     out
 }
@@ -76,6 +77,7 @@ pub fn status_json(s: &StatusReport) -> Value {
             "retransmits": s.manager.retransmits,
             "bad_datagrams": s.manager.bad_datagrams,
             "duplicates": s.manager.duplicates,
+            "unauthenticated": s.manager.unauthenticated,
         },
         "peers": s.peers.iter().map(|p| json!({
             "id": p.id,
@@ -89,6 +91,7 @@ pub fn status_json(s: &StatusReport) -> Value {
             "retransmits": p.counters.map(|c| c.retransmits),
             "bad_datagrams": p.counters.map(|c| c.bad_datagrams),
             "duplicates": p.counters.map(|c| c.duplicates),
+            "unauthenticated": p.counters.map(|c| c.unauthenticated),
         })).collect::<Vec<_>>(),
     })
 }

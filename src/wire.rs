@@ -305,6 +305,9 @@ pub struct Counters {
     pub bad_datagrams: u64,
     /// Copies of datagrams already handled (acknowledged again, not handled twice).
     pub duplicates: u64,
+    /// Datagrams without a valid cluster-key tag (dropped unanswered).
+    #[serde(default)]
+    pub unauthenticated: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

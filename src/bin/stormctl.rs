@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+use stormdht::auth::Keyring;
 use stormdht::client::{Client, verify};
 use stormdht::config::TelemetryConfig;
 use stormdht::record::{self, RecordKey};
@@ -35,6 +36,10 @@ struct Cli {
     /// Jaeger UI base URL, to print a link to each query's trace.
     #[arg(long, global = true, env = "STORM_JAEGER_UI")]
     jaeger_ui: Option<String>,
+    /// The cluster's keyring file (one key per line, the first used to send); the keys
+    /// themselves may instead be given in STORMCTL_KEY (separated by commas).
+    #[arg(long, global = true, env = "STORMCTL_KEY_FILE")]
+    key_file: Option<std::path::PathBuf>,
     /// OTLP/gRPC endpoint for stormctl's own spans (else OTEL_EXPORTER_OTLP_ENDPOINT).
     #[arg(long, global = true, env = "STORM_TELEMETRY__OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
@@ -125,10 +130,29 @@ fn fail(json: bool, msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_ERROR)
 }
 
+/// The keyring from `--key-file` / `STORMCTL_KEY_FILE`, else `STORMCTL_KEY`, else none.
+fn keyring(cli: &Cli) -> Result<Option<Keyring>, String> {
+    let text = match &cli.key_file {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the key file {}: {e}", path.display()))?,
+        None => match std::env::var("STORMCTL_KEY") {
+            Ok(k) if !k.trim().is_empty() => k,
+            _ => return Ok(None),
+        },
+    };
+    Keyring::parse(&text)
+        .map(Some)
+        .map_err(|e| format!("the cluster key: {e}"))
+}
+
 async fn command(cli: &Cli) -> ExitCode {
     let timeout = Duration::from_secs_f64(cli.timeout.clamp(0.1, 86_400.0));
+    let keyring = match keyring(cli) {
+        Ok(k) => k,
+        Err(e) => return fail(cli.json, e),
+    };
     let mut client = match Client::connect(&cli.manager, timeout).await {
-        Ok(c) => c,
+        Ok(c) => c.with_keyring(keyring),
         Err(e) => return fail(cli.json, e),
     };
     match &cli.command {

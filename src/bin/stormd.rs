@@ -107,6 +107,16 @@ fn signals() -> watch::Receiver<bool> {
     rx
 }
 
+/// True for `127.x.x.x`, `[::1]` and `localhost`: addresses only this host can reach.
+fn listens_on_loopback(listen: &str) -> bool {
+    let host = listen.rsplit_once(':').map_or(listen, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 async fn daemon(cfg: Config) -> u8 {
     let instance = match cfg.role {
         Role::Manager => format!("manager@{}", cfg.listen),
@@ -120,6 +130,15 @@ async fn daemon(cfg: Config) -> u8 {
                 return 2;
             }
         };
+    if cfg.cluster_key.is_empty()
+        && cfg.cluster_key_file.is_empty()
+        && !listens_on_loopback(&cfg.listen)
+    {
+        tracing::warn!(
+            listen = %cfg.listen,
+            "no cluster key: anyone who can send a datagram to this address can tear the cluster down or join it; set cluster_key_file (or STORM_CLUSTER_KEY)"
+        );
+    }
     let shutdown = signals();
     let (ready_tx, ready_rx) = oneshot::channel();
     let role = cfg.role;

@@ -186,6 +186,8 @@ impl Shell<Manager> for ManagerShell {
 pub enum NodeError {
     #[error(transparent)]
     Socket(#[from] super::SocketError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("could not read the bound address of {addr}: {source}")]
     LocalAddr {
         addr: String,
@@ -199,6 +201,7 @@ pub async fn run_manager(
     shutdown: Shutdown,
     ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<(), NodeError> {
+    let options = cfg.drive_options()?;
     let socket = bind_udp(&cfg.listen, cfg.socket_buffer).await?;
     let local = socket.local_addr().map_err(|source| NodeError::LocalAddr {
         addr: cfg.listen.clone(),
@@ -210,7 +213,7 @@ pub async fn run_manager(
         let _ = tx.send(local);
     }
     let mut shell = ManagerShell::new(disk_loader(), true);
-    drive(&socket, &manager, &mut shell, shutdown, &cfg.chaos).await;
+    drive(&socket, &manager, &mut shell, shutdown, &options).await;
     Ok(())
 }
 

@@ -14,8 +14,9 @@ pub mod manager;
 pub mod peer;
 pub mod socket;
 
+use crate::auth::{AuthError, Keyring, wall_clock_ms};
 use crate::config::ChaosConfig;
-use crate::link::{Time, Transmit};
+use crate::link::{Dropped, Time, Transmit};
 pub use crate::machine::Machine;
 use crate::wire::{Body, Envelope, RejectReason, WireError};
 use rand::{Rng, SeedableRng};
@@ -111,20 +112,40 @@ impl Chaos {
     }
 }
 
-/// Counts datagrams that did not decode, and logs the first few and then every thousandth.
-#[derive(Default)]
-struct BadDatagrams {
-    total: u64,
-    /// Not yet reported to the machine.
-    unreported: u64,
+/// What the driver needs besides the socket and the machine.
+#[derive(Debug, Clone, Default)]
+pub struct DriveOptions {
+    pub chaos: ChaosConfig,
+    /// With a keyring, every datagram is sealed, and only sealed ones are let in.
+    pub keyring: Option<Keyring>,
 }
 
-impl BadDatagrams {
-    fn record(&mut self, from: SocketAddr, len: usize, err: &WireError) {
-        self.total += 1;
-        self.unreported += 1;
-        if self.total <= 10 || self.total.is_multiple_of(1000) {
-            warn!(%from, len, total = self.total, "dropped a datagram: {err}");
+/// Counts datagrams dropped before the machine saw them, and logs the first few of each kind
+/// and then every thousandth.
+#[derive(Default)]
+struct DroppedLog {
+    undecodable: u64,
+    unauthenticated: u64,
+    /// Not yet reported to the machine.
+    unreported: Dropped,
+}
+
+impl DroppedLog {
+    fn undecodable(&mut self, from: SocketAddr, len: usize, err: &WireError) {
+        self.undecodable += 1;
+        self.unreported.undecodable += 1;
+        let total = self.undecodable;
+        if total <= 10 || total.is_multiple_of(1000) {
+            warn!(%from, len, total, "dropped a datagram: {err}");
+        }
+    }
+
+    fn unauthenticated(&mut self, from: SocketAddr, len: usize, err: &AuthError) {
+        self.unauthenticated += 1;
+        self.unreported.unauthenticated += 1;
+        let total = self.unauthenticated;
+        if total <= 10 || total.is_multiple_of(1000) {
+            warn!(%from, len, total, "dropped an unauthenticated datagram: {err}");
         }
     }
 }
@@ -164,8 +185,9 @@ struct Io<'s, S> {
     socket: &'s S,
     start: Instant,
     buf: Vec<u8>,
-    bad: BadDatagrams,
+    dropped: DroppedLog,
     chaos: Option<Chaos>,
+    keyring: Option<Keyring>,
 }
 
 impl<S: DatagramSocket> Io<'_, S> {
@@ -179,21 +201,45 @@ impl<S: DatagramSocket> Io<'_, S> {
 
     async fn send(&mut self, t: &Transmit) {
         let copies = self.chaos.as_mut().map_or(1, Chaos::copies);
+        if copies == 0 {
+            return;
+        }
+        let sealed;
+        let bytes = match &self.keyring {
+            Some(ring) => {
+                sealed = ring.seal(&t.bytes, wall_clock_ms());
+                &sealed
+            }
+            None => &t.bytes,
+        };
         for _ in 0..copies {
-            if let Err(e) = self.socket.send_to(&t.bytes, t.dest).await {
+            if let Err(e) = self.socket.send_to(bytes, t.dest).await {
                 // Loss is handled by retransmission; a send error is just another loss.
                 warn!(dest = %t.dest, "send failed: {e}");
             }
         }
     }
 
-    /// Decodes one received datagram, or counts it and answers it with a rejection.
+    /// Checks and decodes one received datagram, or counts it. An undecodable datagram from a
+    /// sender that holds the key is answered with a rejection; one without a valid tag gets
+    /// no answer at all (an answer would tell a stranger something).
     async fn decode(&mut self, len: usize, from: SocketAddr, incarnation: u64) -> Option<Envelope> {
-        match Envelope::decode(&self.buf[..len]) {
+        let payload = match &self.keyring {
+            Some(ring) => match ring.open(&self.buf[..len], wall_clock_ms()) {
+                Ok(payload) => payload,
+                Err(e) => {
+                    self.dropped.unauthenticated(from, len, &e);
+                    return None;
+                }
+            },
+            None => &self.buf[..len],
+        };
+        match Envelope::decode(payload) {
             Ok(env) => Some(env),
             Err(e) => {
-                self.bad.record(from, len, &e);
-                if let Some(bytes) = reject_undecodable(&self.buf[..len], &e, incarnation) {
+                let reply = reject_undecodable(payload, &e, incarnation);
+                self.dropped.undecodable(from, len, &e);
+                if let Some(bytes) = reply {
                     self.send(&Transmit { dest: from, bytes }).await;
                 }
                 None
@@ -217,7 +263,7 @@ pub async fn drive<S, M, H>(
     machine: &Shared<M>,
     shell: &mut H,
     mut shutdown: Shutdown,
-    chaos: &ChaosConfig,
+    options: &DriveOptions,
 ) -> H::Exit
 where
     S: DatagramSocket,
@@ -229,8 +275,9 @@ where
         socket,
         start: Instant::now(),
         buf: vec![0; 65_536],
-        bad: BadDatagrams::default(),
-        chaos: Chaos::new(chaos),
+        dropped: DroppedLog::default(),
+        chaos: Chaos::new(&options.chaos),
+        keyring: options.keyring.clone(),
     };
     let mut shutdown_seen = false;
     let mut lingering: Option<(Instant, H::Exit)> = None;
@@ -344,9 +391,9 @@ where
             next = io.socket.try_recv_from(&mut io.buf).ok();
         }
     }
-    let bad = std::mem::take(&mut io.bad.unreported);
-    if bad > 0 {
-        lock(machine).note_bad_datagrams(bad);
+    let dropped = std::mem::take(&mut io.dropped.unreported);
+    if !dropped.is_empty() {
+        lock(machine).note_dropped(dropped);
     }
     control
 }

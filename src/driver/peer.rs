@@ -165,6 +165,7 @@ pub async fn run_peer(
     shutdown: Shutdown,
     ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<PeerExit, NodeError> {
+    let options = cfg.drive_options()?;
     let socket = bind_udp(&cfg.listen, cfg.socket_buffer).await?;
     let local = socket.local_addr().map_err(|source| NodeError::LocalAddr {
         addr: cfg.listen.clone(),
@@ -178,5 +179,5 @@ pub async fn run_peer(
     if let Some(tx) = ready {
         let _ = tx.send(local);
     }
-    Ok(drive(&socket, &peer, &mut PeerShell, shutdown, &cfg.chaos).await)
+    Ok(drive(&socket, &peer, &mut PeerShell, shutdown, &options).await)
 }

@@ -16,7 +16,7 @@ mod teardown;
 #[cfg(test)]
 mod testkit;
 
-use crate::link::{Accepted, Link, Outcome, RetryPolicy, Time, Transmit};
+use crate::link::{Accepted, Dropped, Link, Outcome, RetryPolicy, Time, Transmit};
 use crate::machine::Machine;
 use crate::record::{Dataset, LoadError, RecordKey};
 use crate::wire::{
@@ -455,8 +455,8 @@ impl Machine for Manager {
         self.link.poll_transmit()
     }
 
-    fn note_bad_datagrams(&mut self, n: u64) {
-        self.link.note_bad_datagrams(n);
+    fn note_dropped(&mut self, dropped: Dropped) {
+        self.link.note_dropped(dropped);
     }
 
     fn incarnation(&self) -> u64 {

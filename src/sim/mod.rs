@@ -15,10 +15,9 @@ mod scenarios;
 mod spans;
 
 use crate::client::{Client, ClientCore, ClientError};
-use crate::config::ChaosConfig;
 use crate::driver::manager::{LoadFn, ManagerShell};
 use crate::driver::peer::PeerShell;
-use crate::driver::{Control, Machine, Shared, Shell, drive, lock, shared};
+use crate::driver::{Control, DriveOptions, Machine, Shared, Shell, drive, lock, shared};
 use crate::link::{RetryPolicy, Time};
 use crate::manager::{Manager, ManagerConfig, ManagerEvent};
 use crate::peer::{HopReport, Peer, PeerConfig, PeerEvent};
@@ -191,7 +190,7 @@ impl Sim {
                     &machine,
                     &mut shell,
                     stop_rx,
-                    &ChaosConfig::default(),
+                    &DriveOptions::default(),
                 )
                 .await;
             });
@@ -273,7 +272,14 @@ impl Sim {
                 log: events.clone(),
             };
             self.local.spawn_local(async move {
-                let end = drive(&socket, &node, &mut shell, stop_rx, &ChaosConfig::default()).await;
+                let end = drive(
+                    &socket,
+                    &node,
+                    &mut shell,
+                    stop_rx,
+                    &DriveOptions::default(),
+                )
+                .await;
                 // The process is gone: its socket closes with it.
                 net.crash(peer_addr);
                 *exit.borrow_mut() = Some((end.code, end.reason));

@@ -136,6 +136,8 @@ pub struct Cluster {
     pub manager: Daemon,
     pub peers: Vec<Daemon>,
     pub extra_env: Vec<(&'static str, String)>,
+    /// Variables for every stormctl run (e.g. STORMCTL_KEY).
+    pub ctl_env: Vec<(&'static str, String)>,
 }
 
 impl Cluster {
@@ -157,6 +159,11 @@ impl Cluster {
             manager,
             peers: Vec::new(),
             extra_env: extra.to_vec(),
+            ctl_env: extra
+                .iter()
+                .filter(|(k, _)| *k == "STORM_CLUSTER_KEY")
+                .map(|(_, v)| ("STORMCTL_KEY", v.clone()))
+                .collect(),
         };
         for i in 0..peers {
             cluster.add_peer(&format!("peer-{i}"));
@@ -189,7 +196,7 @@ impl Cluster {
     }
 
     pub fn ctl(&self, args: &[&str]) -> Output {
-        ctl_at(&self.manager.addr.to_string(), args)
+        ctl_at_with(&self.manager.addr.to_string(), args, &self.ctl_env)
     }
 
     /// Runs stormctl with --json and parses its output; panics unless it exits 0.
@@ -254,10 +261,18 @@ impl Cluster {
 }
 
 pub fn ctl_at(manager: &str, args: &[&str]) -> Output {
+    ctl_at_with(manager, args, &[])
+}
+
+pub fn ctl_at_with(manager: &str, args: &[&str], env: &[(&str, String)]) -> Output {
     Command::new(STORMCTL)
         .arg("--manager")
         .arg(manager)
         .args(args)
+        // The test decides whether stormctl holds a key, not the environment it runs in.
+        .env_remove("STORMCTL_KEY")
+        .env_remove("STORMCTL_KEY_FILE")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .stdin(Stdio::null())
         .output()
