@@ -36,7 +36,7 @@ fn garbage(rng: &mut rand::rngs::SmallRng, n: u64) -> Vec<u8> {
     match n % 8 {
         // Random bytes; every hundredth of any size up to the UDP limit.
         0..=2 => {
-            let len = if n % 100 == 0 {
+            let len = if n.is_multiple_of(100) {
                 rng.random_range(0..=65_507)
             } else {
                 rng.random_range(0..600)
