@@ -279,18 +279,11 @@ fn malformed_datagrams_and_unknown_commands_do_not_stop_the_service() {
     let peer_addr = cluster.peers[0].addr;
     let targets = [cluster.manager.addr, peer_addr];
 
-    let mut seed = 0x1234_5678_9abc_def0u64;
+    let mut rng: rand::rngs::SmallRng = rand::SeedableRng::seed_from_u64(0x1234_5678_9abc_def0);
     for target in targets {
         // Random bytes of many lengths.
         for len in [0usize, 1, 2, 7, 64, 512, 1400, 9000, 65_000] {
-            let bytes: Vec<u8> = (0..len)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    seed as u8
-                })
-                .collect();
+            let bytes: Vec<u8> = (0..len).map(|_| rand::Rng::random(&mut rng)).collect();
             sock.send_to(&bytes, target).unwrap();
         }
     }

@@ -55,6 +55,11 @@ fn dataset(events: u64) -> Dataset {
     }
 }
 
+/// Rows in the default file: 600 events, every tenth with three rows, plus two without an id.
+fn default_rows(sim: &Sim) -> u64 {
+    sim.file("default.csv").rows.len() as u64
+}
+
 fn cluster(seed: u64, faults: Faults, peers: usize, placement: Placement) -> Sim {
     let mut sim = Sim::new(seed, faults, placement);
     for i in 0..peers {
@@ -126,9 +131,10 @@ fn assert_all_found(sim: &mut Sim) {
 fn every_record_is_found_on_a_clean_network() {
     let mut sim = cluster(1, Faults::none(), 5, Placement::Consistent);
     let report = setup_and_distribute(&mut sim);
+    let rows = sim.file("default.csv").rows.len() as u64;
     assert_eq!(
         (report.read, report.stored, report.new_rows),
-        (722, 722, 722)
+        (rows, rows, rows)
     );
     assert_eq!(report.rejected, 0);
     assert!(
@@ -187,9 +193,10 @@ fn loss_duplication_and_reordering_lose_nothing_and_store_nothing_twice() {
         };
         let mut sim = cluster(seed, faults, 5, Placement::Consistent);
         let report = setup_and_distribute(&mut sim);
-        assert_eq!(report.stored, 722, "seed {seed}");
+        assert_eq!(report.stored, default_rows(&sim), "seed {seed}");
         assert_eq!(
-            report.new_rows, 722,
+            report.new_rows,
+            default_rows(&sim),
             "seed {seed}: an ack may be lost, never a row double-counted"
         );
         assert_all_found(&mut sim);
@@ -204,8 +211,8 @@ fn distributing_twice_stores_nothing_twice() {
         Ok(ReplyBody::Distribute(r)) => r,
         other => panic!("{other:?}"),
     };
-    assert_eq!((again.stored, again.new_rows), (722, 0));
-    assert_eq!(sim.live_rows(), 722);
+    assert_eq!((again.stored, again.new_rows), (default_rows(&sim), 0));
+    assert_eq!(sim.live_rows(), default_rows(&sim));
 }
 
 #[test]
@@ -343,7 +350,10 @@ fn status_reports_every_peer_with_counts_and_shares() {
     setup_and_distribute(&mut sim);
     let s = status(&mut sim);
     assert_eq!(s.peers.len(), 5);
-    assert_eq!(s.peers.iter().map(|p| p.records.unwrap()).sum::<u64>(), 722);
+    assert_eq!(
+        s.peers.iter().map(|p| p.records.unwrap()).sum::<u64>(),
+        default_rows(&sim)
+    );
     assert!((s.peers.iter().map(|p| p.share).sum::<f64>() - 1.0).abs() < 1e-6);
     assert!(
         s.peers

@@ -12,11 +12,17 @@ use std::time::{Duration, Instant};
 pub const STORMD: &str = env!("CARGO_BIN_EXE_stormd");
 pub const STORMCTL: &str = env!("CARGO_BIN_EXE_stormctl");
 
-/// The real NOAA files in ../shared/data.
+/// A real NOAA file of ../shared/data; its absence fails the test at once, naming the path.
 pub fn shared_data(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../shared/data")
-        .join(name)
+        .join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: the tests read the real NOAA files from ../shared/data beside the project",
+        p.display()
+    );
+    p
 }
 
 /// A running stormd process; killed on drop if still running.
