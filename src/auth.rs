@@ -13,6 +13,7 @@
 
 use hmac::{KeyInit, Mac};
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 type HmacSha256 = hmac::Hmac<Sha256>;
@@ -73,6 +74,26 @@ fn key_id(secret: &[u8]) -> [u8; KEY_ID_LEN] {
     let mut id = [0u8; KEY_ID_LEN];
     id.copy_from_slice(&digest[..KEY_ID_LEN]);
     id
+}
+
+/// `payload` as it goes on the wire: sealed when the cluster has a keyring, as it is otherwise.
+pub fn seal_if_keyed<'a>(keyring: Option<&Keyring>, payload: &'a [u8]) -> Cow<'a, [u8]> {
+    match keyring {
+        Some(ring) => Cow::Owned(ring.seal(payload, wall_clock_ms())),
+        None => Cow::Borrowed(payload),
+    }
+}
+
+/// The envelope bytes of a received datagram: opened when the cluster has a keyring, as they
+/// are otherwise.
+pub fn open_if_keyed<'a>(
+    keyring: Option<&Keyring>,
+    datagram: &'a [u8],
+) -> Result<&'a [u8], AuthError> {
+    match keyring {
+        Some(ring) => ring.open(datagram, wall_clock_ms()),
+        None => Ok(datagram),
+    }
 }
 
 /// Milliseconds since the Unix epoch on this host.

@@ -1,7 +1,7 @@
 //! The client side of `stormctl`: reliable requests to the manager over UDP, many at a time,
 //! and `verify`, which checks a CSV file against what the ring answers.
 
-use crate::auth::{Keyring, wall_clock_ms};
+use crate::auth::{Keyring, open_if_keyed, seal_if_keyed};
 use crate::driver::socket::DatagramSocket;
 use crate::driver::{bind_udp, lookup};
 use crate::link::{Accepted, Link, Outcome, RetryPolicy, Time, Transmit};
@@ -281,15 +281,8 @@ impl<S: DatagramSocket> Client<S> {
     }
 
     async fn send(&self, t: &Transmit) {
-        let sealed;
-        let bytes = match &self.keyring {
-            Some(ring) => {
-                sealed = ring.seal(&t.bytes, wall_clock_ms());
-                &sealed
-            }
-            None => &t.bytes,
-        };
-        if let Err(e) = self.socket.send_to(bytes, t.dest).await {
+        let bytes = seal_if_keyed(self.keyring.as_ref(), &t.bytes);
+        if let Err(e) = self.socket.send_to(&bytes, t.dest).await {
             tracing::debug!("send to {} failed: {e}", t.dest);
         }
     }
@@ -344,10 +337,7 @@ impl<S: DatagramSocket> Client<S> {
             let now = self.start.elapsed();
             match received {
                 Some(Ok((len, from))) => {
-                    let payload = match &self.keyring {
-                        Some(ring) => ring.open(&self.buf[..len], wall_clock_ms()).ok(),
-                        None => Some(&self.buf[..len]),
-                    };
+                    let payload = open_if_keyed(self.keyring.as_ref(), &self.buf[..len]).ok();
                     if let Some(env) = payload.and_then(|p| Envelope::decode(p).ok()) {
                         self.core.handle(now, from, env);
                     }

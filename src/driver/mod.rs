@@ -14,7 +14,7 @@ pub mod manager;
 pub mod peer;
 pub mod socket;
 
-use crate::auth::{AuthError, Keyring, wall_clock_ms};
+use crate::auth::{AuthError, Keyring, open_if_keyed, seal_if_keyed};
 use crate::config::ChaosConfig;
 use crate::link::{Dropped, Time, Transmit};
 pub use crate::machine::Machine;
@@ -204,16 +204,9 @@ impl<S: DatagramSocket> Io<'_, S> {
         if copies == 0 {
             return;
         }
-        let sealed;
-        let bytes = match &self.keyring {
-            Some(ring) => {
-                sealed = ring.seal(&t.bytes, wall_clock_ms());
-                &sealed
-            }
-            None => &t.bytes,
-        };
+        let bytes = seal_if_keyed(self.keyring.as_ref(), &t.bytes);
         for _ in 0..copies {
-            if let Err(e) = self.socket.send_to(bytes, t.dest).await {
+            if let Err(e) = self.socket.send_to(&bytes, t.dest).await {
                 // Loss is handled by retransmission; a send error is just another loss.
                 warn!(dest = %t.dest, "send failed: {e}");
             }
@@ -224,15 +217,12 @@ impl<S: DatagramSocket> Io<'_, S> {
     /// sender that holds the key is answered with a rejection; one without a valid tag gets
     /// no answer at all (an answer would tell a stranger something).
     async fn decode(&mut self, len: usize, from: SocketAddr, incarnation: u64) -> Option<Envelope> {
-        let payload = match &self.keyring {
-            Some(ring) => match ring.open(&self.buf[..len], wall_clock_ms()) {
-                Ok(payload) => payload,
-                Err(e) => {
-                    self.dropped.unauthenticated(from, len, &e);
-                    return None;
-                }
-            },
-            None => &self.buf[..len],
+        let payload = match open_if_keyed(self.keyring.as_ref(), &self.buf[..len]) {
+            Ok(payload) => payload,
+            Err(e) => {
+                self.dropped.unauthenticated(from, len, &e);
+                return None;
+            }
         };
         match Envelope::decode(payload) {
             Ok(env) => Some(env),
