@@ -479,6 +479,8 @@ pub enum RequestError {
     },
     #[error("busy: {in_flight} queries are in flight; try again")]
     Busy { in_flight: usize },
+    #[error("busy: {in_flight} status requests are in flight; try again")]
+    StatusBusy { in_flight: usize },
     #[error("no peer is named '{name}'")]
     NoSuchPeer { name: String },
     #[error("no peer '{name}' in the ring")]

@@ -5,9 +5,14 @@ use super::registry::Standing;
 use super::{ClientCall, Manager, ManagerTag, PeerMessage};
 use crate::link::Time;
 use crate::ring::RingExt;
-use crate::wire::{Body, PeerId, PeerReport, PeerState, PeerStatus, ReplyBody, StatusReport};
+use crate::wire::{
+    Body, PeerId, PeerReport, PeerState, PeerStatus, ReplyBody, RequestError, StatusReport,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+
+/// Status requests (each probing every peer) the manager follows at once.
+const MAX_STATUS_IN_FLIGHT: usize = 64;
 
 pub(super) struct StatusGather {
     call: ClientCall,
@@ -19,6 +24,13 @@ pub(super) struct StatusGather {
 
 impl Manager {
     pub(super) fn start_status(&mut self, now: Time, call: ClientCall, setup: bool) {
+        // Each status probes every peer: bounded, so a flood of them cannot bury the manager.
+        if self.probes.len() >= MAX_STATUS_IN_FLIGHT {
+            let busy = RequestError::StatusBusy {
+                in_flight: MAX_STATUS_IN_FLIGHT,
+            };
+            return self.reply(now, &call, Err(busy));
+        }
         let probe = self.next_probe;
         self.next_probe += 1;
         let waiting: BTreeSet<PeerId> = self.registry.ids().collect();
@@ -158,6 +170,26 @@ mod tests {
         );
         assert!(s.settled);
         assert!((s.peers.iter().map(|p| p.share).sum::<f64>() - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn status_requests_in_flight_are_bounded() {
+        let mut kit = Kit::with_ring(2);
+        kit.silent.insert("p1".into());
+        let seqs: Vec<u64> = (0..70)
+            .map(|_| kit.request(ClientRequest::Status))
+            .collect();
+        // The first 64 wait for the silent peer; the rest are told to try again at once.
+        for seq in &seqs[64..] {
+            assert!(matches!(
+                kit.reply(*seq),
+                Err(crate::wire::RequestError::StatusBusy { in_flight: 64 })
+            ));
+        }
+        kit.wait(Duration::from_secs(1));
+        for seq in &seqs[..64] {
+            assert!(matches!(kit.reply(*seq), Ok(ReplyBody::Status(_))));
+        }
     }
 
     #[test]
