@@ -90,6 +90,9 @@ pub fn token_for_joiner(members: &[Member]) -> u64 {
 /// Read-only questions about a ring view.
 pub trait RingExt {
     fn owner_of(&self, key: RecordKey) -> Option<&Member>;
+    /// The owner of `key` and the next `r - 1` distinct owning members after it in ring order
+    /// (fewer when the ring has fewer): the peers that hold the key under replication `r`.
+    fn replicas(&self, key: RecordKey, r: usize) -> Vec<&Member>;
     fn member(&self, id: PeerId) -> Option<&Member>;
     /// The member after `id` in ring order (leaving members included), or None if `id` is
     /// alone or absent.
@@ -121,6 +124,17 @@ impl RingExt for RingView {
                 owners(self).nth((pos % n) as usize)
             }
         }
+    }
+
+    fn replicas(&self, key: RecordKey, r: usize) -> Vec<&Member> {
+        let Some(owner) = self.owner_of(key) else {
+            return Vec::new();
+        };
+        let active: Vec<&Member> = owners(self).collect();
+        let start = active.iter().position(|m| m.id == owner.id).unwrap_or(0);
+        (0..r.min(active.len()))
+            .map(|i| active[(start + i) % active.len()])
+            .collect()
     }
 
     fn member(&self, id: PeerId) -> Option<&Member> {
@@ -289,6 +303,58 @@ mod tests {
         let view = ring(4, Placement::Modulo);
         let used: std::collections::BTreeSet<_> = owners_of(&view, 1000).into_values().collect();
         assert_eq!(used.len(), 4);
+    }
+
+    #[test]
+    fn replicas_are_the_owner_and_its_next_distinct_successors() {
+        for placement in [Placement::Consistent, Placement::Modulo, Placement::Course] {
+            let mut view = ring(5, placement);
+            view.members[3].leaving = true;
+            for k in 0..2_000u64 {
+                let key = RecordKey::Event(k);
+                let set = view.replicas(key, 3);
+                assert_eq!(set[0].id, view.owner_of(key).unwrap().id, "{placement:?}");
+                assert_eq!(set.len(), 3);
+                let mut ids: Vec<_> = set.iter().map(|m| m.id).collect();
+                ids.dedup();
+                assert_eq!(ids.len(), 3, "a replica twice");
+                assert!(
+                    set.iter().all(|m| !m.leaving),
+                    "a leaving member holds replicas"
+                );
+            }
+        }
+        // Never more replicas than owning members; none in an empty ring.
+        assert_eq!(
+            ring(2, Placement::Consistent)
+                .replicas(RecordKey::Event(1), 5)
+                .len(),
+            2
+        );
+        assert!(
+            ring(0, Placement::Consistent)
+                .replicas(RecordKey::Event(1), 2)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_leaving_member_s_keys_gain_exactly_one_new_replica() {
+        let before = ring(5, Placement::Consistent);
+        let mut after = before.clone();
+        after.members[2].leaving = true;
+        let leaver = after.members[2].id;
+        for k in 0..5_000u64 {
+            let key = RecordKey::Event(k);
+            let old: Vec<_> = before.replicas(key, 2).iter().map(|m| m.id).collect();
+            let new: Vec<_> = after.replicas(key, 2).iter().map(|m| m.id).collect();
+            if old.contains(&leaver) {
+                let gained: Vec<_> = new.iter().filter(|id| !old.contains(id)).collect();
+                assert_eq!(gained.len(), 1, "key {k}: {old:?} -> {new:?}");
+            } else {
+                assert_eq!(old, new, "key {k} moved although no holder left");
+            }
+        }
     }
 
     #[test]
