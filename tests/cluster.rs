@@ -177,10 +177,13 @@ fn query_output_and_exit_statuses() {
     assert_eq!(out.status.code(), Some(0));
     let q = parse_json(&out);
     assert_eq!(q["records"][0]["tor_f_scale"], "F3");
-    assert_eq!(
-        q["path"][0].as_u64(),
-        cluster.status()["peers"][0]["id"].as_u64()
-    );
+    // Peers register concurrently: find peer-0's id by its name.
+    let status = cluster.status();
+    let peer0 = status["peers"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "peer-0"))
+        .and_then(|p| p["id"].as_u64());
+    assert_eq!(q["path"][0].as_u64(), peer0, "{q} {status}");
     // Not found: exit 1.
     let out = cluster.ctl(&["--json", "query", "1"]);
     assert_eq!(out.status.code(), Some(1));
