@@ -1,7 +1,7 @@
 //! The manager's shell: a span per client request (kept open until the request's outcome),
 //! files loaded off the runtime thread, logs of what the manager did.
 
-use super::{Control, Shared, Shell, Shutdown, bind_udp, drive, shared};
+use super::{Control, DriveOptions, Shared, Shell, Shutdown, bind_udp, drive, shared};
 use crate::config::Config;
 use crate::link::Time;
 use crate::manager::{Manager, ManagerEvent, ManagerInput};
@@ -195,18 +195,27 @@ pub enum NodeError {
     },
 }
 
-/// Runs a manager on real UDP until `shutdown` fires. `ready` receives the bound address.
-pub async fn run_manager(
+/// What every node starts with: its driver options (the keyring read), its socket bound to
+/// `listen`, and the address it got.
+pub(super) async fn open_node(
     cfg: &Config,
-    shutdown: Shutdown,
-    ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
-) -> Result<(), NodeError> {
+) -> Result<(DriveOptions, tokio::net::UdpSocket, SocketAddr), NodeError> {
     let options = cfg.drive_options()?;
     let socket = bind_udp(&cfg.listen, cfg.socket_buffer).await?;
     let local = socket.local_addr().map_err(|source| NodeError::LocalAddr {
         addr: cfg.listen.clone(),
         source,
     })?;
+    Ok((options, socket, local))
+}
+
+/// Runs a manager on real UDP until `shutdown` fires. `ready` receives the bound address.
+pub async fn run_manager(
+    cfg: &Config,
+    shutdown: Shutdown,
+    ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> Result<(), NodeError> {
+    let (options, socket, local) = open_node(cfg).await?;
     let manager = shared(Manager::new(cfg.manager_config(), rand::random()));
     info!(%local, placement = ?cfg.placement, "manager listening");
     if let Some(tx) = ready {

@@ -1,8 +1,8 @@
 //! The peer's shell: a span per query hop, stored batch and ring update; exit after a short
 //! linger; SIGTERM as a graceful leave.
 
-use super::manager::NodeError;
-use super::{Control, Shell, Shutdown, bind_udp, drive, lookup, shared};
+use super::manager::{NodeError, open_node};
+use super::{Control, Shell, Shutdown, drive, lookup, shared};
 use crate::config::Config;
 use crate::link::Time;
 use crate::peer::{Peer, PeerConfig, PeerEvent};
@@ -165,12 +165,7 @@ pub async fn run_peer(
     shutdown: Shutdown,
     ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<PeerExit, NodeError> {
-    let options = cfg.drive_options()?;
-    let socket = bind_udp(&cfg.listen, cfg.socket_buffer).await?;
-    let local = socket.local_addr().map_err(|source| NodeError::LocalAddr {
-        addr: cfg.listen.clone(),
-        source,
-    })?;
+    let (options, socket, local) = open_node(cfg).await?;
     let manager = lookup_with_retry(&cfg.manager, &shutdown).await?;
     let peer_cfg = peer_config(cfg, manager);
     info!(%local, %manager, name = %peer_cfg.name, "peer listening; registering");
