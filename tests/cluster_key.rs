@@ -12,7 +12,7 @@ use stormdht::wire::{
     Body, ClientRequest, Envelope, ExitReason, FindEvent, Member, Placement, RingView, StoreBatch,
     WireRow,
 };
-use support::{Cluster, records_total, shared_data};
+use support::{Cluster, peer_names, records_total, shared_data};
 
 const KEY: &str = "4f1c0e5b7a2d9e3f6b8c1a0d5e7f9b2c-test-cluster-key";
 
@@ -103,15 +103,11 @@ fn strangers_change_nothing_and_are_counted() {
     let after = cluster.wait_settled();
     assert_eq!(after["epoch"], before["epoch"], "{after}");
     assert_eq!(records_total(&after), 223, "{after}");
-    // Peers register concurrently, so their ids (and the order of status) vary: compare sets.
-    let mut names: Vec<&str> = after["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
-    names.sort_unstable();
-    assert_eq!(names, ["peer-0", "peer-1", "peer-2"]);
+    assert_eq!(
+        peer_names(&after),
+        ["peer-0", "peer-1", "peer-2"],
+        "{after}"
+    );
     assert!(
         after["peers"]
             .as_array()

@@ -15,7 +15,7 @@ use stormdht::wire::{
     Body, ClientRequest, Envelope, ExitReason, FindEvent, FindResult, PeerReport, Placement,
     RejectReason, RingView, StoreBatch, WireRow,
 };
-use support::{Cluster, records_total, shared_data};
+use support::{Cluster, peer_names, records_total, shared_data};
 
 const DATAGRAMS: u64 = 1_000_000;
 
@@ -217,14 +217,11 @@ fn flood(
     let after = cluster.wait_settled();
     assert_eq!(after["epoch"], before["epoch"], "{after}");
     assert_eq!(records_total(&after), 223, "{after}");
-    let mut names: Vec<&str> = after["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|p| p["name"].as_str())
-        .collect();
-    names.sort_unstable();
-    assert_eq!(names, ["peer-0", "peer-1", "peer-2"], "{after}");
+    assert_eq!(
+        peer_names(&after),
+        ["peer-0", "peer-1", "peer-2"],
+        "{after}"
+    );
     let v = cluster.verify(&file);
     assert_eq!(v["found"], v["keys"], "{v}");
     after

@@ -302,3 +302,16 @@ pub fn records_total(status: &Value) -> u64 {
 }
 
 pub mod otlp;
+
+/// The peers' names in a status, sorted: peers register concurrently, so their ids (and the
+/// order of `status`) vary from run to run.
+pub fn peer_names(status: &Value) -> Vec<String> {
+    let mut names: Vec<String> = status["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str().map(String::from))
+        .collect();
+    names.sort_unstable();
+    names
+}
