@@ -1,9 +1,12 @@
-//! `just bench`: figures for a real cluster on loopback, printed as one JSON line (no pass/fail).
+//! `just bench`: figures for a real cluster on loopback, one JSON line per scenario (no
+//! pass/fail).
 //!
 //! A manager and 5 peers run as separate `stormd` processes. Measured from this process with
 //! the library client: distributing ../shared/data/details-1996.csv (48,534 records), then 1,000
-//! random queries one at a time (p50/p99), then a windowed `verify` of every record. The query
-//! run is repeated with span export on, to an OTLP receiver in this process, for the ratio.
+//! random queries one at a time (p50/p99), then a windowed `verify` of every record; with one
+//! copy of every record and with two (the default), and with two and span export on (to an
+//! OTLP receiver in this process). Then one peer is killed (SIGKILL): the time until the ring
+//! is rebuilt without it, and until every record has its two copies again.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -14,7 +17,7 @@ use stormdht::client::{Client, verify};
 use stormdht::record::{self, Dataset};
 use stormdht::wire::{ClientRequest, ReplyBody};
 use support::otlp::OtlpReceiver;
-use support::{Cluster, shared_data};
+use support::{Cluster, shared_data, wait_replicated};
 
 const PEERS: usize = 5;
 const QUERIES: usize = 1_000;
@@ -38,8 +41,8 @@ fn round(x: f64, digits: i32) -> f64 {
     (x * f).round() / f
 }
 
-async fn run(dataset: &Dataset, file: &str, env: &[(&'static str, String)]) -> Value {
-    let cluster = Cluster::start_with(PEERS, env);
+async fn run(dataset: &Dataset, file: &str, env: &[(&'static str, String)], kill: bool) -> Value {
+    let mut cluster = Cluster::start_with(PEERS, env);
     cluster.ctl_json(&["setup"]);
     let mut client = Client::connect(&cluster.manager.addr.to_string(), Duration::from_secs(120))
         .await
@@ -94,6 +97,42 @@ async fn run(dataset: &Dataset, file: &str, env: &[(&'static str, String)]) -> V
         .filter_map(|p| rss_kib(p.pid()))
         .collect();
 
+    let mut failure = json!(null);
+    if kill {
+        let records = dataset.rows.len() as u64;
+        wait_replicated(&cluster, records, Duration::from_secs(30));
+        let victim = "peer-2";
+        let killed = Instant::now();
+        cluster.peer(victim).signal("KILL");
+        // Rebuilt: the manager declared it dead and a settled ring without it is published.
+        loop {
+            let s = cluster.status();
+            let dead = s["peers"].as_array().is_some_and(|p| {
+                p.iter()
+                    .any(|p| p["name"] == victim && p["state"] == "dead")
+            });
+            if dead && s["settled"] == Value::Bool(true) {
+                break;
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(30),
+                "no rebuild: {s}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let rebuilt = killed.elapsed();
+        wait_replicated(&cluster, records, Duration::from_secs(60));
+        let replicated = killed.elapsed();
+        let v = verify(&mut client, file, dataset, 64).await;
+        assert!(v.ok(), "verify after the kill failed: {v:?}");
+        failure = json!({
+            "killed": victim,
+            "kill_to_ring_rebuilt_ms": round(rebuilt.as_secs_f64() * 1e3, 0),
+            "kill_to_fully_replicated_ms": round(replicated.as_secs_f64() * 1e3, 0),
+            "verified_after": v.found,
+        });
+    }
+
     json!({
         "distribute_ms": round(manager_secs * 1e3, 1),
         "distribute_wall_ms": round(wall * 1e3, 1),
@@ -104,6 +143,8 @@ async fn run(dataset: &Dataset, file: &str, env: &[(&'static str, String)]) -> V
         "mean_hops": round(hops as f64 / QUERIES as f64, 2),
         "verify_queries_per_s": round(v.keys as f64 / (v.elapsed_ms / 1e3), 0),
         "peer_rss_mib_max": round(rss.iter().copied().max().unwrap_or(0) as f64 / 1024.0, 1),
+        "peer_rss_mib_sum": round(rss.iter().sum::<u64>() as f64 / 1024.0, 1),
+        "failure": failure,
     })
 }
 
@@ -118,28 +159,52 @@ fn main() {
         .build()
         .expect("runtime");
 
-    let off = rt.block_on(run(&dataset, &file, &[]));
+    let replication = |r: u32| vec![("STORM_REPLICATION", r.to_string())];
+    let one = rt.block_on(run(&dataset, &file, &replication(1), false));
+    let two = rt.block_on(run(&dataset, &file, &replication(2), true));
     let receiver = OtlpReceiver::start();
-    let export = vec![("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint.clone())];
-    let on = rt.block_on(run(&dataset, &file, &export));
+    let mut export = replication(2);
+    export.push(("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint.clone()));
+    let on = rt.block_on(run(&dataset, &file, &export, false));
     let spans = receiver.spans().len();
 
-    let ratio = |k: &str| {
+    let ratio = |a: &Value, b: &Value, k: &str| {
         round(
-            on[k].as_f64().unwrap_or(f64::NAN) / off[k].as_f64().unwrap_or(f64::NAN),
+            a[k].as_f64().unwrap_or(f64::NAN) / b[k].as_f64().unwrap_or(f64::NAN),
             2,
         )
     };
-    let line = json!({
-        "bench": "cluster",
+    let common = json!({
         "file": "details-1996.csv",
         "records": dataset.rows.len(),
         "peers": PEERS,
         "queries": QUERIES,
-        "export_off": off,
-        "export_on": on,
-        "export_on_over_off": { "query_p50": ratio("query_p50_ms"), "query_p99": ratio("query_p99_ms") },
-        "spans_received": spans,
     });
-    println!("{line}");
+    for (scenario, figures) in [
+        ("replication_1", &one),
+        ("replication_2", &two),
+        ("replication_2_export_on", &on),
+    ] {
+        println!(
+            "{}",
+            json!({ "scenario": scenario, "setup": common, "figures": figures })
+        );
+    }
+    println!(
+        "{}",
+        json!({
+            "scenario": "ratios",
+            "replication_2_over_1": {
+                "query_p50": ratio(&two, &one, "query_p50_ms"),
+                "query_p99": ratio(&two, &one, "query_p99_ms"),
+                "distribute": ratio(&two, &one, "distribute_ms"),
+                "peer_rss_sum": ratio(&two, &one, "peer_rss_mib_sum"),
+            },
+            "export_on_over_off": {
+                "query_p50": ratio(&on, &two, "query_p50_ms"),
+                "query_p99": ratio(&on, &two, "query_p99_ms"),
+            },
+            "spans_received": spans,
+        })
+    );
 }

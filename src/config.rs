@@ -7,7 +7,7 @@
 use crate::auth::Keyring;
 use crate::driver::DriveOptions;
 use crate::link::RetryPolicy;
-use crate::manager::ManagerConfig;
+use crate::manager::{Detection, ManagerConfig};
 use crate::wire::Placement;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -77,6 +77,9 @@ pub struct Config {
     pub socket_buffer: usize,
     pub query_timeout_ms: u64,
     pub probe_timeout_ms: u64,
+    /// Copies of every record (manager): its owner and the next `replication - 1` peers.
+    pub replication: u32,
+    pub failure: FailureConfig,
     pub retry: RetryConfig,
     /// The cluster keyring, inline: keys separated by commas, the first used to send. Empty:
     /// no key (datagrams are not authenticated).
@@ -85,6 +88,33 @@ pub struct Config {
     pub cluster_key_file: String,
     pub telemetry: TelemetryConfig,
     pub chaos: ChaosConfig,
+}
+
+/// Failure detection: peers heartbeat to the manager; a peer silent for `suspect_ms` is
+/// suspected and probed directly and through `indirect` other peers; one still unheard after
+/// `dead_ms` is declared dead and the ring is rebuilt without it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailureConfig {
+    pub heartbeat_ms: u64,
+    pub suspect_ms: u64,
+    pub dead_ms: u64,
+    pub indirect: usize,
+    /// A restarted manager waits at most this long for the peers of the ring it learns to
+    /// register again; those still missing then are treated as dead.
+    pub rejoin_grace_ms: u64,
+}
+
+impl Default for FailureConfig {
+    fn default() -> Self {
+        FailureConfig {
+            heartbeat_ms: 250,
+            suspect_ms: 1_000,
+            dead_ms: 2_500,
+            indirect: 3,
+            rejoin_grace_ms: 2_000,
+        }
+    }
 }
 
 /// Fault injection for testing: this process drops or duplicates a fraction of the datagrams
@@ -115,6 +145,8 @@ impl Default for Config {
             socket_buffer: 4 << 20,
             query_timeout_ms: 5_000,
             probe_timeout_ms: 1_000,
+            replication: 2,
+            failure: FailureConfig::default(),
             retry: RetryConfig {
                 initial_ms: 200,
                 max_ms: 2_000,
@@ -249,6 +281,28 @@ impl Config {
         if self.query_timeout_ms == 0 || self.probe_timeout_ms == 0 {
             return Err(bad("query_timeout_ms", "timeouts must be positive".into()));
         }
+        if !(1..=16).contains(&self.replication) {
+            return Err(bad("replication", "must be between 1 and 16".into()));
+        }
+        let f = &self.failure;
+        if f.heartbeat_ms == 0 || f.suspect_ms < 2 * f.heartbeat_ms {
+            return Err(bad(
+                "failure.suspect_ms",
+                format!(
+                    "must be at least twice failure.heartbeat_ms ({}), and heartbeats must be positive",
+                    f.heartbeat_ms
+                ),
+            ));
+        }
+        if f.dead_ms <= f.suspect_ms {
+            return Err(bad(
+                "failure.dead_ms",
+                format!("must be longer than failure.suspect_ms ({})", f.suspect_ms),
+            ));
+        }
+        if f.indirect > 16 {
+            return Err(bad("failure.indirect", "must be at most 16".into()));
+        }
         for (key, value) in [
             ("chaos.loss", self.chaos.loss),
             ("chaos.duplicate", self.chaos.duplicate),
@@ -332,6 +386,20 @@ impl Config {
             query_timeout: Duration::from_millis(self.query_timeout_ms),
             probe_timeout: Duration::from_millis(self.probe_timeout_ms),
             default_data: (!self.data.is_empty()).then(|| self.data.clone()),
+            replication: self.replication,
+            detection: self.detection(),
+            clock_origin_us: unix_micros_now(),
+        }
+    }
+
+    pub fn detection(&self) -> Detection {
+        let f = &self.failure;
+        Detection {
+            heartbeat: Duration::from_millis(f.heartbeat_ms),
+            suspect_after: Duration::from_millis(f.suspect_ms),
+            dead_after: Duration::from_millis(f.dead_ms),
+            indirect: f.indirect,
+            rejoin_grace: Duration::from_millis(f.rejoin_grace_ms),
         }
     }
 
@@ -347,6 +415,13 @@ impl Config {
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "peer".into())
     }
+}
+
+/// The wall clock in µs since the Unix epoch (0 if the clock is before it).
+pub fn unix_micros_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 fn check_host_port(value: &str) -> Result<(), String> {

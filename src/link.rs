@@ -8,7 +8,7 @@
 //! ack may have been lost), but reports only the first copy as new, so handlers run once.
 
 use crate::wire::{Body, Counters, Envelope, RejectReason, TraceContext, UNSEQUENCED, WireError};
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -96,17 +96,22 @@ struct Pending<T> {
     tag: T,
 }
 
-/// Which sequence numbers of one sender have been seen: all up to `floor`, plus a sparse set
-/// above it (retransmissions and reordering leave gaps for a while).
+/// Which sequence numbers of one sender have been seen: all up to `floor`, plus a set above
+/// it. A sender numbers everything it sends in one sequence, so a receiver sees only its share
+/// of the numbers: the set is where most of them live, and the floor moves only when the
+/// numbers are contiguous.
 #[derive(Default)]
 struct SeenWindow {
     floor: u64,
-    above: BTreeSet<u64>,
+    above: HashSet<u64>,
+    /// The numbers of `above` in the order they arrived, to forget the oldest first.
+    arrived: VecDeque<u64>,
     last_heard: Time,
 }
 
-/// How many out-of-order sequence numbers one sender may leave above its floor before the
-/// oldest gap is forgotten; and how many senders are remembered.
+/// How many sequence numbers above the floor are remembered per sender (the oldest is then
+/// forgotten, and a retransmission of it would be handled again: every handler is
+/// idempotent); and how many senders are remembered.
 const SEEN_ABOVE_LIMIT: usize = 4096;
 const SENDERS_LIMIT: usize = 4096;
 
@@ -116,12 +121,16 @@ impl SeenWindow {
         if seq <= self.floor || !self.above.insert(seq) {
             return false;
         }
+        self.arrived.push_back(seq);
         while self.above.remove(&(self.floor + 1)) {
             self.floor += 1;
         }
-        while self.above.len() > SEEN_ABOVE_LIMIT {
-            if let Some(oldest) = self.above.pop_first() {
-                self.floor = oldest;
+        // Forget the oldest rather than raise the floor over numbers never seen: a message
+        // still being retransmitted from below a raised floor would be acknowledged as a
+        // duplicate and never handled (a store counted but not kept, a reply never read).
+        while self.arrived.len() > SEEN_ABOVE_LIMIT {
+            if let Some(oldest) = self.arrived.pop_front() {
+                self.above.remove(&oldest);
             }
         }
         true
@@ -263,6 +272,8 @@ impl<T> Link<T> {
                 }
                 Accepted::Control
             }
+            // The failure detector's messages: neither acknowledged nor deduplicated.
+            body if !body.is_sequenced() => Accepted::New,
             _ => {
                 let first = self.mark_seen(now, envelope.from, envelope.seq);
                 if !matches!(envelope.body, Body::Store(_)) {
@@ -489,7 +500,24 @@ mod tests {
             w.insert(seq);
         }
         assert!(w.above.len() <= SEEN_ABOVE_LIMIT);
-        assert!(w.floor > 0);
+    }
+
+    /// A receiver sees every fifth number of a sender talking to five peers. A message
+    /// retransmitted after thousands of newer ones is still handled, never taken for a
+    /// duplicate of a number this receiver never saw.
+    #[test]
+    fn a_late_retransmission_among_sparse_numbers_is_handled() {
+        let mut w = SeenWindow::default();
+        let late = 3; // never sent to this receiver, or lost until now
+        for seq in (2..).step_by(5).take(3 * SEEN_ABOVE_LIMIT) {
+            assert!(w.insert(seq));
+        }
+        assert!(w.insert(late), "a number never seen is new");
+        assert!(!w.insert(late), "and seen once it is");
+        assert!(
+            !w.insert(2 + 5 * (3 * SEEN_ABOVE_LIMIT as u64 - 1)),
+            "recent ones are"
+        );
     }
 
     #[test]

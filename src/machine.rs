@@ -25,4 +25,7 @@ pub trait Machine {
     /// The driver dropped datagrams that did not decode or were not authentic (`status`).
     fn note_dropped(&mut self, dropped: Dropped);
     fn incarnation(&self) -> u64;
+    /// The wall clock (µs since the Unix epoch) at the machine's time zero, told by the
+    /// driver when it starts its clock; only stamps for people (hop timelines) use it.
+    fn set_clock_origin(&mut self, _unix_us: u64) {}
 }

@@ -20,38 +20,58 @@ pub fn status_text(s: &StatusReport) -> String {
     let state = if s.settled { "settled" } else { "rebalancing" };
     let _ = writeln!(
         out,
-        "Ring epoch {} ({state}), placement: {}, {} peer(s)",
+        "Ring epoch {} ({state}), placement: {}, replication {}, {} peer(s)",
         s.epoch,
         placement_name(s.placement, s.table_size),
+        s.replication,
         s.peers.len()
     );
     let _ = writeln!(
         out,
-        "UN = up, UL = leaving (handing over), UR = registered (not in the ring yet), DN = unreachable"
+        "UN = up, UL = leaving (handing over), UR = registered (not in the ring yet), DN = unreachable, SN = suspected (silent, being probed), DD = dead (removed)"
     );
     let _ = writeln!(
         out,
-        "--  {:>4}  {:<20} {:<22} {:<12} {:>8} {:>8} {:>7}",
-        "ID", "Name", "Address", "State", "Records", "Keys", "Share"
+        "--  {:>4}  {:<20} {:<22} {:<12} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "ID", "Name", "Address", "State", "Records", "Owned", "Replicas", "Keys", "Share"
     );
+    let or_unknown = |v: Option<u64>| v.map_or("?".into(), |r| r.to_string());
     for p in &s.peers {
         let code = p.state.code();
-        let records = p.records.map_or("?".into(), |r| r.to_string());
-        let keys = p.keys.map_or("?".into(), |r| r.to_string());
         let _ = writeln!(
             out,
-            "{code}  {:>4}  {:<20} {:<22} {:<12} {:>8} {:>8} {:>6.1}%",
+            "{code}  {:>4}  {:<20} {:<22} {:<12} {:>8} {:>8} {:>8} {:>8} {:>6.1}%",
             p.id,
             p.name,
             p.addr.to_string(),
             p.state.to_string(),
-            records,
-            keys,
+            or_unknown(p.records),
+            or_unknown(p.owned),
+            or_unknown(p.replicas),
+            or_unknown(p.keys),
             p.share * 100.0
         );
     }
     let total: u64 = s.peers.iter().filter_map(|p| p.records).sum();
-    let _ = writeln!(out, "Total records: {total}");
+    let owned: u64 = s.peers.iter().filter_map(|p| p.owned).sum();
+    let _ = writeln!(
+        out,
+        "Total records: {total} held, {owned} distinct ({} copies each)",
+        s.replication
+    );
+    if s.under_replicated_ranges == 0 && s.repairing == 0 {
+        let _ = writeln!(
+            out,
+            "Replication: every range has its {} copies",
+            s.replication
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "Replication: {} under-replicated range(s), {} copies missing; {} rows being copied",
+            s.under_replicated_ranges, s.under_replicated_rows, s.repairing
+        );
+    }
     // Trouble on the network shows here first.
     let mut sum = s.manager;
     for c in s.peers.iter().filter_map(|p| p.counters) {
@@ -73,6 +93,10 @@ pub fn status_json(s: &StatusReport) -> Value {
         "epoch": s.epoch,
         "settled": s.settled,
         "placement": s.placement,
+        "replication": s.replication,
+        "under_replicated_ranges": s.under_replicated_ranges,
+        "under_replicated_rows": s.under_replicated_rows,
+        "repairing": s.repairing,
         "manager": {
             "retransmits": s.manager.retransmits,
             "bad_datagrams": s.manager.bad_datagrams,
@@ -86,6 +110,8 @@ pub fn status_json(s: &StatusReport) -> Value {
             "state": p.state,
             "records": p.records,
             "keys": p.keys,
+            "owned": p.owned,
+            "replicas": p.replicas,
             "share": p.share,
             "token": p.token.map(|t| t.to_string()),
             "retransmits": p.counters.map(|c| c.retransmits),
@@ -121,9 +147,78 @@ pub fn query_json(
         "truncated": q.truncated,
         "elapsed_ms": elapsed_ms,
         "ring_ms": q.ring_micros as f64 / 1e3,
+        "timeline": q.hops.iter().enumerate().map(|(i, h)| json!({
+            "hop": i,
+            "peer": h.peer,
+            "name": h.name,
+            "addr": h.addr.map(|a| a.to_string()),
+            "at_ms": h.at_us as f64 / 1e3,
+        })).collect::<Vec<_>>(),
         "trace_id": trace_id,
         "trace_url": trace_url,
     })
+}
+
+/// The walk as a terminal waterfall, as Jaeger draws its trace: one line per hop, a bar from
+/// when the hop received the query to when the next one did (the last: to the answer at the
+/// manager). Times are on the manager's clock, from sending the query into the ring.
+pub fn waterfall_text(q: &QueryOutcome) -> String {
+    const WIDTH: usize = 40;
+    let total = q.ring_micros.max(1);
+    let col = |us: u64| ((us.min(total) as f64 / total as f64) * WIDTH as f64).round() as usize;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "walk of event {}: {} hop(s), {:.3} ms in the ring",
+        q.key,
+        q.hops.len(),
+        q.ring_micros as f64 / 1e3
+    );
+    let label_width = q
+        .hops
+        .iter()
+        .map(|h| format!("{}:{}", h.peer, h.name).len())
+        .max()
+        .unwrap_or(0)
+        .max(7);
+    let _ = writeln!(
+        out,
+        "  {:<5} {:<label_width$} {:<21} {:>10}  |{}|",
+        "",
+        "manager",
+        "",
+        "+0.000 ms",
+        "▏".to_string() + &" ".repeat(WIDTH - 1)
+    );
+    for (i, h) in q.hops.iter().enumerate() {
+        let end = q.hops.get(i + 1).map_or(q.ring_micros, |n| n.at_us);
+        let (a, b) = (col(h.at_us), col(end.max(h.at_us)));
+        let bar_len = (b.saturating_sub(a)).max(1).min(WIDTH - a.min(WIDTH - 1));
+        let bar = format!(
+            "{}{}{}",
+            " ".repeat(a.min(WIDTH - 1)),
+            "█".repeat(bar_len),
+            " ".repeat(WIDTH.saturating_sub(a.min(WIDTH - 1) + bar_len))
+        );
+        let addr = h.addr.map_or("?".into(), |a| a.to_string());
+        let _ = writeln!(
+            out,
+            "  hop {:<2}{:<label_width$} {:<21} {:>7.3} ms  |{bar}|",
+            i,
+            format!("{}:{}", h.peer, h.name),
+            addr,
+            h.at_us as f64 / 1e3
+        );
+    }
+    let _ = write!(
+        out,
+        "  {:<5} {:<label_width$} {:<21} {:>7.3} ms  answer back at the manager",
+        "",
+        "manager",
+        "",
+        q.ring_micros as f64 / 1e3
+    );
+    out
 }
 
 pub fn path_text(q: &QueryOutcome) -> String {

@@ -87,12 +87,31 @@ pub fn token_for_joiner(members: &[Member]) -> u64 {
     }
 }
 
+/// Whether a view could have come from a manager: members ordered by token, ids and names
+/// unique, at least one copy. A view a peer brings back after a manager restart is checked
+/// before it is adopted.
+pub fn is_well_formed(view: &RingView) -> bool {
+    let mut ids = std::collections::BTreeSet::new();
+    let mut names = std::collections::BTreeSet::new();
+    view.replication >= 1
+        && view
+            .members
+            .windows(2)
+            .all(|w| (w[0].token, w[0].id) <= (w[1].token, w[1].id))
+        && view
+            .members
+            .iter()
+            .all(|m| ids.insert(m.id) && names.insert(m.name.as_str()))
+}
+
 /// Read-only questions about a ring view.
 pub trait RingExt {
     fn owner_of(&self, key: RecordKey) -> Option<&Member>;
     /// The owner of `key` and the next `r - 1` distinct owning members after it in ring order
     /// (fewer when the ring has fewer): the peers that hold the key under replication `r`.
     fn replicas(&self, key: RecordKey, r: usize) -> Vec<&Member>;
+    /// The holders of the range that `owner` owns: it and the next `r - 1` owning members.
+    fn range_holders(&self, owner: PeerId, r: usize) -> Vec<&Member>;
     fn member(&self, id: PeerId) -> Option<&Member>;
     /// The member after `id` in ring order (leaving members included), or None if `id` is
     /// alone or absent.
@@ -127,11 +146,17 @@ impl RingExt for RingView {
     }
 
     fn replicas(&self, key: RecordKey, r: usize) -> Vec<&Member> {
-        let Some(owner) = self.owner_of(key) else {
+        match self.owner_of(key) {
+            Some(owner) => self.range_holders(owner.id, r),
+            None => Vec::new(),
+        }
+    }
+
+    fn range_holders(&self, owner: PeerId, r: usize) -> Vec<&Member> {
+        let active: Vec<&Member> = owners(self).collect();
+        let Some(start) = active.iter().position(|m| m.id == owner) else {
             return Vec::new();
         };
-        let active: Vec<&Member> = owners(self).collect();
-        let start = active.iter().position(|m| m.id == owner.id).unwrap_or(0);
         (0..r.min(active.len()))
             .map(|i| active[(start + i) % active.len()])
             .collect()
@@ -196,6 +221,7 @@ mod tests {
             settled: true,
             placement,
             table_size: first_prime_above(2 * 48_534),
+            replication: 1,
             members,
         }
     }

@@ -66,8 +66,14 @@ pub enum Body {
     Request(ClientRequest),
     /// manager → stormctl.
     Reply(ClientReply),
-    /// peer → manager: let me in. Retried until answered.
-    Register { name: String },
+    /// peer → manager: let me in. Retried until answered. `rejoin` is set by a peer that was
+    /// in a ring when its manager restarted: its id and the last view it holds, from which a
+    /// new manager rebuilds the cluster.
+    Register {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rejoin: Option<Rejoin>,
+    },
     /// manager → peer: you are in, under this id.
     Registered { id: PeerId },
     /// manager → peer: you are not (e.g. the name is taken).
@@ -92,6 +98,26 @@ pub enum Body {
     Find(FindEvent),
     /// the peer that ends the walk → manager.
     Found(FindResult),
+    /// peer → manager, unsequenced, every heartbeat interval: I am alive, at this epoch.
+    Heartbeat { epoch: u64 },
+    /// manager → peer, unsequenced: the answer to a heartbeat. `known` is false when this
+    /// manager has no such peer (it restarted, or declared the peer dead); the envelope's
+    /// sender tells the peer which manager process answered.
+    HeartbeatAck { known: bool },
+    /// manager → peer, or peer → peer for an indirect probe, unsequenced: are you there?
+    Ping { nonce: u64 },
+    /// The answer to a ping, unsequenced; a relay passes it on to the manager.
+    Pong { nonce: u64 },
+    /// manager → peer, unsequenced: ping `target` for me and pass its pong on (SWIM's
+    /// indirect probe: a member the manager cannot hear may still be heard by its neighbours).
+    PingReq { nonce: u64, target: SocketAddr },
+}
+
+/// What a peer that was in a ring tells a manager it registers with again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejoin {
+    pub id: PeerId,
+    pub ring: RingView,
 }
 
 impl Body {
@@ -114,12 +140,28 @@ impl Body {
             Body::Store(_) => "store",
             Body::Find(_) => "find_event",
             Body::Found(_) => "found",
+            Body::Heartbeat { .. } => "heartbeat",
+            Body::HeartbeatAck { .. } => "heartbeat_ack",
+            Body::Ping { .. } => "ping",
+            Body::Pong { .. } => "pong",
+            Body::PingReq { .. } => "ping_req",
         }
     }
 
-    /// Acks and rejections are fire-and-forget; everything else is sequenced and acknowledged.
+    /// Acks, rejections and the failure detector's messages are fire-and-forget (a lost
+    /// heartbeat or ping is itself the information); everything else is sequenced and
+    /// acknowledged.
     pub fn is_sequenced(&self) -> bool {
-        !matches!(self, Body::Ack { .. } | Body::Reject { .. })
+        !matches!(
+            self,
+            Body::Ack { .. }
+                | Body::Reject { .. }
+                | Body::Heartbeat { .. }
+                | Body::HeartbeatAck { .. }
+                | Body::Ping { .. }
+                | Body::Pong { .. }
+                | Body::PingReq { .. }
+        )
     }
 }
 
@@ -226,8 +268,15 @@ pub struct RingView {
     /// the other placements.
     #[serde(default)]
     pub table_size: u64,
+    /// Copies of every record: its owner and the next `replication - 1` owning members.
+    #[serde(default = "one")]
+    pub replication: u32,
     /// Ordered by token: each member's next neighbour is the one after it, wrapping.
     pub members: Vec<Member>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Rows of one schema, batched into one datagram.
@@ -250,6 +299,26 @@ pub struct FindEvent {
     pub key: RecordKey,
     /// Peers visited so far, in hop order; the receiver appends itself.
     pub path: Vec<PeerId>,
+    /// When each hop received the query (wall clock, µs since the Unix epoch), in hop order:
+    /// the query's own timeline, for `stormctl query --trace` without Jaeger.
+    #[serde(default)]
+    pub hops: Vec<HopTiming>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HopTiming {
+    pub peer: PeerId,
+    pub at_us: u64,
+}
+
+/// One hop of a query's walk, as the client sees it: who, where, and when, in µs after the
+/// manager sent the query into the ring.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HopOut {
+    pub peer: PeerId,
+    pub name: String,
+    pub addr: Option<SocketAddr>,
+    pub at_us: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,6 +331,8 @@ pub struct FindResult {
     /// Some rows were left out to fit the datagram.
     #[serde(default)]
     pub truncated: bool,
+    #[serde(default)]
+    pub hops: Vec<HopTiming>,
 }
 
 /// A stored row with its column names, as returned by a query.
@@ -283,17 +354,28 @@ pub struct QueryOutcome {
     pub truncated: bool,
     /// From the manager sending the query into the ring to the answer, in microseconds.
     pub ring_micros: u64,
+    /// The walk's timeline.
+    #[serde(default)]
+    pub hops: Vec<HopOut>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerReport {
     pub records: u64,
     pub keys: u64,
     pub epoch: u64,
-    /// Records waiting to be handed over to their owners.
+    /// Records waiting to be copied or handed over to other replicas.
     pub handing_over: u64,
     #[serde(default)]
     pub counters: Counters,
+    /// Of `records`, those this peer owns (first replica) and those it keeps as a replica.
+    #[serde(default)]
+    pub owned: u64,
+    #[serde(default)]
+    pub replicas: u64,
+    /// Rows held per range, a range named by its owner: how the manager counts copies.
+    #[serde(default)]
+    pub ranges: Vec<(PeerId, u64)>,
 }
 
 /// What a node has had to cope with since it started.
@@ -325,6 +407,11 @@ pub struct PeerStatus {
     /// None when the peer did not answer the probe.
     #[serde(default)]
     pub counters: Option<Counters>,
+    /// Rows it owns, and rows it keeps as a replica of another's range.
+    #[serde(default)]
+    pub owned: Option<u64>,
+    #[serde(default)]
+    pub replicas: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -339,6 +426,17 @@ pub struct StatusReport {
     /// The manager's own.
     #[serde(default)]
     pub manager: Counters,
+    #[serde(default = "one")]
+    pub replication: u32,
+    /// Ranges (one per owner) where some replica holds fewer rows than another, or that have
+    /// fewer than `replication` live holders; and the copies missing in them.
+    #[serde(default)]
+    pub under_replicated_ranges: u64,
+    #[serde(default)]
+    pub under_replicated_rows: u64,
+    /// Rows still being copied by a repair or a hand-off.
+    #[serde(default)]
+    pub repairing: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -371,6 +469,10 @@ pub enum PeerState {
     Leaving,
     /// Did not answer the status probe.
     Unreachable,
+    /// Silent past the suspicion timeout: probed directly and through other peers.
+    Suspect,
+    /// Declared dead by the failure detector and removed from the ring.
+    Dead,
 }
 
 impl PeerState {
@@ -381,6 +483,8 @@ impl PeerState {
             PeerState::Up => "UN",
             PeerState::Leaving => "UL",
             PeerState::Unreachable => "DN",
+            PeerState::Suspect => "SN",
+            PeerState::Dead => "DD",
         }
     }
 }
@@ -392,6 +496,8 @@ impl std::fmt::Display for PeerState {
             PeerState::Up => "up",
             PeerState::Leaving => "leaving",
             PeerState::Unreachable => "unreachable",
+            PeerState::Suspect => "suspect",
+            PeerState::Dead => "dead",
         })
     }
 }
@@ -488,13 +594,17 @@ pub enum RequestError {
     #[error("peer '{name}' is already leaving")]
     AlreadyLeaving { name: String },
     #[error(
-        "peer {id} ({name}) did not answer; it was removed from the ring, and the records it held are lost"
+        "peer {id} ({name}) stopped answering and was removed from the ring; records it held are lost unless another replica holds them (replication > 1)"
     )]
     PeerLost { id: PeerId, name: String },
     #[error("no answer from the ring within {secs:.1} s (event {key})")]
     QueryTimeout { key: RecordKey, secs: f64 },
     #[error("no peer in the ring could take the query (last: {last}) (event {key})")]
     NoEntry { key: RecordKey, last: String },
+    #[error(
+        "the manager restarted and is rebuilding the ring from its peers; try again in a few seconds"
+    )]
+    Recovering,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -600,12 +710,19 @@ mod tests {
             Body::Request(ClientRequest::Distribute { path: None }),
             Body::Register {
                 name: "peer-a".into(),
+                rejoin: None,
+            },
+            Body::Heartbeat { epoch: 4 },
+            Body::PingReq {
+                nonce: 3,
+                target: addr,
             },
             Body::Ring(RingView {
                 epoch: 3,
                 settled: true,
                 placement: Placement::Course,
                 table_size: 97,
+                replication: 2,
                 members: vec![Member {
                     id: 1,
                     name: "a".into(),
@@ -626,6 +743,10 @@ mod tests {
                 query: 9,
                 key: RecordKey::Event(1),
                 path: vec![1, 2],
+                hops: vec![HopTiming {
+                    peer: 1,
+                    at_us: 1_700_000_000_000_000,
+                }],
             }),
             Body::Reply(ClientReply {
                 to: 4,

@@ -30,8 +30,9 @@ fn full_lifecycle_on_details_1996() {
     assert_eq!(d["stored"], DETAILS_1996_ROWS, "{d}");
     assert_eq!(d["new_rows"], DETAILS_1996_ROWS, "{d}");
     assert_eq!(d["rejected"], 0, "{d}");
+    // Two copies of every record: each range's batches go to its two holders.
     assert!(
-        d["batches"].as_u64().unwrap() < 200,
+        d["batches"].as_u64().unwrap() < 400,
         "rows must be batched: {d}"
     );
     assert_eq!(records_total(&cluster.status()), DETAILS_1996_ROWS);
@@ -202,6 +203,46 @@ fn query_output_and_exit_statuses() {
     // A bad --via is an error, not a hang.
     let out = cluster.ctl(&["query", "10096222", "--via", "nobody"]);
     assert_eq!(out.status.code(), Some(2));
+    // The walk's timeline: one entry per hop, in order, each hop's address, inside the time
+    // the query spent in the ring; drawn as a waterfall with --trace.
+    let out = cluster.ctl(&["--json", "query", "1", "--via", "peer-0"]);
+    let q = parse_json(&out);
+    let timeline = q["timeline"].as_array().expect("a timeline");
+    assert_eq!(
+        timeline.len(),
+        q["path"].as_array().map_or(0, Vec::len),
+        "{q}"
+    );
+    assert!(
+        timeline.len() >= 2,
+        "an absent id walks to its holders: {q}"
+    );
+    let at: Vec<f64> = timeline
+        .iter()
+        .filter_map(|h| h["at_ms"].as_f64())
+        .collect();
+    assert!(
+        at.windows(2).all(|w| w[0] <= w[1]),
+        "hops in time order: {q}"
+    );
+    let ring_ms = q["ring_ms"].as_f64().unwrap_or(0.0);
+    assert!(at.iter().all(|t| *t <= ring_ms + 0.001), "{q}");
+    for (hop, id) in timeline.iter().zip(q["path"].as_array().unwrap()) {
+        assert_eq!(&hop["peer"], id);
+        assert!(
+            hop["addr"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("127.0.0.1:")),
+            "{q}"
+        );
+    }
+    let out = cluster.ctl(&["query", "1", "--via", "peer-0", "--trace"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("walk of event 1:") && text.contains("hop 0") && text.contains("peer-0"),
+        "{text}"
+    );
+    assert!(text.contains("answer back at the manager"), "{text}");
 }
 
 #[test]

@@ -9,8 +9,8 @@ use std::time::Duration;
 use stormdht::auth::{Keyring, wall_clock_ms};
 use stormdht::record::RecordKey;
 use stormdht::wire::{
-    Body, ClientRequest, Envelope, ExitReason, FindEvent, Member, Placement, RingView, StoreBatch,
-    WireRow,
+    Body, ClientRequest, Envelope, ExitReason, FindEvent, Member, Placement, Rejoin, RingView,
+    StoreBatch, WireRow,
 };
 use support::{Cluster, peer_names, records_total, shared_data};
 
@@ -33,6 +33,28 @@ fn forged_bodies(victim: SocketAddr) -> Vec<Body> {
         Body::Request(ClientRequest::Setup),
         Body::Register {
             name: "intruder".into(),
+            rejoin: None,
+        },
+        Body::Register {
+            name: "peer-0".into(),
+            rejoin: Some(Rejoin {
+                id: 1,
+                ring: RingView {
+                    epoch: 1_000_000,
+                    settled: true,
+                    placement: Placement::Consistent,
+                    table_size: 0,
+                    replication: 1,
+                    members: vec![member.clone()],
+                },
+            }),
+        },
+        Body::Heartbeat { epoch: 1 },
+        Body::HeartbeatAck { known: false },
+        Body::Ping { nonce: 1 },
+        Body::PingReq {
+            nonce: 2,
+            target: "127.0.0.1:9".parse().expect("an address"),
         },
         Body::LeaveRequest,
         Body::Exit {
@@ -43,6 +65,7 @@ fn forged_bodies(victim: SocketAddr) -> Vec<Body> {
             settled: true,
             placement: Placement::Consistent,
             table_size: 0,
+            replication: 1,
             members: vec![member],
         }),
         Body::Store(StoreBatch {
@@ -54,6 +77,7 @@ fn forged_bodies(victim: SocketAddr) -> Vec<Body> {
             query: 1,
             key: RecordKey::Event(1),
             path: Vec::new(),
+            hops: Vec::new(),
         }),
         Body::Probe { probe: 1 },
         Body::Registered { id: 1 },

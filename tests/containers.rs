@@ -160,6 +160,75 @@ fn compose_cluster_scales_and_loses_nothing() {
         started.elapsed().as_secs_f64()
     );
 
+    // `docker kill` of a peer container: declared dead, its ranges repaired from their other
+    // copies, nothing lost.
+    let victim = cluster.container_ids("peer")[0].clone();
+    let victim_name: String = victim.chars().take(12).collect();
+    let started = Instant::now();
+    docker_out(&["kill", &victim]);
+    wait_for(
+        Duration::from_secs(60),
+        "the killed peer dead, the ring repaired",
+        || {
+            let s = cluster.status()?;
+            let ps = peers(&s);
+            let dead = ps
+                .iter()
+                .any(|p| name(p) == victim_name && p["state"] == "dead");
+            let live: Vec<&&Value> = ps.iter().filter(|p| p["state"] == "up").collect();
+            let owned: u64 = live.iter().map(|p| num(p, "owned")).sum();
+            let copies: u64 = live.iter().map(|p| num(p, "records")).sum();
+            let ok = dead
+                && live.len() == 5
+                && s["settled"] == Value::Bool(true)
+                && owned == EXPECTED_RECORDS
+                && copies == 2 * EXPECTED_RECORDS
+                && num(&s, "under_replicated_ranges") == 0;
+            ok.then_some(()).ok_or(format!(
+                "dead {dead}, {} up, {owned} records in {copies} copies",
+                live.len()
+            ))
+        },
+    );
+    let repaired = started.elapsed();
+    let v = cluster.verify(&host_csv);
+    println!(
+        "containers: FIGURE docker kill of a peer -> dead and fully replicated {:.2} s, verify {v:.2} s",
+        repaired.as_secs_f64()
+    );
+
+    // `docker kill` of the manager, then `docker start`: the peers bring the ring back.
+    let manager = cluster.container_ids("manager");
+    docker_out(&["kill", &manager[0]]);
+    std::thread::sleep(Duration::from_secs(2));
+    let started = Instant::now();
+    docker_out(&["start", &manager[0]]);
+    wait_for(
+        Duration::from_secs(60),
+        "the restarted manager's ring",
+        || {
+            let s = cluster.status()?;
+            let live: Vec<&Value> = peers(&s)
+                .into_iter()
+                .filter(|p| p["state"] == "up")
+                .collect();
+            let owned: u64 = live.iter().map(|p| num(p, "owned")).sum();
+            (live.len() == 5 && s["settled"] == Value::Bool(true) && owned == EXPECTED_RECORDS)
+                .then_some(())
+                .ok_or(format!("{} up, {owned} records", live.len()))
+        },
+    );
+    let back = started.elapsed();
+    let v = cluster.verify(&host_csv);
+    println!(
+        "containers: FIGURE docker kill + start of the manager -> ring back {:.2} s, verify {v:.2} s",
+        back.as_secs_f64()
+    );
+
+    // The killed peer's container started again: it joins under its old name.
+    docker_out(&["start", &victim]);
+    cluster.settled_ring(6, &BTreeSet::new());
+
     // Teardown: every peer exits 0; the manager stays.
     let t = cluster.ctl_json(&["teardown"], Duration::from_secs(60));
     assert_eq!(num(&t, "peers"), 6, "teardown: {t}");
@@ -204,15 +273,18 @@ fn compose_cluster_scales_and_loses_nothing() {
         .status()
         .unwrap_or_else(|e| panic!("the manager does not answer after teardown: {e}"));
 
-    // Every peer that ever ran, including the two removed by the scale-down, exited with 0.
+    // Every peer that ever ran, including the two removed by the scale-down, exited with 0,
+    // but for the one killed (137).
     let deaths = cluster.peer_exit_events();
     println!("containers: peer exits (docker events): {deaths:?}");
     assert_eq!(
         deaths.len(),
-        8,
-        "expected 8 peer exits (2 on scale-down, 6 on teardown): {deaths:?}"
+        9,
+        "expected 9 peer exits (2 on scale-down, 1 killed, 6 on teardown): {deaths:?}"
     );
-    for (name, code) in &deaths {
+    let killed = deaths.iter().filter(|(_, code)| code == "137").count();
+    assert_eq!(killed, 1, "{deaths:?}");
+    for (name, code) in deaths.iter().filter(|(_, code)| code != "137") {
         assert_eq!(code, "0", "peer container {name} exited with {code}");
     }
 }
@@ -312,7 +384,9 @@ impl Cluster {
         let s = wait_for(Duration::from_secs(120), &what, || {
             let s = self.status()?;
             let ps = peers(&s);
-            let total: u64 = ps.iter().map(|p| num(p, "records")).sum();
+            // Distinct records: the rows each peer owns (its replica rows are copies).
+            let total: u64 = ps.iter().map(|p| num(p, "owned")).sum();
+            let copies: u64 = ps.iter().map(|p| num(p, "records")).sum();
             let fresh_empty = ps
                 .iter()
                 .filter(|p| !old.is_empty() && !old.contains(&name(p)) && num(p, "records") == 0)
@@ -322,9 +396,11 @@ impl Cluster {
                 && s["settled"] == Value::Bool(true)
                 && states == BTreeSet::from(["up"])
                 && total == EXPECTED_RECORDS
+                && copies == 2 * EXPECTED_RECORDS
+                && num(&s, "under_replicated_ranges") == 0
                 && fresh_empty == 0;
             ok.then_some(s.clone()).ok_or(format!(
-                "{} peer(s), settled {}, states {states:?}, {total} records, {fresh_empty} new peer(s) without records",
+                "{} peer(s), settled {}, states {states:?}, {total} records in {copies} copies, {fresh_empty} new peer(s) without records",
                 ps.len(),
                 s["settled"]
             ))

@@ -200,6 +200,7 @@ fn hostile() -> Vec<(String, Vec<u8>)> {
     ));
     let register = encode(Body::Register {
         name: "peer-a".into(),
+        rejoin: None,
     });
     cases.push((
         "register whose name declares 2^32-1 bytes".into(),
@@ -209,6 +210,7 @@ fn hostile() -> Vec<(String, Vec<u8>)> {
         query: 9,
         key: RecordKey::Event(1),
         path: vec![1, 2],
+        hops: Vec::new(),
     }));
     cases.push((
         "find whose path declares 2^63 hops".into(),

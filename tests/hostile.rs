@@ -80,7 +80,7 @@ fn garbage(rng: &mut rand::rngs::SmallRng, n: u64) -> Vec<u8> {
 
 /// A well-formed envelope of every kind a member could send, as a stranger forges it.
 fn forged(n: u64) -> Vec<u8> {
-    let body = match n % 16 {
+    let body = match n % 21 {
         0 => Body::Request(ClientRequest::Teardown),
         1 => Body::Request(ClientRequest::Leave {
             name: "peer-0".into(),
@@ -88,6 +88,7 @@ fn forged(n: u64) -> Vec<u8> {
         2 => Body::Request(ClientRequest::Status),
         3 => Body::Register {
             name: format!("intruder-{n}"),
+            rejoin: None,
         },
         4 => Body::LeaveRequest,
         5 => Body::Exit {
@@ -98,6 +99,7 @@ fn forged(n: u64) -> Vec<u8> {
             settled: true,
             placement: Placement::Modulo,
             table_size: 0,
+            replication: 2,
             members: Vec::new(),
         }),
         7 => Body::Store(StoreBatch {
@@ -109,6 +111,7 @@ fn forged(n: u64) -> Vec<u8> {
             query: n,
             key: RecordKey::Event(n),
             path: Vec::new(),
+            hops: Vec::new(),
         }),
         9 => Body::Probe { probe: n },
         10 => Body::Registered { id: 1 },
@@ -127,6 +130,7 @@ fn forged(n: u64) -> Vec<u8> {
             records: Vec::new(),
             path: vec![1],
             truncated: false,
+            hops: Vec::new(),
         }),
         14 => Body::Report {
             probe: n,
@@ -135,8 +139,16 @@ fn forged(n: u64) -> Vec<u8> {
                 keys: 1,
                 epoch: 1,
                 handing_over: 0,
-                counters: Default::default(),
+                ..Default::default()
             },
+        },
+        15 => Body::Heartbeat { epoch: n },
+        16 => Body::HeartbeatAck { known: false },
+        17 => Body::Ping { nonce: n },
+        18 => Body::Pong { nonce: n },
+        19 => Body::PingReq {
+            nonce: n,
+            target: SocketAddr::from(([127, 0, 0, 1], 9)),
         },
         _ => Body::RebalanceDone {
             epoch: n,

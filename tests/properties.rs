@@ -12,7 +12,7 @@ use stormdht::peer::{Peer, PeerConfig};
 use stormdht::record::RecordKey;
 use stormdht::wire::{
     Body, ClientRequest, Envelope, ExitReason, FindEvent, FindResult, Member, PeerReport,
-    Placement, RejectReason, RingView, StoreBatch, WireRow,
+    Placement, RejectReason, Rejoin, RingView, StoreBatch, WireRow,
 };
 
 fn addr(port: u16) -> SocketAddr {
@@ -72,19 +72,23 @@ fn ring() -> impl Strategy<Value = RingView> {
             Placement::Course,
         ]),
         0u64..100,
+        1u32..4,
         prop::collection::vec(member(), 0..5),
     )
-        .prop_map(|(epoch, settled, placement, table_size, mut members)| {
-            members.sort_by_key(|m| (m.token, m.id));
-            members.dedup_by_key(|m| m.id);
-            RingView {
-                epoch,
-                settled,
-                placement,
-                table_size,
-                members,
-            }
-        })
+        .prop_map(
+            |(epoch, settled, placement, table_size, replication, mut members)| {
+                members.sort_by_key(|m| (m.token, m.id));
+                members.dedup_by_key(|m| m.id);
+                RingView {
+                    epoch,
+                    settled,
+                    placement,
+                    table_size,
+                    replication,
+                    members,
+                }
+            },
+        )
 }
 
 fn request() -> impl Strategy<Value = ClientRequest> {
@@ -109,7 +113,19 @@ fn body() -> impl Strategy<Value = Body> {
             reason: RejectReason::NotRegistered
         }),
         request().prop_map(Body::Request),
-        "p[0-5]|".prop_map(|name| Body::Register { name }),
+        "p[0-5]|".prop_map(|name| Body::Register { name, rejoin: None }),
+        (0u32..6, ring()).prop_map(|(id, ring)| Body::Register {
+            name: format!("p{id}"),
+            rejoin: Some(Rejoin { id, ring })
+        }),
+        (0u64..8).prop_map(|epoch| Body::Heartbeat { epoch }),
+        any::<bool>().prop_map(|known| Body::HeartbeatAck { known }),
+        (0u64..8).prop_map(|nonce| Body::Ping { nonce }),
+        (0u64..8).prop_map(|nonce| Body::Pong { nonce }),
+        (0u64..8, 0u16..4).prop_map(|(nonce, p)| Body::PingReq {
+            nonce,
+            target: addr(6000 + p)
+        }),
         (0u32..6).prop_map(|id| Body::Registered { id }),
         ring().prop_map(Body::Ring),
         (0u64..8, 0u64..100)
@@ -126,7 +142,7 @@ fn body() -> impl Strategy<Value = Body> {
                 keys: records,
                 epoch,
                 handing_over: 0,
-                counters: Default::default()
+                ..Default::default()
             },
         }),
         (0u64..8, prop::collection::vec(key(), 0..6)).prop_map(|(epoch, keys)| Body::Store(
@@ -139,8 +155,14 @@ fn body() -> impl Strategy<Value = Body> {
                     .collect(),
             }
         )),
-        (0u64..5, key(), prop::collection::vec(1u32..6, 0..4))
-            .prop_map(|(query, key, path)| { Body::Find(FindEvent { query, key, path }) }),
+        (0u64..5, key(), prop::collection::vec(1u32..6, 0..4)).prop_map(|(query, key, path)| {
+            Body::Find(FindEvent {
+                query,
+                key,
+                path,
+                hops: Vec::new(),
+            })
+        }),
         (0u64..5, key(), any::<bool>()).prop_map(|(query, key, found)| Body::Found(FindResult {
             query,
             key,
@@ -148,6 +170,7 @@ fn body() -> impl Strategy<Value = Body> {
             records: Vec::new(),
             path: vec![1],
             truncated: false,
+            hops: Vec::new(),
         })),
     ]
 }
@@ -236,6 +259,9 @@ proptest! {
             query_timeout: Duration::from_millis(500),
             probe_timeout: Duration::from_millis(200),
             default_data: None,
+            replication: 2,
+            detection: Default::default(),
+            clock_origin_us: 0,
         };
         let mut m = Manager::new(cfg, 1);
         let mut last_epoch = 0;
@@ -263,13 +289,18 @@ proptest! {
             retry: retry(),
             max_datagram: 4_000,
             window: 2,
+            heartbeat: Duration::from_millis(250),
+            clock_origin_us: 0,
         };
         let mut p = Peer::new(cfg, 77, Duration::ZERO);
         let mut last_epoch = 0;
         run(&mut p, &steps, |p| {
-            let epoch = p.ring().map_or(0, |r| r.epoch);
-            assert!(epoch >= last_epoch, "an older ring view replaced a newer one");
-            last_epoch = epoch;
+            // A peer may drop its ring (declared dead, or given a new id), but a view it
+            // holds is never older than one it held before.
+            if let Some(epoch) = p.ring().map(|r| r.epoch) {
+                assert!(epoch >= last_epoch, "an older ring view replaced a newer one");
+                last_epoch = epoch;
+            }
             // The row count the peer reports is the rows it holds.
             let held: u64 = p.store().iter().map(|(_, rows)| rows.len() as u64).sum();
             assert_eq!(held, p.store().row_count());

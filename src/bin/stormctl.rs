@@ -63,6 +63,10 @@ enum Command {
         /// Enter the ring at this peer (name or id).
         #[arg(long)]
         via: Option<String>,
+        /// Also draw the walk as a waterfall: each hop's peer, address and time (no Jaeger
+        /// needed; with --json the same data is under "timeline").
+        #[arg(long)]
+        trace: bool,
     },
     /// Make a peer leave the ring; its records are handed over first.
     Leave { name: String },
@@ -156,12 +160,16 @@ async fn command(cli: &Cli) -> ExitCode {
         Err(e) => return fail(cli.json, e),
     };
     match &cli.command {
-        Command::Query { event_id, via } => {
+        Command::Query {
+            event_id,
+            via,
+            trace: waterfall,
+        } => {
             let key: RecordKey = match event_id.parse() {
                 Ok(k) => k,
                 Err(e) => return fail(cli.json, format!("'{event_id}' is not an event id: {e}")),
             };
-            query(cli, &mut client, key, via.clone()).await
+            query(cli, &mut client, key, via.clone(), *waterfall).await
         }
         Command::Verify { file, window } => {
             let path = file.clone();
@@ -247,7 +255,13 @@ fn print_reply(json: bool, reply: &ReplyBody) {
     }
 }
 
-async fn query(cli: &Cli, client: &mut Client, key: RecordKey, via: Option<String>) -> ExitCode {
+async fn query(
+    cli: &Cli,
+    client: &mut Client,
+    key: RecordKey,
+    via: Option<String>,
+    waterfall: bool,
+) -> ExitCode {
     let span = tracing::info_span!(
         target: TARGET,
         "stormctl query",
@@ -277,6 +291,9 @@ async fn query(cli: &Cli, client: &mut Client, key: RecordKey, via: Option<Strin
                 );
             } else {
                 println!("{}", report::query_text(&q, elapsed_ms));
+                if waterfall {
+                    println!("{}", report::waterfall_text(&q));
+                }
                 if let Some(id) = &trace_id {
                     println!("trace: {id}");
                 }

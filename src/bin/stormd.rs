@@ -317,7 +317,7 @@ async fn run_demo(cfg: &Config, peers: usize, file: Option<String>) -> Result<()
     )
     .await?
     {
-        println!("peer {id} ({name}) left; its {handed_over} records went to its successor");
+        println!("peer {id} ({name}) left; {handed_over} rows copied to their new holders");
     }
     // The leaver's task ends on its own once it has handed over.
     if let Some(exit) = cluster.terminate(&leaver).await {

@@ -133,6 +133,22 @@ impl Shell<Manager> for ManagerShell {
                 members,
             } => info!(epoch, settled, members, "ring changed"),
             ManagerEvent::PeerLeft { id, name } => info!(id, %name, "peer left"),
+            ManagerEvent::PeerSuspected { id } => warn!(
+                id,
+                "peer suspected: silent; probing it directly and through its neighbours"
+            ),
+            ManagerEvent::PeerAlive { id } => info!(id, "suspected peer heard from again"),
+            ManagerEvent::PeerDead { id, name } => {
+                warn!(id, %name, "peer declared dead; rebuilding the ring without it")
+            }
+            ManagerEvent::Recovered {
+                epoch,
+                members,
+                missing,
+            } => info!(
+                epoch,
+                members, missing, "rebuilt the ring from the peers that registered again"
+            ),
             ManagerEvent::QueryDispatched { .. } => {}
             ManagerEvent::QueryDone { query, found, path } => {
                 if let Some(span) = self.spans.remove(&SpanKey::Query(query)) {

@@ -261,9 +261,11 @@ where
     H: Shell<M>,
 {
     let incarnation = lock(machine).incarnation();
+    let start = Instant::now();
+    lock(machine).set_clock_origin(crate::config::unix_micros_now());
     let mut io = Io {
         socket,
-        start: Instant::now(),
+        start,
         buf: vec![0; 65_536],
         dropped: DroppedLog::default(),
         chaos: Chaos::new(&options.chaos),

@@ -155,6 +155,8 @@ pub fn peer_config(cfg: &Config, manager: SocketAddr) -> PeerConfig {
         retry: cfg.retry_policy(),
         max_datagram: cfg.max_datagram,
         window: cfg.window,
+        heartbeat: Duration::from_millis(cfg.failure.heartbeat_ms),
+        clock_origin_us: crate::config::unix_micros_now(),
     }
 }
 

@@ -1,5 +1,6 @@
-//! Distribution: a CSV loaded by the driver, cut into batches per owner, sent with a window
-//! per peer; a row counts as stored once its owner acknowledged it.
+//! Distribution: a CSV loaded by the driver, cut into batches per range (the rows of one
+//! owner), each batch sent to every replica of its range with a window per peer; a row counts
+//! as stored once every replica acknowledged it.
 
 use super::membership::Change;
 use super::{ClientCall, Manager, ManagerEvent, ManagerTag};
@@ -11,14 +12,22 @@ use crate::wire::{
     Body, DistributeFailure, DistributeReport, PeerId, Placement, ReplyBody, RequestError,
     StoreBatch, WireRow,
 };
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+struct Unit {
+    awaiting: u32,
+    rows: u32,
+    owner: PeerId,
+}
 
 pub(super) struct DistributeJob {
     pub(super) id: u64,
     pub(super) call: ClientCall,
     started: Time,
-    queues: BTreeMap<PeerId, VecDeque<StoreBatch>>,
+    queues: BTreeMap<PeerId, VecDeque<(u64, StoreBatch)>>,
     in_flight: BTreeMap<PeerId, usize>,
+    /// Each batch of a range, sent to all its replicas: acks still awaited, and its owner.
+    units: HashMap<u64, Unit>,
     report: DistributeReport,
     per_peer: BTreeMap<PeerId, u64>,
 }
@@ -42,6 +51,7 @@ impl Manager {
             started: now,
             queues: BTreeMap::new(),
             in_flight: BTreeMap::new(),
+            units: HashMap::new(),
             report: DistributeReport {
                 path: path.clone(),
                 format: String::new(),
@@ -131,11 +141,31 @@ impl Manager {
                     .push(WireRow(row.key, row.values));
             }
         }
+        let r = ring.replication.max(1) as usize;
+        let mut unit = 0;
         for (owner, rows) in by_owner {
+            let Some(first) = rows.first() else { continue };
+            let holders: Vec<PeerId> = ring.replicas(first.0, r).iter().map(|m| m.id).collect();
             let (batches, _) =
                 make_batches(ring.epoch, &dataset.columns, rows, self.cfg.max_datagram);
-            job.report.batches += batches.len() as u64;
-            job.queues.insert(owner, batches.into());
+            for batch in batches {
+                unit += 1;
+                job.units.insert(
+                    unit,
+                    Unit {
+                        awaiting: holders.len() as u32,
+                        rows: batch.rows.len() as u32,
+                        owner,
+                    },
+                );
+                for h in &holders {
+                    job.report.batches += 1;
+                    job.queues
+                        .entry(*h)
+                        .or_default()
+                        .push_back((unit, batch.clone()));
+                }
+            }
         }
         self.pump_job(now);
     }
@@ -146,25 +176,24 @@ impl Manager {
         for (peer, queue) in job.queues.iter_mut() {
             let flying = job.in_flight.entry(*peer).or_default();
             while *flying < self.cfg.window.max(1) {
-                let Some(batch) = queue.pop_front() else {
+                let Some((unit, batch)) = queue.pop_front() else {
                     break;
                 };
                 *flying += 1;
-                sends.push((*peer, batch));
+                sends.push((*peer, unit, batch));
             }
         }
         let (job_id, trace) = (job.id, job.call.trace.clone());
         let done =
             job.queues.values().all(VecDeque::is_empty) && job.in_flight.values().all(|n| *n == 0);
-        for (peer, batch) in sends {
+        for (peer, unit, batch) in sends {
             let Some(addr) = self.registry.get(peer).map(|p| p.addr) else {
                 continue;
             };
-            let rows = batch.rows.len() as u32;
             let tag = ManagerTag::Batch {
                 job: job_id,
                 peer,
-                rows,
+                unit,
             };
             self.send(now, addr, Body::Store(batch), trace.clone(), tag);
         }
@@ -178,15 +207,24 @@ impl Manager {
         now: Time,
         job: u64,
         peer: PeerId,
-        rows: u32,
+        unit: u64,
         new_rows: Option<u32>,
     ) {
         let Some(j) = self.job.as_mut().filter(|j| j.id == job) else {
             return;
         };
-        j.report.stored += rows as u64;
-        j.report.new_rows += new_rows.unwrap_or(0) as u64;
-        *j.per_peer.entry(peer).or_default() += rows as u64;
+        if let Some(u) = j.units.get_mut(&unit) {
+            if peer == u.owner {
+                j.report.new_rows += new_rows.unwrap_or(0) as u64;
+            }
+            u.awaiting = u.awaiting.saturating_sub(1);
+            if u.awaiting == 0 {
+                let (rows, owner) = (u.rows as u64, u.owner);
+                j.units.remove(&unit);
+                j.report.stored += rows;
+                *j.per_peer.entry(owner).or_default() += rows;
+            }
+        }
         if let Some(n) = j.in_flight.get_mut(&peer) {
             *n = n.saturating_sub(1);
         }

@@ -8,7 +8,7 @@
 use super::registry::Standing;
 use super::{ClientCall, Manager, ManagerEvent, ManagerTag, PeerMessage};
 use crate::link::Time;
-use crate::ring::{evenly_spaced_tokens, first_prime_above, token_for_joiner};
+use crate::ring::{RingExt, evenly_spaced_tokens, first_prime_above, token_for_joiner};
 use crate::wire::{
     Body, ExitReason, Member, PeerId, ReplyBody, RequestError, RingView, TraceContext,
 };
@@ -23,6 +23,11 @@ pub(super) enum Change {
     Reshape {
         table_size: u64,
     },
+    /// A member declared dead: the ring is rebuilt without it and its ranges repaired.
+    Remove(PeerId),
+    /// A restarted manager republishes the ring it rebuilt from its peers; members it did
+    /// not hear from are left out (and repaired), a leave that was under way completes.
+    Recover,
 }
 
 pub(super) struct Transition {
@@ -47,6 +52,9 @@ impl Manager {
     }
 
     pub(super) fn setup(&mut self, now: Time, call: ClientCall) {
+        if self.ring.is_none() && self.gathering(now) {
+            return self.defer_setup(call);
+        }
         if self.ring.is_none() {
             let ids: Vec<PeerId> = self
                 .registry
@@ -81,6 +89,7 @@ impl Manager {
                 placement: self.cfg.placement,
                 // The course's table size is fixed by the first distribute.
                 table_size: first_prime_above(0),
+                replication: self.cfg.replication,
                 members,
             };
             self.publish(now, view, call.trace.clone());
@@ -105,6 +114,16 @@ impl Manager {
         for call in std::mem::take(&mut self.setups) {
             self.start_status(now, call, true);
         }
+    }
+
+    /// The last member is gone: no ring until the next `setup`.
+    fn clear_ring(&mut self, epoch: u64) {
+        self.events.push(ManagerEvent::RingChanged {
+            epoch,
+            settled: true,
+            members: 0,
+        });
+        self.ring = None;
     }
 
     /// Makes `view` current and sends it to every member.
@@ -167,6 +186,17 @@ impl Manager {
                     self.registry.set_standing(*id, Standing::Leaving);
                 }
                 Change::Reshape { table_size } => view.table_size = *table_size,
+                Change::Remove(id) => {
+                    if view.member(*id).is_none() {
+                        continue;
+                    }
+                    view.members.retain(|m| m.id != *id);
+                    if view.members.is_empty() {
+                        self.clear_ring(self.last_epoch);
+                        continue;
+                    }
+                }
+                Change::Recover => {}
             }
             view.epoch = self.new_epoch();
             view.settled = false;
@@ -248,8 +278,33 @@ impl Manager {
         let Some(mut view) = self.ring.clone() else {
             return;
         };
+        if let Change::Remove(id) = &t.change {
+            view.members.retain(|m| m.id != *id);
+        }
+        if let Change::Recover = &t.change {
+            // A leave the old manager had begun: its hand-off is done now.
+            let leavers: Vec<PeerId> = view
+                .members
+                .iter()
+                .filter(|m| m.leaving)
+                .map(|m| m.id)
+                .collect();
+            for id in leavers {
+                view.members.retain(|m| m.id != id);
+                if let Some(p) = self.registry.remove(id) {
+                    self.unwatch(id);
+                    let exit = Body::Exit {
+                        reason: ExitReason::Left,
+                    };
+                    self.send(now, p.addr, exit, None, ManagerTag::Exit { peer: id });
+                    self.events
+                        .push(ManagerEvent::PeerLeft { id, name: p.name });
+                }
+            }
+        }
         if let Change::Leave(id, call) = &t.change {
             view.members.retain(|m| m.id != *id);
+            self.unwatch(*id);
             if let Some(p) = self.registry.remove(*id) {
                 self.send(
                     now,
@@ -284,16 +339,47 @@ impl Manager {
         view.epoch = self.new_epoch();
         view.settled = true;
         if view.members.is_empty() {
-            self.events.push(ManagerEvent::RingChanged {
-                epoch: view.epoch,
-                settled: true,
-                members: 0,
-            });
-            self.ring = None;
+            self.clear_ring(view.epoch);
         } else {
             self.publish(now, view, None);
         }
         self.next_change(now);
+    }
+
+    /// Takes a dead member out of the ring. A change under way is folded into a new view
+    /// without it at once (the change could otherwise wait forever on copies to the dead);
+    /// a leave of its own ends there, its client told what may be lost.
+    pub(super) fn remove_from_ring(&mut self, now: Time, id: PeerId, lost: RequestError) {
+        let (Some(t), Some(ring)) = (self.transition.as_mut(), self.ring.clone()) else {
+            self.changes.push_front(Change::Remove(id));
+            return self.next_change(now);
+        };
+        let mut asked = None;
+        if let Change::Leave(l, call) = &mut t.change
+            && *l == id
+        {
+            asked = call.take();
+            t.change = Change::Remove(id);
+        }
+        if let Some(call) = asked {
+            self.reply(now, &call, Err(lost));
+        }
+        let mut view = ring;
+        view.members.retain(|m| m.id != id);
+        if view.members.is_empty() {
+            self.transition = None;
+            self.clear_ring(self.last_epoch);
+            return self.next_change(now);
+        }
+        view.epoch = self.new_epoch();
+        view.settled = false;
+        if let Some(t) = self.transition.as_mut() {
+            t.epoch = view.epoch;
+            t.waiting = view.members.iter().map(|m| m.id).collect();
+            t.unreachable.insert(id);
+            t.nudge_at = now + TRANSITION_NUDGE;
+        }
+        self.publish(now, view, None);
     }
 
     pub(super) fn begin_leave(&mut self, now: Time, id: PeerId, call: Option<ClientCall>) {

@@ -8,8 +8,10 @@
 //! leaver, which is told to exit. No row is dropped before its new owner acknowledged it.
 
 mod distribute;
+mod failure;
 mod membership;
 mod query;
+mod recovery;
 pub mod registry;
 mod status;
 mod teardown;
@@ -34,6 +36,7 @@ use std::time::Duration;
 use teardown::TeardownJob;
 
 pub use crate::wire::PeerId;
+pub use failure::{DeadPeer, Detection};
 
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
@@ -46,6 +49,12 @@ pub struct ManagerConfig {
     pub probe_timeout: Duration,
     /// The CSV that `distribute` loads when the client names none.
     pub default_data: Option<String>,
+    /// Copies of every record.
+    pub replication: u32,
+    /// The wall clock (µs since the Unix epoch) at this machine's time zero, to put the
+    /// peers' hop stamps on the query's timeline.
+    pub clock_origin_us: u64,
+    pub detection: Detection,
 }
 
 /// A client request waiting for its reply.
@@ -73,7 +82,8 @@ pub enum ManagerTag {
     Batch {
         job: u64,
         peer: PeerId,
-        rows: u32,
+        /// The range batch it carries (one unit goes to every replica).
+        unit: u64,
     },
     Find {
         query: u64,
@@ -105,6 +115,23 @@ pub enum ManagerEvent {
     PeerLeft {
         id: PeerId,
         name: String,
+    },
+    PeerSuspected {
+        id: PeerId,
+    },
+    /// A suspect was heard from again.
+    PeerAlive {
+        id: PeerId,
+    },
+    PeerDead {
+        id: PeerId,
+        name: String,
+    },
+    /// A restarted manager rebuilt the ring from the peers that registered again.
+    Recovered {
+        epoch: u64,
+        members: usize,
+        missing: usize,
     },
     QueryDispatched {
         query: u64,
@@ -159,6 +186,10 @@ pub struct Manager {
     teardown: Option<TeardownJob>,
     /// `setup` calls waiting for every member to acknowledge the ring.
     setups: Vec<ClientCall>,
+    /// `setup` calls that came while the manager gathered its peers.
+    early_setups: Vec<ClientCall>,
+    detector: failure::Detector,
+    recovery: Option<recovery::Recovery>,
     /// What the current input produced; handed to the caller when it returns.
     events: Vec<ManagerEvent>,
 }
@@ -182,6 +213,9 @@ impl Manager {
             next_probe: 1,
             teardown: None,
             setups: Vec::new(),
+            early_setups: Vec::new(),
+            detector: failure::Detector::default(),
+            recovery: None,
             events: Vec::new(),
         }
     }
@@ -196,6 +230,19 @@ impl Manager {
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Nothing under way: no message unacknowledged, no change, request or recovery pending
+    /// (heartbeats and the failure detector's checks go on regardless).
+    pub fn is_quiet(&self) -> bool {
+        self.link.pending_len() == 0
+            && self.transition.is_none()
+            && self.changes.is_empty()
+            && self.queries.is_empty()
+            && self.probes.is_empty()
+            && self.job.is_none()
+            && self.recovery.is_none()
+            && self.early_setups.is_empty()
     }
 
     pub(super) fn send(
@@ -245,6 +292,8 @@ impl Manager {
                 | Body::LeaveRequest
                 | Body::Found(_)
                 | Body::Report { .. }
+                | Body::Heartbeat { .. }
+                | Body::Pong { .. }
         ) {
             let reason = RejectReason::NotForManager {
                 kind: env.body.kind().to_string(),
@@ -252,6 +301,10 @@ impl Manager {
             self.events
                 .push(ManagerEvent::Warning(format!("from {from}: {reason}")));
             return self.link.reject(from, env.seq, reason);
+        }
+        // Any datagram from a member is a sign of life.
+        if let Some(id) = self.registry.by_incarnation(env.from) {
+            self.heard_from(now, id);
         }
         match self.link.accept(now, from, &env) {
             Accepted::New => {}
@@ -265,7 +318,9 @@ impl Manager {
         };
         match env.body {
             Body::Request(req) => self.on_request(now, call, req),
-            Body::Register { name } => self.on_register(now, from, env.from, name),
+            Body::Register { name, rejoin } => self.on_register(now, from, env.from, name, rejoin),
+            Body::Heartbeat { epoch } => self.on_heartbeat(now, from, env.from, epoch),
+            Body::Pong { nonce } => self.on_pong(now, nonce),
             Body::RebalanceDone { epoch, handed_over } => {
                 let peer = self.registry.by_incarnation(env.from);
                 self.on_rebalance_done(now, peer, epoch, handed_over);
@@ -289,6 +344,10 @@ impl Manager {
         if self.teardown.is_some() && !matches!(req, ClientRequest::Status) {
             return self.reply(now, &call, Err(RequestError::TeardownInProgress));
         }
+        if self.recovery.is_some() && !matches!(req, ClientRequest::Status | ClientRequest::Setup) {
+            let err = self.recovering_error();
+            return self.reply(now, &call, Err(err));
+        }
         match req {
             ClientRequest::Setup => self.setup(now, call),
             ClientRequest::Distribute { path } => self.distribute(now, call, path),
@@ -304,6 +363,9 @@ impl Manager {
 
     pub(super) fn on_timeout(&mut self, now: Time) {
         self.link.handle_timeout(now);
+        self.check_liveness(now);
+        self.recovery_due(now);
+        self.release_early_setups(now);
         self.nudge_transition(now);
         for id in due(&self.queries, now, |q| q.deadline) {
             let secs = self.cfg.query_timeout.as_secs_f64();
@@ -319,9 +381,9 @@ impl Manager {
         while let Some(outcome) = self.link.poll_outcome() {
             match outcome {
                 Outcome::Acked {
-                    tag: ManagerTag::Batch { job, peer, rows },
+                    tag: ManagerTag::Batch { job, peer, unit },
                     new_rows,
-                } => self.batch_acked(now, job, peer, rows, new_rows),
+                } => self.batch_acked(now, job, peer, unit, new_rows),
                 Outcome::Acked {
                     tag: ManagerTag::Exit { peer },
                     ..
@@ -447,7 +509,10 @@ impl Machine for Manager {
             .values()
             .map(|q| q.deadline)
             .chain(self.probes.values().map(|p| p.deadline))
-            .chain(self.transition.as_ref().map(|t| t.nudge_at));
+            .chain(self.transition.as_ref().map(|t| t.nudge_at))
+            .chain(self.detector.check_at)
+            .chain(self.recovery.as_ref().map(|r| r.deadline))
+            .chain(self.early_setup_due());
         deadlines.chain(self.link.poll_timeout()).min()
     }
 
@@ -461,5 +526,9 @@ impl Machine for Manager {
 
     fn incarnation(&self) -> u64 {
         self.link.incarnation()
+    }
+
+    fn set_clock_origin(&mut self, unix_us: u64) {
+        self.cfg.clock_origin_us = unix_us;
     }
 }

@@ -4,7 +4,10 @@
 use super::{ClientCall, Manager, ManagerEvent, ManagerTag};
 use crate::link::Time;
 use crate::record::RecordKey;
-use crate::wire::{Body, FindEvent, FindResult, PeerId, QueryOutcome, ReplyBody, RequestError};
+use crate::ring::RingExt;
+use crate::wire::{
+    Body, FindEvent, FindResult, HopOut, PeerId, QueryOutcome, ReplyBody, RequestError,
+};
 use std::net::SocketAddr;
 
 pub(super) struct PendingQuery {
@@ -88,6 +91,7 @@ impl Manager {
             query,
             key,
             path: Vec::new(),
+            hops: Vec::new(),
         };
         let tag = ManagerTag::Find { query, entry };
         self.send(now, entry_addr, Body::Find(find), trace, tag);
@@ -142,6 +146,22 @@ impl Manager {
             found: result.found,
             path: result.path.clone(),
         });
+        // The walk on this manager's clock: hop stamps come from the peers' wall clocks.
+        let sent_us = self.cfg.clock_origin_us + q.sent.as_micros() as u64;
+        let hops = result
+            .hops
+            .iter()
+            .map(|h| HopOut {
+                peer: h.peer,
+                name: self.registry.name_of(h.peer),
+                addr: self
+                    .ring
+                    .as_ref()
+                    .and_then(|r| r.member(h.peer))
+                    .map(|m| m.addr),
+                at_us: h.at_us.saturating_sub(sent_us),
+            })
+            .collect();
         let outcome = QueryOutcome {
             key: q.key,
             found: result.found,
@@ -150,6 +170,7 @@ impl Manager {
             path_names,
             truncated: result.truncated,
             ring_micros: now.saturating_sub(q.sent).as_micros() as u64,
+            hops,
         };
         self.reply(now, &q.call, Ok(ReplyBody::Query(outcome)));
     }

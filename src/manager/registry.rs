@@ -6,8 +6,8 @@
 
 use super::{Change, Manager, ManagerEvent, ManagerTag, PeerMessage};
 use crate::link::Time;
-use crate::wire::{Body, PeerId, Refusal};
-use std::collections::BTreeMap;
+use crate::wire::{Body, PeerId, Refusal, Rejoin};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 
 /// Where a peer stands with the manager.
@@ -38,6 +38,8 @@ pub enum Registration {
 #[derive(Debug)]
 pub struct Registry {
     peers: BTreeMap<PeerId, PeerEntry>,
+    /// Incarnation → id: every datagram from a peer is looked up here.
+    incarnations: HashMap<u64, PeerId>,
     next_id: PeerId,
 }
 
@@ -45,6 +47,7 @@ impl Default for Registry {
     fn default() -> Self {
         Registry {
             peers: BTreeMap::new(),
+            incarnations: HashMap::new(),
             next_id: 1,
         }
     }
@@ -79,14 +82,32 @@ impl Registry {
             standing: Standing::Registered,
         };
         self.peers.insert(id, entry);
+        self.incarnations.insert(incarnation, id);
         Ok(Registration::New(id))
     }
 
-    pub fn by_incarnation(&self, incarnation: u64) -> Option<PeerId> {
-        self.peers
+    /// Takes back a peer under the id it had with an earlier manager (a restart). Refused when
+    /// the id or the name is held by another peer here.
+    pub fn restore(&mut self, id: PeerId, entry: PeerEntry) -> Result<(), Refusal> {
+        if let Some((other, p)) = self
+            .peers
             .iter()
-            .find(|(_, p)| p.incarnation == incarnation)
-            .map(|(id, _)| *id)
+            .find(|(other, p)| p.name == entry.name || **other == id)
+        {
+            return Err(Refusal::NameTaken {
+                name: p.name.clone(),
+                id: *other,
+                addr: p.addr,
+            });
+        }
+        self.next_id = self.next_id.max(id.saturating_add(1));
+        self.incarnations.insert(entry.incarnation, id);
+        self.peers.insert(id, entry);
+        Ok(())
+    }
+
+    pub fn by_incarnation(&self, incarnation: u64) -> Option<PeerId> {
+        self.incarnations.get(&incarnation).copied()
     }
 
     /// A peer by name, or by id written as a number.
@@ -113,11 +134,14 @@ impl Registry {
     }
 
     pub fn remove(&mut self, id: PeerId) -> Option<PeerEntry> {
-        self.peers.remove(&id)
+        let p = self.peers.remove(&id)?;
+        self.incarnations.remove(&p.incarnation);
+        Some(p)
     }
 
     pub fn clear(&mut self) {
         self.peers.clear();
+        self.incarnations.clear();
     }
 
     pub fn len(&self) -> usize {
@@ -155,13 +179,23 @@ impl Manager {
         addr: SocketAddr,
         incarnation: u64,
         name: String,
+        rejoin: Option<Rejoin>,
     ) {
+        if self.registry.by_incarnation(incarnation).is_none()
+            && let Some(rejoin) = rejoin
+            && self.try_rejoin(now, addr, incarnation, &name, rejoin)
+        {
+            return;
+        }
         match self.registry.register(&name, addr, incarnation) {
             Ok(Registration::Again(id)) => {
                 let tag = ManagerTag::ToPeer(id, PeerMessage::Registered);
                 self.send(now, addr, Body::Registered { id }, None, tag);
             }
             Ok(Registration::New(id)) => {
+                self.watch(now, id);
+                // A peer back under the name of one declared dead is that peer restarted.
+                self.detector.dead.retain(|d| d.name != name);
                 self.events
                     .push(ManagerEvent::PeerRegistered { id, name, addr });
                 let tag = ManagerTag::ToPeer(id, PeerMessage::Registered);

@@ -100,29 +100,43 @@ impl Manager {
             .as_ref()
             .map(|r| r.members.iter().map(|m| (m.id, m.token)).collect())
             .unwrap_or_default();
-        let peers = self
-            .registry
-            .iter()
-            .map(|(id, p)| {
-                let state = match p.standing {
-                    _ if silent.contains(&id) => PeerState::Unreachable,
-                    Standing::Registered => PeerState::Registered,
-                    Standing::InRing => PeerState::Up,
-                    Standing::Leaving => PeerState::Leaving,
-                };
-                PeerStatus {
-                    id,
-                    name: p.name.clone(),
-                    addr: p.addr,
-                    state,
-                    records: reports.get(&id).map(|r| r.records),
-                    keys: reports.get(&id).map(|r| r.keys),
-                    token: tokens.get(&id).copied(),
-                    share: shares.get(&id).copied().unwrap_or(0.0),
-                    counters: reports.get(&id).map(|r| r.counters),
-                }
-            })
-            .collect();
+        let peers = self.registry.iter().map(|(id, p)| {
+            let state = match p.standing {
+                _ if self.detector.is_suspect(id) => PeerState::Suspect,
+                _ if silent.contains(&id) => PeerState::Unreachable,
+                Standing::Registered => PeerState::Registered,
+                Standing::InRing => PeerState::Up,
+                Standing::Leaving => PeerState::Leaving,
+            };
+            PeerStatus {
+                id,
+                name: p.name.clone(),
+                addr: p.addr,
+                state,
+                records: reports.get(&id).map(|r| r.records),
+                keys: reports.get(&id).map(|r| r.keys),
+                token: tokens.get(&id).copied(),
+                share: shares.get(&id).copied().unwrap_or(0.0),
+                counters: reports.get(&id).map(|r| r.counters),
+                owned: reports.get(&id).map(|r| r.owned),
+                replicas: reports.get(&id).map(|r| r.replicas),
+            }
+        });
+        let dead = self.detector.dead.iter().map(|d| PeerStatus {
+            id: d.id,
+            name: d.name.clone(),
+            addr: d.addr,
+            state: PeerState::Dead,
+            records: None,
+            keys: None,
+            token: None,
+            share: 0.0,
+            counters: None,
+            owned: None,
+            replicas: None,
+        });
+        let peers = peers.chain(dead).collect();
+        let (under_replicated_ranges, under_replicated_rows) = self.under_replication(reports);
         StatusReport {
             epoch: self.ring.as_ref().map_or(self.last_epoch, |r| r.epoch),
             // Counts are sampled when each peer answers: they describe a settled ring only if
@@ -135,7 +149,47 @@ impl Manager {
             table_size: self.ring.as_ref().map_or(0, |r| r.table_size),
             peers,
             manager: self.link.counters(),
+            replication: self
+                .ring
+                .as_ref()
+                .map_or(self.cfg.replication, |r| r.replication),
+            under_replicated_ranges,
+            under_replicated_rows,
+            repairing: reports.values().map(|r| r.handing_over).sum(),
         }
+    }
+
+    /// Ranges whose holders do not all hold as many rows as the fullest of them (a holder
+    /// that did not answer holds none, as far as anyone can tell), or that have fewer than
+    /// `replication` holders; and the copies missing in them.
+    fn under_replication(&self, reports: &BTreeMap<PeerId, PeerReport>) -> (u64, u64) {
+        let Some(ring) = &self.ring else {
+            return (0, 0);
+        };
+        let r = ring.replication.max(1) as usize;
+        let (mut ranges, mut rows) = (0, 0);
+        for owner in ring.members.iter().filter(|m| !m.leaving) {
+            let holders = ring.range_holders(owner.id, r);
+            let counts: Vec<u64> = holders
+                .iter()
+                .map(|h| {
+                    reports.get(&h.id).map_or(0, |rep| {
+                        rep.ranges
+                            .iter()
+                            .find(|(o, _)| *o == owner.id)
+                            .map_or(0, |(_, n)| *n)
+                    })
+                })
+                .collect();
+            let full = counts.iter().copied().max().unwrap_or(0);
+            let missing =
+                counts.iter().map(|c| full - c).sum::<u64>() + full * (r - holders.len()) as u64;
+            if missing > 0 {
+                ranges += 1;
+                rows += missing;
+            }
+        }
+        (ranges, rows)
     }
 }
 

@@ -78,10 +78,19 @@ impl Kit {
             query_timeout: Duration::from_secs(2),
             probe_timeout: Duration::from_millis(300),
             default_data: Some("data.csv".into()),
+            replication: 1,
+            clock_origin_us: 0,
+            // Scripted peers do not heartbeat: nobody is suspected within a test's time.
+            detection: crate::manager::Detection {
+                suspect_after: Duration::from_secs(3_600),
+                dead_after: Duration::from_secs(7_200),
+                ..Default::default()
+            },
         };
         Kit {
             m: Manager::new(cfg, 1),
-            now: Duration::ZERO,
+            // Past the start-up wait in which a manager listens for peers of an earlier ring.
+            now: Duration::from_secs(1),
             peers: Vec::new(),
             client: addr(4000),
             next_seq: 1,
@@ -122,7 +131,14 @@ impl Kit {
             exited: false,
         });
         let seq = self.seq();
-        self.send_from_peer(i, seq, Body::Register { name: name.into() });
+        self.send_from_peer(
+            i,
+            seq,
+            Body::Register {
+                name: name.into(),
+                rejoin: None,
+            },
+        );
         self.run();
         i
     }
@@ -272,7 +288,7 @@ impl Kit {
                     keys: self.peers[i].keys.len() as u64,
                     epoch: self.peers[i].ring.as_ref().map_or(0, |r| r.epoch),
                     handing_over: 0,
-                    counters: Default::default(),
+                    ..Default::default()
                 },
             }),
             Body::Find(mut find) => {
@@ -285,6 +301,7 @@ impl Kit {
                     records: Vec::new(),
                     path: find.path,
                     truncated: false,
+                    hops: find.hops,
                 }))
             }
             Body::Exit { .. } => {

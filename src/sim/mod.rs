@@ -8,6 +8,8 @@
 //! [`Sim::run_until`] run the cluster's tasks until what they wait for has happened. Between
 //! those calls nothing runs, so a test may look into (or poke) any node's state machine.
 
+#[cfg(test)]
+mod failures;
 pub mod net;
 #[cfg(test)]
 mod scenarios;
@@ -120,7 +122,12 @@ pub struct Sim {
     rng: rand::rngs::SmallRng,
     manager: Shared<Manager>,
     pub manager_addr: SocketAddr,
+    manager_cfg: ManagerConfig,
+    load: LoadFn,
+    manager_task: JoinHandle<()>,
     _manager_stop: watch::Sender<bool>,
+    /// Frozen peers: the rule that drops what they send, by name.
+    frozen: HashMap<String, u64>,
     manager_events: Rc<RefCell<Vec<ManagerEvent>>>,
     pub peers: Vec<SimPeer>,
     client: Client<SimSocket>,
@@ -132,8 +139,45 @@ fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// Runs a manager process on the simulated network.
+fn spawn_manager(
+    local: &LocalSet,
+    net: &SimNet,
+    at: SocketAddr,
+    machine: Shared<Manager>,
+    load: LoadFn,
+    log: Rc<RefCell<Vec<ManagerEvent>>>,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let socket = net.bind(at);
+    let mut shell = Recording {
+        inner: ManagerShell::new(load, false),
+        log,
+    };
+    local.spawn_local(async move {
+        drive(
+            &socket,
+            &machine,
+            &mut shell,
+            stop,
+            &DriveOptions::default(),
+        )
+        .await;
+    })
+}
+
 impl Sim {
+    /// A cluster with the default replication (2).
     pub fn new(seed: u64, faults: Faults, placement: Placement) -> Self {
+        Self::with_replication(seed, faults, placement, 2)
+    }
+
+    pub fn with_replication(
+        seed: u64,
+        faults: Faults,
+        placement: Placement,
+        replication: u32,
+    ) -> Self {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .start_paused(true)
@@ -156,6 +200,9 @@ impl Sim {
             query_timeout: Duration::from_secs(5),
             probe_timeout: Duration::from_millis(500),
             default_data: Some("default.csv".into()),
+            replication,
+            detection: crate::manager::Detection::default(),
+            clock_origin_us: 0,
         };
         let files: Arc<Mutex<HashMap<String, Dataset>>> = Arc::default();
         let load: LoadFn = {
@@ -174,27 +221,18 @@ impl Sim {
             })
         };
         let manager_addr = addr(5000);
-        let manager = shared(Manager::new(cfg, rng.next_u64()));
+        let manager = shared(Manager::new(cfg.clone(), rng.next_u64()));
         let manager_events = Rc::new(RefCell::new(Vec::new()));
         let (manager_stop, stop_rx) = watch::channel(false);
-        {
-            let socket = net.bind(manager_addr);
-            let machine = manager.clone();
-            let mut shell = Recording {
-                inner: ManagerShell::new(load, false),
-                log: manager_events.clone(),
-            };
-            local.spawn_local(async move {
-                drive(
-                    &socket,
-                    &machine,
-                    &mut shell,
-                    stop_rx,
-                    &DriveOptions::default(),
-                )
-                .await;
-            });
-        }
+        let manager_task = spawn_manager(
+            &local,
+            &net,
+            manager_addr,
+            manager.clone(),
+            load.clone(),
+            manager_events.clone(),
+            stop_rx,
+        );
         let core = ClientCore::new(
             manager_addr,
             rng.next_u64(),
@@ -210,7 +248,11 @@ impl Sim {
             rng,
             manager,
             manager_addr,
+            manager_cfg: cfg,
+            load,
+            manager_task,
             _manager_stop: manager_stop,
+            frozen: HashMap::new(),
             manager_events,
             peers: Vec::new(),
             client,
@@ -258,6 +300,8 @@ impl Sim {
             retry: test_retry(),
             max_datagram: 8_000,
             window: 4,
+            heartbeat: Duration::from_millis(250),
+            clock_origin_us: 0,
         };
         let peer_addr = addr(port);
         let node = shared(Peer::new(cfg, self.rng.next_u64(), Duration::ZERO));
@@ -346,13 +390,12 @@ impl Sim {
     /// Lets every retransmission, hand-off and ring update play out.
     pub fn settle(&mut self) {
         self.run_until(Duration::from_secs(60), |s| {
-            s.net.in_flight() == 0
-                && s.manager().poll_timeout().is_none()
+            s.manager().is_quiet()
                 // An exiting peer lingers a moment before its process ends: wait for that.
                 && s.peers.iter().all(|p| {
                     p.exit().is_some() || {
                         let peer = p.peer();
-                        !peer.is_exited() && peer.poll_timeout().is_none()
+                        !peer.is_exited() && peer.is_quiet()
                     }
                 })
         });
@@ -396,10 +439,67 @@ impl Sim {
         }
     }
 
+    /// The manager process killed without notice (`kill -9`): it forgets everything.
+    pub fn crash_manager(&mut self) {
+        self.manager_task.abort();
+        self.net.crash(self.manager_addr);
+    }
+
+    /// A new manager process on the same address, knowing nothing: a new incarnation.
+    pub fn restart_manager(&mut self) {
+        let _in_rt = self.rt.enter();
+        self.manager = shared(Manager::new(self.manager_cfg.clone(), self.rng.next_u64()));
+        let (stop, stop_rx) = watch::channel(false);
+        self.manager_task = spawn_manager(
+            &self.local,
+            &self.net,
+            self.manager_addr,
+            self.manager.clone(),
+            self.load.clone(),
+            self.manager_events.clone(),
+            stop_rx,
+        );
+        self._manager_stop = stop;
+    }
+
+    /// A peer process stopped (SIGSTOP): nothing reaches it, nothing leaves it, until
+    /// [`Sim::thaw`] delivers what waited for it.
+    pub fn freeze(&mut self, name: &str) {
+        if let Some(at) = self.peer_named(name).map(|p| p.addr) {
+            self.net.hold(at);
+            let rule = self.net.drop_where(move |d| d.from == at);
+            self.frozen.insert(name.to_string(), rule);
+        }
+    }
+
+    /// SIGCONT.
+    pub fn thaw(&mut self, name: &str) {
+        if let (Some(at), Some(rule)) = (
+            self.peer_named(name).map(|p| p.addr),
+            self.frozen.remove(name),
+        ) {
+            self.net.remove_rule(rule);
+            self.net.release(at);
+        }
+    }
+
     /// Loses the datagrams in flight for which `lose` holds.
     pub fn lose_in_flight(&mut self, mut lose: impl FnMut(SocketAddr, &Envelope) -> bool) {
         self.net
             .lose_in_flight(|d| Envelope::decode(&d.bytes).is_ok_and(|env| lose(d.from, &env)));
+    }
+
+    /// How many live peers hold each (key, row).
+    pub fn copies(&self) -> BTreeMap<(crate::record::RecordKey, Vec<String>), usize> {
+        let mut out = BTreeMap::new();
+        for p in self.peers.iter().filter(|p| p.exit().is_none()) {
+            for (key, rows) in p.peer().store().iter() {
+                for row in rows {
+                    *out.entry((*key, row.values.clone())).or_default() += 1;
+                }
+            }
+        }
+        out
     }
 
     /// Rows held by each live peer.

@@ -12,7 +12,7 @@ const COLUMNS: [&str; 4] = ["event_id", "state", "event_type", "location_index"]
 
 /// `events` events; every tenth has three location rows under one key, like the
 /// locations file, and two rows have fallback keys.
-fn dataset(events: u64) -> Dataset {
+pub(super) fn dataset(events: u64) -> Dataset {
     let mut rows = Vec::new();
     let mut line = 1;
     for i in 0..events {
@@ -56,12 +56,23 @@ fn dataset(events: u64) -> Dataset {
 }
 
 /// Rows in the default file: 600 events, every tenth with three rows, plus two without an id.
-fn default_rows(sim: &Sim) -> u64 {
+pub(super) fn default_rows(sim: &Sim) -> u64 {
     sim.file("default.csv").rows.len() as u64
 }
 
-fn cluster(seed: u64, faults: Faults, peers: usize, placement: Placement) -> Sim {
-    let mut sim = Sim::new(seed, faults, placement);
+pub(super) fn cluster(seed: u64, faults: Faults, peers: usize, placement: Placement) -> Sim {
+    cluster_r(seed, faults, peers, placement, 2)
+}
+
+/// A cluster with `replication` copies of every record.
+pub(super) fn cluster_r(
+    seed: u64,
+    faults: Faults,
+    peers: usize,
+    placement: Placement,
+    replication: u32,
+) -> Sim {
+    let mut sim = Sim::with_replication(seed, faults, placement, replication);
     for i in 0..peers {
         sim.add_peer(&format!("peer-{i}"));
     }
@@ -73,7 +84,7 @@ fn cluster(seed: u64, faults: Faults, peers: usize, placement: Placement) -> Sim
     sim
 }
 
-fn setup_and_distribute(sim: &mut Sim) -> crate::wire::DistributeReport {
+pub(super) fn setup_and_distribute(sim: &mut Sim) -> crate::wire::DistributeReport {
     let setup = sim.request(ClientRequest::Setup).expect("setup");
     assert!(matches!(setup, ReplyBody::Setup(_)));
     match sim
@@ -85,7 +96,7 @@ fn setup_and_distribute(sim: &mut Sim) -> crate::wire::DistributeReport {
     }
 }
 
-fn query(sim: &mut Sim, key: RecordKey, via: Option<&str>) -> QueryOutcome {
+pub(super) fn query(sim: &mut Sim, key: RecordKey, via: Option<&str>) -> QueryOutcome {
     match sim.request(ClientRequest::Query {
         key,
         via: via.map(String::from),
@@ -95,15 +106,44 @@ fn query(sim: &mut Sim, key: RecordKey, via: Option<&str>) -> QueryOutcome {
     }
 }
 
-fn status(sim: &mut Sim) -> StatusReport {
+pub(super) fn status(sim: &mut Sim) -> StatusReport {
     match sim.request(ClientRequest::Status) {
         Ok(ReplyBody::Status(s)) => s,
         other => panic!("status: {other:?}"),
     }
 }
 
-/// Every row of the dataset is found, exactly, and nothing is held twice.
-fn assert_all_found(sim: &mut Sim) {
+/// Every row of the dataset is held by exactly `replication` live peers (or by every live
+/// member, when fewer remain).
+pub(super) fn assert_replicated(sim: &Sim) {
+    let data = sim.file("default.csv");
+    let r = sim.manager().ring().map_or(1, |r| {
+        (r.replication as usize).min(r.members.iter().filter(|m| !m.leaving).count())
+    });
+    let copies = sim.copies();
+    for row in &data.rows {
+        let n = copies
+            .get(&(row.key, row.values.clone()))
+            .copied()
+            .unwrap_or(0);
+        assert_eq!(
+            n,
+            r,
+            "{} (line {}) held {n} times: {:?}",
+            row.key,
+            row.line,
+            sim.holdings()
+        );
+    }
+    assert_eq!(
+        copies.len(),
+        data.rows.len(),
+        "rows held that are not in the file"
+    );
+}
+
+/// Every row of the dataset is found, exactly, by a query, and held `replication` times.
+pub(super) fn assert_all_found(sim: &mut Sim) {
     let data = sim.file("default.csv");
     let mut expected: BTreeMap<RecordKey, Vec<Vec<String>>> = BTreeMap::new();
     for r in &data.rows {
@@ -119,12 +159,7 @@ fn assert_all_found(sim: &mut Sim) {
         assert_eq!(got, want, "{key}");
         assert!(q.records.iter().all(|r| r.columns == data.columns));
     }
-    assert_eq!(
-        sim.live_rows(),
-        data.rows.len() as u64,
-        "rows held: {:?}",
-        sim.holdings()
-    );
+    assert_replicated(sim);
 }
 
 #[test]
@@ -155,7 +190,8 @@ fn every_record_is_found_on_a_clean_network() {
 
 #[test]
 fn the_walk_goes_next_by_next_from_the_entry_peer() {
-    let mut sim = cluster(2, Faults::none(), 5, Placement::Consistent);
+    // One copy, so that the walk must reach the owner itself.
+    let mut sim = cluster_r(2, Faults::none(), 5, Placement::Consistent, 1);
     setup_and_distribute(&mut sim);
     let ring = sim.manager().ring().cloned().unwrap();
     let key = RecordKey::Event(5_000_014);
@@ -176,11 +212,19 @@ fn an_absent_key_is_not_found_at_its_owner() {
     let mut sim = cluster(3, Faults::none(), 5, Placement::Consistent);
     setup_and_distribute(&mut sim);
     let key = RecordKey::Event(42);
-    let owner = sim.manager().ring().unwrap().owner_of(key).unwrap().id;
-    let q = query(&mut sim, key, None);
-    assert!(!q.found);
-    assert!(q.records.is_empty());
-    assert_eq!(*q.path.last().unwrap(), owner);
+    let holders: Vec<u32> = {
+        let m = sim.manager();
+        let ring = m.ring().unwrap();
+        ring.replicas(key, 2).iter().map(|m| m.id).collect()
+    };
+    for _ in 0..5 {
+        let q = query(&mut sim, key, None);
+        assert!(!q.found);
+        assert!(q.records.is_empty());
+        // The miss is final only where the owner and every replica have been asked.
+        assert!(holders.contains(q.path.last().unwrap()), "{:?}", q.path);
+        assert!(holders.iter().all(|h| q.path.contains(h)), "{:?}", q.path);
+    }
 }
 
 #[test]
@@ -212,7 +256,8 @@ fn distributing_twice_stores_nothing_twice() {
         other => panic!("{other:?}"),
     };
     assert_eq!((again.stored, again.new_rows), (default_rows(&sim), 0));
-    assert_eq!(sim.live_rows(), default_rows(&sim));
+    assert_eq!(sim.live_rows(), 2 * default_rows(&sim));
+    assert_replicated(&sim);
 }
 
 #[test]
@@ -222,7 +267,8 @@ fn a_leave_hands_over_to_the_successor_only() {
         duplicate: 0.05,
         max_delay: Duration::from_millis(2),
     };
-    let mut sim = cluster(5, faults, 5, Placement::Consistent);
+    // One copy: the leaver's rows all go to its successor.
+    let mut sim = cluster_r(5, faults, 5, Placement::Consistent, 1);
     setup_and_distribute(&mut sim);
     let before = sim.holdings();
     let ring = sim.manager().ring().cloned().unwrap();
@@ -288,7 +334,7 @@ fn queries_during_a_leave_still_find_everything() {
 
 #[test]
 fn a_late_peer_joins_and_takes_part_of_one_arc() {
-    let mut sim = cluster(8, Faults::none(), 5, Placement::Consistent);
+    let mut sim = cluster_r(8, Faults::none(), 5, Placement::Consistent, 1);
     setup_and_distribute(&mut sim);
     let before = sim.holdings();
     sim.add_peer("late");
@@ -352,8 +398,14 @@ fn status_reports_every_peer_with_counts_and_shares() {
     assert_eq!(s.peers.len(), 5);
     assert_eq!(
         s.peers.iter().map(|p| p.records.unwrap()).sum::<u64>(),
-        default_rows(&sim)
+        2 * default_rows(&sim)
     );
+    // Each row once as owned, once as a replica; every range fully replicated.
+    let owned: u64 = s.peers.iter().map(|p| p.owned.unwrap()).sum();
+    let replicas: u64 = s.peers.iter().map(|p| p.replicas.unwrap()).sum();
+    assert_eq!((owned, replicas), (default_rows(&sim), default_rows(&sim)));
+    assert_eq!(s.replication, 2);
+    assert_eq!((s.under_replicated_ranges, s.under_replicated_rows), (0, 0));
     assert!((s.peers.iter().map(|p| p.share).sum::<f64>() - 1.0).abs() < 1e-6);
     assert!(
         s.peers
@@ -525,7 +577,10 @@ fn a_member_dying_mid_change_does_not_stall_the_ring() {
     sim.settle();
     let ring = sim.manager().ring().cloned().unwrap();
     assert!(ring.settled, "the join never completed");
-    assert_eq!(ring.members.len(), 5);
+    // The victim was declared dead and its ranges repaired from their other replicas.
+    assert_eq!(ring.members.len(), 4);
+    assert!(ring.members.iter().all(|m| m.name != victim));
+    assert_all_found(&mut sim);
     // The ring works again: a later leave completes too.
     sim.terminate("peer-1");
     sim.settle();
@@ -536,11 +591,11 @@ fn a_member_dying_mid_change_does_not_stall_the_ring() {
     assert!(sim.manager().ring().unwrap().settled);
 }
 
-/// `leave` of a peer that died without notice: the ring is rebuilt without it, and the
-/// client is told plainly that its records are lost (there is no replication yet).
+/// `leave` of a peer that died without notice, with one copy: the ring is rebuilt without
+/// it, and the client is told plainly that what only it held is lost.
 #[test]
 fn leaving_a_dead_peer_says_its_records_are_lost() {
-    let mut sim = cluster(32, Faults::none(), 4, Placement::Consistent);
+    let mut sim = cluster_r(32, Faults::none(), 4, Placement::Consistent, 1);
     setup_and_distribute(&mut sim);
     sim.crash("peer-2");
     let e = sim
@@ -548,7 +603,7 @@ fn leaving_a_dead_peer_says_its_records_are_lost() {
             name: "peer-2".into(),
         })
         .unwrap_err();
-    assert!(e.contains("did not answer") && e.contains("lost"), "{e}");
+    assert!(e.contains("stopped answering") && e.contains("lost"), "{e}");
     sim.settle();
     let ring = sim.manager().ring().cloned().unwrap();
     assert_eq!(ring.members.len(), 3);

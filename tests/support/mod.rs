@@ -248,13 +248,24 @@ impl Cluster {
     }
 
     pub fn verify(&self, file: &std::path::Path) -> Value {
+        self.verify_window(file, 64)
+    }
+
+    /// Verify with `window` queries in flight (a lossy network wants many: each query waits
+    /// out its retransmissions).
+    pub fn verify_window(&self, file: &std::path::Path, window: usize) -> Value {
+        let window = window.to_string();
         let out = self.ctl(&[
             "--json",
+            // A query that meets a dead peer before it is detected waits out its
+            // retransmissions: give the answer time to come.
+            "--timeout",
+            "90",
             "verify",
             "--file",
             file.to_str().unwrap_or_default(),
             "--window",
-            "64",
+            &window,
         ]);
         let v = parse_json(&out);
         assert!(
@@ -295,10 +306,41 @@ pub fn parse_json(out: &Output) -> Value {
     })
 }
 
+/// Distinct records in the cluster: the rows each peer owns (replicas not counted).
 pub fn records_total(status: &Value) -> u64 {
+    status["peers"]
+        .as_array()
+        .map_or(0, |ps| ps.iter().filter_map(|p| p["owned"].as_u64()).sum())
+}
+
+/// Every row held by the peers, copies included.
+pub fn copies_total(status: &Value) -> u64 {
     status["peers"].as_array().map_or(0, |ps| {
         ps.iter().filter_map(|p| p["records"].as_u64()).sum()
     })
+}
+
+/// Waits until the ring is settled with every range at its full count of copies and no
+/// copy under way, and `records` distinct records; returns that status.
+pub fn wait_replicated(cluster: &Cluster, records: u64, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let s = cluster.status();
+        let r = s["replication"].as_u64().unwrap_or(1);
+        let done = s["settled"] == Value::Bool(true)
+            && s["under_replicated_ranges"] == 0
+            && s["repairing"] == 0
+            && records_total(&s) == records
+            && copies_total(&s) == r * records;
+        if done {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not fully replicated after {limit:?}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 pub mod otlp;

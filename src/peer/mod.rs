@@ -1,22 +1,31 @@
 //! The peer's protocol state machine (sans-IO).
 //!
-//! A peer registers with the manager (retrying until it answers), keeps the rows it owns,
-//! answers `find_event` by walking the ring, and hands rows over whenever a ring change makes
-//! someone else their owner: after a join (its successor gives it part of an arc), on leaving
-//! (everything goes), and when a row reaches it that it does not own (a sender with an older
-//! ring view). A row leaves the store only once its new owner has acknowledged it, so a query
-//! that walks the whole ring always finds it somewhere.
+//! A peer registers with the manager (retrying until it answers), keeps the rows of the ranges
+//! it holds (its own, and under replication R the R-1 ranges before it), answers `find_event`
+//! by walking the ring, and copies rows whenever a ring change gives a range a new holder
+//! ([`repair`] decides who copies what). A row leaves a peer's store only when another holder
+//! has it, so a query that walks the ring always finds it somewhere.
+//!
+//! A registered peer heartbeats to the manager, answers pings and relays the manager's
+//! indirect probes ([`liveness`]). The heartbeat's answer also says when the manager
+//! restarted (a new incarnation that does not know this peer): the peer then registers again
+//! with its id and ring, from which the new manager rebuilds the cluster; or when this peer
+//! was declared dead while it was frozen: it then drops its ring and joins anew, its rows
+//! treated as unplaced so that they go where the current ring puts them.
+
+mod liveness;
+pub mod repair;
 
 use crate::link::{Accepted, Dropped, Link, Outcome, RetryPolicy, Time, Transmit};
 use crate::machine::Machine;
 use crate::record::RecordKey;
 use crate::ring::RingExt;
-use crate::store::{Columns, Store, StoredRow, batch_budget, make_batches, row_size};
+use crate::store::{Store, StoredRow, batch_budget, make_batches, row_size};
 use crate::wire::{
-    Body, Envelope, FindEvent, FindResult, PeerId, PeerReport, RejectReason, RingView, StoreBatch,
-    TraceContext, WireRow,
+    Body, Envelope, FindEvent, FindResult, PeerId, PeerReport, RejectReason, Rejoin, RingView,
+    StoreBatch, TraceContext, WireRow,
 };
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -29,6 +38,11 @@ pub struct PeerConfig {
     pub max_datagram: usize,
     /// Hand-off batches in flight at once.
     pub window: usize,
+    /// How often a registered peer tells the manager it is alive.
+    pub heartbeat: Duration,
+    /// The wall clock (µs since the Unix epoch) at this machine's time zero: hop timings are
+    /// stamped with it, so that hops on different processes share one timeline.
+    pub clock_origin_us: u64,
 }
 
 /// Which message to the manager a pending send was.
@@ -99,15 +113,17 @@ pub struct HopReport {
 }
 
 struct HandOffBatch {
-    owner: PeerId,
-    dest: SocketAddr,
+    to: PeerId,
     batch: StoreBatch,
-    /// The rows as stored, removed once the owner acknowledges them.
-    rows: Vec<(RecordKey, StoredRow)>,
+    /// The distinct keys of the batch, to count down their pending drops when it is acked.
+    keys: Vec<RecordKey>,
 }
 
-/// Rows bound for one owner, of one schema: (owner's address, columns, rows).
-type Moving = (SocketAddr, Columns, Vec<(RecordKey, StoredRow)>);
+/// Rows this peer keeps no longer once every batch holding them has been acknowledged.
+struct Dropping {
+    batches: u32,
+    rows: Vec<StoredRow>,
+}
 
 /// Rows leave only after their owner acknowledged them; a failed batch is tried again later.
 const HANDOFF_RETRY: Duration = Duration::from_secs(1);
@@ -120,10 +136,21 @@ pub struct Peer {
     link: Link<PeerTag>,
     id: Option<PeerId>,
     ring: Option<RingView>,
+    /// The last view whose copies this peer finished; repair plans compare against it.
+    base: Option<RingView>,
+    /// The newest epoch this peer has seen, even of a ring it has since dropped: no view at
+    /// or below it is taken again.
+    seen_epoch: u64,
+    /// Keys received from a sender whose view was older than ours: their placement is
+    /// unknown, so they go to every holder.
+    unplaced: HashSet<RecordKey>,
+    /// Keys received from a sender whose view was newer than ours, with that epoch: placed
+    /// by a view we have not seen, so no older view may move or drop them.
+    ahead: HashMap<RecordKey, u64>,
     store: Store,
     queued: VecDeque<HandOffBatch>,
     in_flight: BTreeMap<u64, HandOffBatch>,
-    in_flight_keys: HashSet<RecordKey>,
+    dropping: HashMap<RecordKey, Dropping>,
     next_batch: u64,
     handoff_retry_at: Option<Time>,
     /// Recent store acks, (sender, seq) → new rows, to repeat them exactly for duplicates.
@@ -132,6 +159,7 @@ pub struct Peer {
     /// Rows handed over since the current view arrived, for the hand-off report.
     handed_this_epoch: u64,
     leaving: bool,
+    live: liveness::Liveness,
     /// What the current input produced; handed to the caller when it returns.
     events: Vec<PeerEvent>,
     exited: bool,
@@ -146,26 +174,42 @@ impl Peer {
             link,
             id: None,
             ring: None,
+            base: None,
+            seen_epoch: 0,
+            unplaced: HashSet::new(),
+            ahead: HashMap::new(),
             store: Store::default(),
             queued: VecDeque::new(),
             in_flight: BTreeMap::new(),
-            in_flight_keys: HashSet::new(),
+            dropping: HashMap::new(),
             next_batch: 1,
             handoff_retry_at: None,
             store_acks: VecDeque::new(),
             done_reported: None,
             handed_this_epoch: 0,
             leaving: false,
+            live: liveness::Liveness::default(),
             events: Vec::new(),
             exited: false,
         };
-        let body = Body::Register {
-            name: peer.cfg.name.clone(),
-        };
-        let policy = peer.cfg.retry.forever();
-        let manager = peer.cfg.manager;
-        peer.send_with(now, manager, body, None, PeerTag::Register, policy);
+        peer.register(now, None);
         peer
+    }
+
+    fn register(&mut self, now: Time, rejoin: Option<Rejoin>) {
+        if self
+            .link
+            .has_pending_where(|t| matches!(t, PeerTag::Register))
+        {
+            return;
+        }
+        let body = Body::Register {
+            name: self.cfg.name.clone(),
+            rejoin,
+        };
+        let policy = self.cfg.retry.forever();
+        let manager = self.cfg.manager;
+        self.send_with(now, manager, body, None, PeerTag::Register, policy);
     }
 
     pub fn id(&self) -> Option<PeerId> {
@@ -186,6 +230,15 @@ impl Peer {
 
     pub fn is_exited(&self) -> bool {
         self.exited
+    }
+
+    /// Nothing under way: no message unacknowledged, no copy planned or waiting to be retried
+    /// (heartbeats go on regardless).
+    pub fn is_quiet(&self) -> bool {
+        self.link.pending_len() == 0
+            && self.queued.is_empty()
+            && self.in_flight.is_empty()
+            && self.handoff_retry_at.is_none()
     }
 
     fn send(
@@ -259,10 +312,7 @@ impl Peer {
             }
         }
         match env.body {
-            Body::Registered { id } => {
-                self.id = Some(id);
-                self.events.push(PeerEvent::Registered { id });
-            }
+            Body::Registered { id } => self.on_registered(now, id, env.from),
             Body::Refused { reason } => {
                 self.exit(1, format!("the manager refused registration: {reason}"))
             }
@@ -270,13 +320,7 @@ impl Peer {
             Body::Store(batch) => self.on_store(now, from, env.from, env.seq, batch, trace),
             Body::Find(find) => self.on_find(now, find, trace),
             Body::Probe { probe } => {
-                let report = PeerReport {
-                    records: self.store.row_count(),
-                    keys: self.store.key_count(),
-                    epoch: self.ring.as_ref().map_or(0, |r| r.epoch),
-                    handing_over: self.handing_over(),
-                    counters: self.link.counters(),
-                };
+                let report = self.report();
                 let manager = self.cfg.manager;
                 self.send(
                     now,
@@ -287,9 +331,47 @@ impl Peer {
                 );
             }
             Body::Exit { reason } => self.exit(0, reason.to_string()),
+            Body::HeartbeatAck { known } => self.on_heartbeat_ack(now, env.from, known),
+            Body::Ping { nonce } => self.link.send_unsequenced(from, Body::Pong { nonce }),
+            Body::PingReq { nonce, target } => self.relay_ping(now, from, nonce, target),
+            Body::Pong { nonce } => self.relay_pong(nonce),
             // Refused above.
             _ => {}
         }
+    }
+
+    fn report(&self) -> PeerReport {
+        let (owned, replicas, ranges) = match (&self.ring, self.id) {
+            (Some(ring), Some(me)) => repair::holdings(&self.store, me, ring),
+            _ => (0, 0, Vec::new()),
+        };
+        PeerReport {
+            records: self.store.row_count(),
+            keys: self.store.key_count(),
+            epoch: self.ring.as_ref().map_or(0, |r| r.epoch),
+            handing_over: self.handing_over(),
+            counters: self.link.counters(),
+            owned,
+            replicas,
+            ranges,
+        }
+    }
+
+    fn on_registered(&mut self, now: Time, id: PeerId, manager: u64) {
+        self.live.manager = Some(manager);
+        if self.id == Some(id) {
+            return; // registered again after a manager restart, under the same id
+        }
+        if self.id.is_some() {
+            // A new id: the manager does not know this peer's old place. What it holds is
+            // placed anew by the ring it will be sent.
+            self.ring = None;
+            self.base = None;
+            self.reset_handoff();
+        }
+        self.id = Some(id);
+        self.live.heartbeat_at = Some(now);
+        self.events.push(PeerEvent::Registered { id });
     }
 
     /// Why a peer will never handle `body`, if it will not.
@@ -308,7 +390,8 @@ impl Peer {
             | Body::LeaveRequest
             | Body::Report { .. }
             | Body::Found(_)
-            | Body::Reply(_) => Some(RejectReason::NotForPeer {
+            | Body::Reply(_)
+            | Body::Heartbeat { .. } => Some(RejectReason::NotForPeer {
                 kind: body.kind().to_string(),
             }),
             _ => None,
@@ -360,14 +443,18 @@ impl Peer {
             self.done_reported = None;
             return self.report_if_settled(now);
         }
-        if current.is_some_and(|e| e > view.epoch) {
-            return; // reordered: an older view never replaces a newer one
+        if current.is_some_and(|e| e > view.epoch)
+            || (current.is_none() && view.epoch <= self.seen_epoch)
+        {
+            return; // reordered, or of a ring dropped: an older view never comes back
         }
+        self.seen_epoch = self.seen_epoch.max(view.epoch);
         // The ring can overtake a lost `Registered`: names are unique, so it tells us our id.
         if self.id.is_none()
             && let Some(me) = view.members.iter().find(|m| m.name == self.cfg.name)
         {
             self.id = Some(me.id);
+            self.live.heartbeat_at = Some(now);
             self.events.push(PeerEvent::Registered { id: me.id });
         }
         self.handed_this_epoch = 0;
@@ -381,12 +468,6 @@ impl Peer {
             next,
         });
         self.ring = Some(view);
-        // Batches not yet sent were cut for the old owners.
-        for b in self.queued.drain(..) {
-            for (key, _) in &b.rows {
-                self.in_flight_keys.remove(key);
-            }
-        }
         self.rebalance(now, trace);
     }
 
@@ -401,25 +482,21 @@ impl Peer {
     ) {
         let rows = batch.rows.len();
         let my_epoch = self.ring.as_ref().map_or(0, |r| r.epoch);
-        // A sender with a newer view knows better: keep its rows until our own view catches up.
-        // A sender with an older or equal view may have misplaced rows: pass them on.
-        let redirect = batch.epoch <= my_epoch && self.misplaced_in(&batch);
-        // A row handed over by us and sent back before our hand-off was acknowledged must not
-        // be deleted by that acknowledgement.
-        if !self.in_flight_keys.is_empty() {
-            let returned: HashSet<RecordKey> = batch
-                .rows
-                .iter()
-                .map(|r| r.0)
-                .filter(|k| self.in_flight_keys.contains(k))
-                .collect();
-            if !returned.is_empty() {
-                for b in self.in_flight.values_mut() {
-                    b.rows.retain(|(k, _)| !returned.contains(k));
-                }
-                for k in &returned {
-                    self.in_flight_keys.remove(k);
-                }
+        // A sender with a newer view placed these rows by it: keep them; our own view will
+        // catch up. A sender with an older view may have misplaced them: place them anew.
+        let stale = batch.epoch < my_epoch;
+        let mut replan = false;
+        for WireRow(key, _) in &batch.rows {
+            if batch.epoch > my_epoch {
+                let e = self.ahead.entry(*key).or_default();
+                *e = (*e).max(batch.epoch);
+            }
+            // A row sent back to us before our hand-off of it was acknowledged: keep it.
+            if self.dropping.remove(key).is_some() {
+                replan = true;
+            }
+            if stale && self.unplaced.insert(*key) {
+                replan = true;
             }
         }
         let new_rows = self.store.insert_batch(batch);
@@ -429,72 +506,58 @@ impl Peer {
             self.store_acks.pop_front();
         }
         self.events.push(PeerEvent::Stored { rows, new_rows });
-        if redirect {
+        if replan {
             self.rebalance(now, trace);
         }
-    }
-
-    fn owns(&self, key: RecordKey) -> bool {
-        match (&self.ring, self.id) {
-            (Some(ring), Some(id)) => ring.owner_of(key).is_some_and(|m| m.id == id),
-            // Without a ring there is nobody to give rows to.
-            _ => true,
-        }
-    }
-
-    fn misplaced_in(&self, batch: &StoreBatch) -> bool {
-        batch.rows.iter().any(|r| !self.owns(r.0))
     }
 
     fn handing_over(&self) -> u64 {
         self.queued
             .iter()
             .chain(self.in_flight.values())
-            .map(|b| b.rows.len() as u64)
+            .map(|b| b.batch.rows.len() as u64)
             .sum()
     }
 
-    /// Queues every row this peer no longer owns for its owner, then sends what the window allows.
+    /// Forgets every planned and unacknowledged copy (acks that still arrive are ignored;
+    /// rows are only ever dropped by the plan that is current).
+    fn reset_handoff(&mut self) {
+        self.queued.clear();
+        self.in_flight.clear();
+        self.dropping.clear();
+    }
+
+    /// Plans the copies the current view asks of this peer (against the last view it
+    /// finished), then sends what the window allows.
     fn rebalance(&mut self, now: Time, trace: Option<TraceContext>) {
-        let Some(ring) = self.ring.as_ref() else {
+        self.reset_handoff();
+        let (Some(ring), Some(me)) = (self.ring.as_ref(), self.id) else {
             return;
         };
+        if ring.member(me).is_none() {
+            return; // not in this ring (yet): nothing is ours to place
+        }
         let epoch = ring.epoch;
-        let mut moving: BTreeMap<(PeerId, usize), Moving> = BTreeMap::new();
-        let mut schema_ids: Vec<Columns> = Vec::new();
-        for (key, rows) in self.store.iter() {
-            if self.in_flight_keys.contains(key) {
-                continue;
-            }
-            let Some(owner) = ring.owner_of(*key) else {
-                continue;
-            };
-            if Some(owner.id) == self.id {
-                continue;
-            }
-            for row in rows {
-                let schema = match schema_ids
-                    .iter()
-                    .position(|c| std::sync::Arc::ptr_eq(c, &row.columns))
-                {
-                    Some(i) => i,
-                    None => {
-                        schema_ids.push(row.columns.clone());
-                        schema_ids.len() - 1
-                    }
-                };
-                moving
-                    .entry((owner.id, schema))
-                    .or_insert_with(|| (owner.addr, row.columns.clone(), Vec::new()))
-                    .2
-                    .push((*key, row.clone()));
+        self.ahead.retain(|_, e| *e > epoch);
+        let plan = repair::plan(
+            &self.store,
+            me,
+            self.base.as_ref(),
+            ring,
+            &self.unplaced,
+            &self.ahead,
+        );
+        for key in &plan.drop_now {
+            if let Some(rows) = self.store.get(*key).map(<[StoredRow]>::to_vec) {
+                self.store.remove_rows(*key, &rows);
             }
         }
-        for ((owner, _), (dest, columns, rows)) in moving {
+        for send in plan.sends {
             // A row too large for this peer's datagrams (a smaller `max_datagram` than the
             // manager's) stays here, still found by the walk, rather than being lost.
-            let budget = batch_budget(&columns, self.cfg.max_datagram);
-            let (rows, oversized): (Vec<_>, Vec<_>) = rows
+            let budget = batch_budget(&send.columns, self.cfg.max_datagram);
+            let (rows, oversized): (Vec<_>, Vec<_>) = send
+                .rows
                 .into_iter()
                 .partition(|(_, r)| row_size(&r.values) <= budget);
             if !oversized.is_empty() {
@@ -502,24 +565,37 @@ impl Peer {
                     "{} rows are too large for one datagram and stay here",
                     oversized.len()
                 )));
-            }
-            for (key, _) in &rows {
-                self.in_flight_keys.insert(*key);
+                for (key, _) in &oversized {
+                    self.dropping.remove(key);
+                }
             }
             let wire: Vec<WireRow> = rows
                 .iter()
                 .map(|(k, r)| WireRow(*k, r.values.clone()))
                 .collect();
-            let (batches, _) = make_batches(epoch, &columns, wire, self.cfg.max_datagram);
-            let mut rest = rows.into_iter();
+            let (batches, _) = make_batches(epoch, &send.columns, wire, self.cfg.max_datagram);
             for batch in batches {
-                let taken: Vec<(RecordKey, StoredRow)> =
-                    rest.by_ref().take(batch.rows.len()).collect();
+                let mut keys: Vec<RecordKey> = batch.rows.iter().map(|r| r.0).collect();
+                keys.dedup();
+                for key in &keys {
+                    if plan.drop_after_sends.contains(key) {
+                        let rows = &self.store;
+                        self.dropping
+                            .entry(*key)
+                            .or_insert_with(|| Dropping {
+                                batches: 0,
+                                rows: rows
+                                    .get(*key)
+                                    .map(<[StoredRow]>::to_vec)
+                                    .unwrap_or_default(),
+                            })
+                            .batches += 1;
+                    }
+                }
                 self.queued.push_back(HandOffBatch {
-                    owner,
-                    dest,
+                    to: send.to,
                     batch,
-                    rows: taken,
+                    keys,
                 });
             }
         }
@@ -531,19 +607,43 @@ impl Peer {
             let Some(b) = self.queued.pop_front() else {
                 break;
             };
+            let Some(dest) = self
+                .ring
+                .as_ref()
+                .and_then(|r| r.member(b.to))
+                .map(|m| m.addr)
+            else {
+                continue;
+            };
             let id = self.next_batch;
             self.next_batch += 1;
             let body = Body::Store(b.batch.clone());
             self.send(
                 now,
-                b.dest,
+                dest,
                 body,
                 trace.clone(),
                 PeerTag::HandOff { batch: id },
             );
             self.in_flight.insert(id, b);
         }
+        self.finish_if_done();
         self.report_if_settled(now);
+    }
+
+    /// When every planned copy is acknowledged, the current view becomes the base of the
+    /// next plan.
+    fn finish_if_done(&mut self) {
+        if self.queued.is_empty()
+            && self.in_flight.is_empty()
+            && self.handoff_retry_at.is_none()
+            && let Some(ring) = &self.ring
+            && self.id.is_some_and(|me| ring.member(me).is_some())
+            && self.base.as_ref().map(|b| b.epoch) != Some(ring.epoch)
+        {
+            self.base = Some(ring.clone());
+            self.unplaced.clear();
+        }
     }
 
     /// Tells the manager once per unsettled epoch that this peer has handed over everything.
@@ -579,16 +679,22 @@ impl Peer {
             return self.answer(now, find, false, trace, hop);
         };
         find.path.push(me);
+        find.hops.push(crate::wire::HopTiming {
+            peer: me,
+            at_us: self.cfg.clock_origin_us + now.as_micros() as u64,
+        });
         if self.store.get(find.key).is_some() {
             return self.answer(now, find, true, trace, hop);
         }
-        let (settled, members) = self
-            .ring
-            .as_ref()
-            .map_or((true, 0), |r| (r.settled, r.members.len()));
-        // Settled: the owner's miss is final. Unsettled: rows may be in transit, so the walk
-        // goes on, at most once round the ring.
-        if (settled && self.owns(find.key)) || find.path.len() >= members {
+        let Some(ring) = self.ring.as_ref() else {
+            return self.answer(now, find, false, trace, hop);
+        };
+        // Settled: the miss is final once every live holder of the key has been asked (the
+        // walk goes in ring order, so from the owner on it meets the replicas next).
+        // Unsettled: rows may be in transit, so the walk goes on, at most once round.
+        let holders = ring.replicas(find.key, ring.replication.max(1) as usize);
+        let all_asked = holders.iter().all(|m| find.path.contains(&m.id));
+        if (ring.settled && all_asked) || find.path.len() >= ring.members.len() {
             return self.answer(now, find, false, trace, hop);
         }
         self.forward(now, find, 0, trace, hop);
@@ -679,6 +785,7 @@ impl Peer {
             records,
             path: find.path,
             truncated,
+            hops: find.hops,
         };
         let manager = self.cfg.manager;
         self.send(
@@ -699,6 +806,7 @@ impl Peer {
             self.handoff_retry_at = None;
             self.rebalance(now, None);
         }
+        self.heartbeat_if_due(now);
         self.drain_outcomes(now);
     }
 
@@ -710,23 +818,23 @@ impl Peer {
                     ..
                 } => {
                     if let Some(b) = self.in_flight.remove(&batch) {
-                        let n = b.rows.len();
+                        let n = b.batch.rows.len();
                         self.handed_this_epoch += n as u64;
-                        for (key, row) in b.rows {
-                            self.in_flight_keys.remove(&key);
-                            self.store.remove_rows(key, std::slice::from_ref(&row));
+                        for key in b.keys {
+                            if let Some(d) = self.dropping.get_mut(&key) {
+                                d.batches = d.batches.saturating_sub(1);
+                                if d.batches == 0
+                                    && let Some(d) = self.dropping.remove(&key)
+                                {
+                                    self.store.remove_rows(key, &d.rows);
+                                }
+                            }
                         }
-                        self.events.push(PeerEvent::HandedOver {
-                            to: b.owner,
-                            rows: n,
-                        });
+                        self.events
+                            .push(PeerEvent::HandedOver { to: b.to, rows: n });
                     }
                     self.pump_handoff(now, None);
                 }
-                Outcome::Acked {
-                    tag: PeerTag::LeaveRequest,
-                    ..
-                } => {}
                 Outcome::Acked { .. } => {}
                 Outcome::Rejected {
                     tag: PeerTag::Forward { find, skipped },
@@ -792,14 +900,13 @@ impl Peer {
         }
     }
 
+    /// A copy failed: nothing is dropped, and the whole plan is made again a little later
+    /// (by then the ring may have changed, e.g. without a dead destination).
     fn fail_batch(&mut self, now: Time, batch: u64) {
-        if let Some(b) = self.in_flight.remove(&batch) {
-            for (key, _) in &b.rows {
-                self.in_flight_keys.remove(key);
-            }
+        if self.in_flight.remove(&batch).is_some() {
+            self.reset_handoff();
+            self.handoff_retry_at.get_or_insert(now + HANDOFF_RETRY);
         }
-        self.handoff_retry_at.get_or_insert(now + HANDOFF_RETRY);
-        self.pump_handoff(now, None);
     }
 
     pub fn manager(&self) -> SocketAddr {
@@ -835,10 +942,14 @@ impl Machine for Peer {
     }
 
     fn poll_timeout(&self) -> Option<Time> {
-        match (self.link.poll_timeout(), self.handoff_retry_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.link.poll_timeout(),
+            self.handoff_retry_at,
+            self.live.next_timeout(self.exited),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn poll_transmit(&mut self) -> Option<Transmit> {
@@ -851,5 +962,9 @@ impl Machine for Peer {
 
     fn incarnation(&self) -> u64 {
         self.link.incarnation()
+    }
+
+    fn set_clock_origin(&mut self, unix_us: u64) {
+        self.cfg.clock_origin_us = unix_us;
     }
 }

@@ -1,0 +1,98 @@
+//! The peer's side of failure detection and manager recovery.
+//!
+//! A registered peer sends a heartbeat to the manager every interval; the answer says whether
+//! the manager knows it. A manager that answers "unknown" from a new incarnation has restarted:
+//! the peer registers again with its id and ring (the new manager rebuilds the cluster from
+//! them). The same answer from the incarnation that registered it means this peer was
+//! declared dead (it was frozen, or cut off): it drops its ring, whose epoch has long passed,
+//! and joins again. The peer also answers pings and relays the manager's indirect probes.
+
+use super::{Peer, PeerEvent};
+use crate::link::Time;
+use crate::wire::{Body, Rejoin};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+
+/// Indirect probes a peer relays at once; older ones are forgotten.
+const RELAYS_REMEMBERED: usize = 64;
+
+#[derive(Debug, Default)]
+pub(super) struct Liveness {
+    pub(super) heartbeat_at: Option<Time>,
+    /// The incarnation of the manager that registered this peer.
+    pub(super) manager: Option<u64>,
+    /// Indirect probes being relayed: (the manager's nonce, whom to tell).
+    relays: VecDeque<(u64, SocketAddr)>,
+}
+
+impl Liveness {
+    pub(super) fn next_timeout(&self, exited: bool) -> Option<Time> {
+        (!exited).then_some(self.heartbeat_at).flatten()
+    }
+}
+
+impl Peer {
+    pub(super) fn heartbeat_if_due(&mut self, now: Time) {
+        if self.live.heartbeat_at.is_none_or(|t| t > now) {
+            return;
+        }
+        self.live.heartbeat_at = Some(now + self.cfg.heartbeat);
+        if self.id.is_none() {
+            return; // registering: the registration itself is retried
+        }
+        let epoch = self.ring.as_ref().map_or(0, |r| r.epoch);
+        let manager = self.cfg.manager;
+        self.link
+            .send_unsequenced(manager, Body::Heartbeat { epoch });
+    }
+
+    pub(super) fn on_heartbeat_ack(&mut self, now: Time, manager: u64, known: bool) {
+        if known {
+            self.live.manager.get_or_insert(manager);
+            return;
+        }
+        let Some(id) = self.id else { return };
+        if self.live.manager == Some(manager) {
+            // Declared dead by the manager that still runs: the ring this peer holds is
+            // gone. Join again; every row held is placed anew.
+            self.events.push(PeerEvent::Warning(
+                "the manager declared this peer dead (it was silent too long); joining again"
+                    .into(),
+            ));
+            self.ring = None;
+            self.base = None;
+            self.id = None;
+            self.reset_handoff();
+            self.register(now, None);
+        } else {
+            // A manager that restarted: give it what it needs to rebuild the ring.
+            let rejoin = self.ring.clone().map(|ring| Rejoin { id, ring });
+            self.events.push(PeerEvent::Warning(format!(
+                "the manager restarted; registering again as peer {id}"
+            )));
+            self.register(now, rejoin);
+        }
+    }
+
+    pub(super) fn relay_ping(
+        &mut self,
+        _now: Time,
+        manager: SocketAddr,
+        nonce: u64,
+        target: SocketAddr,
+    ) {
+        if self.live.relays.len() >= RELAYS_REMEMBERED {
+            self.live.relays.pop_front();
+        }
+        self.live.relays.push_back((nonce, manager));
+        self.link.send_unsequenced(target, Body::Ping { nonce });
+    }
+
+    pub(super) fn relay_pong(&mut self, nonce: u64) {
+        if let Some(i) = self.live.relays.iter().position(|(n, _)| *n == nonce)
+            && let Some((_, manager)) = self.live.relays.remove(i)
+        {
+            self.link.send_unsequenced(manager, Body::Pong { nonce });
+        }
+    }
+}

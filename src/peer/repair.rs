@@ -1,0 +1,316 @@
+//! Repair and hand-off planning: after a ring change, which rows this peer copies to whom, and
+//! which it stops keeping.
+//!
+//! Every key has a replica set: its owner and the next `replication - 1` owning members. A
+//! peer compares each key's set under the new view with its set under `base`, the last view
+//! whose copies this peer finished. Members in both sets (keepers) held the key and still do;
+//! the first keeper, and only it, copies the key to the members new to the set (gainers), so a
+//! join or a repair moves each row once. A peer no longer in the set drops the key at once when
+//! a keeper remains (the keeper has it), and otherwise hands it to every new holder first,
+//! dropping it only when all of them acknowledged. Rows whose placement this peer cannot vouch
+//! for (no base yet, or rows that came from a sender with an older view) go to every other
+//! member of their set.
+
+use crate::record::RecordKey;
+use crate::ring::RingExt;
+use crate::store::{Columns, Store, StoredRow};
+use crate::wire::{Member, PeerId, RingView};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Rows of one schema bound for one member.
+#[derive(Debug)]
+pub struct Send {
+    pub to: PeerId,
+    pub addr: SocketAddr,
+    pub columns: Columns,
+    pub rows: Vec<(RecordKey, StoredRow)>,
+}
+
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub sends: Vec<Send>,
+    /// Keys this peer keeps no longer, once every send holding them is acknowledged.
+    pub drop_after_sends: HashSet<RecordKey>,
+    /// Keys this peer keeps no longer, now: a keeper holds them.
+    pub drop_now: Vec<RecordKey>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.sends.is_empty() && self.drop_now.is_empty()
+    }
+}
+
+/// What `me` does with every row of `store` when `view` replaces `base`.
+pub fn plan(
+    store: &Store,
+    me: PeerId,
+    base: Option<&RingView>,
+    view: &RingView,
+    unplaced: &HashSet<RecordKey>,
+    ahead: &HashMap<RecordKey, u64>,
+) -> Plan {
+    let r = view.replication.max(1) as usize;
+    let mut out = Plan::default();
+    let mut sends: BTreeMap<(PeerId, usize), Send> = BTreeMap::new();
+    let mut schemas: Vec<Columns> = Vec::new();
+    for (key, rows) in store.iter() {
+        if ahead.contains_key(key) {
+            continue; // placed by a newer view than this one: wait for it
+        }
+        let holders = view.replicas(*key, r);
+        if holders.is_empty() {
+            continue;
+        }
+        let i_hold = holders.iter().any(|m| m.id == me);
+        let targets: Vec<&Member> = match base.filter(|_| !unplaced.contains(key)) {
+            None => holders.iter().copied().filter(|m| m.id != me).collect(),
+            Some(base) => {
+                let before: Vec<PeerId> = base
+                    .replicas(*key, base.replication.max(1) as usize)
+                    .iter()
+                    .map(|m| m.id)
+                    .collect();
+                let first_keeper = holders.iter().find(|m| before.contains(&m.id));
+                let gainers = holders.iter().copied().filter(|m| !before.contains(&m.id));
+                match (i_hold, first_keeper) {
+                    (true, Some(k)) if k.id == me => gainers.collect(),
+                    // Another keeper copies; or this peer gained the key and is being sent it.
+                    (true, _) => Vec::new(),
+                    (false, Some(_)) => {
+                        out.drop_now.push(*key);
+                        Vec::new()
+                    }
+                    (false, None) => holders.clone(),
+                }
+            }
+        };
+        if targets.is_empty() {
+            continue;
+        }
+        if !i_hold {
+            out.drop_after_sends.insert(*key);
+        }
+        for row in rows {
+            let schema = match schemas.iter().position(|c| Arc::ptr_eq(c, &row.columns)) {
+                Some(i) => i,
+                None => {
+                    schemas.push(row.columns.clone());
+                    schemas.len() - 1
+                }
+            };
+            for t in &targets {
+                sends
+                    .entry((t.id, schema))
+                    .or_insert_with(|| Send {
+                        to: t.id,
+                        addr: t.addr,
+                        columns: row.columns.clone(),
+                        rows: Vec::new(),
+                    })
+                    .rows
+                    .push((*key, row.clone()));
+            }
+        }
+    }
+    out.sends = sends.into_values().collect();
+    out
+}
+
+/// Rows held per range (a range named by its owner), and of them the rows `me` owns and the
+/// rows it keeps as another's replica. Rows outside `me`'s ranges (in transit) count nowhere.
+pub fn holdings(store: &Store, me: PeerId, view: &RingView) -> (u64, u64, Vec<(PeerId, u64)>) {
+    let r = view.replication.max(1) as usize;
+    let (mut owned, mut replicas) = (0, 0);
+    let mut ranges: BTreeMap<PeerId, u64> = BTreeMap::new();
+    for (key, rows) in store.iter() {
+        let holders = view.replicas(*key, r);
+        let Some(owner) = holders.first() else {
+            continue;
+        };
+        if !holders.iter().any(|m| m.id == me) {
+            continue;
+        }
+        let n = rows.len() as u64;
+        if owner.id == me {
+            owned += n;
+        } else {
+            replicas += n;
+        }
+        *ranges.entry(owner.id).or_default() += n;
+    }
+    (owned, replicas, ranges.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::evenly_spaced_tokens;
+    use crate::wire::Placement;
+
+    fn view(ids: &[PeerId], replication: u32) -> RingView {
+        let members = ids
+            .iter()
+            .zip(evenly_spaced_tokens(ids.len()))
+            .map(|(id, token)| Member {
+                id: *id,
+                name: format!("p{id}"),
+                addr: ([127, 0, 0, 1], 7000 + *id as u16).into(),
+                token,
+                leaving: false,
+            })
+            .collect();
+        RingView {
+            epoch: 1,
+            settled: true,
+            placement: Placement::Consistent,
+            table_size: 0,
+            replication,
+            members,
+        }
+    }
+
+    /// Every peer's store after placing `keys` by `v`: what a finished distribute leaves.
+    fn stores(v: &RingView, keys: u64) -> BTreeMap<PeerId, Store> {
+        let mut out: BTreeMap<PeerId, Store> = BTreeMap::new();
+        for k in 0..keys {
+            let key = RecordKey::Event(k);
+            for m in v.replicas(key, v.replication as usize) {
+                let s = out.entry(m.id).or_default();
+                let cols = s.intern(&["event_id".into()]);
+                s.insert(key, &cols, vec![k.to_string()]);
+            }
+        }
+        out
+    }
+
+    /// Applies every peer's plan (sends delivered, drops done) and returns the copies per key.
+    fn apply(
+        stores: &mut BTreeMap<PeerId, Store>,
+        base: &RingView,
+        v: &RingView,
+    ) -> (BTreeMap<RecordKey, usize>, usize) {
+        let none = HashSet::new();
+        let plans: Vec<(PeerId, Plan)> = stores
+            .iter()
+            .map(|(id, s)| (*id, plan(s, *id, Some(base), v, &none, &HashMap::new())))
+            .collect();
+        let mut sent = 0;
+        for (from, p) in plans {
+            for send in &p.sends {
+                sent += send.rows.len();
+                let dest = stores.entry(send.to).or_default();
+                let cols = dest.intern(&send.columns);
+                for (k, row) in &send.rows {
+                    dest.insert(*k, &cols, row.values.clone());
+                }
+            }
+            let s = stores.get_mut(&from).expect("sender");
+            for k in p.drop_now.iter().chain(p.drop_after_sends.iter()) {
+                let rows = s.get(*k).map(<[StoredRow]>::to_vec).unwrap_or_default();
+                s.remove_rows(*k, &rows);
+            }
+        }
+        let mut copies = BTreeMap::new();
+        for s in stores.values() {
+            for (k, _) in s.iter() {
+                *copies.entry(*k).or_default() += 1;
+            }
+        }
+        (copies, sent)
+    }
+
+    #[test]
+    fn a_join_copies_each_gained_row_once_and_keeps_two_copies() {
+        let base = view(&[1, 2, 3, 4], 2);
+        let mut stores = stores(&base, 4_000);
+        let mut joined = base.clone();
+        joined.members.push(Member {
+            id: 5,
+            name: "p5".into(),
+            addr: ([127, 0, 0, 1], 7005).into(),
+            token: crate::ring::token_for_joiner(&base.members),
+            leaving: false,
+        });
+        joined.members.sort_by_key(|m| m.token);
+        joined.epoch = 2;
+        let (copies, sent) = apply(&mut stores, &base, &joined);
+        assert_eq!(copies.len(), 4_000);
+        assert!(copies.values().all(|c| *c == 2), "every key twice");
+        // The joiner takes half of one arc (1/8 of the keys) and holds, as replica, its
+        // predecessor's range (1/4): 3/8 of the keys, each sent to it exactly once, and
+        // nothing sent anywhere else.
+        let joiner = stores[&5].key_count() as usize;
+        assert_eq!(sent, joiner, "each gained row sent exactly once");
+        assert!((1_300..1_700).contains(&joiner), "{joiner}");
+    }
+
+    #[test]
+    fn a_dead_member_is_repaired_from_the_survivors() {
+        for replication in [2, 3] {
+            let base = view(&[1, 2, 3, 4, 5], replication);
+            let mut stores = stores(&base, 3_000);
+            stores.remove(&3); // killed: what it held is gone with it
+            let mut after = base.clone();
+            after.members.retain(|m| m.id != 3);
+            after.epoch = 2;
+            let (copies, _) = apply(&mut stores, &base, &after);
+            assert_eq!(copies.len(), 3_000);
+            assert!(
+                copies.values().all(|c| *c == replication as usize),
+                "R={replication}"
+            );
+        }
+    }
+
+    #[test]
+    fn with_one_copy_a_leaver_hands_everything_to_the_new_owners() {
+        let base = view(&[1, 2, 3], 1);
+        let mut stores = stores(&base, 1_000);
+        let mut after = base.clone();
+        after.members[1].leaving = true;
+        let held = stores[&2].key_count() as usize;
+        let (copies, sent) = apply(&mut stores, &base, &after);
+        assert!(copies.values().all(|c| *c == 1) && copies.len() == 1_000);
+        assert_eq!(sent, held);
+        assert_eq!(stores[&2].key_count(), 0);
+    }
+
+    #[test]
+    fn unplaced_rows_go_to_every_holder_and_leave_a_non_holder() {
+        let v = view(&[1, 2, 3], 2);
+        let mut s = Store::default();
+        let cols = s.intern(&["event_id".into()]);
+        for k in 0..300 {
+            s.insert(RecordKey::Event(k), &cols, vec![k.to_string()]);
+        }
+        let p = plan(&s, 1, None, &v, &HashSet::new(), &HashMap::new());
+        for send in &p.sends {
+            assert_ne!(send.to, 1);
+        }
+        let sent: usize = p.sends.iter().map(|s| s.rows.len()).sum();
+        let held_by_me = (0..300)
+            .filter(|k| {
+                v.replicas(RecordKey::Event(*k), 2)
+                    .iter()
+                    .any(|m| m.id == 1)
+            })
+            .count();
+        // A held key goes to the one other holder; a key held by others goes to both.
+        assert_eq!(sent, held_by_me + 2 * (300 - held_by_me));
+        assert_eq!(p.drop_after_sends.len(), 300 - held_by_me);
+        assert!(p.drop_now.is_empty());
+    }
+
+    #[test]
+    fn holdings_split_owned_from_replica_rows() {
+        let v = view(&[1, 2, 3], 2);
+        let stores = stores(&v, 900);
+        let (owned, replicas, ranges) = holdings(&stores[&1], 1, &v);
+        assert_eq!(owned + replicas, stores[&1].row_count());
+        assert_eq!(ranges.len(), 2, "its own range and its predecessor's");
+        assert!(owned > 0 && replicas > 0);
+    }
+}

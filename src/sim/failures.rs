@@ -1,0 +1,301 @@
+//! Failure scenarios: crashes, freezes, partitions and a manager restart, under loss,
+//! duplication and reordering, seeded and replayable. Every scenario ends by checking that each
+//! record is held `replication` times and found, exactly, by a query.
+
+use super::scenarios::{
+    assert_all_found, cluster, cluster_r, default_rows, query, setup_and_distribute, status,
+};
+use super::*;
+use crate::record::RecordKey;
+use crate::wire::PeerState;
+
+fn lossy(loss: f64) -> Faults {
+    Faults {
+        loss,
+        duplicate: 0.1,
+        max_delay: Duration::from_millis(5),
+    }
+}
+
+fn deaths(sim: &Sim) -> Vec<String> {
+    sim.manager_events()
+        .into_iter()
+        .filter_map(|e| match e {
+            ManagerEvent::PeerDead { name, .. } => Some(name),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ring_without(sim: &Sim, gone: &[&str]) -> bool {
+    sim.manager()
+        .ring()
+        .is_some_and(|r| r.settled && r.members.iter().all(|m| !gone.contains(&m.name.as_str())))
+}
+
+/// Runs until the ring is settled without `gone`; returns how long that took.
+fn until_rebuilt(sim: &mut Sim, gone: &[&str]) -> Duration {
+    let start = sim.now();
+    assert!(
+        sim.run_until(Duration::from_secs(30), |s| ring_without(s, gone)),
+        "ring not rebuilt without {gone:?}"
+    );
+    sim.now() - start
+}
+
+#[test]
+fn a_killed_peer_is_declared_dead_and_its_ranges_repaired_then_a_second() {
+    let mut sim = cluster(40, Faults::none(), 5, Placement::Consistent);
+    setup_and_distribute(&mut sim);
+    sim.crash("peer-1");
+    let took = until_rebuilt(&mut sim, &["peer-1"]);
+    // Default detection: suspect at 1 s of silence, dead at 2.5 s; the ring follows at once.
+    assert!(took <= Duration::from_secs(5), "rebuilt after {took:?}");
+    sim.settle();
+    assert_eq!(deaths(&sim), vec!["peer-1".to_string()]);
+    assert_all_found(&mut sim);
+    let s = status(&mut sim);
+    assert!(
+        s.peers
+            .iter()
+            .any(|p| p.name == "peer-1" && p.state == PeerState::Dead),
+        "status shows the dead peer"
+    );
+    assert_eq!((s.under_replicated_ranges, s.under_replicated_rows), (0, 0));
+    // After the repair, a second peer can die without loss too.
+    sim.crash("peer-3");
+    until_rebuilt(&mut sim, &["peer-1", "peer-3"]);
+    sim.settle();
+    assert_all_found(&mut sim);
+}
+
+#[test]
+fn kills_under_loss_duplication_and_reordering_lose_nothing_and_kill_no_one_else() {
+    for seed in 41..45 {
+        let mut sim = cluster(seed, lossy(0.2), 5, Placement::Consistent);
+        setup_and_distribute(&mut sim);
+        sim.crash("peer-2");
+        until_rebuilt(&mut sim, &["peer-2"]);
+        sim.settle();
+        assert_eq!(deaths(&sim), vec!["peer-2".to_string()], "seed {seed}");
+        assert_all_found(&mut sim);
+    }
+}
+
+#[test]
+fn no_false_deaths_at_twenty_percent_loss() {
+    let mut sim = cluster(46, lossy(0.2), 5, Placement::Consistent);
+    setup_and_distribute(&mut sim);
+    sim.advance(Duration::from_secs(120));
+    assert!(deaths(&sim).is_empty(), "{:?}", deaths(&sim));
+    assert_eq!(sim.manager().ring().map(|r| r.members.len()), Some(5));
+    sim.settle();
+    assert_all_found(&mut sim);
+}
+
+#[test]
+fn a_short_freeze_is_suspected_not_buried() {
+    let mut sim = cluster(47, Faults::none(), 5, Placement::Consistent);
+    setup_and_distribute(&mut sim);
+    sim.freeze("peer-0");
+    sim.advance(Duration::from_millis(1_600));
+    assert!(
+        sim.manager_events()
+            .iter()
+            .any(|e| matches!(e, ManagerEvent::PeerSuspected { .. }))
+    );
+    sim.thaw("peer-0");
+    sim.advance(Duration::from_secs(5));
+    assert!(deaths(&sim).is_empty());
+    assert!(
+        sim.manager_events()
+            .iter()
+            .any(|e| matches!(e, ManagerEvent::PeerAlive { .. }))
+    );
+    sim.settle();
+    assert_all_found(&mut sim);
+}
+
+#[test]
+fn a_frozen_peer_declared_dead_rejoins_cleanly() {
+    for seed in [48, 49] {
+        let faults = if seed == 48 {
+            Faults::none()
+        } else {
+            lossy(0.1)
+        };
+        let mut sim = cluster(seed, faults, 5, Placement::Consistent);
+        setup_and_distribute(&mut sim);
+        let old_id = sim.peer_named("peer-3").unwrap().peer().id();
+        sim.freeze("peer-3");
+        until_rebuilt(&mut sim, &["peer-3"]);
+        sim.settle();
+        assert_replicated_without(&sim, "peer-3");
+        // SIGCONT: it hears views and stores meant for a ring long gone, then learns it
+        // was declared dead, and joins again under a new id.
+        sim.thaw("peer-3");
+        assert!(
+            sim.run_until(Duration::from_secs(30), |s| {
+                s.manager()
+                    .ring()
+                    .is_some_and(|r| r.settled && r.members.iter().any(|m| m.name == "peer-3"))
+            }),
+            "seed {seed}: the frozen peer did not rejoin"
+        );
+        sim.settle();
+        let new_id = sim.peer_named("peer-3").unwrap().peer().id();
+        assert_ne!(new_id, old_id, "ids are never reused");
+        assert_eq!(sim.manager().ring().unwrap().members.len(), 5);
+        assert_all_found(&mut sim);
+    }
+}
+
+/// Every row held twice by the live peers other than `skip` (which is frozen, holding
+/// stale rows).
+fn assert_replicated_without(sim: &Sim, skip: &str) {
+    let data = sim.file("default.csv");
+    let mut copies: BTreeMap<(RecordKey, Vec<String>), usize> = BTreeMap::new();
+    for p in sim
+        .peers
+        .iter()
+        .filter(|p| p.exit().is_none() && p.name != skip)
+    {
+        for (key, rows) in p.peer().store().iter() {
+            for row in rows {
+                *copies.entry((*key, row.values.clone())).or_default() += 1;
+            }
+        }
+    }
+    for row in &data.rows {
+        assert_eq!(
+            copies.get(&(row.key, row.values.clone())),
+            Some(&2),
+            "{}",
+            row.key
+        );
+    }
+}
+
+#[test]
+fn a_restarted_manager_rebuilds_the_cluster_from_its_peers() {
+    for (seed, faults) in [(50, Faults::none()), (51, lossy(0.2))] {
+        let mut sim = cluster(seed, faults, 5, Placement::Consistent);
+        setup_and_distribute(&mut sim);
+        let epoch = sim.manager().ring().unwrap().epoch;
+        sim.crash_manager();
+        // While it is down, peers keep their rows and their ring.
+        sim.advance(Duration::from_secs(10));
+        assert!(sim.peers.iter().all(|p| p.exit().is_none()));
+        assert!(sim.peers.iter().all(|p| p.peer().ring().is_some()));
+        sim.restart_manager();
+        let restarted = sim.now();
+        assert!(
+            sim.run_until(Duration::from_secs(30), |s| s
+                .manager()
+                .ring()
+                .is_some_and(|r| r.settled && r.members.len() == 5)),
+            "seed {seed}: no ring after the restart"
+        );
+        let took = sim.now() - restarted;
+        assert!(took <= Duration::from_secs(5), "seed {seed}: {took:?}");
+        assert!(sim.manager().ring().unwrap().epoch > epoch, "epochs go on");
+        sim.settle();
+        // No setup, no distribute: status and queries work, and every record is there.
+        let s = status(&mut sim);
+        assert_eq!(s.peers.len(), 5);
+        assert_eq!(
+            s.peers.iter().filter_map(|p| p.records).sum::<u64>(),
+            2 * default_rows(&sim)
+        );
+        assert_all_found(&mut sim);
+    }
+}
+
+#[test]
+fn a_peer_that_dies_while_the_manager_is_down_is_left_out_and_repaired() {
+    let mut sim = cluster(52, Faults::none(), 5, Placement::Consistent);
+    setup_and_distribute(&mut sim);
+    sim.crash_manager();
+    sim.crash("peer-4");
+    sim.advance(Duration::from_secs(2));
+    sim.restart_manager();
+    until_rebuilt(&mut sim, &["peer-4"]);
+    sim.settle();
+    assert_eq!(sim.manager().ring().unwrap().members.len(), 4);
+    assert_all_found(&mut sim);
+}
+
+#[test]
+fn a_setup_right_after_a_restart_waits_for_the_ring_the_peers_hold() {
+    let mut sim = cluster(53, Faults::none(), 4, Placement::Consistent);
+    setup_and_distribute(&mut sim);
+    let epoch = sim.manager().ring().unwrap().epoch;
+    sim.crash_manager();
+    sim.restart_manager();
+    // At once, before any peer has heard of the restart.
+    let setup = sim.request(ClientRequest::Setup).expect("setup");
+    assert!(matches!(setup, ReplyBody::Setup(_)));
+    assert!(
+        sim.manager().ring().unwrap().epoch > epoch,
+        "the old ring, not a new one"
+    );
+    sim.settle();
+    assert_all_found(&mut sim);
+}
+
+#[test]
+fn a_peer_cut_off_from_the_manager_only_is_kept_alive_by_its_neighbours() {
+    let mut sim = cluster(54, lossy(0.05), 5, Placement::Consistent);
+    setup_and_distribute(&mut sim);
+    let (p, m) = (sim.peer_named("peer-2").unwrap().addr, sim.manager_addr);
+    sim.net.partition(p, m);
+    sim.advance(Duration::from_secs(20));
+    assert!(deaths(&sim).is_empty(), "indirect probes should reach it");
+    assert!(
+        sim.manager_events()
+            .iter()
+            .any(|e| matches!(e, ManagerEvent::PeerSuspected { .. })),
+        "it was suspected"
+    );
+    sim.net.repair();
+    sim.settle();
+    assert_all_found(&mut sim);
+}
+
+#[test]
+fn a_peer_cut_off_from_its_neighbours_only_is_routed_around() {
+    let mut sim = cluster(55, Faults::none(), 5, Placement::Consistent);
+    setup_and_distribute(&mut sim);
+    let cut = sim.peer_named("peer-1").unwrap().addr;
+    let others: Vec<SocketAddr> = sim
+        .peers
+        .iter()
+        .filter(|p| p.addr != cut)
+        .map(|p| p.addr)
+        .collect();
+    for o in &others {
+        sim.net.partition(cut, *o);
+    }
+    // The manager still hears it, so it stays; every query is answered by a replica the
+    // walk can reach.
+    let data = sim.file("default.csv");
+    for row in data.rows.iter().step_by(7) {
+        let q = query(&mut sim, row.key, Some("peer-0"));
+        assert!(q.found, "{} not found; path {:?}", row.key, q.path);
+    }
+    assert!(deaths(&sim).is_empty());
+    sim.net.repair();
+    sim.settle();
+    assert_all_found(&mut sim);
+}
+
+#[test]
+fn with_three_copies_two_peers_killed_at_once_lose_nothing() {
+    let mut sim = cluster_r(56, lossy(0.1), 6, Placement::Consistent, 3);
+    setup_and_distribute(&mut sim);
+    sim.crash("peer-1");
+    sim.crash("peer-2");
+    until_rebuilt(&mut sim, &["peer-1", "peer-2"]);
+    sim.settle();
+    assert_all_found(&mut sim);
+}
