@@ -52,18 +52,17 @@ impl Peer {
             return;
         }
         let Some(id) = self.id else { return };
+        if self.live.manager == Some(manager) && self.leaving && self.store.row_count() == 0 {
+            // Our leave is done and the manager forgot us; its `Exit` is late or lost. Joining
+            // again here would register a peer that is about to exit (and be declared dead).
+            return self.exit(0, "left the ring".into());
+        }
         if self.live.manager == Some(manager) {
-            // Declared dead by the manager that still runs: the ring this peer holds is
-            // gone. Join again; every row held is placed anew.
-            self.events.push(PeerEvent::Warning(
-                "the manager declared this peer dead (it was silent too long); joining again"
-                    .into(),
-            ));
-            self.ring = None;
-            self.base = None;
-            self.id = None;
-            self.reset_handoff();
-            self.register(now, None);
+            // Declared dead by the manager that still runs (or given up on while leaving).
+            self.join_again(
+                now,
+                "the manager no longer counts this peer (it was silent too long); joining again",
+            );
         } else {
             // A manager that restarted: give it what it needs to rebuild the ring.
             let rejoin = self.ring.clone().map(|ring| Rejoin { id, ring });
@@ -72,6 +71,19 @@ impl Peer {
             )));
             self.register(now, rejoin);
         }
+    }
+
+    /// The manager removed this peer from the ring without its rows handed over: drop the
+    /// ring, whose epoch has passed, and register again; every row held is placed anew, so
+    /// none is lost even at R=1. A peer that was leaving leaves again once back in a ring.
+    pub(super) fn join_again(&mut self, now: Time, why: &str) {
+        self.events.push(PeerEvent::Warning(why.into()));
+        self.leave_once_in_ring = self.leaving;
+        self.ring = None;
+        self.base = None;
+        self.id = None;
+        self.reset_handoff();
+        self.register(now, None);
     }
 
     pub(super) fn relay_ping(

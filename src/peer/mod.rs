@@ -22,8 +22,8 @@ use crate::record::RecordKey;
 use crate::ring::RingExt;
 use crate::store::{Store, StoredRow, batch_budget, make_batches, row_size};
 use crate::wire::{
-    Body, Envelope, FindEvent, FindResult, PeerId, PeerReport, RejectReason, Rejoin, RingView,
-    StoreBatch, TraceContext, WireRow,
+    Body, Envelope, ExitReason, FindEvent, FindResult, PeerId, PeerReport, RejectReason, Rejoin,
+    RingView, StoreBatch, TraceContext, WireRow,
 };
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
@@ -159,6 +159,9 @@ pub struct Peer {
     /// Rows handed over since the current view arrived, for the hand-off report.
     handed_this_epoch: u64,
     leaving: bool,
+    /// Declared dead while leaving: leave again once back in a ring, so that the leave hands
+    /// over what this peer holds.
+    leave_once_in_ring: bool,
     live: liveness::Liveness,
     /// What the current input produced; handed to the caller when it returns.
     events: Vec<PeerEvent>,
@@ -188,6 +191,7 @@ impl Peer {
             done_reported: None,
             handed_this_epoch: 0,
             leaving: false,
+            leave_once_in_ring: false,
             live: liveness::Liveness::default(),
             events: Vec::new(),
             exited: false,
@@ -330,6 +334,15 @@ impl Peer {
                     PeerTag::ToManager(ManagerMessage::Report),
                 );
             }
+            Body::Exit {
+                reason: ExitReason::Left,
+            } if self.store.row_count() > 0 => {
+                let held = self.store.row_count();
+                self.join_again(
+                    now,
+                    &format!("the manager ended this peer's leave with {held} records not handed over; joining again to hand them over"),
+                );
+            }
             Body::Exit { reason } => self.exit(0, reason.to_string()),
             Body::HeartbeatAck { known } => self.on_heartbeat_ack(now, env.from, known),
             Body::Ping { nonce } => self.link.send_unsequenced(from, Body::Pong { nonce }),
@@ -419,6 +432,23 @@ impl Peer {
         if self.id.is_none() {
             return self.exit(0, "left before registering".into());
         }
+        if !self.in_ring() && self.store.row_count() > 0 {
+            // Registered again but not yet placed: leaving now would take these rows along.
+            self.leave_once_in_ring = true;
+            return;
+        }
+        self.send_leave_request(now);
+    }
+
+    /// Asks the manager to take this peer out of the ring; also after a peer declared dead
+    /// while leaving has joined again (its rows are then handed over by the leave).
+    fn send_leave_request(&mut self, now: Time) {
+        if self
+            .link
+            .has_pending_where(|t| matches!(t, PeerTag::LeaveRequest))
+        {
+            return;
+        }
         let manager = self.cfg.manager;
         self.send(
             now,
@@ -469,6 +499,10 @@ impl Peer {
         });
         self.ring = Some(view);
         self.rebalance(now, trace);
+        if self.leave_once_in_ring && self.in_ring() {
+            self.leave_once_in_ring = false;
+            self.send_leave_request(now);
+        }
     }
 
     fn on_store(

@@ -134,6 +134,17 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failed test shows what each process said last: the log is the only witness of a
+        // timing-dependent failure on a busy CI machine.
+        if std::thread::panicking() {
+            std::thread::sleep(Duration::from_millis(50));
+            let lines = self.drain_stderr();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!("--- last {} stderr lines of {} ---", tail.len(), self.name);
+            for l in tail {
+                eprintln!("{l}");
+            }
+        }
     }
 }
 
