@@ -4,6 +4,7 @@ mod support;
 
 use serde_json::Value;
 use std::net::UdpSocket;
+use std::process::Command;
 use std::time::Duration;
 use support::*;
 
@@ -588,4 +589,47 @@ fn a_lossy_duplicating_network_loses_nothing() {
             p.name
         );
     }
+}
+
+/// `stormd health` with the daemon's own configuration: 0 when the manager or a peer answers
+/// on its port, 1 with a reason when nothing listens there or the cluster key differs.
+#[test]
+fn health_checks_answer_for_running_daemons_only() {
+    let key = "health-check-key-0123456789abcdef";
+    let cluster = Cluster::start_with(1, &[("STORM_CLUSTER_KEY", key.to_string())]);
+    let health = |role: &str, port: u16, key: &str| {
+        let out = Command::new(STORMD)
+            .env_clear()
+            .env("STORM_ROLE", role)
+            .env("STORM_LISTEN", format!("127.0.0.1:{port}"))
+            .env("STORM_MANAGER", cluster.manager.addr.to_string())
+            .env("STORM_CLUSTER_KEY", key)
+            .args(["health", "--timeout-ms", "700"])
+            .output()
+            .expect("run stormd health");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, text) = health("manager", cluster.manager.addr.port(), key);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("manager healthy"), "{text}");
+    let (code, text) = health("peer", cluster.peers[0].addr.port(), key);
+    assert_eq!(code, Some(0), "{text}");
+    // A keyed daemon does not answer an unsigned or wrongly signed ping.
+    let (code, text) = health("manager", cluster.manager.addr.port(), "");
+    assert_eq!(code, Some(1), "{text}");
+    let (code, text) = health(
+        "peer",
+        cluster.peers[0].addr.port(),
+        "another-key-0123456789abcdef0",
+    );
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("cluster key"), "{text}");
+    let unused = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (code, text) = health("manager", unused.local_addr().unwrap().port(), key);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("no answer from"), "{text}");
 }

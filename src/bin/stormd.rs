@@ -44,6 +44,12 @@ enum Command {
     },
     /// Print the effective configuration (defaults < file < environment) as TOML.
     Config,
+    /// Exit 0 if the daemon of this configuration answers a ping on its port within
+    /// `--timeout-ms` (for container health checks and probes), 1 otherwise.
+    Health {
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -79,11 +85,74 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async move {
         match cli.command {
+            Some(Command::Health { timeout_ms }) => {
+                health(&cfg, Duration::from_millis(timeout_ms)).await
+            }
             Some(Command::Demo { peers, file }) => demo(cfg, peers, file).await,
             _ => daemon(cfg).await,
         }
     });
     ExitCode::from(code)
+}
+
+/// Pings the daemon of `cfg` on this host's loopback at its listen port, signed with the
+/// cluster key if there is one; 0 when it answers in time.
+async fn health(cfg: &Config, limit: Duration) -> u8 {
+    match health_check(cfg, limit).await {
+        Ok(took) => {
+            println!("stormd {} healthy: answered in {took:?}", cfg.role);
+            0
+        }
+        Err(e) => {
+            eprintln!("stormd health: {e}");
+            1
+        }
+    }
+}
+
+async fn health_check(cfg: &Config, limit: Duration) -> Result<Duration, String> {
+    use stormdht::auth::{open_if_keyed, seal_if_keyed};
+    use stormdht::wire::{Body, Envelope};
+    let port = cfg
+        .listen
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .ok_or_else(|| format!("cannot read a port in listen = {:?}", cfg.listen))?;
+    let target = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let keyring = cfg.drive_options().map_err(|e| e.to_string())?.keyring;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
+    let nonce = rand::random::<u64>();
+    let ping = Envelope::new(rand::random(), 0, None, Body::Ping { nonce })
+        .encode()
+        .map_err(|e| e.to_string())?;
+    let ping = seal_if_keyed(keyring.as_ref(), &ping).into_owned();
+    let start = Instant::now();
+    let mut buf = vec![0u8; 65_536];
+    while start.elapsed() < limit {
+        socket
+            .send_to(&ping, target)
+            .await
+            .map_err(|e| format!("cannot send to {target}: {e}"))?;
+        // A lost ping is sent again; the daemon answers each one.
+        let wait = Duration::from_millis(200).min(limit.saturating_sub(start.elapsed()));
+        let Ok(Ok((n, from))) = tokio::time::timeout(wait, socket.recv_from(&mut buf)).await else {
+            continue;
+        };
+        let answered = from == target
+            && open_if_keyed(keyring.as_ref(), &buf[..n])
+                .ok()
+                .and_then(|bytes| Envelope::decode(bytes).ok())
+                .is_some_and(|env| env.body == Body::Pong { nonce });
+        if answered {
+            return Ok(start.elapsed());
+        }
+    }
+    Err(format!(
+        "no answer from {target} (the {} of this configuration) within {limit:?}: is stormd running, and is its cluster key the same?",
+        cfg.role
+    ))
 }
 
 /// SIGTERM or SIGINT flips the returned flag.

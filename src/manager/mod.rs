@@ -293,6 +293,7 @@ impl Manager {
                 | Body::Found(_)
                 | Body::Report { .. }
                 | Body::Heartbeat { .. }
+                | Body::Ping { .. }
                 | Body::Pong { .. }
         ) {
             let reason = RejectReason::NotForManager {
@@ -321,6 +322,8 @@ impl Manager {
             Body::Register { name, rejoin } => self.on_register(now, from, env.from, name, rejoin),
             Body::Heartbeat { epoch } => self.on_heartbeat(now, from, env.from, epoch),
             Body::Pong { nonce } => self.on_pong(now, nonce),
+            // A health check (`stormd health`): answering says this process is running.
+            Body::Ping { nonce } => self.link.send_unsequenced(from, Body::Pong { nonce }),
             Body::RebalanceDone { epoch, handed_over } => {
                 let peer = self.registry.by_incarnation(env.from);
                 self.on_rebalance_done(now, peer, epoch, handed_over);

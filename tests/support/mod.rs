@@ -138,7 +138,8 @@ impl Drop for Daemon {
         // timing-dependent failure on a busy CI machine.
         if std::thread::panicking() {
             std::thread::sleep(Duration::from_millis(50));
-            let lines = self.drain_stderr();
+            self.drain_stderr();
+            let lines = &self.stderr_lines;
             let tail = &lines[lines.len().saturating_sub(60)..];
             eprintln!("--- last {} stderr lines of {} ---", tail.len(), self.name);
             for l in tail {
