@@ -17,39 +17,14 @@ command -v cargo >/dev/null 2>&1 || die "cargo not found on PATH (install Rust: 
 command -v docker >/dev/null 2>&1 || die "docker not found on PATH"
 docker info >/dev/null 2>&1 || die "no Docker engine answers (is the daemon running? can this user reach its socket?)"
 
-triple=x86_64-unknown-linux-gnu
-[ "$(uname -m)" = x86_64 ] || die "the image is built for $triple; this machine is $(uname -m)"
-rustup target list --installed 2>/dev/null | grep -qx "$triple" \
-  || echo "build-image: warning: rustup does not list $triple as installed; trying anyway" >&2
+bash deploy/build-static.sh || die "static build failed"
 
-export CARGO_TARGET_DIR=target/static
-# crt-static on the gnu target gives a static-pie binary; getrandom must use the syscall
-# because a scratch image has no /dev/urandom. Stripped: the image needs no symbols.
-export RUSTFLAGS='-C target-feature=+crt-static --cfg getrandom_backend="linux_getrandom"'
-export CARGO_PROFILE_RELEASE_STRIP=symbols
-export CARGO_PROFILE_RELEASE_DEBUG=false
-echo "build-image: cargo build --release --target $triple (static, CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
-cargo build --release --locked --target "$triple" --bin stormd --bin stormctl \
-  || die "static cargo build failed"
-
-out="$CARGO_TARGET_DIR/$triple/release"
-for bin in stormd stormctl; do
-  [ -x "$out/$bin" ] || die "missing $out/$bin after the build"
-  if command -v file >/dev/null 2>&1 && file -L "$out/$bin" | grep -q 'dynamically linked'; then
-    # static-pie binaries are reported as "dynamically linked" by older `file`: check for an
-    # interpreter instead, which a truly dynamic binary has and a static-pie one does not.
-    if command -v readelf >/dev/null 2>&1 && readelf -l "$out/$bin" | grep -q 'Requesting program interpreter'; then
-      die "$out/$bin is dynamically linked; it would not run in a scratch image"
-    fi
-  fi
-done
-
-echo "build-image: docker build -f deploy/Dockerfile -t $tag ."
+echo "build-image: docker build -f deploy/Dockerfile.prebuilt -t $tag ."
 # Without the buildx plugin a recent docker CLI refuses BuildKit builds: use the classic
 # builder then (a FROM-scratch Dockerfile needs nothing else).
 if [ -z "${DOCKER_BUILDKIT:-}" ] && ! docker buildx version >/dev/null 2>&1; then
   export DOCKER_BUILDKIT=0
 fi
-docker build -f deploy/Dockerfile -t "$tag" . || die "docker build failed"
+docker build -f deploy/Dockerfile.prebuilt -t "$tag" . || die "docker build failed"
 size=$(docker image inspect -f '{{.Size}}' "$tag")
 echo "build-image: built $tag ($(( size / 1024 )) KiB)"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The compose cluster, with `docker compose` or the older `docker-compose`, whichever is here.
-#   deploy/compose.sh up [N]   build the image if it is missing, then start the manager and N
-#                              peers (default 5); Jaeger too, but only if its image is present
+#   deploy/compose.sh up [N]   build the image on the host if it is missing (deploy/build-image.sh,
+#                              no pull needed), then start the manager and N peers (default 5);
+#                              Jaeger too (profile `jaeger`), but only if its image is present
 #                              locally (nothing waits on it, and nothing is pulled for it)
 #   deploy/compose.sh down     stop and remove the containers, networks and volumes
 #   deploy/compose.sh logs     follow the logs
@@ -47,6 +48,7 @@ case "$cmd" in
     services=(manager peer)
     jaeger="$(jaeger_image)"
     if [ -n "$jaeger" ] && docker image inspect "$jaeger" >/dev/null 2>&1; then
+      compose+=(--profile jaeger)
       services+=(jaeger)
     else
       echo "compose.sh: ${jaeger:-the Jaeger image} is not present locally; starting without Jaeger (daemons log a warning and run untraced)"

@@ -1,7 +1,7 @@
 //! Human-readable and JSON renderings of replies, shared by `stormctl` and the demo.
 
 use crate::client::VerifyReport;
-use crate::wire::{DistributeReport, Placement, QueryOutcome, RecordOut, StatusReport};
+use crate::wire::{DistributeReport, ExitedPeer, Placement, QueryOutcome, RecordOut, StatusReport};
 use serde_json::{Map, Value, json};
 use std::fmt::Write;
 
@@ -310,4 +310,37 @@ pub fn verify_text(v: &VerifyReport) -> String {
         }
     }
     out
+}
+
+/// A teardown's answer: one line per peer, confirmed or not.
+pub fn teardown_text(exited: &[ExitedPeer]) -> String {
+    let confirmed = exited.iter().filter(|p| p.confirmed).count();
+    let mut out = format!(
+        "torn down: {confirmed} of {} peer(s) confirmed they are exiting",
+        exited.len()
+    );
+    for p in exited {
+        let state = if p.confirmed {
+            "exiting"
+        } else {
+            "did not answer (it may be gone already; stop it by hand if not)"
+        };
+        let _ = write!(
+            out,
+            "\n  peer {:>3} {:<20} {:<22} {state}",
+            p.id, p.name, p.addr
+        );
+    }
+    out
+}
+
+pub fn teardown_json(exited: &[ExitedPeer]) -> Value {
+    json!({
+        "peers": exited.len(),
+        "confirmed": exited.iter().filter(|p| p.confirmed).count(),
+        "exited": exited
+            .iter()
+            .map(|p| json!({ "id": p.id, "name": p.name, "addr": p.addr.to_string(), "confirmed": p.confirmed }))
+            .collect::<Vec<_>>(),
+    })
 }

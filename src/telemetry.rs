@@ -144,24 +144,28 @@ impl Telemetry {
     /// a runtime worker can deadlock the exporter's own tasks.
     pub async fn shutdown(self) {
         let provider = self.provider;
-        let flushed = tokio::task::spawn_blocking(move || {
+        let flush = tokio::task::spawn_blocking(move || {
             let flush = provider.force_flush();
-            let stop = provider.shutdown_with_timeout(Duration::from_secs(5));
+            let stop = provider.shutdown_with_timeout(FLUSH_LIMIT);
             flush.and(stop)
-        })
-        .await;
-        match flushed {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) if self.endpoint.is_some() => {
-                tracing::warn!(
-                    "could not flush traces to {}: {e}",
-                    self.endpoint.as_deref().unwrap_or("?")
-                )
-            }
-            _ => {}
+        });
+        // A collector that is missing (its name does not resolve) or dead (it accepts and never
+        // answers) must not hold an exit: give up after FLUSH_LIMIT and leave the blocking
+        // thread behind (the binaries shut their runtime down without waiting for it).
+        let why = match tokio::time::timeout(FLUSH_LIMIT, flush).await {
+            Ok(Ok(Ok(()))) => return,
+            Ok(Ok(Err(e))) => e.to_string(),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {FLUSH_LIMIT:?}; spans not yet sent are dropped"),
+        };
+        if let Some(endpoint) = &self.endpoint {
+            tracing::warn!("could not flush traces to {endpoint}: {why}");
         }
     }
 }
+
+/// How long an exit waits for the trace exporter, at most.
+pub const FLUSH_LIMIT: Duration = Duration::from_millis(800);
 
 /// The W3C context of `span`, to put in an outgoing envelope.
 pub fn context_of(span: &Span) -> Option<TraceContext> {

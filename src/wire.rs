@@ -219,7 +219,20 @@ pub enum ReplyBody {
     Status(StatusReport),
     Teardown {
         peers: u32,
+        /// Each peer told to exit, and whether it confirmed.
+        #[serde(default)]
+        exited: Vec<ExitedPeer>,
     },
+}
+
+/// A peer a teardown told to exit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitedPeer {
+    pub id: PeerId,
+    pub name: String,
+    pub addr: SocketAddr,
+    /// It acknowledged the `Exit` (it is exiting); false when it could not be reached.
+    pub confirmed: bool,
 }
 
 /// How keys map to owners: chosen in the manager's configuration (`placement`) and carried in

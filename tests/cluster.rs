@@ -79,7 +79,13 @@ fn full_lifecycle_on_details_1996() {
 
     // Teardown: every peer exits 0; the manager stays up, then exits 0 on SIGTERM.
     let t = cluster.ctl_json(&["teardown"]);
-    assert_eq!(t["peers"], 4);
+    assert_eq!((t["peers"].as_u64(), t["confirmed"].as_u64()), (Some(4), Some(4)), "{t}");
+    let mut exiting: Vec<&str> = t["exited"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["name"].as_str()).collect())
+        .unwrap_or_default();
+    exiting.sort_unstable();
+    assert_eq!(exiting, ["peer-0", "peer-1", "peer-3", "peer-4"], "{t}");
     for p in cluster.peers.iter_mut().filter(|p| p.name != "peer-2") {
         let status = p
             .wait(Duration::from_secs(10))

@@ -280,3 +280,34 @@ fn queries_work_when_the_collector_is_down() {
         cluster.peers[0].stderr_lines
     );
 }
+
+/// A collector that accepts connections and never answers (a hung Jaeger) holds no exit for
+/// long: the flush at exit gives up after a bounded time, logs why, and the process ends.
+#[test]
+fn a_hung_collector_does_not_hold_an_exit() {
+    // Accepted by the kernel (backlog), never read: every export waits for its timeout.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", hung.local_addr().unwrap());
+    let mut cluster = Cluster::start_with(2, &traced_env(&endpoint));
+    let file = shared_data("details-1950.csv");
+    cluster.ctl_json(&["setup"]);
+    cluster.ctl_json(&["distribute", "--file", file.to_str().unwrap()]);
+    cluster.ctl_json(&["query", "10096222"]);
+    let t = cluster.ctl_json(&["teardown"]);
+    assert_eq!(t["confirmed"], 2, "{t}");
+    let told = std::time::Instant::now();
+    for p in cluster.peers.iter_mut() {
+        // The exporter's own timeout is 3 s; the flush limit is 0.8 s.
+        let status = p.wait(Duration::from_millis(2_800));
+        let log = p.drain_stderr().join("\n");
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(0),
+            "{} still running {:?} after the teardown:\n{log}",
+            p.name,
+            told.elapsed()
+        );
+        assert!(log.contains("could not flush traces"), "{log}");
+    }
+    drop(hung);
+}

@@ -100,7 +100,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_ERROR);
         }
     };
-    runtime.block_on(run(cli))
+    let code = runtime.block_on(run(cli));
+    // A trace flush that gave up may have left a blocking thread behind: do not wait for it.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    code
 }
 
 async fn run(cli: Cli) -> ExitCode {
@@ -239,10 +242,9 @@ fn print_reply(json: bool, reply: &ReplyBody) {
             format!("peer {id} ({name}) left the ring; its records are with their new owners"),
             serde_json::json!({ "id": id, "name": name, "handed_over": handed_over }),
         ),
-        ReplyBody::Teardown { peers } => (
-            format!("torn down: {peers} peer(s) told to exit"),
-            serde_json::json!({ "peers": peers }),
-        ),
+        ReplyBody::Teardown { exited, .. } => {
+            (report::teardown_text(exited), report::teardown_json(exited))
+        }
         ReplyBody::Query(q) => (
             report::query_text(q, 0.0),
             report::query_json(q, 0.0, None, None),

@@ -92,6 +92,8 @@ fn main() -> ExitCode {
             _ => daemon(cfg).await,
         }
     });
+    // A trace flush that gave up may have left a blocking thread behind: do not wait for it.
+    runtime.shutdown_timeout(Duration::from_millis(100));
     ExitCode::from(code)
 }
 
@@ -406,8 +408,8 @@ async fn run_demo(cfg: &Config, peers: usize, file: Option<String>) -> Result<()
     }
 
     println!("\n== teardown");
-    if let ReplyBody::Teardown { peers } = call(&mut client, ClientRequest::Teardown).await? {
-        println!("{peers} peers told to exit");
+    if let ReplyBody::Teardown { exited, .. } = call(&mut client, ClientRequest::Teardown).await? {
+        println!("{}", report::teardown_text(&exited));
     }
     let exits = cluster.finish().await;
     for (name, exit) in &exits {

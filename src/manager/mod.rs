@@ -390,7 +390,7 @@ impl Manager {
                 Outcome::Acked {
                     tag: ManagerTag::Exit { peer },
                     ..
-                } => self.exit_confirmed(now, peer),
+                } => self.exit_confirmed(now, peer, true),
                 Outcome::Acked { .. } => {}
                 Outcome::Rejected { tag, reason } => {
                     self.events
@@ -438,7 +438,7 @@ impl Manager {
                 self.events.push(ManagerEvent::Warning(format!(
                     "exit for peer {peer}: {silent}"
                 )));
-                self.exit_confirmed(now, peer);
+                self.exit_confirmed(now, peer, false);
             }
             ManagerTag::ToPeer(peer, what) => {
                 self.events.push(ManagerEvent::Warning(format!(

@@ -4,20 +4,28 @@
 use super::membership::{Change, Transition};
 use super::{ClientCall, Manager, ManagerEvent, ManagerTag};
 use crate::link::Time;
-use crate::wire::{Body, ExitReason, PeerId, ReplyBody, RequestError};
+use crate::wire::{Body, ExitReason, ExitedPeer, PeerId, ReplyBody, RequestError};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
 pub(super) struct TeardownJob {
     call: ClientCall,
     pub(super) waiting: BTreeSet<PeerId>,
-    peers: u32,
+    exited: Vec<ExitedPeer>,
 }
 
 impl Manager {
     pub(super) fn start_teardown(&mut self, now: Time, call: ClientCall) {
         let targets: Vec<(PeerId, SocketAddr)> = self.registry.targets();
-        let peers = targets.len() as u32;
+        let exited = targets
+            .iter()
+            .map(|&(id, addr)| ExitedPeer {
+                id,
+                name: self.registry.name_of(id),
+                addr,
+                confirmed: false,
+            })
+            .collect();
         // Everything in progress ends here.
         if let Some(job) = self.job.take() {
             self.reply(now, &job.call, Err(RequestError::TornDown));
@@ -58,7 +66,7 @@ impl Manager {
         self.teardown = Some(TeardownJob {
             call,
             waiting,
-            peers,
+            exited,
         });
         self.maybe_finish_teardown(now);
     }
@@ -72,13 +80,21 @@ impl Manager {
                 settled: true,
                 members: 0,
             });
-            self.reply(now, &t.call, Ok(ReplyBody::Teardown { peers: t.peers }));
+            let reply = ReplyBody::Teardown {
+                peers: t.exited.len() as u32,
+                exited: t.exited,
+            };
+            self.reply(now, &t.call, Ok(reply));
         }
     }
 
-    pub(super) fn exit_confirmed(&mut self, now: Time, peer: PeerId) {
-        if let Some(t) = self.teardown.as_mut() {
-            t.waiting.remove(&peer);
+    /// `peer` acknowledged its `Exit` (`confirmed`), or could not be reached.
+    pub(super) fn exit_confirmed(&mut self, now: Time, peer: PeerId, confirmed: bool) {
+        if let Some(t) = self.teardown.as_mut()
+            && t.waiting.remove(&peer)
+            && let Some(p) = t.exited.iter_mut().find(|p| p.id == peer)
+        {
+            p.confirmed = confirmed;
         }
         self.maybe_finish_teardown(now);
     }
@@ -94,7 +110,15 @@ mod tests {
     fn teardown_tells_every_peer_to_exit_and_answers_once_they_confirmed() {
         let mut kit = Kit::with_ring(3);
         let seq = kit.request(ClientRequest::Teardown);
-        assert_eq!(kit.reply(seq), Ok(ReplyBody::Teardown { peers: 3 }));
+        let Ok(ReplyBody::Teardown { peers, exited }) = kit.reply(seq) else {
+            panic!("no teardown reply");
+        };
+        assert_eq!(peers, 3);
+        let names: Vec<(&str, bool)> = exited
+            .iter()
+            .map(|p| (p.name.as_str(), p.confirmed))
+            .collect();
+        assert_eq!(names, [("p0", true), ("p1", true), ("p2", true)]);
         for p in &kit.peers {
             assert!(p.exited, "{} was not told to exit", p.name);
             assert!(p.inbox.contains(&Body::Exit {
@@ -116,7 +140,16 @@ mod tests {
         let teardown = kit.request(ClientRequest::Teardown);
         assert_eq!(kit.reply(query), Err(RequestError::TornDown));
         kit.wait(Duration::from_secs(2));
-        assert_eq!(kit.reply(teardown), Ok(ReplyBody::Teardown { peers: 2 }));
+        let Ok(ReplyBody::Teardown { peers, exited }) = kit.reply(teardown) else {
+            panic!("no teardown reply");
+        };
+        assert_eq!(peers, 2);
+        // The silent one is named as not confirmed.
+        let names: Vec<(&str, bool)> = exited
+            .iter()
+            .map(|p| (p.name.as_str(), p.confirmed))
+            .collect();
+        assert_eq!(names, [("p0", true), ("p1", false)]);
         let during = kit.request(ClientRequest::Setup);
         assert_eq!(kit.reply(during), Err(RequestError::NoPeers));
     }

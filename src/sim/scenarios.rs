@@ -370,7 +370,11 @@ fn teardown_ends_every_peer_with_zero_and_the_manager_starts_over() {
     let mut sim = cluster(10, Faults::none(), 4, Placement::Consistent);
     setup_and_distribute(&mut sim);
     let reply = sim.request(ClientRequest::Teardown).expect("teardown");
-    assert_eq!(reply, ReplyBody::Teardown { peers: 4 });
+    let ReplyBody::Teardown { peers, exited } = reply else {
+        panic!("not a teardown reply: {reply:?}");
+    };
+    assert_eq!(peers, 4);
+    assert!(exited.iter().all(|p| p.confirmed), "{exited:?}");
     sim.settle();
     assert!(sim.peers.iter().all(|p| p.exit().map(|e| e.0) == Some(0)));
     assert!(sim.manager().ring().is_none());
