@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use stormdht::auth::Keyring;
-use stormdht::client::{Client, verify};
+use stormdht::client::{Client, verify_with};
 use stormdht::config::TelemetryConfig;
 use stormdht::record::{self, RecordKey};
 use stormdht::report;
@@ -71,7 +71,15 @@ enum Command {
     /// Make a peer leave the ring; its records are handed over first.
     Leave { name: String },
     /// Show the ring: each peer's id, name, address, state, records and share.
-    Status,
+    Status {
+        /// Refresh every --interval seconds until interrupted, like `watch` (with --json: one
+        /// JSON line per refresh).
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between refreshes with --watch.
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
+    },
     /// End every peer; the manager stays, ready for new peers.
     Teardown,
     /// Query every key of a local CSV file and compare the answers with the file.
@@ -82,6 +90,8 @@ enum Command {
         #[arg(long, default_value_t = 32)]
         window: usize,
     },
+    /// Print a shell completion script: `stormctl completions bash > ~/.local/share/bash-completion/completions/stormctl`.
+    Completions { shell: clap_complete::Shell },
 }
 
 /// Exit statuses: 0 success (found), 1 not found / verification failed, 2 error.
@@ -153,6 +163,16 @@ fn keyring(cli: &Cli) -> Result<Option<Keyring>, String> {
 }
 
 async fn command(cli: &Cli) -> ExitCode {
+    if let Command::Completions { shell } = &cli.command {
+        use clap::CommandFactory;
+        clap_complete::generate(
+            *shell,
+            &mut Cli::command(),
+            "stormctl",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
+    }
     let timeout = Duration::from_secs_f64(cli.timeout.clamp(0.1, 86_400.0));
     let keyring = match keyring(cli) {
         Ok(k) => k,
@@ -182,7 +202,23 @@ async fn command(cli: &Cli) -> ExitCode {
                 Ok(Err(e)) => return fail(cli.json, e),
                 Err(e) => return fail(cli.json, e),
             };
-            let report = verify(&mut client, &file.display().to_string(), &dataset, *window).await;
+            let bar = progress_bar(cli.json, dataset.rows.len() as u64, "verify");
+            let report = verify_with(
+                &mut client,
+                &file.display().to_string(),
+                &dataset,
+                *window,
+                |done, total| {
+                    if let Some(bar) = &bar {
+                        bar.set_length(total as u64);
+                        bar.set_position(done as u64);
+                    }
+                },
+            )
+            .await;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
             if cli.json {
                 println!("{}", serde_json::to_string(&report).unwrap_or_default());
             } else {
@@ -197,14 +233,89 @@ async fn command(cli: &Cli) -> ExitCode {
         Command::Setup => request(cli, &mut client, ClientRequest::Setup).await,
         Command::Distribute { file } => {
             let req = ClientRequest::Distribute { path: file.clone() };
-            request(cli, &mut client, req).await
+            // The manager reports once at the end: a spinner shows it is under way.
+            let spinner = spinner(
+                cli.json,
+                "distributing (the manager loads the file and stores every row)",
+            );
+            let code = request(cli, &mut client, req).await;
+            if let Some(s) = spinner {
+                s.finish_and_clear();
+            }
+            code
         }
         Command::Leave { name } => {
             let req = ClientRequest::Leave { name: name.clone() };
             request(cli, &mut client, req).await
         }
-        Command::Status => request(cli, &mut client, ClientRequest::Status).await,
+        Command::Status { watch: false, .. } => {
+            request(cli, &mut client, ClientRequest::Status).await
+        }
+        Command::Status {
+            watch: true,
+            interval,
+        } => watch_status(cli, &mut client, *interval).await,
         Command::Teardown => request(cli, &mut client, ClientRequest::Teardown).await,
+        Command::Completions { .. } => ExitCode::SUCCESS, // handled above
+    }
+}
+
+/// A progress bar on stderr, only for a person at a terminal (never with --json or when
+/// stderr is redirected).
+fn progress_bar(json: bool, len: u64, what: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if json || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix} [{bar:40}] {human_pos}/{human_len} rows, {per_sec}, eta {eta}",
+    )
+    .ok()?
+    .progress_chars("=> ");
+    let bar = indicatif::ProgressBar::new(len).with_style(style);
+    bar.set_prefix(what.to_string());
+    Some(bar)
+}
+
+fn spinner(json: bool, what: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if json || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let style = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}").ok()?;
+    let s = indicatif::ProgressBar::new_spinner().with_style(style);
+    s.set_message(what.to_string());
+    s.enable_steady_tick(Duration::from_millis(120));
+    Some(s)
+}
+
+/// `status --watch`: the status again every `interval` seconds, like `watch stormctl status`,
+/// until Ctrl-C. An unanswered refresh is shown and the watch goes on.
+async fn watch_status(cli: &Cli, client: &mut Client, interval: f64) -> ExitCode {
+    use std::io::IsTerminal;
+    let every = Duration::from_secs_f64(interval.clamp(0.2, 3_600.0));
+    let clear = !cli.json && std::io::stdout().is_terminal();
+    loop {
+        let reply = client.call(ClientRequest::Status, None).await;
+        if clear {
+            print!("\x1b[2J\x1b[H");
+        }
+        if !cli.json {
+            println!(
+                "Every {:.1}s: stormctl status ({}), Ctrl-C to stop\n",
+                every.as_secs_f64(),
+                cli.manager
+            );
+        }
+        match &reply {
+            Ok(r) => print_reply(cli.json, r),
+            Err(e) if cli.json => println!("{}", serde_json::json!({ "error": e.to_string() })),
+            Err(e) => println!("stormctl: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+        }
     }
 }
 
