@@ -8,14 +8,14 @@ image_tag := env_var_or_default("STORM_IMAGE", "stormdht:latest")
 demo:
     cargo run --release -- demo
 
-# The whole test suite: unit, process-level integration and container tests.
+# The whole test suite: lint, unit, process-level integration and container tests (README's
+# test command, tools/test.sh, which installs what it needs).
 test:
-    cargo nextest run --workspace --no-fail-fast
-    just test-containers
+    bash tools/test.sh
 
 # Container tests (need a Docker engine; STORM_SKIP_DOCKER=1 skips them, loudly).
 test-containers:
-    if [ "${STORM_SKIP_DOCKER:-0}" = 1 ]; then echo "SKIPPED: container tests (STORM_SKIP_DOCKER=1)"; else cargo nextest run --test containers --run-ignored only --no-fail-fast --no-capture; fi
+    if [ "${STORM_SKIP_DOCKER:-0}" = 1 ]; then echo "SKIPPED: container tests (STORM_SKIP_DOCKER=1)"; else cargo nextest run --test containers --run-ignored only --no-fail-fast --no-capture --test-threads 1; fi
 
 # Benchmarks: one JSON line of figures each (no pass/fail).
 bench:
