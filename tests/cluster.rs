@@ -79,7 +79,11 @@ fn full_lifecycle_on_details_1996() {
 
     // Teardown: every peer exits 0; the manager stays up, then exits 0 on SIGTERM.
     let t = cluster.ctl_json(&["teardown"]);
-    assert_eq!((t["peers"].as_u64(), t["confirmed"].as_u64()), (Some(4), Some(4)), "{t}");
+    assert_eq!(
+        (t["peers"].as_u64(), t["confirmed"].as_u64()),
+        (Some(4), Some(4)),
+        "{t}"
+    );
     let mut exiting: Vec<&str> = t["exited"]
         .as_array()
         .map(|a| a.iter().filter_map(|p| p["name"].as_str()).collect())

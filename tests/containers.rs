@@ -54,7 +54,10 @@ fn compose_cluster_scales_and_loses_nothing() {
         port: free_udp_port(),
         data_dir,
         started: unix_now(),
+        events: None,
     };
+    let mut cluster = cluster;
+    cluster.watch_peer_exits();
     println!(
         "containers: project {}, image {}, manager on udp 127.0.0.1:{}, compose: {}",
         cluster.project,
@@ -116,6 +119,22 @@ fn compose_cluster_scales_and_loses_nothing() {
         registered.as_secs_f64(),
         up.elapsed().as_secs_f64()
     );
+    // The image's health check (`stormd health`) is what `docker ps` shows, and what the
+    // peers' depends_on waited for.
+    wait_for(Duration::from_secs(30), "every container healthy", || {
+        let states: Vec<String> = ["manager", "peer"]
+            .iter()
+            .flat_map(|service| cluster.container_ids(service))
+            .map(|id| {
+                docker_out(&["inspect", "-f", "{{.State.Health.Status}}", &id])
+                    .trim()
+                    .to_string()
+            })
+            .collect();
+        (states.len() == 6 && states.iter().all(|h| h == "healthy"))
+            .then_some(())
+            .ok_or(format!("{states:?}"))
+    });
 
     // Distribute the whole year from the manager's read-only /data mount.
     let started = Instant::now();
@@ -191,6 +210,7 @@ fn compose_cluster_scales_and_loses_nothing() {
                 .iter()
                 .any(|p| name(p) == victim_name && p["state"] == "dead");
             let live: Vec<&&Value> = ps.iter().filter(|p| p["state"] == "up").collect();
+            all_reported(live.iter().map(|p| **p))?;
             let owned: u64 = live.iter().map(|p| num(p, "owned")).sum();
             let copies: u64 = live.iter().map(|p| num(p, "records")).sum();
             let ok = dead
@@ -227,6 +247,7 @@ fn compose_cluster_scales_and_loses_nothing() {
                 .into_iter()
                 .filter(|p| p["state"] == "up")
                 .collect();
+            all_reported(live.iter().copied())?;
             let owned: u64 = live.iter().map(|p| num(p, "owned")).sum();
             (live.len() == 5 && s["settled"] == Value::Bool(true) && owned == EXPECTED_RECORDS)
                 .then_some(())
@@ -315,6 +336,9 @@ struct Cluster {
     data_dir: PathBuf,
     /// Unix seconds at the start, for `docker events --since`.
     started: u64,
+    /// `docker events` streaming peer exits from the start: the daemon keeps only its last 256
+    /// events, and health checks alone make dozens a minute, so asking at the end loses some.
+    events: Option<(std::process::Child, std::sync::mpsc::Receiver<String>)>,
 }
 
 impl Cluster {
@@ -400,6 +424,9 @@ impl Cluster {
         let s = wait_for(Duration::from_secs(120), &what, || {
             let s = self.status()?;
             let ps = peers(&s);
+            // A peer that did not answer this status's probe in time (a busy machine) has no
+            // counts: not settled yet, ask again.
+            all_reported(ps.iter().copied())?;
             // Distinct records: the rows each peer owns (its replica rows are copies).
             let total: u64 = ps.iter().map(|p| num(p, "owned")).sum();
             let copies: u64 = ps.iter().map(|p| num(p, "records")).sum();
@@ -460,14 +487,12 @@ impl Cluster {
     }
 
     /// (container name, exit code) of every peer container that died since the test started.
-    fn peer_exit_events(&self) -> Vec<(String, String)> {
-        let out = run(
-            Command::new("docker").args([
+    fn watch_peer_exits(&mut self) {
+        let mut child = Command::new("docker")
+            .args([
                 "events",
                 "--since",
                 &self.started.saturating_sub(2).to_string(),
-                "--until",
-                &(unix_now() + 1).to_string(),
                 "--filter",
                 "type=container",
                 "--filter",
@@ -476,12 +501,33 @@ impl Cluster {
                 &format!("label=com.docker.compose.project={}", self.project),
                 "--format",
                 r#"{{index .Actor.Attributes "com.docker.compose.service"}} {{.Actor.Attributes.name}} {{.Actor.Attributes.exitCode}}"#,
-            ]),
-            Duration::from_secs(30),
-        );
-        assert_ok(&out, "docker events");
-        out.stdout
-            .lines()
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker events");
+        let stdout = child.stdout.take().expect("docker events stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        self.events = Some((child, rx));
+    }
+
+    /// (container name, exit code) of every peer container that ended since the start.
+    fn peer_exit_events(&mut self) -> Vec<(String, String)> {
+        // Events arrive a moment after the fact.
+        thread::sleep(Duration::from_secs(1));
+        let Some((_, rx)) = &self.events else {
+            return Vec::new();
+        };
+        rx.try_iter()
             .filter_map(|l| {
                 let mut f = l.split_whitespace();
                 (f.next() == Some("peer")).then(|| {
@@ -495,6 +541,10 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if let Some((mut child, _)) = self.events.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         if thread::panicking() {
             let logs = run(
                 self.compose().args(["logs", "--no-color", "--tail", "40"]),
@@ -643,6 +693,15 @@ fn name(peer: &Value) -> String {
 
 fn names(status: &Value) -> BTreeSet<String> {
     peers(status).into_iter().map(name).collect()
+}
+
+/// A peer that did not answer a status's probe in time (a busy machine) has no counts: that
+/// status is not an answer yet, ask again.
+fn all_reported<'a>(mut ps: impl Iterator<Item = &'a Value>) -> Result<(), String> {
+    match ps.find(|p| p["records"].as_u64().is_none() || p["owned"].as_u64().is_none()) {
+        Some(p) => Err(format!("peer {} did not report its counts", name(p))),
+        None => Ok(()),
+    }
 }
 
 fn num(v: &Value, key: &str) -> u64 {
