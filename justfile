@@ -15,7 +15,7 @@ test:
 
 # Container tests (need a Docker engine; STORM_SKIP_DOCKER=1 skips them, loudly).
 test-containers:
-    if [ "${STORM_SKIP_DOCKER:-0}" = 1 ]; then echo "SKIPPED: container tests (STORM_SKIP_DOCKER=1)"; else cargo nextest run --test containers --run-ignored only --no-fail-fast --no-capture --test-threads 1; fi
+    if [ "${STORM_SKIP_DOCKER:-0}" = 1 ]; then echo "SKIPPED: container tests (STORM_SKIP_DOCKER=1)"; else cargo nextest run --test containers --test swarm --run-ignored only --no-fail-fast --no-capture --test-threads 1; fi
 
 # Benchmarks: one JSON line of figures each (no pass/fail).
 bench:
