@@ -58,6 +58,8 @@ pub struct ClientCore {
     queue: VecDeque<(usize, ClientRequest, Option<TraceContext>)>,
     in_flight: HashMap<u64, InFlight>,
     results: VecDeque<(usize, Result<ReplyBody, ClientError>)>,
+    /// What the manager said of requests under way: (index, done, total).
+    progress: VecDeque<(usize, u64, u64)>,
 }
 
 struct InFlight {
@@ -90,6 +92,7 @@ impl ClientCore {
             queue: VecDeque::new(),
             in_flight: HashMap::new(),
             results: VecDeque::new(),
+            progress: VecDeque::new(),
         }
     }
 
@@ -138,15 +141,34 @@ impl ClientCore {
     }
 
     pub fn handle(&mut self, now: Time, from: SocketAddr, env: Envelope) {
-        if self.link.accept(now, from, &env) == Accepted::New
-            && let Body::Reply(reply) = env.body
-            && let Some(f) = self.in_flight.remove(&reply.to)
-        {
-            self.link.cancel(reply.to);
-            let result = reply.result.map_err(ClientError::Failed);
-            self.results.push_back((f.index, result));
+        if self.link.accept(now, from, &env) == Accepted::New {
+            match env.body {
+                Body::Reply(reply) => {
+                    if let Some(f) = self.in_flight.remove(&reply.to) {
+                        self.link.cancel(reply.to);
+                        let result = reply.result.map_err(ClientError::Failed);
+                        self.results.push_back((f.index, result));
+                    }
+                }
+                // Only from the manager, about a request it acknowledged: the request is
+                // alive, so its reply deadline starts again.
+                Body::Progress { to, done, total } if from == self.manager => {
+                    if let Some(f) = self.in_flight.get_mut(&to)
+                        && f.acked_at.is_some()
+                    {
+                        f.acked_at = Some(now);
+                        self.progress.push_back((f.index, done, total));
+                    }
+                }
+                _ => {}
+            }
         }
         self.drain_outcomes(now);
+    }
+
+    /// The next word from the manager on a request under way: (index, done, total).
+    pub fn poll_progress(&mut self) -> Option<(usize, u64, u64)> {
+        self.progress.pop_front()
     }
 
     pub fn handle_timeout(&mut self, now: Time) {
@@ -310,12 +332,43 @@ impl<S: DatagramSocket> Client<S> {
         self.call_many_with(requests, window, |_, _| {}).await
     }
 
+    /// One request, telling `progress` (done, total) whenever the manager reports how far it
+    /// is (a distribute does, every 100 ms).
+    pub async fn call_with_progress(
+        &mut self,
+        req: ClientRequest,
+        trace: Option<TraceContext>,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<ReplyBody, ClientError> {
+        let mut out = self
+            .drive(
+                vec![(req, trace)],
+                1,
+                |_, _| {},
+                |_, done, total| progress(done, total),
+            )
+            .await;
+        out.pop().unwrap_or(Err(ClientError::NoResult))
+    }
+
     /// As [`Client::call_many`], telling `progress` (done, total) as results come in.
     pub async fn call_many_with(
         &mut self,
         requests: Vec<(ClientRequest, Option<TraceContext>)>,
         window: usize,
-        mut progress: impl FnMut(usize, usize),
+        progress: impl FnMut(usize, usize),
+    ) -> Vec<Result<ReplyBody, ClientError>> {
+        self.drive(requests, window, progress, |_, _, _| {}).await
+    }
+
+    /// Sends `requests` with at most `window` outstanding until each has a result; `results_in`
+    /// hears (results so far, total), `server_progress` what the manager says of a request.
+    async fn drive(
+        &mut self,
+        requests: Vec<(ClientRequest, Option<TraceContext>)>,
+        window: usize,
+        mut results_in: impl FnMut(usize, usize),
+        mut server_progress: impl FnMut(usize, u64, u64),
     ) -> Vec<Result<ReplyBody, ClientError>> {
         let total = requests.len();
         let mut results: Vec<Option<Result<ReplyBody, ClientError>>> = vec![None; total];
@@ -350,8 +403,11 @@ impl<S: DatagramSocket> Client<S> {
                 if let Some(slot) = results.get_mut(index) {
                     *slot = Some(result);
                     done += 1;
-                    progress(done, total);
+                    results_in(done, total);
                 }
+            }
+            while let Some((index, so_far, of)) = self.core.poll_progress() {
+                server_progress(index, so_far, of);
             }
             // Acks of replies go out before the next wait.
             while let Some(t) = self.core.poll_transmit() {
@@ -481,4 +537,76 @@ pub async fn verify_with<S: DatagramSocket>(
     }
     report.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::UNSEQUENCED;
+
+    fn manager() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 5000))
+    }
+
+    /// A core with one distribute sent and acknowledged at t=0; its reply deadline is 1 s.
+    fn acknowledged() -> (ClientCore, u64) {
+        let mut core = ClientCore::new(manager(), 1, client_retry(), Duration::from_secs(1));
+        core.submit(0, ClientRequest::Distribute { path: None }, None);
+        core.pump(Duration::ZERO);
+        let sent = core.poll_transmit().expect("the request");
+        let seq = Envelope::decode(&sent.bytes).expect("decodes").seq;
+        let ack = Body::Ack {
+            seq,
+            new_rows: None,
+        };
+        core.handle(
+            Duration::ZERO,
+            manager(),
+            Envelope::new(9, UNSEQUENCED, None, ack),
+        );
+        (core, seq)
+    }
+
+    fn progress(to: u64, done: u64) -> Envelope {
+        Envelope::new(
+            9,
+            UNSEQUENCED,
+            None,
+            Body::Progress {
+                to,
+                done,
+                total: 100,
+            },
+        )
+    }
+
+    #[test]
+    fn progress_from_the_manager_is_reported_and_keeps_the_request_alive() {
+        let (mut core, seq) = acknowledged();
+        let at = Duration::from_millis(900);
+        core.handle(at, manager(), progress(seq, 40));
+        assert_eq!(core.poll_progress(), Some((0, 40, 100)));
+        // Without the progress the reply deadline would have passed at 1 s.
+        core.handle_timeout(Duration::from_millis(1_500));
+        assert!(core.poll_result().is_none());
+        core.handle_timeout(Duration::from_millis(1_950));
+        assert!(matches!(
+            core.poll_result(),
+            Some((0, Err(ClientError::NoReply { .. })))
+        ));
+    }
+
+    #[test]
+    fn progress_from_a_stranger_or_for_another_request_is_ignored() {
+        let (mut core, seq) = acknowledged();
+        let stranger = SocketAddr::from(([127, 0, 0, 1], 6666));
+        core.handle(Duration::from_millis(500), stranger, progress(seq, 40));
+        core.handle(Duration::from_millis(500), manager(), progress(seq + 1, 40));
+        assert_eq!(core.poll_progress(), None);
+        core.handle_timeout(Duration::from_millis(1_100));
+        assert!(matches!(
+            core.poll_result(),
+            Some((0, Err(ClientError::NoReply { .. })))
+        ));
+    }
 }

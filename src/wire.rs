@@ -111,6 +111,10 @@ pub enum Body {
     /// manager → peer, unsequenced: ping `target` for me and pass its pong on (SWIM's
     /// indirect probe: a member the manager cannot hear may still be heard by its neighbours).
     PingReq { nonce: u64, target: SocketAddr },
+    /// manager → client, unsequenced, during a long request (a distribute): `done` of
+    /// `total` rows so far, for the request whose sequence number is `to`. Losing one costs
+    /// nothing; each also tells the client the request is alive.
+    Progress { to: u64, done: u64, total: u64 },
 }
 
 /// What a peer that was in a ring tells a manager it registers with again.
@@ -145,6 +149,7 @@ impl Body {
             Body::Ping { .. } => "ping",
             Body::Pong { .. } => "pong",
             Body::PingReq { .. } => "ping_req",
+            Body::Progress { .. } => "progress",
         }
     }
 
@@ -161,6 +166,7 @@ impl Body {
                 | Body::Ping { .. }
                 | Body::Pong { .. }
                 | Body::PingReq { .. }
+                | Body::Progress { .. }
         )
     }
 }

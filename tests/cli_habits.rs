@@ -57,42 +57,69 @@ fn completions_name_every_subcommand_and_refuse_unknown_shells() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("possible values"));
 }
 
-/// `verify` draws a progress bar only on a terminal: on a pipe stderr stays empty, and under a
-/// pseudo-terminal (util-linux `script`) the bar shows rows and a rate.
+fn has_script() -> bool {
+    let found = Command::new("script").arg("--version").output().is_ok();
+    if !found {
+        eprintln!("SKIPPED: the terminal half (util-linux `script` is not installed)");
+    }
+    found
+}
+
+/// Runs stormctl under a pseudo-terminal (util-linux `script`); returns what the terminal got.
+fn on_a_terminal(manager: &str, args: &str) -> String {
+    let inner = format!("{STORMCTL} --manager {manager} {args}");
+    let tty = Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .env("COLUMNS", "120")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&tty.stdout).to_string();
+    assert!(tty.status.success(), "{args}: {text}");
+    text
+}
+
+/// `distribute` and `verify` draw a progress bar only on a terminal: on a pipe stderr stays
+/// empty, and under a pseudo-terminal the bar shows rows and a rate (distribute's from the
+/// manager's progress reports).
 #[test]
-fn verify_draws_a_progress_bar_on_a_terminal_only() {
+fn distribute_and_verify_draw_a_progress_bar_on_a_terminal_only() {
     let cluster = Cluster::start(3);
     let file = shared_data("details-1996.csv");
+    let path = file.to_str().unwrap();
     cluster.ctl_json(&["setup"]);
-    cluster.ctl_json(&["distribute", "--file", file.to_str().unwrap()]);
     let manager = cluster.manager.addr.to_string();
-    let piped = ctl_at(&manager, &["verify", "--file", file.to_str().unwrap()]);
+    if has_script() {
+        let text = on_a_terminal(&manager, &format!("distribute --file {path}"));
+        assert!(
+            text.contains("distribute [") && text.contains("rows") && text.contains("/s"),
+            "no progress bar on a terminal:\n{text}"
+        );
+        assert!(text.contains("read 48534, stored 48534"), "{text}");
+    } else {
+        cluster.ctl_json(&["distribute", "--file", path]);
+    }
+    let piped = ctl_at(&manager, &["verify", "--file", path]);
     assert!(piped.status.success());
     assert!(
         piped.stderr.is_empty(),
         "{}",
         String::from_utf8_lossy(&piped.stderr)
     );
-    if Command::new("script").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: the terminal half (util-linux `script` is not installed)");
-        return;
-    }
-    let inner = format!(
-        "{STORMCTL} --manager {manager} verify --file {}",
-        file.display()
-    );
-    let tty = Command::new("script")
-        .args(["-qec", &inner, "/dev/null"])
-        .env("COLUMNS", "120")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&tty.stdout);
-    assert!(tty.status.success(), "{text}");
+    let again = ctl_at(&manager, &["distribute", "--file", path]);
+    assert!(again.status.success());
     assert!(
-        text.contains("verify [") && text.contains("rows") && text.contains("/s"),
-        "no progress bar on a terminal:\n{text}"
+        again.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
     );
-    assert!(text.contains("48,534"), "{text}");
+    if has_script() {
+        let text = on_a_terminal(&manager, &format!("verify --file {path}"));
+        assert!(
+            text.contains("verify [") && text.contains("rows") && text.contains("/s"),
+            "no progress bar on a terminal:\n{text}"
+        );
+        assert!(text.contains("48,534"), "{text}");
+    }
 }
 
 /// `status --watch --json` prints a status line per refresh until stopped.

@@ -52,6 +52,11 @@ fn forged_bodies(victim: SocketAddr) -> Vec<Body> {
         Body::Heartbeat { epoch: 1 },
         Body::HeartbeatAck { known: false },
         Body::Ping { nonce: 1 },
+        Body::Progress {
+            to: 1,
+            done: 1,
+            total: 2,
+        },
         Body::PingReq {
             nonce: 2,
             target: "127.0.0.1:9".parse().expect("an address"),

@@ -80,7 +80,7 @@ fn garbage(rng: &mut rand::rngs::SmallRng, n: u64) -> Vec<u8> {
 
 /// A well-formed envelope of every kind a member could send, as a stranger forges it.
 fn forged(n: u64) -> Vec<u8> {
-    let body = match n % 21 {
+    let body = match n % 22 {
         0 => Body::Request(ClientRequest::Teardown),
         1 => Body::Request(ClientRequest::Leave {
             name: "peer-0".into(),
@@ -149,6 +149,11 @@ fn forged(n: u64) -> Vec<u8> {
         19 => Body::PingReq {
             nonce: n,
             target: SocketAddr::from(([127, 0, 0, 1], 9)),
+        },
+        20 => Body::Progress {
+            to: n,
+            done: n,
+            total: n,
         },
         _ => Body::RebalanceDone {
             epoch: n,

@@ -122,6 +122,11 @@ fn body() -> impl Strategy<Value = Body> {
         any::<bool>().prop_map(|known| Body::HeartbeatAck { known }),
         (0u64..8).prop_map(|nonce| Body::Ping { nonce }),
         (0u64..8).prop_map(|nonce| Body::Pong { nonce }),
+        (0u64..8, 0u64..100).prop_map(|(to, done)| Body::Progress {
+            to,
+            done,
+            total: 100
+        }),
         (0u64..8, 0u16..4).prop_map(|(nonce, p)| Body::PingReq {
             nonce,
             target: addr(6000 + p)

@@ -233,14 +233,11 @@ async fn command(cli: &Cli) -> ExitCode {
         Command::Setup => request(cli, &mut client, ClientRequest::Setup).await,
         Command::Distribute { file } => {
             let req = ClientRequest::Distribute { path: file.clone() };
-            // The manager reports once at the end: a spinner shows it is under way.
-            let spinner = spinner(
-                cli.json,
-                "distributing (the manager loads the file and stores every row)",
-            );
-            let code = request(cli, &mut client, req).await;
-            if let Some(s) = spinner {
-                s.finish_and_clear();
+            // The manager reports how many rows are stored every 100 ms: a bar from the first.
+            let bar = progress_bar(cli.json, 0, "distribute");
+            let code = request_with_progress(cli, &mut client, req, bar.as_ref()).await;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
             }
             code
         }
@@ -277,18 +274,6 @@ fn progress_bar(json: bool, len: u64, what: &str) -> Option<indicatif::ProgressB
     Some(bar)
 }
 
-fn spinner(json: bool, what: &str) -> Option<indicatif::ProgressBar> {
-    use std::io::IsTerminal;
-    if json || !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let style = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}").ok()?;
-    let s = indicatif::ProgressBar::new_spinner().with_style(style);
-    s.set_message(what.to_string());
-    s.enable_steady_tick(Duration::from_millis(120));
-    Some(s)
-}
-
 /// `status --watch`: the status again every `interval` seconds, like `watch stormctl status`,
 /// until Ctrl-C. An unanswered refresh is shown and the watch goes on.
 async fn watch_status(cli: &Cli, client: &mut Client, interval: f64) -> ExitCode {
@@ -321,11 +306,29 @@ async fn watch_status(cli: &Cli, client: &mut Client, interval: f64) -> ExitCode
 
 /// A command with one request and one reply, printed as it comes.
 async fn request(cli: &Cli, client: &mut Client, req: ClientRequest) -> ExitCode {
+    request_with_progress(cli, client, req, None).await
+}
+
+/// As [`request`], moving `bar` as the manager reports progress.
+async fn request_with_progress(
+    cli: &Cli,
+    client: &mut Client,
+    req: ClientRequest,
+    bar: Option<&indicatif::ProgressBar>,
+) -> ExitCode {
     let kind = req.kind();
     let span =
         tracing::info_span!(target: TARGET, "stormctl", otel.name = format!("stormctl {kind}"));
     let trace = telemetry::context_of(&span);
-    match client.call(req, trace).await {
+    let reply = client
+        .call_with_progress(req, trace, |done, total| {
+            if let Some(bar) = bar {
+                bar.set_length(total);
+                bar.set_position(done);
+            }
+        })
+        .await;
+    match reply {
         Ok(reply) => {
             print_reply(cli.json, &reply);
             ExitCode::SUCCESS

@@ -30,7 +30,12 @@ pub(super) struct DistributeJob {
     units: HashMap<u64, Unit>,
     report: DistributeReport,
     per_peer: BTreeMap<PeerId, u64>,
+    /// When the client was last told how far the job is.
+    progress_at: Option<Time>,
 }
+
+/// How often a distribute tells its client how far it is.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Manager {
     pub(super) fn distribute(&mut self, now: Time, call: ClientCall, path: Option<String>) {
@@ -66,6 +71,7 @@ impl Manager {
                 elapsed_micros: 0,
             },
             per_peer: BTreeMap::new(),
+            progress_at: None,
         });
         self.events.push(ManagerEvent::LoadFile { job: id, path });
     }
@@ -228,6 +234,15 @@ impl Manager {
         if let Some(n) = j.in_flight.get_mut(&peer) {
             *n = n.saturating_sub(1);
         }
+        if j.progress_at.is_none_or(|at| now >= at + PROGRESS_EVERY) {
+            j.progress_at = Some(now);
+            let progress = Body::Progress {
+                to: j.call.seq,
+                done: j.report.stored,
+                total: j.report.read,
+            };
+            self.link.send_unsequenced(j.call.addr, progress);
+        }
         self.pump_job(now);
     }
 
@@ -272,6 +287,20 @@ mod tests {
     use super::super::testkit::{Kit, dataset};
     use crate::ring::RingExt;
     use crate::wire::{ClientRequest, DistributeFailure, Placement, ReplyBody, RequestError};
+
+    /// The client hears how far a distribute is, at most every 100 ms (the kit's clock stands
+    /// still while it runs: one report), then the reply.
+    #[test]
+    fn the_client_is_told_the_progress_at_most_every_100_ms() {
+        let mut kit = Kit::with_ring(4);
+        let seq = kit.request(ClientRequest::Distribute { path: None });
+        kit.load(Ok(dataset(500)));
+        assert!(matches!(kit.reply(seq), Ok(ReplyBody::Distribute(_))));
+        assert_eq!(kit.progress.len(), 1, "{:?}", kit.progress);
+        let (to, done, total) = kit.progress[0];
+        assert_eq!((to, total), (seq, 500));
+        assert!(done > 0 && done <= 500, "{done}");
+    }
 
     #[test]
     fn distribute_before_setup_asks_for_setup() {

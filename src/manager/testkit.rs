@@ -36,6 +36,8 @@ pub struct Kit {
     next_seq: u64,
     /// Replies to the client, by the request's sequence number.
     pub replies: BTreeMap<u64, Result<ReplyBody, RequestError>>,
+    /// Progress the client was told: (request, done, total).
+    pub progress: Vec<(u64, u64, u64)>,
     pub events: Vec<ManagerEvent>,
     /// Peers that receive but never answer (as if dead).
     pub silent: BTreeSet<String>,
@@ -95,6 +97,7 @@ impl Kit {
             client: addr(4000),
             next_seq: 1,
             replies: BTreeMap::new(),
+            progress: Vec::new(),
             events: Vec::new(),
             silent: BTreeSet::new(),
             refusing: BTreeSet::new(),
@@ -218,9 +221,13 @@ impl Kit {
     }
 
     fn deliver_to_client(&mut self, env: Envelope) {
-        if let Body::Reply(r) = env.body {
-            self.replies.insert(r.to, r.result);
-            self.ack(self.client, 7, env.seq, None);
+        match env.body {
+            Body::Reply(r) => {
+                self.replies.insert(r.to, r.result);
+                self.ack(self.client, 7, env.seq, None);
+            }
+            Body::Progress { to, done, total } => self.progress.push((to, done, total)),
+            _ => {}
         }
     }
 
