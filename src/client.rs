@@ -18,7 +18,9 @@ use tokio::time::Instant;
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum ClientError {
-    #[error("cannot resolve the manager address '{addr}': {reason}")]
+    #[error(
+        "cannot resolve the manager address '{addr}': {reason} (check --manager or STORMCTL_MANAGER: HOST:PORT)"
+    )]
     Resolve { addr: String, reason: String },
     #[error("UDP socket error: {0}")]
     Io(String),
@@ -31,7 +33,7 @@ pub enum ClientError {
         secs: f64,
     },
     #[error(
-        "the manager at {manager} acknowledged the request but sent no reply within {secs:.1} s"
+        "the manager at {manager} acknowledged the request but sent no reply within {secs:.1} s: it may still be working (a large distribute): raise --timeout, and see stormctl status"
     )]
     NoReply { manager: SocketAddr, secs: f64 },
     #[error("the manager rejected the request: {0}")]

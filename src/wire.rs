@@ -543,9 +543,13 @@ pub enum RejectReason {
 /// Why the manager refused a registration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Refusal {
-    #[error("a peer name must not be empty")]
+    #[error(
+        "a peer name must not be empty: set `name` (STORM_NAME), or leave it unset to use the host name"
+    )]
     EmptyName,
-    #[error("the name '{name}' is taken by peer {id} at {addr}")]
+    #[error(
+        "the name '{name}' is taken by peer {id} at {addr}: give this peer another name (STORM_NAME), or wait until the old one is declared dead"
+    )]
     NameTaken {
         name: String,
         id: PeerId,
@@ -569,7 +573,9 @@ pub enum ExitReason {
 pub enum DistributeFailure {
     #[error("peer {peer} refused a batch: {reason}")]
     BatchRefused { peer: PeerId, reason: RejectReason },
-    #[error("peer {peer} at {addr} did not acknowledge after {attempts} attempts")]
+    #[error(
+        "peer {peer} at {addr} did not acknowledge after {attempts} attempts (is it down? see stormctl status)"
+    )]
     PeerSilent {
         peer: PeerId,
         addr: SocketAddr,
@@ -580,17 +586,21 @@ pub enum DistributeFailure {
 /// Why the manager could not carry out a client's request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
 pub enum RequestError {
-    #[error("no peers have registered yet")]
+    #[error(
+        "no peers have registered yet: start peers (stormd with role = peer and manager = this manager's address), then run setup"
+    )]
     NoPeers,
     #[error("no ring yet: run setup first")]
     NoRing,
-    #[error("a teardown is in progress")]
+    #[error("a teardown is in progress: wait for it to answer, then start peers and run setup")]
     TeardownInProgress,
-    #[error("the cluster was torn down")]
+    #[error("the cluster was torn down: start peers again, then run setup and distribute")]
     TornDown,
-    #[error("a distribute is already running")]
+    #[error("a distribute is already running: wait for its report, then try again")]
     DistributeRunning,
-    #[error("no file given and no `data` configured")]
+    #[error(
+        "no file given and no `data` configured: pass --file PATH (as the manager sees it) or set `data` in the manager's configuration"
+    )]
     NoData,
     #[error("{reason}")]
     Load { path: String, reason: String },
@@ -606,19 +616,23 @@ pub enum RequestError {
     Busy { in_flight: usize },
     #[error("busy: {in_flight} status requests are in flight; try again")]
     StatusBusy { in_flight: usize },
-    #[error("no peer is named '{name}'")]
+    #[error("no peer is named '{name}': stormctl status lists the names")]
     NoSuchPeer { name: String },
-    #[error("no peer '{name}' in the ring")]
+    #[error("no peer '{name}' in the ring: it has not joined it yet (run setup) or has left it")]
     NotInRing { name: String },
-    #[error("peer '{name}' is already leaving")]
+    #[error("peer '{name}' is already leaving: stormctl status shows when its hand-off is done")]
     AlreadyLeaving { name: String },
     #[error(
         "peer {id} ({name}) stopped answering and was removed from the ring; records it held are lost unless another replica holds them (replication > 1)"
     )]
     PeerLost { id: PeerId, name: String },
-    #[error("no answer from the ring within {secs:.1} s (event {key})")]
+    #[error(
+        "no answer from the ring within {secs:.1} s (event {key}): try again; if it persists, stormctl status shows unreachable peers (on a lossy network raise query_timeout_ms)"
+    )]
     QueryTimeout { key: RecordKey, secs: f64 },
-    #[error("no peer in the ring could take the query (last: {last}) (event {key})")]
+    #[error(
+        "no peer in the ring could take the query (last: {last}) (event {key}): stormctl status shows which peers are up"
+    )]
     NoEntry { key: RecordKey, last: String },
     #[error(
         "the manager restarted and is rebuilding the ring from its peers; try again in a few seconds"
