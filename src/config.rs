@@ -8,7 +8,7 @@ use crate::auth::Keyring;
 use crate::driver::DriveOptions;
 use crate::link::RetryPolicy;
 use crate::manager::{Detection, ManagerConfig};
-use crate::wire::Placement;
+use crate::wire::{Placement, Routing};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
@@ -69,6 +69,8 @@ pub struct Config {
     /// The CSV that `distribute` loads when the client names none (manager).
     pub data: String,
     pub placement: Placement,
+    /// How queries travel the ring: `walk` (next by next) or `fingers` (Chord, O(log n) hops).
+    pub routing: Routing,
     /// Largest datagram sent, in bytes (batches are cut to fit).
     pub max_datagram: usize,
     /// Store batches in flight per peer.
@@ -140,6 +142,7 @@ impl Default for Config {
             manager: "127.0.0.1:5000".into(),
             data: "data/sample-details.csv".into(),
             placement: Placement::Consistent,
+            routing: Routing::Walk,
             max_datagram: 60_000,
             window: 8,
             socket_buffer: 4 << 20,
@@ -383,6 +386,7 @@ impl Config {
             max_datagram: self.max_datagram,
             window: self.window,
             placement: self.placement,
+            routing: self.routing,
             query_timeout: Duration::from_millis(self.query_timeout_ms),
             probe_timeout: Duration::from_millis(self.probe_timeout_ms),
             default_data: (!self.data.is_empty()).then(|| self.data.clone()),

@@ -118,13 +118,53 @@ pub trait RingExt {
     fn next_of(&self, id: PeerId) -> Option<&Member>;
     /// The fraction of the key space each member owns, in member order.
     fn shares(&self) -> Vec<(PeerId, f64)>;
+    /// Chord's next hop from `me` towards the owner of `key`: the owner itself when it is the
+    /// next owning member, else the farthest of `me`'s fingers (the owners of `token + 2^i`)
+    /// that does not pass the key. None when `me` owns the key, is not an owning member, or the
+    /// placement is not consistent hashing (the caller walks then).
+    fn finger_hop(&self, me: PeerId, key: RecordKey) -> Option<&Member>;
 }
 
 fn owners(view: &RingView) -> impl Iterator<Item = &Member> {
     view.members.iter().filter(|m| !m.leaving)
 }
 
+/// The owning member whose token is the first at or after `point` (wrapping): who owns `point`.
+fn successor<'a>(active: &[&'a Member], point: u64) -> &'a Member {
+    let i = active.partition_point(|m| m.token < point);
+    active[i % active.len()]
+}
+
 impl RingExt for RingView {
+    fn finger_hop(&self, me: PeerId, key: RecordKey) -> Option<&Member> {
+        if self.placement != Placement::Consistent {
+            return None;
+        }
+        let active: Vec<&Member> = owners(self).collect();
+        let mine = active.iter().find(|m| m.id == me)?.token;
+        let h = key_hash(key);
+        let owner = successor(&active, h);
+        if owner.id == me {
+            return None;
+        }
+        let fingers = (0..64).map(|i| successor(&active, mine.wrapping_add(1u64 << i)));
+        // A finger that is the owner ends the route at once (this member knows whom its fingers
+        // are). Otherwise the farthest finger short of the key (distances clockwise from this
+        // member's token) halves the remaining distance, as in Chord.
+        let to_key = h.wrapping_sub(mine);
+        let mut best: Option<&Member> = None;
+        for f in fingers {
+            if f.id == owner.id {
+                return Some(owner);
+            }
+            let d = f.token.wrapping_sub(mine);
+            if f.id != me && d < to_key && best.is_none_or(|b| d > b.token.wrapping_sub(mine)) {
+                best = Some(f);
+            }
+        }
+        Some(best.unwrap_or(owner))
+    }
+
     fn owner_of(&self, key: RecordKey) -> Option<&Member> {
         let n = owners(self).count() as u64;
         if n == 0 {
@@ -381,6 +421,76 @@ mod tests {
                 assert_eq!(old, new, "key {k} moved although no holder left");
             }
         }
+    }
+
+    /// Follows finger hops from `entry` until the owner; returns the hops taken.
+    fn finger_route(view: &RingView, entry: PeerId, key: RecordKey) -> (usize, PeerId) {
+        let (mut at, mut hops) = (entry, 0);
+        while let Some(next) = view.finger_hop(at, key) {
+            at = next.id;
+            hops += 1;
+            assert!(hops <= view.members.len(), "finger routing loops");
+        }
+        (hops, at)
+    }
+
+    /// A ring grown by joins (each takes the middle of the widest arc), as after churn.
+    fn grown_ring(n: usize) -> RingView {
+        let mut view = ring(2, Placement::Consistent);
+        for id in 3..=n as PeerId {
+            let token = token_for_joiner(&view.members);
+            view.members.push(member(id, token));
+            view.members.sort_by_key(|m| (m.token, m.id));
+        }
+        view
+    }
+
+    #[test]
+    fn fingers_reach_the_owner_in_about_half_log2_n_hops() {
+        for n in [5usize, 64, 256] {
+            for view in [ring(n, Placement::Consistent), grown_ring(n)] {
+                let ids: Vec<PeerId> = view.members.iter().map(|m| m.id).collect();
+                let (mut total, mut routes, mut worst) = (0usize, 0usize, 0usize);
+                for k in 0..2_000u64 {
+                    let key = RecordKey::Event(k * 7_919 + 13);
+                    let entry = ids[(k as usize * 31) % n];
+                    let (hops, end) = finger_route(&view, entry, key);
+                    assert_eq!(Some(end), view.owner_of(key).map(|m| m.id), "n={n} key {k}");
+                    total += hops;
+                    worst = worst.max(hops);
+                    routes += 1;
+                }
+                let mean = total as f64 / routes as f64;
+                let bound = 0.5 * (n as f64).log2() + 1.0;
+                println!("fingers n={n}: mean {mean:.2} hops (bound {bound:.2}), worst {worst}");
+                assert!(mean <= bound, "n={n}: mean {mean:.2} hops > {bound:.2}");
+                assert!(
+                    worst <= (n as f64).log2().ceil() as usize + 1,
+                    "n={n}: worst {worst}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fingers_skip_leaving_members_and_other_placements_walk() {
+        let mut view = ring(8, Placement::Consistent);
+        view.members[3].leaving = true;
+        let leaver = view.members[3].id;
+        for k in 0..500u64 {
+            let key = RecordKey::Event(k);
+            for entry in view.members.iter().filter(|m| !m.leaving).map(|m| m.id) {
+                let mut at = entry;
+                while let Some(next) = view.finger_hop(at, key) {
+                    assert_ne!(next.id, leaver, "a leaving member owns nothing");
+                    at = next.id;
+                }
+                assert_eq!(Some(at), view.owner_of(key).map(|m| m.id));
+            }
+        }
+        assert!(view.finger_hop(leaver, RecordKey::Event(1)).is_none());
+        let modulo = ring(8, Placement::Modulo);
+        assert!(modulo.finger_hop(1, RecordKey::Event(1)).is_none());
     }
 
     #[test]

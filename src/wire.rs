@@ -241,6 +241,27 @@ pub struct ExitedPeer {
     pub confirmed: bool,
 }
 
+/// How a query travels from its entry peer to the key's holders.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Routing {
+    /// Next by next around the ring (O(n) hops): the original design, hop for hop in traces.
+    #[default]
+    Walk,
+    /// Chord's finger tables (O(log n) hops): each hop goes to the farthest finger that does
+    /// not pass the key; from the owner on, and around any peer that does not answer, the walk.
+    Fingers,
+}
+
+impl std::fmt::Display for Routing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Routing::Walk => "walk",
+            Routing::Fingers => "fingers",
+        })
+    }
+}
+
 /// How keys map to owners: chosen in the manager's configuration (`placement`) and carried in
 /// every ring view, so that every peer decides ownership the same way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -322,6 +343,8 @@ pub struct FindEvent {
     /// the query's own timeline, for `stormctl query --trace` without Jaeger.
     #[serde(default)]
     pub hops: Vec<HopTiming>,
+    #[serde(default)]
+    pub routing: Routing,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -780,6 +803,7 @@ mod tests {
                     peer: 1,
                     at_us: 1_700_000_000_000_000,
                 }],
+                routing: crate::wire::Routing::Fingers,
             }),
             Body::Reply(ClientReply {
                 to: 4,

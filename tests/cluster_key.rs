@@ -83,6 +83,7 @@ fn forged_bodies(victim: SocketAddr) -> Vec<Body> {
             key: RecordKey::Event(1),
             path: Vec::new(),
             hops: Vec::new(),
+            routing: stormdht::wire::Routing::Fingers,
         }),
         Body::Probe { probe: 1 },
         Body::Registered { id: 1 },

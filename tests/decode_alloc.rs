@@ -211,6 +211,7 @@ fn hostile() -> Vec<(String, Vec<u8>)> {
         key: RecordKey::Event(1),
         path: vec![1, 2],
         hops: Vec::new(),
+        routing: stormdht::wire::Routing::Fingers,
     }));
     cases.push((
         "find whose path declares 2^63 hops".into(),

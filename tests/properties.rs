@@ -166,6 +166,7 @@ fn body() -> impl Strategy<Value = Body> {
                 key,
                 path,
                 hops: Vec::new(),
+                routing: stormdht::wire::Routing::Fingers,
             })
         }),
         (0u64..5, key(), any::<bool>()).prop_map(|(query, key, found)| Body::Found(FindResult {
@@ -257,6 +258,7 @@ proptest! {
     #[test]
     fn the_manager_survives_any_message_sequence(steps in prop::collection::vec(step(), 1..60)) {
         let cfg = ManagerConfig {
+            routing: stormdht::wire::Routing::default(),
             retry: retry(),
             max_datagram: 4_000,
             window: 2,

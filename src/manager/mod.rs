@@ -23,7 +23,7 @@ use crate::machine::Machine;
 use crate::record::{Dataset, LoadError, RecordKey};
 use crate::wire::{
     Body, ClientReply, ClientRequest, DistributeFailure, Envelope, Placement, RejectReason,
-    ReplyBody, RequestError, RingView, TraceContext,
+    ReplyBody, RequestError, RingView, Routing, TraceContext,
 };
 use distribute::DistributeJob;
 use membership::{Change, Transition};
@@ -51,6 +51,8 @@ pub struct ManagerConfig {
     pub default_data: Option<String>,
     /// Copies of every record.
     pub replication: u32,
+    /// How queries travel the ring unless the client says otherwise.
+    pub routing: Routing,
     /// The wall clock (µs since the Unix epoch) at this machine's time zero, to put the
     /// peers' hop stamps on the query's timeline.
     pub clock_origin_us: u64,

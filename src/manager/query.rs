@@ -92,6 +92,7 @@ impl Manager {
             key,
             path: Vec::new(),
             hops: Vec::new(),
+            routing: self.cfg.routing,
         };
         let tag = ManagerTag::Find { query, entry };
         self.send(now, entry_addr, Body::Find(find), trace, tag);

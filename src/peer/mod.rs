@@ -23,7 +23,7 @@ use crate::ring::RingExt;
 use crate::store::{Store, StoredRow, batch_budget, make_batches, row_size};
 use crate::wire::{
     Body, Envelope, ExitReason, FindEvent, FindResult, PeerId, PeerReport, RejectReason, Rejoin,
-    RingView, StoreBatch, TraceContext, WireRow,
+    RingView, Routing, StoreBatch, TraceContext, WireRow,
 };
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
@@ -728,7 +728,12 @@ impl Peer {
         // Unsettled: rows may be in transit, so the walk goes on, at most once round.
         let holders = ring.replicas(find.key, ring.replication.max(1) as usize);
         let all_asked = holders.iter().all(|m| find.path.contains(&m.id));
-        if (ring.settled && all_asked) || find.path.len() >= ring.members.len() {
+        // Once round: every member asked. Fingers may jump over members before the walk
+        // starts, so count distinct members; twice the ring's size bounds a walk that keeps
+        // routing around a member that does not answer.
+        let visited: std::collections::BTreeSet<PeerId> = find.path.iter().copied().collect();
+        let n = ring.members.len();
+        if (ring.settled && all_asked) || visited.len() >= n || find.path.len() >= 2 * n {
             return self.answer(now, find, false, trace, hop);
         }
         self.forward(now, find, 0, trace, hop);
@@ -747,6 +752,15 @@ impl Peer {
             return self.answer(now, find, false, trace, hop);
         };
         let next = self.ring.as_ref().and_then(|ring| {
+            // Fingers until the owner; from it (its replicas follow it), and around a member
+            // that did not acknowledge, the walk.
+            if find.routing == Routing::Fingers
+                && skipped == 0
+                && let Some(f) = ring.finger_hop(me, find.key)
+                && !find.path.contains(&f.id)
+            {
+                return Some((f.id, f.addr));
+            }
             let mut at = me;
             // Route around `skipped` neighbours that did not acknowledge.
             for _ in 0..=skipped {

@@ -10,6 +10,8 @@
 
 #[cfg(test)]
 mod failures;
+#[cfg(test)]
+mod fingers;
 pub mod net;
 #[cfg(test)]
 mod scenarios;
@@ -24,7 +26,7 @@ use crate::link::{RetryPolicy, Time};
 use crate::manager::{Manager, ManagerConfig, ManagerEvent};
 use crate::peer::{HopReport, Peer, PeerConfig, PeerEvent};
 use crate::record::{Dataset, LoadError};
-use crate::wire::{ClientRequest, Envelope, Placement, ReplyBody};
+use crate::wire::{ClientRequest, Envelope, Placement, ReplyBody, Routing};
 pub use net::{Datagram, Faults, SimNet, SimSocket};
 use rand::{RngCore, SeedableRng};
 use std::cell::RefCell;
@@ -178,6 +180,16 @@ impl Sim {
         placement: Placement,
         replication: u32,
     ) -> Self {
+        Self::with_routing(seed, faults, placement, replication, Routing::Walk)
+    }
+
+    pub fn with_routing(
+        seed: u64,
+        faults: Faults,
+        placement: Placement,
+        replication: u32,
+        routing: Routing,
+    ) -> Self {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .start_paused(true)
@@ -193,6 +205,7 @@ impl Sim {
         local.spawn_local(net.clone().run());
 
         let cfg = ManagerConfig {
+            routing,
             retry: test_retry(),
             max_datagram: 8_000,
             window: 4,
