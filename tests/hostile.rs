@@ -112,6 +112,7 @@ fn forged(n: u64) -> Vec<u8> {
             key: RecordKey::Event(n),
             path: Vec::new(),
             hops: Vec::new(),
+            routing: stormdht::wire::Routing::Fingers,
         }),
         9 => Body::Probe { probe: n },
         10 => Body::Registered { id: 1 },
