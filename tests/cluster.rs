@@ -643,3 +643,29 @@ fn health_checks_answer_for_running_daemons_only() {
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("no answer from"), "{text}");
 }
+
+/// `routing = "fingers"` on real processes: every record of details-1996 found across 8 peers
+/// in fewer hops than the ring's size, also after a leave (peers routing with the new view).
+#[test]
+fn finger_routing_finds_every_record_in_few_hops() {
+    let mut cluster = Cluster::start_with(8, &[("STORM_ROUTING", "fingers".to_string())]);
+    let file = shared_data("details-1996.csv");
+    cluster.ctl_json(&["setup"]);
+    cluster.ctl_json(&["distribute", "--file", file.to_str().unwrap()]);
+    let v = cluster.verify(&file);
+    assert_eq!(v["found"], DETAILS_1996_ROWS, "{v}");
+    let mut hops = Vec::new();
+    for key in [
+        "5570068", "5556561", "5557188", "5554947", "5572688", "5573218",
+    ] {
+        let q = cluster.ctl_json(&["query", key]);
+        hops.push(q["path"].as_array().map_or(0, |p| p.len()) - 1);
+    }
+    // Chord at n = 8: at most log2(8) + 1 hops to the owner, one more to a replica.
+    assert!(hops.iter().all(|h| *h <= 5), "{hops:?}");
+    cluster.ctl_json(&["leave", "peer-3"]);
+    cluster.peer("peer-3").wait(Duration::from_secs(30));
+    cluster.wait_settled();
+    let v = cluster.verify(&file);
+    assert_eq!(v["found"], DETAILS_1996_ROWS, "{v}");
+}
