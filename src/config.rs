@@ -71,6 +71,8 @@ pub struct Config {
     pub placement: Placement,
     /// How queries travel the ring: `walk` (next by next) or `fingers` (Chord, O(log n) hops).
     pub routing: Routing,
+    /// Tokens per peer on the hash ring (virtual nodes, 1..=256; manager).
+    pub vnodes: u32,
     /// Largest datagram sent, in bytes (batches are cut to fit).
     pub max_datagram: usize,
     /// Store batches in flight per peer.
@@ -143,6 +145,7 @@ impl Default for Config {
             data: "data/sample-details.csv".into(),
             placement: Placement::Consistent,
             routing: Routing::Walk,
+            vnodes: 1,
             max_datagram: 60_000,
             window: 8,
             socket_buffer: 4 << 20,
@@ -287,6 +290,9 @@ impl Config {
         if !(1..=16).contains(&self.replication) {
             return Err(bad("replication", "must be between 1 and 16".into()));
         }
+        if !(1..=256).contains(&self.vnodes) {
+            return Err(bad("vnodes", "must be between 1 and 256".into()));
+        }
         let f = &self.failure;
         if f.heartbeat_ms == 0 || f.suspect_ms < 2 * f.heartbeat_ms {
             return Err(bad(
@@ -387,6 +393,7 @@ impl Config {
             window: self.window,
             placement: self.placement,
             routing: self.routing,
+            vnodes: self.vnodes,
             query_timeout: Duration::from_millis(self.query_timeout_ms),
             probe_timeout: Duration::from_millis(self.probe_timeout_ms),
             default_data: (!self.data.is_empty()).then(|| self.data.clone()),

@@ -61,23 +61,92 @@ pub fn evenly_spaced_tokens(n: usize) -> Vec<u64> {
     (0..n as u64).map(|i| step.wrapping_mul(i + 1)).collect()
 }
 
+/// Tokens for a freshly formed ring of `n` members with `vnodes` tokens each: `n × vnodes`
+/// evenly spaced points, dealt one per member in each round of `n`, so each member owns exactly
+/// 1/n. Rounds after the first deal in a shuffled (but fixed) order, so that the points after a
+/// member's points belong to many members: its arcs go to many members when it leaves.
+pub fn vnode_tokens(n: usize, vnodes: usize) -> Vec<Vec<u64>> {
+    let all = evenly_spaced_tokens(n * vnodes.max(1));
+    let mut out = vec![Vec::with_capacity(vnodes.max(1)); n];
+    for round in 0..vnodes.max(1) {
+        let mut order: Vec<usize> = (0..n).collect();
+        if round > 0 {
+            order.sort_by_key(|&k| mix64(((round as u64) << 32) | k as u64));
+        }
+        for (i, &k) in order.iter().enumerate() {
+            out[k].push(all[round * n + i]);
+        }
+    }
+    out
+}
+
 /// A token for a member joining a formed ring: the middle of the widest arc, so the joiner takes
 /// half of the most loaded member's share and nobody else's.
 pub fn token_for_joiner(members: &[Member]) -> u64 {
-    let mut tokens: Vec<u64> = members
+    tokens_for_joiner(members, 1)[0]
+}
+
+/// `vnodes` tokens for a member joining a formed ring. One token: the middle of the widest arc
+/// (half of the most loaded member's share, nobody else's). Several: each takes about
+/// 1/((n + 1) × vnodes) of the ring from the widest arc of the member most loaded at that
+/// moment, so the joiner ends with about an even share, taken a little from many members.
+pub fn tokens_for_joiner(members: &[Member], vnodes: usize) -> Vec<u64> {
+    let mut points: Vec<(u64, Option<PeerId>)> = members
         .iter()
         .filter(|m| !m.leaving)
-        .map(|m| m.token)
+        .flat_map(|m| tokens_of(m).map(move |t| (t, Some(m.id))))
         .collect();
-    tokens.sort_unstable();
-    match tokens.len() {
+    points.sort_unstable();
+    let owners = members.iter().filter(|m| !m.leaving).count();
+    if vnodes <= 1 || points.len() < 2 {
+        let token = widest_middle(&points);
+        let step = u64::MAX / vnodes.max(1) as u64;
+        return (0..vnodes.max(1) as u64)
+            .map(|i| token.wrapping_add(i.wrapping_mul(step)))
+            .collect();
+    }
+    let target = u64::MAX / ((owners as u64 + 1) * vnodes as u64);
+    let mut mine = Vec::with_capacity(vnodes);
+    for _ in 0..vnodes {
+        // Load per member (the joiner is `None`), then the widest arc of the most loaded.
+        let n = points.len();
+        let arc = |i: usize| points[i].0.wrapping_sub(points[(i + n - 1) % n].0);
+        let mut load: std::collections::HashMap<Option<PeerId>, u64> = Default::default();
+        for i in 0..n {
+            *load.entry(points[i].1).or_default() += arc(i);
+        }
+        let heaviest = load
+            .iter()
+            .filter(|(who, _)| who.is_some())
+            .max_by_key(|(who, l)| (**l, std::cmp::Reverse(**who)))
+            .map(|(who, _)| *who);
+        let Some(i) = (0..n)
+            .filter(|&i| points[i].1 == heaviest.flatten() && points[i].1.is_some())
+            .max_by_key(|&i| arc(i))
+        else {
+            break;
+        };
+        let start = points[(i + n - 1) % n].0;
+        // The arc's owner keeps an eighth of it: a sliver, never nothing.
+        let take = target.min(arc(i) - arc(i) / 8).max(1);
+        let token = start.wrapping_add(take);
+        let at = points.partition_point(|p| p.0 < token);
+        points.insert(at, (token, None));
+        mine.push(token);
+    }
+    mine
+}
+
+/// The middle of the widest arc between `points` (or a fixed point of an empty ring).
+fn widest_middle(points: &[(u64, Option<PeerId>)]) -> u64 {
+    match points.len() {
         0 => u64::MAX / 2,
-        1 => tokens[0].wrapping_add(1u64 << 63),
+        1 => points[0].0.wrapping_add(1u64 << 63),
         n => {
             let mut best = (0u64, 0u64); // (arc length, start)
             for i in 0..n {
-                let start = tokens[(i + n - 1) % n];
-                let len = tokens[i].wrapping_sub(start);
+                let start = points[(i + n - 1) % n].0;
+                let len = points[i].0.wrapping_sub(start);
                 if len > best.0 {
                     best = (len, start);
                 }
@@ -129,10 +198,116 @@ fn owners(view: &RingView) -> impl Iterator<Item = &Member> {
     view.members.iter().filter(|m| !m.leaving)
 }
 
-/// The owning member whose token is the first at or after `point` (wrapping): who owns `point`.
-fn successor<'a>(active: &[&'a Member], point: u64) -> &'a Member {
-    let i = active.partition_point(|m| m.token < point);
-    active[i % active.len()]
+/// Every token of a member: its own, then its virtual nodes'.
+pub fn tokens_of(m: &Member) -> impl Iterator<Item = u64> + '_ {
+    std::iter::once(m.token).chain(m.vnodes.iter().copied())
+}
+
+/// The points of a consistent-hashing ring: every token of every owning member, in token
+/// order. Each point owns the arc that ends at it. Built once per view for work over many keys
+/// (a repair plan, a status); the [`RingExt`] methods build one per call.
+pub struct Points<'a> {
+    points: Vec<(u64, &'a Member)>,
+    /// Distinct owning members, for bounding replica sets.
+    members: usize,
+}
+
+impl<'a> Points<'a> {
+    pub fn new(view: &'a RingView) -> Self {
+        let mut points: Vec<(u64, &Member)> = owners(view)
+            .flat_map(|m| tokens_of(m).map(move |t| (t, m)))
+            .collect();
+        points.sort_by_key(|(t, m)| (*t, m.id));
+        Points {
+            points,
+            members: owners(view).count(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.points.is_empty()
+    }
+
+    /// The index of the point that owns ring position `h`: the first at or after it, wrapping.
+    pub fn successor(&self, h: u64) -> usize {
+        self.points.partition_point(|(t, _)| *t < h) % self.points.len()
+    }
+
+    pub fn member_at(&self, i: usize) -> &'a Member {
+        self.points[i].1
+    }
+
+    pub fn token_at(&self, i: usize) -> u64 {
+        self.points[i].0
+    }
+
+    pub fn len(&self) -> usize {
+        self.points.len()
+    }
+
+    /// The holders of the arc ending at point `i`: its member and the next `r - 1` distinct
+    /// members clockwise.
+    pub fn holders_from(&self, i: usize, r: usize) -> Vec<&'a Member> {
+        let want = r.min(self.members);
+        let mut out: Vec<&Member> = Vec::with_capacity(want);
+        let n = self.points.len();
+        for step in 0..n {
+            if out.len() >= want {
+                break;
+            }
+            let m = self.points[(i + step) % n].1;
+            if !out.iter().any(|o| o.id == m.id) {
+                out.push(m);
+            }
+        }
+        out
+    }
+
+    /// The holders of `key` under replication `r`, and the arc (the end token) it is in.
+    pub fn replicas(&self, key: RecordKey, r: usize) -> (u64, Vec<&'a Member>) {
+        if self.points.is_empty() {
+            return (0, Vec::new());
+        }
+        let i = self.successor(key_hash(key));
+        (self.points[i].0, self.holders_from(i, r))
+    }
+}
+
+/// Where keys go under a view, for work over many keys: consistent hashing's points are sorted
+/// once. An arc is named by its end token (consistent) or by its owner's id (the others).
+pub struct Placer<'a> {
+    view: &'a RingView,
+    points: Option<Points<'a>>,
+}
+
+impl<'a> Placer<'a> {
+    pub fn new(view: &'a RingView) -> Self {
+        let points = (view.placement == Placement::Consistent).then(|| Points::new(view));
+        Placer { view, points }
+    }
+
+    /// The arc `key` is in, and its holders under replication `r` (owner first).
+    pub fn replicas(&self, key: RecordKey, r: usize) -> (u64, Vec<&'a Member>) {
+        match &self.points {
+            Some(points) => points.replicas(key, r),
+            None => match self.view.owner_of(key) {
+                Some(owner) => (owner.id as u64, self.view.range_holders(owner.id, r)),
+                None => (0, Vec::new()),
+            },
+        }
+    }
+
+    /// Every arc of the ring with its holders under replication `r`.
+    pub fn arcs(&self, r: usize) -> Vec<(u64, Vec<&'a Member>)> {
+        match &self.points {
+            Some(points) => (0..points.len())
+                .map(|i| (points.token_at(i), points.holders_from(i, r)))
+                .collect(),
+            None => owners(self.view)
+                .map(|m| (m.id as u64, self.view.range_holders(m.id, r)))
+                .collect(),
+        }
+    }
 }
 
 impl RingExt for RingView {
@@ -140,29 +315,33 @@ impl RingExt for RingView {
         if self.placement != Placement::Consistent {
             return None;
         }
-        let active: Vec<&Member> = owners(self).collect();
-        let mine = active.iter().find(|m| m.id == me)?.token;
+        let points = Points::new(self);
         let h = key_hash(key);
-        let owner = successor(&active, h);
+        // With virtual nodes this member sits at several points: route from the one closest
+        // before the key, as if it were a Chord node of its own.
+        let mine = tokens_of(self.members.iter().find(|m| m.id == me && !m.leaving)?)
+            .min_by_key(|t| h.wrapping_sub(*t))?;
+        let owner = points.member_at(points.successor(h));
         if owner.id == me {
             return None;
         }
-        let fingers = (0..64).map(|i| successor(&active, mine.wrapping_add(1u64 << i)));
+        let fingers = (0..64).map(|i| points.successor(mine.wrapping_add(1u64 << i)));
         // A finger that is the owner ends the route at once (this member knows whom its fingers
         // are). Otherwise the farthest finger short of the key (distances clockwise from this
-        // member's token) halves the remaining distance, as in Chord.
+        // member's point) halves the remaining distance, as in Chord.
         let to_key = h.wrapping_sub(mine);
-        let mut best: Option<&Member> = None;
+        let mut best: Option<(u64, &Member)> = None;
         for f in fingers {
-            if f.id == owner.id {
+            let (token, m) = (points.token_at(f), points.member_at(f));
+            if m.id == owner.id {
                 return Some(owner);
             }
-            let d = f.token.wrapping_sub(mine);
-            if f.id != me && d < to_key && best.is_none_or(|b| d > b.token.wrapping_sub(mine)) {
-                best = Some(f);
+            let d = token.wrapping_sub(mine);
+            if m.id != me && d < to_key && best.is_none_or(|(bd, _)| d > bd) {
+                best = Some((d, m));
             }
         }
-        Some(best.unwrap_or(owner))
+        Some(best.map_or(owner, |(_, m)| m))
     }
 
     fn owner_of(&self, key: RecordKey) -> Option<&Member> {
@@ -172,10 +351,8 @@ impl RingExt for RingView {
         }
         match self.placement {
             Placement::Consistent => {
-                let h = key_hash(key);
-                owners(self)
-                    .find(|m| m.token >= h)
-                    .or_else(|| owners(self).next())
+                let points = Points::new(self);
+                Some(points.member_at(points.successor(key_hash(key))))
             }
             Placement::Modulo => owners(self).nth((key_hash(key) % n) as usize),
             Placement::Course => {
@@ -186,6 +363,9 @@ impl RingExt for RingView {
     }
 
     fn replicas(&self, key: RecordKey, r: usize) -> Vec<&Member> {
+        if self.placement == Placement::Consistent {
+            return Points::new(self).replicas(key, r).1;
+        }
         match self.owner_of(key) {
             Some(owner) => self.range_holders(owner.id, r),
             None => Vec::new(),
@@ -213,8 +393,18 @@ impl RingExt for RingView {
     }
 
     fn shares(&self) -> Vec<(PeerId, f64)> {
-        let active: Vec<&Member> = owners(self).collect();
-        let n = active.len();
+        let n = owners(self).count();
+        let mut arcs: std::collections::HashMap<PeerId, f64> = std::collections::HashMap::new();
+        if self.placement == Placement::Consistent && n > 1 {
+            let points = Points::new(self);
+            for i in 0..points.len() {
+                let prev = points.token_at((i + points.len() - 1) % points.len());
+                let arc = points.token_at(i).wrapping_sub(prev);
+                // A ring of one point owns it all (the arc from itself to itself is zero).
+                let arc = if points.len() == 1 { u64::MAX } else { arc };
+                *arcs.entry(points.member_at(i).id).or_default() += arc as f64 / u64::MAX as f64;
+            }
+        }
         self.members
             .iter()
             .map(|m| {
@@ -222,11 +412,7 @@ impl RingExt for RingView {
                     return (m.id, 0.0);
                 }
                 let share = match self.placement {
-                    Placement::Consistent if n > 1 => {
-                        let i = active.iter().position(|a| a.id == m.id).unwrap_or(0);
-                        let prev = active[(i + n - 1) % n].token;
-                        m.token.wrapping_sub(prev) as f64 / u64::MAX as f64
-                    }
+                    Placement::Consistent if n > 1 => arcs.get(&m.id).copied().unwrap_or(0.0),
                     _ => 1.0 / n as f64,
                 };
                 (m.id, share)
@@ -247,6 +433,7 @@ mod tests {
             addr: ([127, 0, 0, 1], 6000 + id as u16).into(),
             token,
             leaving: false,
+            vnodes: Vec::new(),
         }
     }
 
@@ -491,6 +678,138 @@ mod tests {
         assert!(view.finger_hop(leaver, RecordKey::Event(1)).is_none());
         let modulo = ring(8, Placement::Modulo);
         assert!(modulo.finger_hop(1, RecordKey::Event(1)).is_none());
+    }
+
+    /// A ring of `n` members with `v` tokens each, as `setup` forms it.
+    fn vnode_ring(n: usize, v: usize) -> RingView {
+        let members = vnode_tokens(n, v)
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| Member {
+                vnodes: t[1..].to_vec(),
+                ..member(i as PeerId + 1, t[0])
+            })
+            .collect();
+        RingView {
+            members,
+            ..ring(0, Placement::Consistent)
+        }
+    }
+
+    fn join(view: &mut RingView, id: PeerId, v: usize) {
+        let t = tokens_for_joiner(&view.members, v);
+        view.members.push(Member {
+            vnodes: t[1..].to_vec(),
+            ..member(id, t[0])
+        });
+        view.members.sort_by_key(|m| (m.token, m.id));
+    }
+
+    fn max_over_mean(view: &RingView) -> f64 {
+        let shares: Vec<f64> = view.shares().into_iter().map(|(_, s)| s).collect();
+        let mean = shares.iter().sum::<f64>() / shares.len() as f64;
+        shares.iter().cloned().fold(0.0, f64::max) / mean
+    }
+
+    /// Owners of `keys` sample keys, by key.
+    fn owner_map(view: &RingView, keys: u64) -> Vec<PeerId> {
+        let placer = Placer::new(view);
+        (0..keys)
+            .map(|k| placer.replicas(RecordKey::Event(k), 1).1[0].id)
+            .collect()
+    }
+
+    #[test]
+    fn vnodes_keep_shares_even_after_setup_and_churn() {
+        for v in [1usize, 16, 64] {
+            let mut view = vnode_ring(8, v);
+            let fresh = max_over_mean(&view);
+            assert!(fresh < 1.0001, "v={v}: {fresh}");
+            // Churn: alternate leaves (of the oldest remaining) and joins, 24 changes.
+            let mut next_id = 100;
+            for step in 0..24 {
+                if step % 2 == 0 {
+                    let gone = view.members[step % view.members.len()].id;
+                    view.members.retain(|m| m.id != gone);
+                } else {
+                    join(&mut view, next_id, v);
+                    next_id += 1;
+                }
+            }
+            for _ in 0..4 {
+                join(&mut view, next_id, v);
+                next_id += 1;
+            }
+            let churned = max_over_mean(&view);
+            println!("vnodes={v}: max/mean after setup {fresh:.3}, after churn {churned:.3}");
+            if v >= 16 {
+                assert!(churned <= 1.15, "v={v}: max/mean {churned:.3} after churn");
+            }
+        }
+    }
+
+    #[test]
+    fn with_vnodes_a_join_or_leave_moves_about_1_over_n_from_or_to_many_peers() {
+        let (n, v, keys) = (16usize, 64usize, 40_000u64);
+        let mut view = vnode_ring(n, v);
+        let before = owner_map(&view, keys);
+        join(&mut view, 99, v);
+        let after = owner_map(&view, keys);
+        let moved: Vec<usize> = (0..keys as usize)
+            .filter(|&k| before[k] != after[k])
+            .collect();
+        // Only to the joiner, about 1/(n+1) of all keys, taken from many members.
+        assert!(moved.iter().all(|&k| after[k] == 99));
+        let frac = moved.len() as f64 / keys as f64;
+        let givers: std::collections::BTreeSet<PeerId> = moved.iter().map(|&k| before[k]).collect();
+        println!(
+            "join: moved {frac:.4} of keys (1/(n+1) = {:.4}) from {} members",
+            1.0 / (n + 1) as f64,
+            givers.len()
+        );
+        assert!(frac <= 1.25 / (n + 1) as f64, "join moved {frac}");
+        assert!(
+            givers.len() >= n / 2,
+            "taken from only {} members",
+            givers.len()
+        );
+        // A leave: its keys, about 1/(n+1), go to many members.
+        let gone = view.members[3].id;
+        view.members.retain(|m| m.id != gone);
+        let left = owner_map(&view, keys);
+        let moved: Vec<usize> = (0..keys as usize)
+            .filter(|&k| after[k] != left[k])
+            .collect();
+        assert!(moved.iter().all(|&k| after[k] == gone));
+        let frac = moved.len() as f64 / keys as f64;
+        let takers: std::collections::BTreeSet<PeerId> = moved.iter().map(|&k| left[k]).collect();
+        println!("leave: moved {frac:.4} of keys to {} members", takers.len());
+        assert!(frac <= 1.25 / n as f64, "leave moved {frac}");
+        assert!(
+            takers.len() >= n / 2,
+            "given to only {} members",
+            takers.len()
+        );
+    }
+
+    #[test]
+    fn with_vnodes_replicas_are_distinct_and_fingers_still_reach_the_owner() {
+        let view = vnode_ring(64, 16);
+        let placer = Placer::new(&view);
+        let ids: Vec<PeerId> = view.members.iter().map(|m| m.id).collect();
+        let mut total = 0usize;
+        for k in 0..2_000u64 {
+            let key = RecordKey::Event(k * 7_919);
+            let (_, holders) = placer.replicas(key, 3);
+            let distinct: std::collections::BTreeSet<PeerId> =
+                holders.iter().map(|m| m.id).collect();
+            assert_eq!(distinct.len(), 3);
+            let (hops, end) = finger_route(&view, ids[k as usize % 64], key);
+            assert_eq!(end, holders[0].id);
+            total += hops;
+        }
+        let mean = total as f64 / 2_000.0;
+        assert!(mean <= 0.5 * 64f64.log2() + 1.0, "mean {mean:.2} hops");
     }
 
     #[test]

@@ -295,6 +295,9 @@ pub struct Member {
     pub token: u64,
     /// Still walked by queries, but owns nothing: its records are being handed over.
     pub leaving: bool,
+    /// More positions on the hash ring (virtual nodes): the member owns the arc ending at each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vnodes: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -415,9 +418,10 @@ pub struct PeerReport {
     pub owned: u64,
     #[serde(default)]
     pub replicas: u64,
-    /// Rows held per range, a range named by its owner: how the manager counts copies.
+    /// Rows held per arc (its end token under consistent hashing, else its owner id): how the
+    /// manager counts copies.
     #[serde(default)]
-    pub ranges: Vec<(PeerId, u64)>,
+    pub ranges: Vec<(u64, u64)>,
 }
 
 /// What a node has had to cope with since it started.
@@ -785,6 +789,7 @@ mod tests {
                     addr,
                     token: u64::MAX,
                     leaving: false,
+                    vnodes: Vec::new(),
                 }],
             }),
             Body::Store(StoreBatch {

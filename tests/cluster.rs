@@ -669,3 +669,44 @@ fn finger_routing_finds_every_record_in_few_hops() {
     let v = cluster.verify(&file);
     assert_eq!(v["found"], DETAILS_1996_ROWS, "{v}");
 }
+
+/// `vnodes = 32` on real processes: even shares of details-1996 after setup, a join that takes
+/// a little from every peer, every record found, with finger routing.
+#[test]
+fn virtual_nodes_keep_shares_even_and_spread_a_join() {
+    let env = [
+        ("STORM_VNODES", "32".to_string()),
+        ("STORM_ROUTING", "fingers".to_string()),
+    ];
+    let mut cluster = Cluster::start_with(6, &env);
+    let file = shared_data("details-1996.csv");
+    cluster.ctl_json(&["setup"]);
+    cluster.ctl_json(&["distribute", "--file", file.to_str().unwrap()]);
+    let owned = |s: &Value| -> Vec<(String, u64)> {
+        s["peers"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| Some((p["name"].as_str()?.to_string(), p["owned"].as_u64()?)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let before = owned(&cluster.wait_settled());
+    let mean = DETAILS_1996_ROWS as f64 / 6.0;
+    let max = before.iter().map(|(_, n)| *n).max().unwrap_or(0) as f64;
+    assert!(max / mean <= 1.15, "max/mean {:.3}: {before:?}", max / mean);
+    cluster.add_peer("late");
+    cluster.wait_for_peers(7);
+    let after = owned(&cluster.wait_settled());
+    let givers = before
+        .iter()
+        .filter(|(name, n)| after.iter().any(|(a, m)| a == name && m < n))
+        .count();
+    assert_eq!(
+        givers, 6,
+        "the joiner took from every peer: {before:?} -> {after:?}"
+    );
+    assert_eq!(records_total(&cluster.status()), DETAILS_1996_ROWS);
+    assert_eq!(cluster.verify(&file)["found"], DETAILS_1996_ROWS);
+}

@@ -6,7 +6,7 @@ use super::membership::Change;
 use super::{ClientCall, Manager, ManagerEvent, ManagerTag};
 use crate::link::Time;
 use crate::record::{Dataset, LoadError};
-use crate::ring::{RingExt, first_prime_above};
+use crate::ring::{Placer, first_prime_above};
 use crate::store::{batch_budget, make_batches, row_size};
 use crate::wire::{
     Body, DistributeFailure, DistributeReport, PeerId, Placement, ReplyBody, RequestError,
@@ -129,7 +129,11 @@ impl Manager {
             .map(|e| (e.line, e.reason.clone()))
             .collect();
         let budget = batch_budget(&dataset.columns, self.cfg.max_datagram);
-        let mut by_owner: BTreeMap<PeerId, Vec<WireRow>> = BTreeMap::new();
+        // Rows grouped by their replica set (owner first): with virtual nodes one owner's
+        // arcs have different replicas, so the set, not the owner, decides where a batch goes.
+        let r = ring.replication.max(1) as usize;
+        let placer = Placer::new(&ring);
+        let mut by_holders: BTreeMap<Vec<PeerId>, Vec<WireRow>> = BTreeMap::new();
         for row in dataset.rows {
             if row_size(&row.values) > budget {
                 job.report.rejected += 1;
@@ -140,18 +144,17 @@ impl Manager {
                 }
                 continue;
             }
-            if let Some(owner) = ring.owner_of(row.key) {
-                by_owner
-                    .entry(owner.id)
+            let holders: Vec<PeerId> = placer.replicas(row.key, r).1.iter().map(|m| m.id).collect();
+            if !holders.is_empty() {
+                by_holders
+                    .entry(holders)
                     .or_default()
                     .push(WireRow(row.key, row.values));
             }
         }
-        let r = ring.replication.max(1) as usize;
         let mut unit = 0;
-        for (owner, rows) in by_owner {
-            let Some(first) = rows.first() else { continue };
-            let holders: Vec<PeerId> = ring.replicas(first.0, r).iter().map(|m| m.id).collect();
+        for (holders, rows) in by_holders {
+            let owner = holders[0];
             let (batches, _) =
                 make_batches(ring.epoch, &dataset.columns, rows, self.cfg.max_datagram);
             for batch in batches {

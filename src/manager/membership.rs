@@ -8,7 +8,7 @@
 use super::registry::Standing;
 use super::{ClientCall, Manager, ManagerEvent, ManagerTag, PeerMessage};
 use crate::link::Time;
-use crate::ring::{RingExt, evenly_spaced_tokens, first_prime_above, token_for_joiner};
+use crate::ring::{RingExt, first_prime_above, tokens_for_joiner, vnode_tokens};
 use crate::wire::{
     Body, ExitReason, Member, PeerId, ReplyBody, RequestError, RingView, TraceContext,
 };
@@ -67,18 +67,19 @@ impl Manager {
             }
             let members = ids
                 .iter()
-                .zip(evenly_spaced_tokens(ids.len()))
-                .filter_map(|(id, token)| {
+                .zip(vnode_tokens(ids.len(), self.cfg.vnodes as usize))
+                .filter_map(|(id, tokens)| {
                     let p = self.registry.get(*id)?;
                     Some(Member {
                         id: *id,
                         name: p.name.clone(),
                         addr: p.addr,
-                        token,
+                        token: tokens[0],
                         leaving: false,
+                        vnodes: tokens[1..].to_vec(),
                     })
                 })
-                .collect();
+                .collect::<Vec<Member>>();
             for id in &ids {
                 self.registry.set_standing(*id, Standing::InRing);
             }
@@ -168,13 +169,14 @@ impl Manager {
                     }
                     let (name, addr) = (p.name.clone(), p.addr);
                     self.registry.set_standing(*id, Standing::InRing);
-                    let token = token_for_joiner(&view.members);
+                    let tokens = tokens_for_joiner(&view.members, self.cfg.vnodes as usize);
                     view.members.push(Member {
                         id: *id,
                         name,
                         addr,
-                        token,
+                        token: tokens[0],
                         leaving: false,
+                        vnodes: tokens[1..].to_vec(),
                     });
                     view.members.sort_by_key(|m| (m.token, m.id));
                 }

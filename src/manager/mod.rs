@@ -53,6 +53,8 @@ pub struct ManagerConfig {
     pub replication: u32,
     /// How queries travel the ring unless the client says otherwise.
     pub routing: Routing,
+    /// Tokens per peer on the hash ring (virtual nodes).
+    pub vnodes: u32,
     /// The wall clock (µs since the Unix epoch) at this machine's time zero, to put the
     /// peers' hop stamps on the query's timeline.
     pub clock_origin_us: u64,

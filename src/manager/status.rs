@@ -4,7 +4,7 @@
 use super::registry::Standing;
 use super::{ClientCall, Manager, ManagerTag, PeerMessage};
 use crate::link::Time;
-use crate::ring::RingExt;
+use crate::ring::{Placer, RingExt};
 use crate::wire::{
     Body, PeerId, PeerReport, PeerState, PeerStatus, ReplyBody, RequestError, StatusReport,
 };
@@ -168,15 +168,14 @@ impl Manager {
         };
         let r = ring.replication.max(1) as usize;
         let (mut ranges, mut rows) = (0, 0);
-        for owner in ring.members.iter().filter(|m| !m.leaving) {
-            let holders = ring.range_holders(owner.id, r);
+        for (arc, holders) in Placer::new(ring).arcs(r) {
             let counts: Vec<u64> = holders
                 .iter()
                 .map(|h| {
                     reports.get(&h.id).map_or(0, |rep| {
                         rep.ranges
                             .iter()
-                            .find(|(o, _)| *o == owner.id)
+                            .find(|(a, _)| *a == arc)
                             .map_or(0, |(_, n)| *n)
                     })
                 })

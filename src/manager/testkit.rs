@@ -69,6 +69,7 @@ pub fn dataset(events: u64) -> Dataset {
 impl Kit {
     pub fn new(placement: Placement) -> Kit {
         let cfg = ManagerConfig {
+            vnodes: 1,
             routing: crate::wire::Routing::default(),
             retry: RetryPolicy {
                 initial: Duration::from_millis(10),

@@ -5,14 +5,15 @@
 //! peer compares each key's set under the new view with its set under `base`, the last view
 //! whose copies this peer finished. Members in both sets (keepers) held the key and still do;
 //! the first keeper, and only it, copies the key to the members new to the set (gainers), so a
-//! join or a repair moves each row once. A peer no longer in the set drops the key at once when
-//! a keeper remains (the keeper has it), and otherwise hands it to every new holder first,
-//! dropping it only when all of them acknowledged. Rows whose placement this peer cannot vouch
+//! repair moves each row once. A peer no longer in the set (it is leaving, or a joiner displaced
+//! it) hands the key to the gainers too and drops it only when they acknowledged, so that the
+//! keeper dying during a join or a leave loses nothing: a moved row travels twice and is stored
+//! once. When no keeper remains it hands the key to every new holder, likewise. Rows whose placement this peer cannot vouch
 //! for (no base yet, or rows that came from a sender with an older view) go to every other
 //! member of their set.
 
 use crate::record::RecordKey;
-use crate::ring::RingExt;
+use crate::ring::Placer;
 use crate::store::{Columns, Store, StoredRow};
 use crate::wire::{Member, PeerId, RingView};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -53,6 +54,8 @@ pub fn plan(
     ahead: &HashMap<RecordKey, u64>,
 ) -> Plan {
     let r = view.replication.max(1) as usize;
+    let placer = Placer::new(view);
+    let base_placer = base.map(|b| (Placer::new(b), b.replication.max(1) as usize));
     let mut out = Plan::default();
     let mut sends: BTreeMap<(PeerId, usize), Send> = BTreeMap::new();
     let mut schemas: Vec<Columns> = Vec::new();
@@ -60,25 +63,35 @@ pub fn plan(
         if ahead.contains_key(key) {
             continue; // placed by a newer view than this one: wait for it
         }
-        let holders = view.replicas(*key, r);
+        let holders = placer.replicas(*key, r).1;
         if holders.is_empty() {
             continue;
         }
         let i_hold = holders.iter().any(|m| m.id == me);
-        let targets: Vec<&Member> = match base.filter(|_| !unplaced.contains(key)) {
+        let targets: Vec<&Member> = match base_placer.as_ref().filter(|_| !unplaced.contains(key)) {
             None => holders.iter().copied().filter(|m| m.id != me).collect(),
-            Some(base) => {
+            Some((base, base_r)) => {
                 let before: Vec<PeerId> = base
-                    .replicas(*key, base.replication.max(1) as usize)
+                    .replicas(*key, *base_r)
+                    .1
                     .iter()
                     .map(|m| m.id)
                     .collect();
                 let first_keeper = holders.iter().find(|m| before.contains(&m.id));
-                let gainers = holders.iter().copied().filter(|m| !before.contains(&m.id));
+                let gainers: Vec<&Member> = holders
+                    .iter()
+                    .copied()
+                    .filter(|m| !before.contains(&m.id))
+                    .collect();
                 match (i_hold, first_keeper) {
-                    (true, Some(k)) if k.id == me => gainers.collect(),
+                    (true, Some(k)) if k.id == me => gainers,
                     // Another keeper copies; or this peer gained the key and is being sent it.
                     (true, _) => Vec::new(),
+                    // A member giving the key up (leaving, or displaced by a joiner) hands it
+                    // to the gainers itself, as the keeper does (the gainers store the two
+                    // copies once), and drops it only when they have it: the keeper dying
+                    // during the change then loses nothing.
+                    (false, Some(_)) if !gainers.is_empty() => gainers,
                     (false, Some(_)) => {
                         out.drop_now.push(*key);
                         Vec::new()
@@ -119,14 +132,15 @@ pub fn plan(
     out
 }
 
-/// Rows held per range (a range named by its owner), and of them the rows `me` owns and the
-/// rows it keeps as another's replica. Rows outside `me`'s ranges (in transit) count nowhere.
-pub fn holdings(store: &Store, me: PeerId, view: &RingView) -> (u64, u64, Vec<(PeerId, u64)>) {
+/// Rows held per arc (named as [`Placer`] names them), and of them the rows `me` owns and the
+/// rows it keeps as another's replica. Rows outside `me`'s arcs (in transit) count nowhere.
+pub fn holdings(store: &Store, me: PeerId, view: &RingView) -> (u64, u64, Vec<(u64, u64)>) {
     let r = view.replication.max(1) as usize;
+    let placer = Placer::new(view);
     let (mut owned, mut replicas) = (0, 0);
-    let mut ranges: BTreeMap<PeerId, u64> = BTreeMap::new();
+    let mut ranges: BTreeMap<u64, u64> = BTreeMap::new();
     for (key, rows) in store.iter() {
-        let holders = view.replicas(*key, r);
+        let (arc, holders) = placer.replicas(*key, r);
         let Some(owner) = holders.first() else {
             continue;
         };
@@ -139,7 +153,7 @@ pub fn holdings(store: &Store, me: PeerId, view: &RingView) -> (u64, u64, Vec<(P
         } else {
             replicas += n;
         }
-        *ranges.entry(owner.id).or_default() += n;
+        *ranges.entry(arc).or_default() += n;
     }
     (owned, replicas, ranges.into_iter().collect())
 }
@@ -147,7 +161,7 @@ pub fn holdings(store: &Store, me: PeerId, view: &RingView) -> (u64, u64, Vec<(P
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ring::evenly_spaced_tokens;
+    use crate::ring::{RingExt, evenly_spaced_tokens};
     use crate::wire::Placement;
 
     fn view(ids: &[PeerId], replication: u32) -> RingView {
@@ -160,6 +174,7 @@ mod tests {
                 addr: ([127, 0, 0, 1], 7000 + *id as u16).into(),
                 token,
                 leaving: false,
+                vnodes: Vec::new(),
             })
             .collect();
         RingView {
@@ -223,7 +238,7 @@ mod tests {
     }
 
     #[test]
-    fn a_join_copies_each_gained_row_once_and_keeps_two_copies() {
+    fn a_join_copies_each_gained_row_from_keeper_and_loser_and_keeps_two_copies() {
         let base = view(&[1, 2, 3, 4], 2);
         let mut stores = stores(&base, 4_000);
         let mut joined = base.clone();
@@ -233,6 +248,7 @@ mod tests {
             addr: ([127, 0, 0, 1], 7005).into(),
             token: crate::ring::token_for_joiner(&base.members),
             leaving: false,
+            vnodes: Vec::new(),
         });
         joined.members.sort_by_key(|m| m.token);
         joined.epoch = 2;
@@ -240,10 +256,15 @@ mod tests {
         assert_eq!(copies.len(), 4_000);
         assert!(copies.values().all(|c| *c == 2), "every key twice");
         // The joiner takes half of one arc (1/8 of the keys) and holds, as replica, its
-        // predecessor's range (1/4): 3/8 of the keys, each sent to it exactly once, and
+        // predecessor's range (1/4): 3/8 of the keys, each sent to it twice (by the keeper
+        // and by the member the joiner displaced, so that either may die meanwhile), and
         // nothing sent anywhere else.
         let joiner = stores[&5].key_count() as usize;
-        assert_eq!(sent, joiner, "each gained row sent exactly once");
+        assert_eq!(
+            sent,
+            2 * joiner,
+            "each gained row sent by its keeper and its loser"
+        );
         assert!((1_300..1_700).contains(&joiner), "{joiner}");
     }
 

@@ -8,8 +8,14 @@ use crate::record::RecordKey;
 use crate::ring::RingExt;
 use crate::wire::Routing;
 
-fn cluster(seed: u64, faults: Faults, peers: usize, routing: Routing) -> Sim {
-    let mut sim = Sim::with_routing(seed, faults, Placement::Consistent, 2, routing);
+pub(super) fn cluster_with(
+    seed: u64,
+    faults: Faults,
+    peers: usize,
+    routing: Routing,
+    vnodes: u32,
+) -> Sim {
+    let mut sim = Sim::with_layout(seed, faults, Placement::Consistent, 2, routing, vnodes);
     for i in 0..peers {
         sim.add_peer(&format!("peer-{i}"));
     }
@@ -19,6 +25,10 @@ fn cluster(seed: u64, faults: Faults, peers: usize, routing: Routing) -> Sim {
     );
     sim.add_file("default.csv", dataset(600));
     sim
+}
+
+fn cluster(seed: u64, faults: Faults, peers: usize, routing: Routing) -> Sim {
+    cluster_with(seed, faults, peers, routing, 1)
 }
 
 fn keys(sim: &Sim) -> Vec<RecordKey> {

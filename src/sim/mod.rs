@@ -17,6 +17,8 @@ pub mod net;
 mod scenarios;
 #[cfg(test)]
 mod spans;
+#[cfg(test)]
+mod vnodes;
 
 use crate::client::{Client, ClientCore, ClientError};
 use crate::driver::manager::{LoadFn, ManagerShell};
@@ -180,15 +182,17 @@ impl Sim {
         placement: Placement,
         replication: u32,
     ) -> Self {
-        Self::with_routing(seed, faults, placement, replication, Routing::Walk)
+        Self::with_layout(seed, faults, placement, replication, Routing::Walk, 1)
     }
 
-    pub fn with_routing(
+    /// A cluster with every placement setting chosen: copies, routing, tokens per peer.
+    pub fn with_layout(
         seed: u64,
         faults: Faults,
         placement: Placement,
         replication: u32,
         routing: Routing,
+        vnodes: u32,
     ) -> Self {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -205,6 +209,7 @@ impl Sim {
         local.spawn_local(net.clone().run());
 
         let cfg = ManagerConfig {
+            vnodes,
             routing,
             retry: test_retry(),
             max_datagram: 8_000,
