@@ -112,8 +112,8 @@ pub fn tokens_for_joiner(members: &[Member], vnodes: usize) -> Vec<u64> {
         let n = points.len();
         let arc = |i: usize| points[i].0.wrapping_sub(points[(i + n - 1) % n].0);
         let mut load: std::collections::HashMap<Option<PeerId>, u64> = Default::default();
-        for i in 0..n {
-            *load.entry(points[i].1).or_default() += arc(i);
+        for (i, (_, who)) in points.iter().enumerate() {
+            *load.entry(*who).or_default() += arc(i);
         }
         let heaviest = load
             .iter()

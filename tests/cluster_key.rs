@@ -24,6 +24,7 @@ fn forged_bodies(victim: SocketAddr) -> Vec<Body> {
         addr: victim,
         token: 42,
         leaving: false,
+        vnodes: Vec::new(),
     };
     vec![
         Body::Request(ClientRequest::Teardown),

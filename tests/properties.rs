@@ -59,6 +59,7 @@ fn member() -> impl Strategy<Value = Member> {
         addr: addr(6000 + id as u16),
         token,
         leaving,
+        vnodes: Vec::new(),
     })
 }
 
@@ -258,6 +259,7 @@ proptest! {
     #[test]
     fn the_manager_survives_any_message_sequence(steps in prop::collection::vec(step(), 1..60)) {
         let cfg = ManagerConfig {
+            vnodes: 1,
             routing: stormdht::wire::Routing::default(),
             retry: retry(),
             max_datagram: 4_000,
