@@ -1,7 +1,7 @@
 //! A peer's share of the records, and the batching that moves rows in datagrams.
 
 use crate::record::RecordKey;
-use crate::wire::{RecordOut, StoreBatch, WireRow};
+use crate::wire::{PackedRow, RecordOut, StoreBatch, WireRow};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -12,7 +12,14 @@ pub type Columns = Arc<[String]>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredRow {
     pub columns: Columns,
-    pub values: Vec<String>,
+    /// The values, packed: one allocation per row.
+    pub row: PackedRow,
+}
+
+impl StoredRow {
+    pub fn values(&self) -> Vec<String> {
+        self.row.values()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -33,17 +40,17 @@ impl Store {
     }
 
     /// Keeps a row; returns false if an equal row is held already (storing is idempotent).
-    pub fn insert(&mut self, key: RecordKey, columns: &Columns, values: Vec<String>) -> bool {
+    pub fn insert(&mut self, key: RecordKey, columns: &Columns, row: PackedRow) -> bool {
         let held = self.rows.entry(key).or_default();
         if held
             .iter()
-            .any(|r| Arc::ptr_eq(&r.columns, columns) && r.values == values)
+            .any(|r| Arc::ptr_eq(&r.columns, columns) && r.row == row)
         {
             return false;
         }
         held.push(StoredRow {
             columns: columns.clone(),
-            values,
+            row,
         });
         self.row_count += 1;
         true
@@ -53,8 +60,8 @@ impl Store {
     pub fn insert_batch(&mut self, batch: StoreBatch) -> u32 {
         let columns = self.intern(&batch.columns);
         let mut new_rows = 0;
-        for WireRow(key, values) in batch.rows {
-            if self.insert(key, &columns, values) {
+        for WireRow(key, row) in batch.rows {
+            if self.insert(key, &columns, row) {
                 new_rows += 1;
             }
         }
@@ -71,7 +78,7 @@ impl Store {
             .iter()
             .map(|r| RecordOut {
                 columns: r.columns.to_vec(),
-                values: r.values.clone(),
+                values: r.values(),
             })
             .collect()
     }
@@ -110,8 +117,13 @@ fn text_size(s: &str) -> usize {
 }
 
 /// An upper bound on one row's encoded size.
-pub fn row_size(values: &[String]) -> usize {
-    // Array header, the key (a one-entry map holding a u64), the values' array header.
+pub fn row_size(row: &PackedRow) -> usize {
+    // Array header, the key (a one-entry map holding a u64), the byte string's header.
+    32 + row.len()
+}
+
+/// An upper bound on the encoded size of a row's values as separate strings (a query's answer).
+pub fn values_size(values: &[String]) -> usize {
     32 + values.iter().map(|v| text_size(v)).sum::<usize>()
 }
 
@@ -175,9 +187,9 @@ mod tests {
         let mut s = Store::default();
         let c = s.intern(&cols());
         let k = RecordKey::Event(1);
-        assert!(s.insert(k, &c, vec!["1".into(), "OHIO".into()]));
-        assert!(!s.insert(k, &c, vec!["1".into(), "OHIO".into()]));
-        assert!(s.insert(k, &c, vec!["1".into(), "IOWA".into()]));
+        assert!(s.insert(k, &c, PackedRow::pack(&["1", "OHIO"])));
+        assert!(!s.insert(k, &c, PackedRow::pack(&["1", "OHIO"])));
+        assert!(s.insert(k, &c, PackedRow::pack(&["1", "IOWA"])));
         assert_eq!((s.row_count(), s.key_count()), (2, 1));
         let out = s.records_out(k);
         assert_eq!(out.len(), 2);
@@ -197,11 +209,11 @@ mod tests {
         let mut s = Store::default();
         let c = s.intern(&cols());
         let k = RecordKey::Event(1);
-        s.insert(k, &c, vec!["1".into(), "A".into()]);
-        s.insert(k, &c, vec!["1".into(), "B".into()]);
+        s.insert(k, &c, PackedRow::pack(&["1", "A"]));
+        s.insert(k, &c, PackedRow::pack(&["1", "B"]));
         let gone = vec![StoredRow {
             columns: c.clone(),
-            values: vec!["1".into(), "A".into()],
+            row: PackedRow::pack(&["1", "A"]),
         }];
         s.remove_rows(k, &gone);
         assert_eq!(s.row_count(), 1);
@@ -209,7 +221,7 @@ mod tests {
             k,
             &[StoredRow {
                 columns: c,
-                values: vec!["1".into(), "B".into()],
+                row: PackedRow::pack(&["1", "B"]),
             }],
         );
         assert_eq!((s.row_count(), s.key_count()), (0, 0));
@@ -221,7 +233,7 @@ mod tests {
             .map(|i| {
                 WireRow(
                     RecordKey::Event(i),
-                    vec![i.to_string(), "X".repeat((i % 200) as usize)],
+                    PackedRow::pack(&[i.to_string(), "X".repeat((i % 200) as usize)]),
                 )
             })
             .collect();
@@ -242,8 +254,11 @@ mod tests {
     #[test]
     fn a_row_larger_than_a_datagram_is_reported() {
         let rows = vec![
-            WireRow(RecordKey::Event(1), vec!["1".into(), "y".repeat(10_000)]),
-            WireRow(RecordKey::Event(2), vec!["2".into(), "ok".into()]),
+            WireRow(
+                RecordKey::Event(1),
+                PackedRow::pack(&["1".into(), "y".repeat(10_000)]),
+            ),
+            WireRow(RecordKey::Event(2), PackedRow::pack(&["2", "ok"])),
         ];
         let (batches, oversized) = make_batches(1, &cols(), rows, 4_000);
         assert_eq!(batches.len(), 1);

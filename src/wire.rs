@@ -331,9 +331,112 @@ pub struct StoreBatch {
     pub rows: Vec<WireRow>,
 }
 
-/// One CSV row: its key and its values, encoded as a CBOR array (no field names per row).
+/// One CSV row: its key and its values packed in one byte string (no field names per row).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WireRow(pub RecordKey, pub Vec<String>);
+pub struct WireRow(pub RecordKey, pub PackedRow);
+
+/// A row's values in one buffer, each as its length (LEB128) then its UTF-8 bytes: one
+/// allocation per row in a datagram and in a peer's store, instead of one per field. It travels
+/// as one CBOR byte string and is checked when decoded (lengths that fit, valid UTF-8).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct PackedRow(Box<[u8]>);
+
+/// Why bytes are not a packed row.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed packed row at byte {at}")]
+pub struct PackedRowError {
+    pub at: usize,
+}
+
+impl PackedRow {
+    pub fn pack<S: AsRef<str>>(values: &[S]) -> PackedRow {
+        let size = values.iter().map(|v| v.as_ref().len() + 2).sum();
+        let mut out = Vec::with_capacity(size);
+        for v in values {
+            let mut n = v.as_ref().len() as u64;
+            loop {
+                let byte = (n & 0x7f) as u8;
+                n >>= 7;
+                if n == 0 {
+                    out.push(byte);
+                    break;
+                }
+                out.push(byte | 0x80);
+            }
+            out.extend_from_slice(v.as_ref().as_bytes());
+        }
+        PackedRow(out.into_boxed_slice())
+    }
+
+    /// Checks `bytes` (from the network) and takes them as a row.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<PackedRow, PackedRowError> {
+        let row = PackedRow(bytes.into_boxed_slice());
+        let mut at = 0;
+        while at < row.0.len() {
+            let (len, body) = row.field_at(at).ok_or(PackedRowError { at })?;
+            std::str::from_utf8(&row.0[body..body + len]).map_err(|_| PackedRowError { at })?;
+            at = body + len;
+        }
+        Ok(row)
+    }
+
+    /// The length and start of the field whose length prefix is at `at`.
+    fn field_at(&self, mut at: usize) -> Option<(usize, usize)> {
+        let mut len = 0usize;
+        for shift in (0..64).step_by(7) {
+            let byte = *self.0.get(at)?;
+            at += 1;
+            len |= ((byte & 0x7f) as usize) << shift;
+            if byte & 0x80 == 0 {
+                return (at.checked_add(len)? <= self.0.len()).then_some((len, at));
+            }
+        }
+        None
+    }
+
+    /// The values, in column order.
+    pub fn fields(&self) -> impl Iterator<Item = &str> {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let (len, body) = self.field_at(at)?;
+            at = body + len;
+            // Checked when packed or received: never invalid here.
+            std::str::from_utf8(&self.0[body..body + len]).ok()
+        })
+    }
+
+    pub fn values(&self) -> Vec<String> {
+        self.fields().map(str::to_string).collect()
+    }
+
+    /// Bytes of the packed values.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for PackedRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.fields()).finish()
+    }
+}
+
+impl Serialize for PackedRow {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serde_bytes::Bytes::new(&self.0).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for PackedRow {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let bytes = serde_bytes::ByteBuf::deserialize(d)?.into_vec();
+        PackedRow::from_bytes(bytes).map_err(serde::de::Error::custom)
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FindEvent {
@@ -750,6 +853,41 @@ impl Envelope {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn packed_rows_round_trip_and_refuse_malformed_bytes() {
+        let values = ["5570068", "", "OHIO", &"x".repeat(300), "Zürich"];
+        let row = PackedRow::pack(&values);
+        assert_eq!(row.values(), values);
+        let bytes = row.0.to_vec();
+        assert_eq!(PackedRow::from_bytes(bytes.clone()), Ok(row.clone()));
+        // A length running past the end, a truncated length, bad UTF-8.
+        assert!(PackedRow::from_bytes(vec![5, b'a']).is_err());
+        assert!(PackedRow::from_bytes(vec![0x80]).is_err());
+        assert!(PackedRow::from_bytes(vec![2, 0xff, 0xfe]).is_err());
+        assert!(PackedRow::from_bytes(vec![0xff; 11]).is_err());
+        // Every truncation of a valid row either is a valid row or an error, never a panic.
+        for cut in 0..bytes.len() {
+            let _ = PackedRow::from_bytes(bytes[..cut].to_vec());
+        }
+        // In an envelope: a malformed row makes the datagram undecodable.
+        let mut batch = Envelope::new(
+            1,
+            2,
+            None,
+            Body::Store(StoreBatch {
+                epoch: 1,
+                columns: vec!["a".into()],
+                rows: vec![WireRow(RecordKey::Event(1), PackedRow::pack(&["ab"]))],
+            }),
+        )
+        .encode()
+        .unwrap();
+        let at = batch.windows(3).position(|w| w == [2, b'a', b'b']).unwrap();
+        batch[at] = 9;
+        assert!(Envelope::decode(&batch).is_err());
+    }
+
     use super::*;
 
     fn sample_bodies() -> Vec<Body> {
@@ -797,7 +935,7 @@ mod tests {
                 columns: vec!["event_id".into(), "state".into()],
                 rows: vec![WireRow(
                     RecordKey::Fallback(0xdead_beef),
-                    vec!["".into(), "OHIO".into()],
+                    PackedRow::pack(&["", "OHIO"]),
                 )],
             }),
             Body::Find(FindEvent {

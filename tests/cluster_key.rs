@@ -9,8 +9,8 @@ use std::time::Duration;
 use stormdht::auth::{Keyring, wall_clock_ms};
 use stormdht::record::RecordKey;
 use stormdht::wire::{
-    Body, ClientRequest, Envelope, ExitReason, FindEvent, Member, Placement, Rejoin, RingView,
-    StoreBatch, WireRow,
+    Body, ClientRequest, Envelope, ExitReason, FindEvent, Member, PackedRow, Placement, Rejoin,
+    RingView, StoreBatch, WireRow,
 };
 use support::{Cluster, peer_names, records_total, shared_data};
 
@@ -77,7 +77,7 @@ fn forged_bodies(victim: SocketAddr) -> Vec<Body> {
         Body::Store(StoreBatch {
             epoch: 1_000_000,
             columns: vec!["event_id".into()],
-            rows: vec![WireRow(RecordKey::Event(1), vec!["1".into()])],
+            rows: vec![WireRow(RecordKey::Event(1), PackedRow::pack(&["1"]))],
         }),
         Body::Find(FindEvent {
             query: 1,

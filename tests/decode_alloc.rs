@@ -13,7 +13,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use stormdht::cbor_guard;
 use stormdht::record::RecordKey;
-use stormdht::wire::{Body, ClientRequest, Envelope, FindEvent, StoreBatch, WireRow};
+use stormdht::wire::{Body, ClientRequest, Envelope, FindEvent, PackedRow, StoreBatch, WireRow};
 
 /// The tests' one seeded generator (rand's `SmallRng`), and garbage drawn from it.
 mod testing {
@@ -142,7 +142,7 @@ fn store_batch() -> Vec<u8> {
         columns: vec!["event_id".into(), "state".into()],
         rows: vec![WireRow(
             RecordKey::Event(5570068),
-            vec!["5570068".into(), "OHIO".into()],
+            PackedRow::pack(&["5570068", "OHIO"]),
         )],
     }))
 }
@@ -195,8 +195,20 @@ fn hostile() -> Vec<(String, Vec<u8>)> {
         patch(&batch, b"columns\x82", b"columns\x9a\xff\xff\xff\xff"),
     ));
     cases.push((
-        "store batch whose row values declare 2^16 entries".into(),
-        patch(&batch, b"\x82\x675570068", b"\x99\xff\xff\x675570068"),
+        "store batch whose packed row declares 2^32-1 bytes".into(),
+        patch(
+            &batch,
+            b"\x4d\x075570068",
+            b"\x5a\xff\xff\xff\xff\x075570068",
+        ),
+    ));
+    cases.push((
+        "store batch whose packed row's first field declares 2^63 bytes".into(),
+        patch(
+            &batch,
+            b"\x4d\x075570068",
+            b"\x56\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00",
+        ),
     ));
     let register = encode(Body::Register {
         name: "peer-a".into(),
@@ -307,7 +319,10 @@ fn honest_datagrams_stay_under_the_same_bound() {
     let body = Body::Store(StoreBatch {
         epoch: 1,
         columns: vec!["v".into()],
-        rows: vec![WireRow(RecordKey::Event(1), vec![String::new(); 59_000])],
+        rows: vec![WireRow(
+            RecordKey::Event(1),
+            PackedRow::pack(&vec![String::new(); 59_000]),
+        )],
     });
     let bytes = encode(body.clone());
     let mut decoded = None;

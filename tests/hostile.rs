@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use stormdht::auth::{Keyring, wall_clock_ms};
 use stormdht::record::RecordKey;
 use stormdht::wire::{
-    Body, ClientRequest, Envelope, ExitReason, FindEvent, FindResult, PeerReport, Placement,
-    RejectReason, RingView, StoreBatch, WireRow,
+    Body, ClientRequest, Envelope, ExitReason, FindEvent, FindResult, PackedRow, PeerReport,
+    Placement, RejectReason, RingView, StoreBatch, WireRow,
 };
 use support::{Cluster, peer_names, records_total, shared_data};
 
@@ -105,7 +105,10 @@ fn forged(n: u64) -> Vec<u8> {
         7 => Body::Store(StoreBatch {
             epoch: n,
             columns: vec!["event_id".into()],
-            rows: vec![WireRow(RecordKey::Event(n), vec![n.to_string()])],
+            rows: vec![WireRow(
+                RecordKey::Event(n),
+                PackedRow::pack(&[n.to_string()]),
+            )],
         }),
         8 => Body::Find(FindEvent {
             query: n,

@@ -11,8 +11,8 @@ use stormdht::manager::{Manager, ManagerConfig};
 use stormdht::peer::{Peer, PeerConfig};
 use stormdht::record::RecordKey;
 use stormdht::wire::{
-    Body, ClientRequest, Envelope, ExitReason, FindEvent, FindResult, Member, PeerReport,
-    Placement, RejectReason, Rejoin, RingView, StoreBatch, WireRow,
+    Body, ClientRequest, Envelope, ExitReason, FindEvent, FindResult, Member, PackedRow,
+    PeerReport, Placement, RejectReason, Rejoin, RingView, StoreBatch, WireRow,
 };
 
 fn addr(port: u16) -> SocketAddr {
@@ -157,7 +157,7 @@ fn body() -> impl Strategy<Value = Body> {
                 columns: vec!["event_id".into(), "state".into()],
                 rows: keys
                     .into_iter()
-                    .map(|k| WireRow(k, vec![k.to_string(), "X".into()]))
+                    .map(|k| WireRow(k, PackedRow::pack(&[k.to_string(), "X".into()])))
                     .collect(),
             }
         )),

@@ -9,8 +9,8 @@ use crate::record::{Dataset, LoadError};
 use crate::ring::{Placer, first_prime_above};
 use crate::store::{batch_budget, make_batches, row_size};
 use crate::wire::{
-    Body, DistributeFailure, DistributeReport, PeerId, Placement, ReplyBody, RequestError,
-    StoreBatch, WireRow,
+    Body, DistributeFailure, DistributeReport, PackedRow, PeerId, Placement, ReplyBody,
+    RequestError, StoreBatch, WireRow,
 };
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -135,7 +135,8 @@ impl Manager {
         let placer = Placer::new(&ring);
         let mut by_holders: BTreeMap<Vec<PeerId>, Vec<WireRow>> = BTreeMap::new();
         for row in dataset.rows {
-            if row_size(&row.values) > budget {
+            let packed = PackedRow::pack(&row.values);
+            if row_size(&packed) > budget {
                 job.report.rejected += 1;
                 if job.report.rejected_samples.len() < 10 {
                     job.report
@@ -149,7 +150,7 @@ impl Manager {
                 by_holders
                     .entry(holders)
                     .or_default()
-                    .push(WireRow(row.key, row.values));
+                    .push(WireRow(row.key, packed));
             }
         }
         let mut unit = 0;

@@ -593,7 +593,7 @@ impl Peer {
             let (rows, oversized): (Vec<_>, Vec<_>) = send
                 .rows
                 .into_iter()
-                .partition(|(_, r)| row_size(&r.values) <= budget);
+                .partition(|(_, r)| row_size(&r.row) <= budget);
             if !oversized.is_empty() {
                 self.events.push(PeerEvent::Warning(format!(
                     "{} rows are too large for one datagram and stay here",
@@ -605,7 +605,7 @@ impl Peer {
             }
             let wire: Vec<WireRow> = rows
                 .iter()
-                .map(|(k, r)| WireRow(*k, r.values.clone()))
+                .map(|(k, r)| WireRow(*k, r.row.clone()))
                 .collect();
             let (batches, _) = make_batches(epoch, &send.columns, wire, self.cfg.max_datagram);
             for batch in batches {
@@ -819,7 +819,7 @@ impl Peer {
         while !records.is_empty()
             && records
                 .iter()
-                .map(|r| crate::store::row_size(&r.values) * 2)
+                .map(|r| crate::store::values_size(&r.values) * 2)
                 .sum::<usize>()
                 > budget
         {

@@ -162,6 +162,7 @@ pub fn holdings(store: &Store, me: PeerId, view: &RingView) -> (u64, u64, Vec<(u
 mod tests {
     use super::*;
     use crate::ring::{RingExt, evenly_spaced_tokens};
+    use crate::wire::PackedRow;
     use crate::wire::Placement;
 
     fn view(ids: &[PeerId], replication: u32) -> RingView {
@@ -195,7 +196,7 @@ mod tests {
             for m in v.replicas(key, v.replication as usize) {
                 let s = out.entry(m.id).or_default();
                 let cols = s.intern(&["event_id".into()]);
-                s.insert(key, &cols, vec![k.to_string()]);
+                s.insert(key, &cols, PackedRow::pack(&[k.to_string()]));
             }
         }
         out
@@ -219,7 +220,7 @@ mod tests {
                 let dest = stores.entry(send.to).or_default();
                 let cols = dest.intern(&send.columns);
                 for (k, row) in &send.rows {
-                    dest.insert(*k, &cols, row.values.clone());
+                    dest.insert(*k, &cols, row.row.clone());
                 }
             }
             let s = stores.get_mut(&from).expect("sender");
@@ -305,7 +306,11 @@ mod tests {
         let mut s = Store::default();
         let cols = s.intern(&["event_id".into()]);
         for k in 0..300 {
-            s.insert(RecordKey::Event(k), &cols, vec![k.to_string()]);
+            s.insert(
+                RecordKey::Event(k),
+                &cols,
+                PackedRow::pack(&[k.to_string()]),
+            );
         }
         let p = plan(&s, 1, None, &v, &HashSet::new(), &HashMap::new());
         for send in &p.sends {
