@@ -710,3 +710,31 @@ fn virtual_nodes_keep_shares_even_and_spread_a_join() {
     assert_eq!(records_total(&cluster.status()), DETAILS_1996_ROWS);
     assert_eq!(cluster.verify(&file)["found"], DETAILS_1996_ROWS);
 }
+
+/// `stormctl generate` makes a larger file from a real one (event ids shifted per pass); the
+/// cluster stores and finds every generated record.
+#[test]
+fn a_generated_file_is_distributed_and_verified_whole() {
+    let source = shared_data("details-1950.csv");
+    let out = std::env::temp_dir().join(format!("stormdht-generated-{}.csv", std::process::id()));
+    let gen_out = Command::new(STORMCTL)
+        .args(["--json", "generate", "--records", "20000", "--from"])
+        .arg(&source)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("stormctl generate");
+    assert!(gen_out.status.success(), "{gen_out:?}");
+    assert_eq!(parse_json(&gen_out)["records"], 20_000);
+    let cluster = Cluster::start(4);
+    cluster.ctl_json(&["setup"]);
+    let d = cluster.ctl_json(&["distribute", "--file", out.to_str().unwrap()]);
+    assert_eq!(
+        (d["read"].as_u64(), d["stored"].as_u64()),
+        (Some(20_000), Some(20_000)),
+        "{d}"
+    );
+    let v = cluster.verify(&out);
+    assert_eq!(v["found"], 20_000, "{v}");
+    let _ = std::fs::remove_file(&out);
+}

@@ -90,6 +90,16 @@ enum Command {
         #[arg(long, default_value_t = 32)]
         window: usize,
     },
+    /// Make a large CSV from a real one, for scale tests (no manager needed): the source's rows
+    /// repeated, each pass with its event ids shifted by 10^8, until --records rows.
+    Generate {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        records: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print a shell completion script: `stormctl completions bash > ~/.local/share/bash-completion/completions/stormctl`.
     Completions { shell: clap_complete::Shell },
 }
@@ -163,6 +173,9 @@ fn keyring(cli: &Cli) -> Result<Option<Keyring>, String> {
 }
 
 async fn command(cli: &Cli) -> ExitCode {
+    if let Command::Generate { from, records, out } = &cli.command {
+        return generate(cli.json, from, *records, out);
+    }
     if let Command::Completions { shell } = &cli.command {
         use clap::CommandFactory;
         clap_complete::generate(
@@ -253,7 +266,35 @@ async fn command(cli: &Cli) -> ExitCode {
             interval,
         } => watch_status(cli, &mut client, *interval).await,
         Command::Teardown => request(cli, &mut client, ClientRequest::Teardown).await,
-        Command::Completions { .. } => ExitCode::SUCCESS, // handled above
+        // Handled above, without a manager.
+        Command::Completions { .. } | Command::Generate { .. } => ExitCode::SUCCESS,
+    }
+}
+
+fn generate(json: bool, from: &std::path::Path, records: u64, out: &std::path::Path) -> ExitCode {
+    let started = Instant::now();
+    let source = match std::fs::File::open(from) {
+        Ok(f) => f,
+        Err(e) => return fail(json, format!("cannot read {}: {e}", from.display())),
+    };
+    let sink = match std::fs::File::create(out) {
+        Ok(f) => f,
+        Err(e) => return fail(json, format!("cannot create {}: {e}", out.display())),
+    };
+    match record::generate(source, sink, records) {
+        Ok(n) => {
+            let secs = started.elapsed().as_secs_f64();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "out": out.display().to_string(), "records": n, "seconds": secs })
+                );
+            } else {
+                println!("wrote {n} records to {} in {secs:.1} s", out.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(json, format!("generating {}: {e}", out.display())),
     }
 }
 

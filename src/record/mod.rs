@@ -14,8 +14,10 @@
 //! | `key` | [`RecordKey`], EVENT_ID parsing, [`fallback_key`] |
 //! | `format` | [`CsvFormat`]: the layouts, told apart by header; header parsing |
 //! | `load` | [`load_path`], [`load_reader`]: gzip detection, line tracking, [`Dataset`], rejected rows |
+//! | `generate` | [`generate`]: a large file from a real one, event ids shifted per pass (scale tests) |
 
 mod format;
+mod generate;
 mod key;
 mod load;
 #[cfg(test)]
@@ -24,5 +26,6 @@ mod sample;
 mod testdata;
 
 pub use format::{COURSE_COLUMNS, CsvFormat, EVENT_ID_COLUMN};
+pub use generate::{GenerateError, ID_STRIDE, generate};
 pub use key::{KeyParseError, RecordKey, fallback_key};
 pub use load::{Dataset, LoadError, Row, RowError, load_path, load_reader};
