@@ -79,7 +79,14 @@ async fn run(dataset: &Dataset, file: &str, env: &[(&'static str, String)], kill
         let key = dataset.rows[(seed % dataset.rows.len() as u64) as usize].key;
         let t = Instant::now();
         let reply = client
-            .call(ClientRequest::Query { key, via: None }, None)
+            .call(
+                ClientRequest::Query {
+                    key,
+                    via: None,
+                    routing: None,
+                },
+                None,
+            )
             .await;
         latencies.push(t.elapsed().as_secs_f64() * 1e3);
         match reply {

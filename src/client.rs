@@ -481,7 +481,16 @@ pub async fn verify_with<S: DatagramSocket>(
     let keys: Vec<RecordKey> = expected.keys().copied().collect();
     let requests = keys
         .iter()
-        .map(|k| (ClientRequest::Query { key: *k, via: None }, None))
+        .map(|k| {
+            (
+                ClientRequest::Query {
+                    key: *k,
+                    via: None,
+                    routing: None,
+                },
+                None,
+            )
+        })
         .collect();
     let results = client.call_many_with(requests, window, progress).await;
     let mut report = VerifyReport {

@@ -184,6 +184,9 @@ pub enum ClientRequest {
         /// Enter the ring at this peer (name or id); the manager picks one otherwise.
         #[serde(default)]
         via: Option<String>,
+        /// How the query travels; the manager's `routing` otherwise.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        routing: Option<Routing>,
     },
     Leave {
         name: String,
@@ -904,6 +907,7 @@ mod tests {
             Body::Request(ClientRequest::Query {
                 key: RecordKey::Event(5570068),
                 via: Some("p1".into()),
+                routing: None,
             }),
             Body::Request(ClientRequest::Distribute { path: None }),
             Body::Register {

@@ -663,6 +663,21 @@ fn finger_routing_finds_every_record_in_few_hops() {
     }
     // Chord at n = 8: at most log2(8) + 1 hops to the owner, one more to a replica.
     assert!(hops.iter().all(|h| *h <= 5), "{hops:?}");
+    // Per query, `--routing` overrides the cluster's: the walk from the same entry peer takes
+    // at least as many hops, and in total more.
+    let (mut walked, mut fingered) = (0, 0);
+    for key in ["5570068", "5556561", "5557188", "5554947", "5572688", "5573218"] {
+        let len = |routing: &str| {
+            let q = cluster.ctl_json(&["query", key, "--via", "peer-0", "--routing", routing]);
+            assert_eq!(q["found"], true, "{q}");
+            q["path"].as_array().map_or(0, |p| p.len())
+        };
+        let (w, f) = (len("walk"), len("fingers"));
+        assert!(f <= w, "{key}: fingers {f} hops, walk {w}");
+        walked += w;
+        fingered += f;
+    }
+    assert!(fingered < walked, "fingers {fingered} hops in all, walk {walked}");
     cluster.ctl_json(&["leave", "peer-3"]);
     cluster.peer("peer-3").wait(Duration::from_secs(30));
     cluster.wait_settled();

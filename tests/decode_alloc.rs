@@ -243,6 +243,7 @@ fn hostile() -> Vec<(String, Vec<u8>)> {
             encode(Body::Request(ClientRequest::Query {
                 key: RecordKey::Event(5570068),
                 via: Some("peer-1".into()),
+                routing: None,
             })),
         ),
     ] {

@@ -98,8 +98,11 @@ fn request() -> impl Strategy<Value = ClientRequest> {
         Just(ClientRequest::Status),
         Just(ClientRequest::Teardown),
         Just(ClientRequest::Distribute { path: None }),
-        (key(), prop::option::of("p[0-5]"))
-            .prop_map(|(key, via)| ClientRequest::Query { key, via }),
+        (key(), prop::option::of("p[0-5]")).prop_map(|(key, via)| ClientRequest::Query {
+            key,
+            via,
+            routing: None
+        }),
         "p[0-5]".prop_map(|name| ClientRequest::Leave { name }),
     ]
 }

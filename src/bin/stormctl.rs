@@ -10,7 +10,7 @@ use stormdht::config::TelemetryConfig;
 use stormdht::record::{self, RecordKey};
 use stormdht::report;
 use stormdht::telemetry::{self, TARGET};
-use stormdht::wire::{ClientRequest, ReplyBody};
+use stormdht::wire::{ClientRequest, ReplyBody, Routing};
 
 #[derive(Parser)]
 #[command(
@@ -67,6 +67,10 @@ enum Command {
         /// needed; with --json the same data is under "timeline").
         #[arg(long)]
         trace: bool,
+        /// How the query travels: walk (next by next) or fingers (Chord); default: the
+        /// manager's `routing`.
+        #[arg(long, value_enum)]
+        routing: Option<RoutingArg>,
     },
     /// Make a peer leave the ring; its records are handed over first.
     Leave { name: String },
@@ -102,6 +106,21 @@ enum Command {
     },
     /// Print a shell completion script: `stormctl completions bash > ~/.local/share/bash-completion/completions/stormctl`.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoutingArg {
+    Walk,
+    Fingers,
+}
+
+impl From<RoutingArg> for Routing {
+    fn from(r: RoutingArg) -> Routing {
+        match r {
+            RoutingArg::Walk => Routing::Walk,
+            RoutingArg::Fingers => Routing::Fingers,
+        }
+    }
 }
 
 /// Exit statuses: 0 success (found), 1 not found / verification failed, 2 error.
@@ -200,12 +219,14 @@ async fn command(cli: &Cli) -> ExitCode {
             event_id,
             via,
             trace: waterfall,
+            routing,
         } => {
             let key: RecordKey = match event_id.parse() {
                 Ok(k) => k,
                 Err(e) => return fail(cli.json, format!("'{event_id}' is not an event id: {e}")),
             };
-            query(cli, &mut client, key, via.clone(), *waterfall).await
+            let routing = routing.map(Routing::from);
+            query(cli, &mut client, key, via.clone(), routing, *waterfall).await
         }
         Command::Verify { file, window } => {
             let path = file.clone();
@@ -417,6 +438,7 @@ async fn query(
     client: &mut Client,
     key: RecordKey,
     via: Option<String>,
+    routing: Option<Routing>,
     waterfall: bool,
 ) -> ExitCode {
     let span = tracing::info_span!(
@@ -432,7 +454,9 @@ async fn query(
     let trace_id = telemetry::trace_id_of(&span);
     let trace = telemetry::context_of(&span);
     let started = Instant::now();
-    let result = client.call(ClientRequest::Query { key, via }, trace).await;
+    let result = client
+        .call(ClientRequest::Query { key, via, routing }, trace)
+        .await;
     let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
     let trace_url = match (&cli.jaeger_ui, &trace_id) {
         (Some(ui), Some(id)) => Some(format!("{}/trace/{id}", ui.trim_end_matches('/'))),

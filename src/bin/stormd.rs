@@ -327,8 +327,15 @@ async fn run_demo(cfg: &Config, peers: usize, file: Option<String>) -> Result<()
             continue;
         };
         let started = Instant::now();
-        if let ReplyBody::Query(q) =
-            call(&mut client, ClientRequest::Query { key, via: None }).await?
+        if let ReplyBody::Query(q) = call(
+            &mut client,
+            ClientRequest::Query {
+                key,
+                via: None,
+                routing: None,
+            },
+        )
+        .await?
         {
             let ms = started.elapsed().as_secs_f64() * 1e3;
             let state = q.records.first().and_then(|r| {
@@ -355,6 +362,7 @@ async fn run_demo(cfg: &Config, peers: usize, file: Option<String>) -> Result<()
         ClientRequest::Query {
             key: absent,
             via: None,
+            routing: None,
         },
     )
     .await?

@@ -358,7 +358,7 @@ impl Manager {
         match req {
             ClientRequest::Setup => self.setup(now, call),
             ClientRequest::Distribute { path } => self.distribute(now, call, path),
-            ClientRequest::Query { key, via } => self.query(now, call, key, via),
+            ClientRequest::Query { key, via, routing } => self.query(now, call, key, via, routing),
             ClientRequest::Leave { name } => match self.registry.by_name_or_id(&name) {
                 Some(id) => self.begin_leave(now, id, Some(call)),
                 None => self.reply(now, &call, Err(RequestError::NoSuchPeer { name })),

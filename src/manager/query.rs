@@ -6,13 +6,14 @@ use crate::link::Time;
 use crate::record::RecordKey;
 use crate::ring::RingExt;
 use crate::wire::{
-    Body, FindEvent, FindResult, HopOut, PeerId, QueryOutcome, ReplyBody, RequestError,
+    Body, FindEvent, FindResult, HopOut, PeerId, QueryOutcome, ReplyBody, RequestError, Routing,
 };
 use std::net::SocketAddr;
 
 pub(super) struct PendingQuery {
     pub(super) call: ClientCall,
     key: RecordKey,
+    routing: Routing,
     sent: Time,
     pub(super) deadline: Time,
     /// Entry peers that refused the query or did not acknowledge it.
@@ -30,6 +31,7 @@ impl Manager {
         call: ClientCall,
         key: RecordKey,
         via: Option<String>,
+        routing: Option<Routing>,
     ) {
         let Some(ring) = self.ring.as_ref() else {
             return self.reply(now, &call, Err(RequestError::NoRing));
@@ -62,6 +64,7 @@ impl Manager {
             PendingQuery {
                 call,
                 key,
+                routing: routing.unwrap_or(self.cfg.routing),
                 sent: now,
                 deadline,
                 tried: Vec::new(),
@@ -80,7 +83,7 @@ impl Manager {
         let Some(q) = self.queries.get(&query) else {
             return;
         };
-        let (key, trace) = (q.key, q.call.trace.clone());
+        let (key, routing, trace) = (q.key, q.routing, q.call.trace.clone());
         self.events.push(ManagerEvent::QueryDispatched {
             query,
             key,
@@ -92,7 +95,7 @@ impl Manager {
             key,
             path: Vec::new(),
             hops: Vec::new(),
-            routing: self.cfg.routing,
+            routing,
         };
         let tag = ManagerTag::Find { query, entry };
         self.send(now, entry_addr, Body::Find(find), trace, tag);
@@ -188,6 +191,7 @@ mod tests {
         ClientRequest::Query {
             key: RecordKey::Event(key),
             via: via.map(String::from),
+            routing: None,
         }
     }
 

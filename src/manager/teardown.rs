@@ -136,6 +136,7 @@ mod tests {
         let query = kit.request(ClientRequest::Query {
             key: crate::record::RecordKey::Event(5),
             via: Some("p1".into()),
+            routing: None,
         });
         let teardown = kit.request(ClientRequest::Teardown);
         assert_eq!(kit.reply(query), Err(RequestError::TornDown));

@@ -100,6 +100,7 @@ pub(super) fn query(sim: &mut Sim, key: RecordKey, via: Option<&str>) -> QueryOu
     match sim.request(ClientRequest::Query {
         key,
         via: via.map(String::from),
+        routing: None,
     }) {
         Ok(ReplyBody::Query(q)) => q,
         other => panic!("query {key}: {other:?}"),
@@ -442,6 +443,7 @@ fn commands_before_setup_get_clear_errors() {
         .request(ClientRequest::Query {
             key: RecordKey::Event(1),
             via: None,
+            routing: None,
         })
         .unwrap_err();
     assert!(e.contains("setup"), "{e}");
@@ -656,7 +658,11 @@ fn a_query_into_a_dead_ring_fails_with_a_reason() {
     }
     let key = sim.file("default.csv").rows[0].key;
     let e = sim
-        .request(ClientRequest::Query { key, via: None })
+        .request(ClientRequest::Query {
+            key,
+            via: None,
+            routing: None,
+        })
         .unwrap_err();
     assert!(e.contains(&key.to_string()), "{e}");
     assert!(

@@ -84,7 +84,11 @@ fn a_query_and_a_status_in_one_burst_each_end_on_their_own_span() {
         // Both requests wait at the manager's socket and are read in one burst.
         let manager = sim.manager_addr;
         sim.net.hold(manager);
-        let query = sim.request_in_background(ClientRequest::Query { key, via: None });
+        let query = sim.request_in_background(ClientRequest::Query {
+            key,
+            via: None,
+            routing: None,
+        });
         let status = sim.request_in_background(ClientRequest::Status);
         sim.advance(Duration::from_millis(5));
         sim.net.release(manager);
