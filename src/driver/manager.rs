@@ -15,12 +15,34 @@ use tokio::sync::mpsc;
 use tracing::{Span, field, info, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// Loads the CSV a distribute names.
-pub type LoadFn = Arc<dyn Fn(&str) -> Result<Dataset, LoadError> + Send + Sync>;
+/// Reads the CSV a distribute names, handing each chunk of rows to the sink as it is read (the
+/// sink returns false to stop).
+pub type LoadFn =
+    Arc<dyn Fn(&str, &mut dyn FnMut(Dataset) -> bool) -> Result<(), LoadError> + Send + Sync>;
 
-/// The loader of a real manager: the file system, on a blocking thread.
+/// Rows per chunk read ahead of the manager.
+pub const CHUNK_ROWS: usize = 8_192;
+
+/// The loader of a real manager: the file system, streamed on a blocking thread.
 pub fn disk_loader() -> LoadFn {
-    Arc::new(|path: &str| crate::record::load_path(std::path::Path::new(path)))
+    Arc::new(|path: &str, sink: &mut dyn FnMut(Dataset) -> bool| {
+        crate::record::stream_path(std::path::Path::new(path), CHUNK_ROWS, sink)
+    })
+}
+
+/// What the reading thread hands the shell.
+enum Loaded {
+    Chunk(Dataset),
+    Done(Result<(), LoadError>),
+}
+
+/// The file a distribute job is reading.
+struct Reading {
+    job: u64,
+    /// Chunks from the reading thread: at most one waits, so the thread reads ahead by one.
+    rx: mpsc::Receiver<Loaded>,
+    /// The manager asked for the next chunk.
+    wanted: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -34,35 +56,53 @@ pub struct ManagerShell {
     load: LoadFn,
     /// Load on a blocking thread (real files) or inline (the simulation's memory files).
     blocking: bool,
-    loaded_tx: mpsc::UnboundedSender<ManagerInput>,
-    loaded_rx: mpsc::UnboundedReceiver<ManagerInput>,
+    reading: Option<Reading>,
 }
 
 impl ManagerShell {
     pub fn new(load: LoadFn, blocking: bool) -> Self {
-        let (loaded_tx, loaded_rx) = mpsc::unbounded_channel();
         ManagerShell {
             spans: HashMap::new(),
             load,
             blocking,
-            loaded_tx,
-            loaded_rx,
+            reading: None,
         }
     }
 
-    fn load_file(&self, job: u64, path: String) {
-        info!(%path, "loading records");
-        let (load, tx) = (self.load.clone(), self.loaded_tx.clone());
-        let work = move || {
-            let result = load(&path);
-            // The receiver lives as long as the shell; a send can only fail after the loop ended.
-            let _ = tx.send(ManagerInput::FileLoaded { job, result });
-        };
-        if self.blocking {
-            tokio::task::spawn_blocking(work);
+    fn load_file(&mut self, job: u64, path: String) {
+        info!(%path, "reading records");
+        let load = self.load.clone();
+        let rx = if self.blocking {
+            // A bounded channel: the thread blocks once a chunk waits, so memory stays bounded.
+            let (tx, rx) = mpsc::channel(1);
+            tokio::task::spawn_blocking(move || {
+                let result = load(&path, &mut |chunk| {
+                    tx.blocking_send(Loaded::Chunk(chunk)).is_ok()
+                });
+                // The receiver is gone only when the job or the loop ended.
+                let _ = tx.blocking_send(Loaded::Done(result));
+            });
+            rx
         } else {
-            work();
-        }
+            // The simulation's files are small and in memory: read them at once.
+            let mut chunks = Vec::new();
+            let result = load(&path, &mut |chunk| {
+                chunks.push(Loaded::Chunk(chunk));
+                true
+            });
+            chunks.push(Loaded::Done(result));
+            let (tx, rx) = mpsc::channel(chunks.len());
+            for c in chunks {
+                let _ = tx.try_send(c);
+            }
+            rx
+        };
+        // A new job replaces an older one's reading (the manager runs one distribute at once).
+        self.reading = Some(Reading {
+            job,
+            rx,
+            wanted: true,
+        });
     }
 }
 
@@ -124,6 +164,11 @@ impl Shell<Manager> for ManagerShell {
     fn on_event(&mut self, ev: ManagerEvent) -> Control<()> {
         match ev {
             ManagerEvent::LoadFile { job, path } => self.load_file(job, path),
+            ManagerEvent::WantRows { job } => {
+                if let Some(r) = self.reading.as_mut().filter(|r| r.job == job) {
+                    r.wanted = true;
+                }
+            }
             ManagerEvent::PeerRegistered { id, name, addr } => {
                 info!(id, %name, %addr, "peer registered")
             }
@@ -185,10 +230,32 @@ impl Shell<Manager> for ManagerShell {
     }
 
     async fn next_local(&mut self) -> ManagerInput {
-        match self.loaded_rx.recv().await {
-            Some(input) => input,
-            // The shell holds a sender itself, so the channel never closes while it lives.
-            None => std::future::pending().await,
+        let Some(reading) = self.reading.as_mut().filter(|r| r.wanted) else {
+            return std::future::pending().await;
+        };
+        let job = reading.job;
+        match reading.rx.recv().await {
+            Some(Loaded::Chunk(chunk)) => {
+                reading.wanted = false;
+                ManagerInput::Rows { job, chunk }
+            }
+            Some(Loaded::Done(result)) => {
+                self.reading = None;
+                ManagerInput::LoadDone { job, result }
+            }
+            // The reading thread ended without a word (it panicked): say so.
+            None => {
+                self.reading = None;
+                let source = std::io::Error::other("the reading thread stopped");
+                ManagerInput::LoadDone {
+                    job,
+                    result: Err(LoadError::Io {
+                        path: None,
+                        line: None,
+                        source,
+                    }),
+                }
+            }
         }
     }
 

@@ -32,7 +32,20 @@ pub(super) struct DistributeJob {
     per_peer: BTreeMap<PeerId, u64>,
     /// When the client was last told how far the job is.
     progress_at: Option<Time>,
+    /// The file is still being read, chunk by chunk.
+    loading: bool,
+    /// A chunk was asked for and has not come yet.
+    asked: bool,
+    /// Rows in units not yet stored everywhere (queued or in flight).
+    pending_rows: u64,
+    /// Course placement needs the row count before placing: its chunks wait here.
+    held: Option<Dataset>,
+    next_unit: u64,
 }
+
+/// Ask for the next chunk once this few rows remain to be stored: the driver reads ahead by
+/// about one chunk, so the manager's memory is bounded by a few chunks, not by the file.
+const LOW_WATER_ROWS: u64 = 8_192;
 
 /// How often a distribute tells its client how far it is.
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
@@ -72,36 +85,53 @@ impl Manager {
             },
             per_peer: BTreeMap::new(),
             progress_at: None,
+            loading: true,
+            asked: true,
+            pending_rows: 0,
+            held: None,
+            next_unit: 0,
         });
         self.events.push(ManagerEvent::LoadFile { job: id, path });
     }
 
-    /// The driver loaded the file of a distribute job (or failed to).
-    pub(super) fn on_file_loaded(
-        &mut self,
-        now: Time,
-        job_id: u64,
-        loaded: Result<Dataset, LoadError>,
-    ) {
+    /// The next chunk of the job's file.
+    pub(super) fn on_rows(&mut self, now: Time, job_id: u64, chunk: Dataset) {
         let Some(job) = self.job.as_mut().filter(|j| j.id == job_id) else {
             return;
         };
-        let dataset = match loaded {
-            Ok(d) => d,
-            Err(e) => {
-                let call = job.call.clone();
-                let path = job.report.path.clone();
-                self.job = None;
-                let reason = e.to_string();
-                self.events.push(ManagerEvent::DistributeFailed {
-                    job: job_id,
-                    reason: reason.clone(),
-                });
-                return self.reply(now, &call, Err(RequestError::Load { path, reason }));
-            }
-        };
+        job.asked = false;
         if self.cfg.placement == Placement::Course {
-            let table_size = first_prime_above(2 * dataset.rows.len() as u64);
+            // The table size depends on the whole file's row count: hold every chunk.
+            match &mut job.held {
+                Some(held) => held.absorb(chunk),
+                None => job.held = Some(chunk),
+            }
+            job.asked = true;
+            return self.events.push(ManagerEvent::WantRows { job: job_id });
+        }
+        self.place_chunk(now, chunk);
+    }
+
+    /// The end of the job's file, or a failure to read it.
+    pub(super) fn on_load_done(&mut self, now: Time, job_id: u64, result: Result<(), LoadError>) {
+        let Some(job) = self.job.as_mut().filter(|j| j.id == job_id) else {
+            return;
+        };
+        job.loading = false;
+        job.asked = false;
+        if let Err(e) = result {
+            let call = job.call.clone();
+            let path = job.report.path.clone();
+            self.job = None;
+            let reason = e.to_string();
+            self.events.push(ManagerEvent::DistributeFailed {
+                job: job_id,
+                reason: reason.clone(),
+            });
+            return self.reply(now, &call, Err(RequestError::Load { path, reason }));
+        }
+        if let Some(held) = job.held.take() {
+            let table_size = first_prime_above(2 * held.rows.len() as u64);
             if self
                 .ring
                 .as_ref()
@@ -113,21 +143,31 @@ impl Manager {
                     r.table_size = table_size;
                 }
             }
+            return self.place_chunk(now, held);
         }
+        self.pump_job(now);
+    }
+
+    /// Batches one chunk's rows for their replica sets and queues them.
+    fn place_chunk(&mut self, now: Time, dataset: Dataset) {
         let Some(ring) = self.ring.clone() else {
             return;
         };
         let Some(job) = self.job.as_mut() else { return };
-        job.report.format = dataset.format.to_string();
-        job.report.read = dataset.read();
-        job.report.rejected = dataset.rejected.len() as u64;
-        job.report.fallback_keys = dataset.fallback_keys;
-        job.report.rejected_samples = dataset
-            .rejected
-            .iter()
-            .take(10)
-            .map(|e| (e.line, e.reason.clone()))
-            .collect();
+        if job.report.format.is_empty() {
+            job.report.format = dataset.format.to_string();
+        }
+        job.report.read += dataset.read();
+        job.report.rejected += dataset.rejected.len() as u64;
+        job.report.fallback_keys += dataset.fallback_keys;
+        let room = 10usize.saturating_sub(job.report.rejected_samples.len());
+        job.report.rejected_samples.extend(
+            dataset
+                .rejected
+                .iter()
+                .take(room)
+                .map(|e| (e.line, e.reason.clone())),
+        );
         let budget = batch_budget(&dataset.columns, self.cfg.max_datagram);
         // Rows grouped by their replica set (owner first): with virtual nodes one owner's
         // arcs have different replicas, so the set, not the owner, decides where a batch goes.
@@ -153,13 +193,14 @@ impl Manager {
                     .push(WireRow(row.key, packed));
             }
         }
-        let mut unit = 0;
         for (holders, rows) in by_holders {
             let owner = holders[0];
             let (batches, _) =
                 make_batches(ring.epoch, &dataset.columns, rows, self.cfg.max_datagram);
             for batch in batches {
-                unit += 1;
+                job.next_unit += 1;
+                let unit = job.next_unit;
+                job.pending_rows += batch.rows.len() as u64;
                 job.units.insert(
                     unit,
                     Unit {
@@ -194,8 +235,13 @@ impl Manager {
             }
         }
         let (job_id, trace) = (job.id, job.call.trace.clone());
-        let done =
-            job.queues.values().all(VecDeque::is_empty) && job.in_flight.values().all(|n| *n == 0);
+        let done = !job.loading
+            && job.queues.values().all(VecDeque::is_empty)
+            && job.in_flight.values().all(|n| *n == 0);
+        if job.loading && !job.asked && job.pending_rows <= LOW_WATER_ROWS {
+            job.asked = true;
+            self.events.push(ManagerEvent::WantRows { job: job_id });
+        }
         for (peer, unit, batch) in sends {
             let Some(addr) = self.registry.get(peer).map(|p| p.addr) else {
                 continue;
@@ -231,6 +277,7 @@ impl Manager {
             if u.awaiting == 0 {
                 let (rows, owner) = (u.rows as u64, u.owner);
                 j.units.remove(&unit);
+                j.pending_rows = j.pending_rows.saturating_sub(rows);
                 j.report.stored += rows;
                 *j.per_peer.entry(owner).or_default() += rows;
             }
@@ -304,6 +351,71 @@ mod tests {
         let (to, done, total) = kit.progress[0];
         assert_eq!((to, total), (seq, 500));
         assert!(done > 0 && done <= 500, "{done}");
+    }
+
+    /// The file comes in chunks: the manager asks for the next only when its queue runs low,
+    /// counts every chunk, and answers once the end came and every row is stored.
+    #[test]
+    fn a_file_streamed_in_chunks_is_asked_for_as_the_queue_drains() {
+        use crate::machine::Machine;
+        use crate::manager::{ManagerEvent, ManagerInput};
+        let mut kit = Kit::with_ring(4);
+        let seq = kit.request(ClientRequest::Distribute { path: None });
+        let job = kit
+            .events
+            .iter()
+            .find_map(|e| match e {
+                ManagerEvent::LoadFile { job, .. } => Some(*job),
+                _ => None,
+            })
+            .unwrap();
+        let whole = dataset(30_000);
+        let mut rows = whole.rows.clone().into_iter();
+        let mut asked = 0;
+        loop {
+            let chunk_rows: Vec<_> = rows.by_ref().take(10_000).collect();
+            if chunk_rows.is_empty() {
+                break;
+            }
+            let chunk = crate::record::Dataset {
+                rows: chunk_rows,
+                ..whole.clone()
+            };
+            let before = kit.events.len();
+            let events = kit
+                .m
+                .handle_local(kit.now, ManagerInput::Rows { job, chunk });
+            kit.events.extend(events);
+            kit.run();
+            assert!(kit.replies.get(&seq).is_none(), "answered early");
+            let wants = kit.events[before..]
+                .iter()
+                .filter(|e| matches!(e, ManagerEvent::WantRows { .. }))
+                .count();
+            assert_eq!(
+                wants, 1,
+                "one request for the next chunk once the queue ran low"
+            );
+            asked += wants;
+        }
+        assert!(
+            kit.replies.get(&seq).is_none(),
+            "no answer before the end of the file"
+        );
+        let events = kit.m.handle_local(
+            kit.now,
+            ManagerInput::LoadDone {
+                job,
+                result: Ok(()),
+            },
+        );
+        kit.events.extend(events);
+        kit.run();
+        let Ok(ReplyBody::Distribute(report)) = kit.reply(seq) else {
+            panic!("no report");
+        };
+        assert_eq!((report.read, report.stored), (30_000, 30_000));
+        assert_eq!(asked, 3);
     }
 
     #[test]

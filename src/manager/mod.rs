@@ -101,10 +101,16 @@ pub enum ManagerTag {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ManagerEvent {
-    /// The driver should load this CSV and call [`Manager::file_loaded`].
+    /// The driver should start reading this CSV and hand over its first chunk of rows
+    /// ([`ManagerInput::Rows`]), then the next whenever asked ([`ManagerEvent::WantRows`]), and
+    /// at the end [`ManagerInput::LoadDone`].
     LoadFile {
         job: u64,
         path: String,
+    },
+    /// The job's queue runs low: hand over the next chunk (or the end).
+    WantRows {
+        job: u64,
     },
     PeerRegistered {
         id: PeerId,
@@ -475,10 +481,13 @@ impl Manager {
 /// What the manager's driver feeds it besides datagrams.
 #[derive(Debug)]
 pub enum ManagerInput {
-    /// The CSV of a distribute job, loaded (or not).
-    FileLoaded {
+    /// The next stretch of rows of a distribute job's CSV (asked for with
+    /// [`ManagerEvent::WantRows`], or the first after [`ManagerEvent::LoadFile`]).
+    Rows { job: u64, chunk: Dataset },
+    /// The end of a distribute job's CSV: read whole, or not.
+    LoadDone {
         job: u64,
-        result: Result<Dataset, LoadError>,
+        result: Result<(), LoadError>,
     },
 }
 
@@ -505,7 +514,8 @@ impl Machine for Manager {
 
     fn handle_local(&mut self, now: Time, input: ManagerInput) -> Vec<ManagerEvent> {
         match input {
-            ManagerInput::FileLoaded { job, result } => self.on_file_loaded(now, job, result),
+            ManagerInput::Rows { job, chunk } => self.on_rows(now, job, chunk),
+            ManagerInput::LoadDone { job, result } => self.on_load_done(now, job, result),
         }
         std::mem::take(&mut self.events)
     }

@@ -189,8 +189,21 @@ impl Kit {
                 _ => None,
             })
             .expect("the manager asked for a file");
-        let input = ManagerInput::FileLoaded { job, result: data };
-        let events = self.m.handle_local(self.now, input);
+        // The whole file as one chunk, then its end (or the failure to read it).
+        let result = match data {
+            Ok(chunk) => {
+                let events = self
+                    .m
+                    .handle_local(self.now, ManagerInput::Rows { job, chunk });
+                self.events.extend(events);
+                self.run();
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        let events = self
+            .m
+            .handle_local(self.now, ManagerInput::LoadDone { job, result });
         self.events.extend(events);
         self.run();
     }

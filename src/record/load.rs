@@ -139,12 +139,56 @@ pub fn load_path(path: &Path) -> Result<Dataset, LoadError> {
 
 /// Load CSV from any reader (plain or gzip-compressed, detected by the magic bytes).
 pub fn load_reader<R: Read>(reader: R) -> Result<Dataset, LoadError> {
+    let mut whole: Option<Dataset> = None;
+    stream_reader(reader, usize::MAX, &mut |chunk| {
+        match &mut whole {
+            None => whole = Some(chunk),
+            Some(d) => d.absorb(chunk),
+        }
+        true
+    })?;
+    whole.ok_or(LoadError::EmptyFile { path: None })
+}
+
+/// Reads a CSV file (plain or gzip) in chunks of at most `rows` rows, each a [`Dataset`] of its
+/// own (same format and columns; rejected rows and fallback keys of that stretch), handed to
+/// `sink` as soon as it is full: memory stays bounded by the chunk, whatever the file's size.
+/// `sink` returns false to stop reading. At least one chunk is handed over (the header's, maybe
+/// without rows).
+pub fn stream_path(
+    path: &Path,
+    rows: usize,
+    sink: &mut dyn FnMut(Dataset) -> bool,
+) -> Result<(), LoadError> {
+    let file = std::fs::File::open(path).map_err(|source| LoadError::Io {
+        path: Some(path.to_path_buf()),
+        line: None,
+        source,
+    })?;
+    stream_reader(file, rows, sink).map_err(|e| e.with_path(path))
+}
+
+/// As [`stream_path`], from any reader.
+pub fn stream_reader<R: Read>(
+    reader: R,
+    rows: usize,
+    sink: &mut dyn FnMut(Dataset) -> bool,
+) -> Result<(), LoadError> {
     let (magic, rest) = peek(reader, 2).map_err(|source| io_err(None, source))?;
     if magic == [0x1f, 0x8b] {
         let stream = io::Cursor::new(magic).chain(rest);
-        load_text(flate2::read::MultiGzDecoder::new(stream))
+        read_text(flate2::read::MultiGzDecoder::new(stream), rows, sink)
     } else {
-        load_text(io::Cursor::new(magic).chain(rest))
+        read_text(io::Cursor::new(magic).chain(rest), rows, sink)
+    }
+}
+
+impl Dataset {
+    /// Appends a later chunk of the same file.
+    pub fn absorb(&mut self, chunk: Dataset) {
+        self.rows.extend(chunk.rows);
+        self.rejected.extend(chunk.rejected);
+        self.fallback_keys += chunk.fallback_keys;
     }
 }
 
@@ -174,8 +218,12 @@ fn peek<R: Read>(mut reader: R, n: usize) -> io::Result<(Vec<u8>, R)> {
 
 const BOM: &[u8] = b"\xef\xbb\xbf";
 
-/// Parse decompressed CSV text.
-fn load_text<R: Read>(reader: R) -> Result<Dataset, LoadError> {
+/// Parse decompressed CSV text, handing chunks of at most `chunk_rows` rows to `sink`.
+fn read_text<R: Read>(
+    reader: R,
+    chunk_rows: usize,
+    sink: &mut dyn FnMut(Dataset) -> bool,
+) -> Result<(), LoadError> {
     let (head, rest) = peek(reader, BOM.len()).map_err(|source| io_err(Some(1), source))?;
     let head = if head == BOM { Vec::new() } else { head };
     let tracker = LineTracker::new(io::Cursor::new(head).chain(rest));
@@ -199,19 +247,27 @@ fn load_text<R: Read>(reader: R) -> Result<Dataset, LoadError> {
     let columns = parse_header(&rec)?;
     let format = CsvFormat::detect(&columns);
     let id_col = columns.iter().position(|c| c == EVENT_ID_COLUMN);
-
-    let mut ds = Dataset {
+    let empty = |columns: &Vec<String>| Dataset {
         format,
-        columns,
+        columns: columns.clone(),
         rows: Vec::new(),
         rejected: Vec::new(),
         fallback_keys: 0,
     };
+    let mut ds = empty(&columns);
+    let mut handed = false;
     let ncols = ds.columns.len();
     // Byte offset of the last recoverable csv error, to never loop on one spot.
     let mut last_error_at: Option<u64> = None;
 
     loop {
+        if ds.rows.len() >= chunk_rows {
+            let full = std::mem::replace(&mut ds, empty(&columns));
+            handed = true;
+            if !sink(full) {
+                return Ok(());
+            }
+        }
         let start = rdr.position().byte();
         let result = rdr.read_byte_record(&mut rec);
         let line = rdr.get_mut().line_at(start);
@@ -246,7 +302,10 @@ fn load_text<R: Read>(reader: R) -> Result<Dataset, LoadError> {
             }
         }
     }
-    Ok(ds)
+    if !handed || !ds.rows.is_empty() || !ds.rejected.is_empty() {
+        sink(ds);
+    }
+    Ok(())
 }
 
 fn csv_fatal(e: csv::Error, line: u64) -> LoadError {
@@ -547,6 +606,58 @@ mod tests {
             p.display()
         );
         p
+    }
+
+    /// Streamed in chunks, a file gives the same rows, rejections and line numbers as loaded
+    /// whole, no chunk above its size; a sink that says stop ends the reading.
+    #[test]
+    fn streaming_in_chunks_gives_what_loading_whole_gives() {
+        let p = real_file("details-1996.csv");
+        let whole = load_path(&p).unwrap();
+        let mut chunks = Vec::new();
+        stream_path(&p, 5_000, &mut |c| {
+            chunks.push(c);
+            true
+        })
+        .unwrap();
+        assert_eq!(chunks.len(), 48_534usize.div_ceil(5_000));
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c.rows.len() <= 5_000 && c.columns == whole.columns)
+        );
+        let mut joined = chunks.remove(0);
+        for c in chunks {
+            joined.absorb(c);
+        }
+        assert_eq!(joined.rows, whole.rows);
+        assert_eq!(joined.rejected, whole.rejected);
+        assert_eq!(joined.fallback_keys, whole.fallback_keys);
+        let mut seen = 0;
+        stream_path(&p, 1_000, &mut |_| {
+            seen += 1;
+            seen < 3
+        })
+        .unwrap();
+        assert_eq!(seen, 3, "stopped when the sink said so");
+        // A file with a bad row in the second chunk: the rejection keeps its line number.
+        let rows: String = (0..30)
+            .map(|i| {
+                if i == 17 {
+                    "bad,row\n".to_string()
+                } else {
+                    format!("{},OHIO,1996,May,Hail,C,X,0,0,0,0,0K,0K,\n", 100 + i)
+                }
+            })
+            .collect();
+        let text = format!("{COURSE_HEADER}\n{rows}");
+        let mut rejected = Vec::new();
+        stream_reader(text.as_bytes(), 10, &mut |c| {
+            rejected.extend(c.rejected);
+            true
+        })
+        .unwrap();
+        assert_eq!(rejected.iter().map(|r| r.line).collect::<Vec<_>>(), [19]);
     }
 
     #[test]

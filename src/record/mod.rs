@@ -28,4 +28,6 @@ mod testdata;
 pub use format::{COURSE_COLUMNS, CsvFormat, EVENT_ID_COLUMN};
 pub use generate::{GenerateError, ID_STRIDE, generate};
 pub use key::{KeyParseError, RecordKey, fallback_key};
-pub use load::{Dataset, LoadError, Row, RowError, load_path, load_reader};
+pub use load::{
+    Dataset, LoadError, Row, RowError, load_path, load_reader, stream_path, stream_reader,
+};

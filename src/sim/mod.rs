@@ -45,6 +45,9 @@ use tracing::Span;
 /// A reply as the scenarios read it: the manager's answer, or the error's text.
 pub type Reply = Result<ReplyBody, String>;
 
+/// Rows per chunk when the simulated manager reads a file.
+const SIM_CHUNK_ROWS: usize = 97;
+
 pub fn test_retry() -> RetryPolicy {
     RetryPolicy {
         initial: Duration::from_millis(20),
@@ -225,8 +228,8 @@ impl Sim {
         let files: Arc<Mutex<HashMap<String, Dataset>>> = Arc::default();
         let load: LoadFn = {
             let files = files.clone();
-            Arc::new(move |path: &str| {
-                files
+            Arc::new(move |path: &str, sink: &mut dyn FnMut(Dataset) -> bool| {
+                let data = files
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .get(path)
@@ -235,7 +238,28 @@ impl Sim {
                         path: Some(path.into()),
                         line: None,
                         source: std::io::Error::from(std::io::ErrorKind::NotFound),
-                    })
+                    })?;
+                // Small chunks, so that every distribute in the simulation streams.
+                let mut rows = data.rows.into_iter().peekable();
+                let mut first = true;
+                while first || rows.peek().is_some() {
+                    let chunk = Dataset {
+                        rows: rows.by_ref().take(SIM_CHUNK_ROWS).collect(),
+                        rejected: if first {
+                            data.rejected.clone()
+                        } else {
+                            Vec::new()
+                        },
+                        fallback_keys: if first { data.fallback_keys } else { 0 },
+                        format: data.format,
+                        columns: data.columns.clone(),
+                    };
+                    first = false;
+                    if !sink(chunk) {
+                        break;
+                    }
+                }
+                Ok(())
             })
         };
         let manager_addr = addr(5000);
