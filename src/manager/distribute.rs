@@ -387,7 +387,7 @@ mod tests {
                 .handle_local(kit.now, ManagerInput::Rows { job, chunk });
             kit.events.extend(events);
             kit.run();
-            assert!(kit.replies.get(&seq).is_none(), "answered early");
+            assert!(!kit.replies.contains_key(&seq), "answered early");
             let wants = kit.events[before..]
                 .iter()
                 .filter(|e| matches!(e, ManagerEvent::WantRows { .. }))
@@ -399,7 +399,7 @@ mod tests {
             asked += wants;
         }
         assert!(
-            kit.replies.get(&seq).is_none(),
+            !kit.replies.contains_key(&seq),
             "no answer before the end of the file"
         );
         let events = kit.m.handle_local(
