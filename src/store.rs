@@ -22,10 +22,55 @@ impl StoredRow {
     }
 }
 
+/// The rows of one key: almost always one, kept inline (no second allocation per key).
+#[derive(Debug)]
+enum Held {
+    One(StoredRow),
+    /// Boxed, so that a key costs no more than its one row in the map.
+    Many(Box<Vec<StoredRow>>),
+}
+
+impl Held {
+    fn as_slice(&self) -> &[StoredRow] {
+        match self {
+            Held::One(r) => std::slice::from_ref(r),
+            Held::Many(v) => v,
+        }
+    }
+
+    fn push(&mut self, row: StoredRow) {
+        match self {
+            Held::Many(v) => v.push(row),
+            Held::One(_) => {
+                let Held::One(first) = std::mem::replace(self, Held::Many(Box::default())) else {
+                    unreachable!("matched One above")
+                };
+                *self = Held::Many(Box::new(vec![first, row]));
+            }
+        }
+    }
+
+    /// Keeps the rows for which `keep` holds; false when none is left.
+    fn retain(&mut self, keep: impl Fn(&StoredRow) -> bool) -> bool {
+        match self {
+            Held::One(r) => keep(r),
+            Held::Many(v) => {
+                v.retain(keep);
+                if v.len() == 1
+                    && let Some(r) = v.pop()
+                {
+                    *self = Held::One(r);
+                }
+                !self.as_slice().is_empty()
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Store {
     schemas: Vec<Columns>,
-    rows: HashMap<RecordKey, Vec<StoredRow>>,
+    rows: HashMap<RecordKey, Held>,
     row_count: u64,
 }
 
@@ -41,17 +86,25 @@ impl Store {
 
     /// Keeps a row; returns false if an equal row is held already (storing is idempotent).
     pub fn insert(&mut self, key: RecordKey, columns: &Columns, row: PackedRow) -> bool {
-        let held = self.rows.entry(key).or_default();
-        if held
-            .iter()
-            .any(|r| Arc::ptr_eq(&r.columns, columns) && r.row == row)
-        {
-            return false;
-        }
-        held.push(StoredRow {
+        let new = StoredRow {
             columns: columns.clone(),
             row,
-        });
+        };
+        match self.rows.get_mut(&key) {
+            Some(held) => {
+                if held
+                    .as_slice()
+                    .iter()
+                    .any(|r| Arc::ptr_eq(&r.columns, &new.columns) && r.row == new.row)
+                {
+                    return false;
+                }
+                held.push(new);
+            }
+            None => {
+                self.rows.insert(key, Held::One(new));
+            }
+        }
         self.row_count += 1;
         true
     }
@@ -69,7 +122,7 @@ impl Store {
     }
 
     pub fn get(&self, key: RecordKey) -> Option<&[StoredRow]> {
-        self.rows.get(&key).map(Vec::as_slice)
+        self.rows.get(&key).map(Held::as_slice)
     }
 
     pub fn records_out(&self, key: RecordKey) -> Vec<RecordOut> {
@@ -86,17 +139,18 @@ impl Store {
     /// Removes the given rows of `key` (after their hand-off was acknowledged).
     pub fn remove_rows(&mut self, key: RecordKey, gone: &[StoredRow]) {
         if let Some(held) = self.rows.get_mut(&key) {
-            let before = held.len();
-            held.retain(|r| !gone.contains(r));
-            self.row_count -= (before - held.len()) as u64;
-            if held.is_empty() {
+            let before = held.as_slice().len();
+            let left = held.retain(|r| !gone.contains(r));
+            let after = if left { held.as_slice().len() } else { 0 };
+            self.row_count -= (before - after) as u64;
+            if !left {
                 self.rows.remove(&key);
             }
         }
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&RecordKey, &Vec<StoredRow>)> {
-        self.rows.iter()
+    pub fn iter(&self) -> impl Iterator<Item = (&RecordKey, &[StoredRow])> {
+        self.rows.iter().map(|(k, held)| (k, held.as_slice()))
     }
 
     pub fn row_count(&self) -> u64 {
@@ -194,6 +248,27 @@ mod tests {
         let out = s.records_out(k);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].columns, cols());
+    }
+
+    #[test]
+    fn a_key_with_one_row_costs_one_row_in_the_map() {
+        assert_eq!(
+            std::mem::size_of::<Held>(),
+            std::mem::size_of::<StoredRow>()
+        );
+        let mut s = Store::default();
+        let c = s.intern(&cols());
+        let k = RecordKey::Event(9);
+        for v in ["A", "B", "C"] {
+            assert!(s.insert(k, &c, PackedRow::pack(&["9", v])));
+        }
+        assert!(!s.insert(k, &c, PackedRow::pack(&["9", "B"])));
+        s.remove_rows(k, &s.get(k).unwrap()[..2].to_vec());
+        assert_eq!(
+            s.get(k).map(|r| r[0].values()),
+            Some(vec!["9".into(), "C".into()])
+        );
+        assert_eq!((s.row_count(), s.key_count()), (1, 1));
     }
 
     #[test]
