@@ -265,7 +265,8 @@ mod tests {
             assert!(s.insert(k, &c, PackedRow::pack(&["9", v])));
         }
         assert!(!s.insert(k, &c, PackedRow::pack(&["9", "B"])));
-        s.remove_rows(k, &s.get(k).unwrap()[..2].to_vec());
+        let first_two: Vec<StoredRow> = s.get(k).unwrap()[..2].to_vec();
+        s.remove_rows(k, &first_two);
         assert_eq!(
             s.get(k).map(|r| r[0].values()),
             Some(vec!["9".into(), "C".into()])
