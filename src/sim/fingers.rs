@@ -2,7 +2,7 @@
 //! an absent key "not found" only where its holders were asked) in fewer hops, also while the
 //! ring changes under loss, duplication and reordering, and around a dead member.
 
-use super::scenarios::{assert_all_found, dataset, query, setup_and_distribute};
+use super::scenarios::{assert_all_found, populated, query, setup_and_distribute};
 use super::*;
 use crate::record::RecordKey;
 use crate::ring::RingExt;
@@ -15,16 +15,8 @@ pub(super) fn cluster_with(
     routing: Routing,
     vnodes: u32,
 ) -> Sim {
-    let mut sim = Sim::with_layout(seed, faults, Placement::Consistent, 2, routing, vnodes);
-    for i in 0..peers {
-        sim.add_peer(&format!("peer-{i}"));
-    }
-    assert!(
-        sim.run_until(Duration::from_secs(30), |s| s.registered() == peers),
-        "peers did not register"
-    );
-    sim.add_file("default.csv", dataset(600));
-    sim
+    let sim = Sim::with_layout(seed, faults, Placement::Consistent, 2, routing, vnodes);
+    populated(sim, peers)
 }
 
 fn cluster(seed: u64, faults: Faults, peers: usize, routing: Routing) -> Sim {

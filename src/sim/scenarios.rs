@@ -72,7 +72,14 @@ pub(super) fn cluster_r(
     placement: Placement,
     replication: u32,
 ) -> Sim {
-    let mut sim = Sim::with_replication(seed, faults, placement, replication);
+    populated(
+        Sim::with_replication(seed, faults, placement, replication),
+        peers,
+    )
+}
+
+/// `peers` peers registered with `sim`, and the default file of 600 events.
+pub(super) fn populated(mut sim: Sim, peers: usize) -> Sim {
     for i in 0..peers {
         sim.add_peer(&format!("peer-{i}"));
     }
