@@ -115,6 +115,21 @@ fn compose_cluster_scales_and_loses_nothing() {
     cluster.assert_members_are_the_containers(&status);
     let setup = cluster.ctl_json(&["setup"], Duration::from_secs(60));
     assert_eq!(peers(&setup).len(), 5, "setup: {setup}");
+    // The README's way: the image's own stormctl, inside the manager's container.
+    let inside = run(
+        cluster
+            .compose()
+            .args(["exec", "-T", "manager", "/stormctl", "--json", "status"]),
+        Duration::from_secs(60),
+    );
+    assert_ok(&inside, "compose exec manager /stormctl status");
+    let inside: Value = serde_json::from_str(inside.stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "stormctl in the container printed no JSON ({e}): {}",
+            inside.stdout
+        )
+    });
+    assert_eq!(peers(&inside).len(), 5, "{inside}");
     println!(
         "containers: FIGURE up -> 5 peers registered {:.2} s; up -> ring formed (setup answered) {:.2} s",
         registered.as_secs_f64(),
