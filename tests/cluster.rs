@@ -666,7 +666,9 @@ fn finger_routing_finds_every_record_in_few_hops() {
     // Per query, `--routing` overrides the cluster's: the walk from the same entry peer takes
     // at least as many hops, and in total more.
     let (mut walked, mut fingered) = (0, 0);
-    for key in ["5570068", "5556561", "5557188", "5554947", "5572688", "5573218"] {
+    for key in [
+        "5570068", "5556561", "5557188", "5554947", "5572688", "5573218",
+    ] {
         let len = |routing: &str| {
             let q = cluster.ctl_json(&["query", key, "--via", "peer-0", "--routing", routing]);
             assert_eq!(q["found"], true, "{q}");
@@ -677,7 +679,10 @@ fn finger_routing_finds_every_record_in_few_hops() {
         walked += w;
         fingered += f;
     }
-    assert!(fingered < walked, "fingers {fingered} hops in all, walk {walked}");
+    assert!(
+        fingered < walked,
+        "fingers {fingered} hops in all, walk {walked}"
+    );
     cluster.ctl_json(&["leave", "peer-3"]);
     cluster.peer("peer-3").wait(Duration::from_secs(30));
     cluster.wait_settled();
