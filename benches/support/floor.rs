@@ -1,0 +1,94 @@
+//! The floors a scenario is compared with, measured in the same run right before it: the
+//! project's CSV reader alone (no network), and a bare UDP ping-pong between two processes.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::UdpSocket;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use stormdht::record;
+
+/// Set in the environment of the child process that the bench binary re-execs as its echo.
+pub const ECHO_ENV: &str = "STORM_BENCH_ECHO";
+/// Round trips timed, after `WARM_UP` untimed ones.
+const ROUND_TRIPS: usize = 2_000;
+const WARM_UP: usize = 100;
+/// About the size of a query datagram.
+const PAYLOAD: usize = 100;
+
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// The echo side of the UDP floor (run in the child): bind, print the port, echo every
+/// datagram to its sender until stdin closes, then return (and the process exits).
+pub fn echo_server() {
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("echo socket");
+    println!("{}", sock.local_addr().expect("echo address").port());
+    let _ = std::io::stdout().flush();
+    sock.set_read_timeout(Some(Duration::from_millis(200))).ok();
+    let stdin_closed = Arc::new(AtomicBool::new(false));
+    let flag = stdin_closed.clone();
+    std::thread::spawn(move || {
+        // EOF (or an error) when the parent closes the pipe or exits.
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+        flag.store(true, Ordering::Relaxed);
+    });
+    let mut buf = [0u8; 2048];
+    while !stdin_closed.load(Ordering::Relaxed) {
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(&buf[..n], from);
+        }
+    }
+}
+
+/// Half the median round trip of a ~100-byte datagram to another process (this binary
+/// again, as an echo), one datagram at a time, in µs. The child is waited for before return.
+pub fn one_way_us() -> f64 {
+    let mut child = Command::new(std::env::current_exe().expect("this bench binary"))
+        .env(ECHO_ENV, "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn the echo process");
+    let mut port = String::new();
+    BufReader::new(child.stdout.take().expect("echo stdout"))
+        .read_line(&mut port)
+        .expect("echo port");
+    let target = format!("127.0.0.1:{}", port.trim());
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("ping socket");
+    sock.set_read_timeout(Some(Duration::from_millis(500))).ok();
+    let payload = [7u8; PAYLOAD];
+    let mut buf = [0u8; 2048];
+    let mut rtts = Vec::with_capacity(ROUND_TRIPS + WARM_UP);
+    for _ in 0..ROUND_TRIPS + WARM_UP {
+        let t = Instant::now();
+        if sock.send_to(&payload, &target).is_ok() && sock.recv_from(&mut buf).is_ok() {
+            rtts.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    drop(child.stdin.take()); // the echo ends when its stdin closes
+    let _ = child.wait();
+    let mut rtts = rtts.split_off(rtts.len().min(WARM_UP));
+    rtts.sort_by(|a, b| a.total_cmp(b));
+    percentile(&rtts, 0.5) / 2.0
+}
+
+/// Parse-only time of `path` with the project's own reader, best of 3, in ms.
+pub fn parse_ms(path: &Path) -> f64 {
+    (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            let d = record::load_path(path).expect("parse");
+            std::hint::black_box(d.rows.len());
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::INFINITY, f64::min)
+}

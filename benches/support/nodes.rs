@@ -1,0 +1,131 @@
+//! The nodes a scenario runs on: a manager and peers as separate `stormd` processes (the
+//! harness of tests/support), or, where the machine cannot hold that many processes, the
+//! library's in-process `LocalCluster` (manager and peers as tokio tasks of this process, each
+//! on its own loopback UDP socket). Either way `stormctl` talks to the manager over UDP.
+
+use crate::support::{Cluster, ctl_at, parse_json};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use stormdht::cluster::LocalCluster;
+use stormdht::config::Config;
+
+pub enum Nodes {
+    Processes(Cluster),
+    /// Dropped with the runtime that runs its tasks (the bench makes one per scenario).
+    InProcess(Box<LocalCluster>),
+}
+
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?.to_string();
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+impl Nodes {
+    /// A manager and `peers` peer processes, with `env` for every one of them.
+    pub fn processes(peers: usize, env: &[(&'static str, String)]) -> Nodes {
+        Nodes::Processes(Cluster::start_with(peers, env))
+    }
+
+    pub async fn in_process(peers: usize, base: &Config) -> Nodes {
+        let cluster = LocalCluster::start(base, peers, "peer")
+            .await
+            .expect("in-process cluster");
+        Nodes::InProcess(Box::new(cluster))
+    }
+
+    pub fn is_processes(&self) -> bool {
+        matches!(self, Nodes::Processes(_))
+    }
+
+    pub fn manager(&self) -> String {
+        match self {
+            Nodes::Processes(c) => c.manager.addr.to_string(),
+            Nodes::InProcess(c) => c.manager.to_string(),
+        }
+    }
+
+    /// `stormctl --json ARGS` against the manager; panics unless it exits 0.
+    pub fn ctl_json(&self, args: &[&str]) -> Value {
+        let out = ctl_at(&self.manager(), &[&["--json"], args].concat());
+        assert!(
+            out.status.success(),
+            "stormctl {args:?} failed ({:?}):\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        parse_json(&out)
+    }
+
+    pub fn status(&self) -> Value {
+        self.ctl_json(&["status"])
+    }
+
+    /// RSS of every process of the cluster (manager and peers), KiB. In process: this
+    /// process's, which holds the manager and every peer (and the bench: compare deltas only).
+    pub fn rss_kib(&self) -> u64 {
+        match self {
+            Nodes::Processes(c) => {
+                rss_kib(c.manager.pid()) + c.peers.iter().map(|p| rss_kib(p.pid())).sum::<u64>()
+            }
+            Nodes::InProcess(_) => rss_kib(std::process::id()),
+        }
+    }
+
+    pub fn manager_rss_kib(&self) -> Option<u64> {
+        match self {
+            Nodes::Processes(c) => Some(rss_kib(c.manager.pid())),
+            Nodes::InProcess(_) => None,
+        }
+    }
+
+    pub async fn add_peer(&mut self, name: &str) {
+        match self {
+            Nodes::Processes(c) => c.add_peer(name),
+            Nodes::InProcess(c) => c.add_peer(name).await.expect("in-process peer"),
+        }
+    }
+
+    /// Waits until the manager lists `n` peers.
+    pub fn wait_for_peers(&self, n: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let s = self.status();
+            if s["peers"].as_array().is_some_and(|p| p.len() == n) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{n} peers did not register");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A graceful leave (its rows handed over first); returns once the peer has exited.
+    pub async fn leave(&mut self, name: &str, limit: Duration) {
+        match self {
+            Nodes::Processes(c) => {
+                c.ctl_json(&["leave", name]);
+                assert!(
+                    c.peer(name).wait(limit).is_some(),
+                    "{name} did not exit after leaving"
+                );
+            }
+            Nodes::InProcess(c) => {
+                // The in-process equivalent of SIGTERM: the peer leaves, then its task ends.
+                let left = tokio::time::timeout(limit, c.terminate(name)).await;
+                assert!(left.is_ok(), "{name} did not exit after leaving");
+            }
+        }
+    }
+
+    /// SIGKILL for a peer process (processes only).
+    pub fn kill(&mut self, name: &str) {
+        match self {
+            Nodes::Processes(c) => c.peer(name).signal("KILL"),
+            Nodes::InProcess(_) => panic!("no SIGKILL for in-process peers"),
+        }
+    }
+}
