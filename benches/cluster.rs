@@ -1,127 +1,70 @@
-//! `just bench`: figures for real clusters on loopback, one JSON object per line and scenario
-//! (no pass/fail). Each scenario measures its own floors in the same run, right before it, so
-//! the ratios hold on a noisy machine:
+//! `just bench` (= `cargo bench --bench cluster`): figures for real clusters on loopback, one
+//! JSON object per line and scenario on stdout (no pass/fail; a one-line header per scenario
+//! on stderr). Each scenario measures its own floors in the same run, right before it, so the
+//! ratios hold on a noisy machine:
 //! - `parse_ms`: the project's CSV reader on the same file, no network (best of 3);
 //! - `one_way_us`: half the median round trip of a bare UDP ping-pong between this process and
-//!   a child process (this binary again, as an echo), 2,000 round trips.
+//!   a child process (this binary re-executed as an echo), 2,000 round trips of 100 bytes.
 //!
-//! Scenarios: n = 5, 64 and 256 `stormd` peer processes (and a manager) on details-1996
-//! (48,534 records, replication 2, 16 tokens per peer), each with the walk and with fingers
-//! (`STORM_BENCH_SCENARIOS=n5,n64,n256` and `STORM_BENCH_ROUTINGS=walk,fingers` pick a subset).
-//! Per scenario: distribute time, 1,000 sampled queries one at a time (p50/p99, mean hops), a
-//! windowed verify of every record, memory above idle per stored byte, shares (max/mean of
-//! owned rows) after setup and after one join and one leave, and the fraction of records each
-//! of those moved. n = 5 with the walk also kills a peer (SIGKILL) and times the repair.
+//! Scenarios (`STORM_BENCH_SCENARIOS`, comma-separated, default `n5,n5r1,n64,n256`): `nN` is a
+//! manager and N `stormd` peer processes with replication 2 and 16 tokens per peer; `nNr1` the
+//! same with one copy of every record. Each runs once per routing of `STORM_BENCH_ROUTINGS`
+//! (default `walk,fingers`; passed to the daemons as `STORM_ROUTING`). When N peer processes
+//! do not start or do not hold (at n = 256 on a small machine), the scenario runs again with
+//! the library's in-process cluster (every node a task of this process on its own loopback
+//! socket) and says so: `"processes": false`. `STORM_BENCH_IN_PROCESS=1` forces that.
+//!
+//! Per scenario, on details-1996 (48,534 records): distribute time; 1,000 seeded random
+//! queries one at a time (p50/p99, mean hops) and 100 absent ids; a windowed verify (64 in
+//! flight) of every record, or of a fixed sample when all would take over two minutes
+//! (`verified`, `verify_all`); RSS above idle per stored byte; shares (max/mean of owned rows)
+//! after setup and after one join and one leave, and the fraction of records each moved. n = 5
+//! with the walk and replication 2 also kills a peer (SIGKILL) and times the repair.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+#[path = "support/floor.rs"]
+mod floor;
+#[path = "support/nodes.rs"]
+mod nodes;
+
+use floor::percentile;
+use nodes::Nodes;
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Write};
-use std::net::UdpSocket;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use stormdht::client::{Client, verify};
-use stormdht::record::{self, Dataset};
+use stormdht::config::Config;
+use stormdht::record::{self, Dataset, RecordKey};
 use stormdht::wire::{ClientRequest, ReplyBody, Routing};
-use support::{Cluster, shared_data, wait_replicated};
+use support::shared_data;
 
 const QUERIES: usize = 1_000;
-const REPLICATION: u64 = 2;
+const ABSENT: usize = 100;
 /// Tokens per peer: shares stay even through the join and the leave.
 const VNODES: u32 = 16;
-const ECHO_ENV: &str = "STORM_BENCH_ECHO";
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?.to_string();
-            line.split_whitespace().nth(1)?.parse().ok()
-        })
-        .unwrap_or(0)
-}
-
-/// RSS of the manager and every peer, KiB.
-fn cluster_rss_kib(cluster: &Cluster) -> u64 {
-    rss_kib(cluster.manager.pid()) + cluster.peers.iter().map(|p| rss_kib(p.pid())).sum::<u64>()
-}
+/// Verify every record when that is estimated to take at most this long, else a sample.
+const VERIFY_BUDGET: Duration = Duration::from_secs(120);
+const VERIFY_SAMPLE: usize = 2_000;
+const VERIFY_WINDOW: usize = 64;
 
 fn round(x: f64, digits: i32) -> f64 {
     let f = 10f64.powi(digits);
     (x * f).round() / f
 }
 
-/// The echo side of the UDP floor: bind, print the port, echo until stdin closes.
-fn echo_server() {
-    let sock = UdpSocket::bind("127.0.0.1:0").expect("echo socket");
-    println!("{}", sock.local_addr().expect("echo address").port());
-    let _ = std::io::stdout().flush();
-    sock.set_read_timeout(Some(Duration::from_millis(200))).ok();
-    let stdin_closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = stdin_closed.clone();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = std::io::stdin().read_line(&mut line);
-        flag.store(true, std::sync::atomic::Ordering::Relaxed);
-    });
-    let mut buf = [0u8; 2048];
-    while !stdin_closed.load(std::sync::atomic::Ordering::Relaxed) {
-        if let Ok((n, from)) = sock.recv_from(&mut buf) {
-            let _ = sock.send_to(&buf[..n], from);
-        }
-    }
-}
+/// The same pseudo-random sequence on every run.
+struct XorShift(u64);
 
-/// Half the median round trip of a ~100-byte datagram to another process, in µs.
-fn one_way_floor_us() -> f64 {
-    let mut child = Command::new(std::env::current_exe().expect("this bench binary"))
-        .env(ECHO_ENV, "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn the echo process");
-    let mut port = String::new();
-    BufReader::new(child.stdout.take().expect("echo stdout"))
-        .read_line(&mut port)
-        .expect("echo port");
-    let target = format!("127.0.0.1:{}", port.trim());
-    let sock = UdpSocket::bind("127.0.0.1:0").expect("ping socket");
-    sock.set_read_timeout(Some(Duration::from_millis(500))).ok();
-    let payload = [7u8; 100];
-    let mut buf = [0u8; 2048];
-    let mut rtts = Vec::with_capacity(2_000);
-    for _ in 0..2_100 {
-        let t = Instant::now();
-        if sock.send_to(&payload, &target).is_ok() && sock.recv_from(&mut buf).is_ok() {
-            rtts.push(t.elapsed().as_secs_f64() * 1e6);
-        }
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
     }
-    drop(child.stdin.take()); // the echo ends when its stdin closes
-    let _ = child.wait();
-    let mut rtts = rtts.split_off(rtts.len().min(100)); // warm-up
-    rtts.sort_by(|a, b| a.total_cmp(b));
-    percentile(&rtts, 0.5) / 2.0
-}
-
-fn parse_floor_ms(path: &Path) -> f64 {
-    (0..3)
-        .map(|_| {
-            let t = Instant::now();
-            let d = record::load_path(path).expect("parse");
-            std::hint::black_box(d.rows.len());
-            t.elapsed().as_secs_f64() * 1e3
-        })
-        .fold(f64::INFINITY, f64::min)
 }
 
 /// Owned rows per live peer, from `status --json`.
@@ -137,11 +80,13 @@ fn owned(status: &Value) -> Vec<(String, u64)> {
         .unwrap_or_default()
 }
 
-fn records_of(status: &Value, name: &str) -> u64 {
+/// A count of a peer's in `status --json`: `records` (rows held, copies included), `owned`
+/// or `replicas`.
+fn count_of(status: &Value, name: &str, field: &str) -> u64 {
     status["peers"]
         .as_array()
         .and_then(|a| a.iter().find(|p| p["name"] == name))
-        .and_then(|p| p["records"].as_u64())
+        .and_then(|p| p[field].as_u64())
         .unwrap_or(0)
 }
 
@@ -150,54 +95,141 @@ fn max_over_mean(owned: &[(String, u64)]) -> f64 {
     owned.iter().map(|(_, n)| *n).max().unwrap_or(0) as f64 / mean
 }
 
-/// A settled status in which every live peer reported its counts.
-fn settled_status(cluster: &Cluster, limit: Duration) -> Value {
+/// Every live peer reports its counts, the ring is settled, no range is short of copies and
+/// none is being copied, and the peers hold `records` distinct rows in `replication` copies.
+fn wait_replicated(nodes: &Nodes, records: u64, replication: u64, limit: Duration) -> Value {
     let deadline = Instant::now() + limit;
     loop {
-        let s = cluster.status();
-        let counted = s["peers"].as_array().is_some_and(|a| {
-            a.iter()
-                .filter(|p| p["state"] == "up")
-                .all(|p| p["owned"].as_u64().is_some())
-        });
-        if s["settled"] == Value::Bool(true) && counted {
+        let s = nodes.status();
+        let peers = s["peers"].as_array().cloned().unwrap_or_default();
+        let up = || peers.iter().filter(|p| p["state"] == "up");
+        let owned: u64 = up().filter_map(|p| p["owned"].as_u64()).sum();
+        let copies: u64 = up().filter_map(|p| p["records"].as_u64()).sum();
+        let counted = up().all(|p| p["owned"].as_u64().is_some());
+        if s["settled"] == Value::Bool(true)
+            && counted
+            && s["under_replicated_ranges"] == 0
+            && s["repairing"] == 0
+            && owned == records
+            && copies == replication * records
+        {
             return s;
         }
-        assert!(Instant::now() < deadline, "not settled: {s}");
+        assert!(
+            Instant::now() < deadline,
+            "not settled and fully replicated after {limit:?}: settled {}, owned {owned}, \
+             copies {copies}, under-replicated ranges {}, repairing {}",
+            s["settled"],
+            s["under_replicated_ranges"],
+            s["repairing"]
+        );
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A fixed sample of the dataset's rows (seeded), for a verify too long to run whole.
+fn sample(dataset: &Dataset, n: usize) -> Dataset {
+    let mut rng = XorShift(0x00dd_ba11_5eed);
+    let mut picked: Vec<usize> = (0..n.min(dataset.rows.len()))
+        .map(|_| (rng.next() % dataset.rows.len() as u64) as usize)
+        .collect();
+    picked.sort_unstable();
+    picked.dedup();
+    Dataset {
+        rows: picked.iter().map(|&i| dataset.rows[i].clone()).collect(),
+        rejected: Vec::new(),
+        ..dataset.clone()
     }
 }
 
 struct Scenario<'a> {
     name: String,
     peers: usize,
+    replication: u64,
     routing: Routing,
+    /// Peer processes, or the in-process cluster.
+    processes: bool,
     dataset: &'a Dataset,
     path: &'a Path,
-    churn: bool,
     kill: bool,
 }
 
+impl Scenario<'_> {
+    /// Generous timeouts where many processes share two cores: a busy peer is not declared
+    /// dead, a query that waits for a CPU is not given up.
+    fn timeouts(&self) -> Vec<(&'static str, String)> {
+        if self.peers <= 5 {
+            return Vec::new(); // the defaults (the kill measures the default detection)
+        }
+        vec![
+            ("STORM_PROBE_TIMEOUT_MS", "10000".to_string()),
+            ("STORM_QUERY_TIMEOUT_MS", "30000".to_string()),
+            ("STORM_FAILURE__SUSPECT_MS", "10000".to_string()),
+            ("STORM_FAILURE__DEAD_MS", "30000".to_string()),
+        ]
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("STORM_ROUTING", self.routing.to_string()),
+            ("STORM_VNODES", VNODES.to_string()),
+            ("STORM_REPLICATION", self.replication.to_string()),
+            ("RUST_LOG", "warn".to_string()),
+        ];
+        env.extend(self.timeouts());
+        env
+    }
+
+    /// The same settings for the in-process cluster.
+    fn config(&self) -> Config {
+        let mut cfg = Config {
+            routing: self.routing,
+            vnodes: VNODES,
+            replication: self.replication as u32,
+            ..Config::default()
+        };
+        if self.peers > 5 {
+            cfg.probe_timeout_ms = 10_000;
+            cfg.query_timeout_ms = 30_000;
+            cfg.failure.suspect_ms = 10_000;
+            cfg.failure.dead_ms = 30_000;
+        }
+        cfg
+    }
+
+    /// Generous limits for waits that grow with the number of peers.
+    fn limit(&self) -> Duration {
+        Duration::from_secs(60 + self.peers as u64)
+    }
+}
+
 async fn run(sc: &Scenario<'_>) -> Value {
+    let scenario_started = Instant::now();
     let file = sc.path.to_str().expect("utf-8 path").to_string();
     let raw_bytes = std::fs::metadata(sc.path).map(|m| m.len()).unwrap_or(1);
     let records = sc.dataset.rows.len() as u64;
-    let parse_ms = parse_floor_ms(sc.path);
-    let one_way_us = one_way_floor_us();
-    let env = vec![
-        ("STORM_ROUTING", sc.routing.to_string()),
-        ("STORM_VNODES", VNODES.to_string()),
-        ("RUST_LOG", "warn".to_string()),
-    ];
+    let r = sc.replication;
+
+    // The floors, right before the scenario.
+    let parse_ms = floor::parse_ms(sc.path);
+    let one_way_us = floor::one_way_us();
+
     let started = Instant::now();
-    let mut cluster = Cluster::start_with(sc.peers, &env);
-    cluster.ctl_json(&["setup"]);
+    let mut nodes = if sc.processes {
+        Nodes::processes(sc.peers, &sc.env())
+    } else {
+        Nodes::in_process(sc.peers, &sc.config()).await
+    };
+    nodes.wait_for_peers(sc.peers, sc.limit());
+    nodes.ctl_json(&["setup"]);
     let up_s = started.elapsed().as_secs_f64();
-    let idle_kib = cluster_rss_kib(&cluster);
-    let mut client = Client::connect(&cluster.manager.addr.to_string(), Duration::from_secs(600))
+    std::thread::sleep(Duration::from_millis(500));
+    let idle_kib = nodes.rss_kib();
+    let mut client = Client::connect(&nodes.manager(), Duration::from_secs(600))
         .await
         .expect("client");
 
+    let t = Instant::now();
     let reply = client
         .call(
             ClientRequest::Distribute {
@@ -206,25 +238,23 @@ async fn run(sc: &Scenario<'_>) -> Value {
             None,
         )
         .await;
+    let distribute_wall_ms = t.elapsed().as_secs_f64() * 1e3;
     let Ok(ReplyBody::Distribute(d)) = reply else {
         panic!("distribute failed: {reply:?}")
     };
     assert_eq!(d.stored, records, "not every record was stored");
     let distribute_ms = d.elapsed_micros as f64 / 1e3;
-    let status = settled_status(&cluster, Duration::from_secs(120));
+    let status = wait_replicated(&nodes, records, r, sc.limit());
     let shares = owned(&status);
-    let loaded_kib = cluster_rss_kib(&cluster);
-    let manager_kib = rss_kib(cluster.manager.pid());
+    let loaded_kib = nodes.rss_kib();
+    let manager_kib = nodes.manager_rss_kib();
 
-    // Seeded random keys: the same 1,000 queries on every run.
-    let mut seed = 0x5eed_cafe_f00d_u64;
+    // Seeded random keys, one query at a time: the same 1,000 queries on every run.
+    let mut rng = XorShift(0x5eed_cafe_f00d);
     let mut latencies = Vec::with_capacity(QUERIES);
     let mut hops = 0usize;
     for _ in 0..QUERIES {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let key = sc.dataset.rows[(seed % records) as usize].key;
+        let key = sc.dataset.rows[(rng.next() % records) as usize].key;
         let t = Instant::now();
         let req = ClientRequest::Query {
             key,
@@ -234,39 +264,82 @@ async fn run(sc: &Scenario<'_>) -> Value {
         let reply = client.call(req, None).await;
         latencies.push(t.elapsed().as_secs_f64() * 1e6);
         match reply {
+            // Hops: peers on the path after the entry peer.
             Ok(ReplyBody::Query(q)) if q.found => hops += q.path.len().saturating_sub(1),
             other => panic!("query {key} failed: {other:?}"),
         }
     }
     latencies.sort_by(|a, b| a.total_cmp(b));
-    let v = verify(&mut client, &file, sc.dataset, 64).await;
-    assert!(v.ok(), "verify failed: {v:?}");
+    // Ids above every event id of the file: each must be "not found".
+    let top = sc
+        .dataset
+        .rows
+        .iter()
+        .map(|r| r.key.as_u64())
+        .max()
+        .unwrap_or(0);
+    let mut absent_not_found = 0;
+    for i in 0..ABSENT as u64 {
+        let key = RecordKey::Event(top + 1 + i * 7_919);
+        let req = ClientRequest::Query {
+            key,
+            via: None,
+            routing: Some(sc.routing),
+        };
+        if let Ok(ReplyBody::Query(q)) = client.call(req, None).await
+            && !q.found
+        {
+            absent_not_found += 1;
+        }
+    }
+
+    // Verify: a fixed sample first; every record too when that should fit the budget.
+    let part = sample(sc.dataset, VERIFY_SAMPLE);
+    let v = verify(&mut client, &file, &part, VERIFY_WINDOW).await;
+    assert!(v.ok(), "verify of the sample failed: {v:?}");
+    let sample_qps = v.keys as f64 / (v.elapsed_ms / 1e3);
+    let estimate = Duration::from_secs_f64(records as f64 / sample_qps);
+    let v = if estimate <= VERIFY_BUDGET {
+        let v = verify(&mut client, &file, sc.dataset, VERIFY_WINDOW).await;
+        assert!(v.ok(), "verify failed: {v:?}");
+        v
+    } else {
+        v
+    };
+    let verify_all = v.rows == records;
     let verify_qps = v.keys as f64 / (v.elapsed_ms / 1e3);
 
-    // One join, then one leave: the fraction of all copies each moved, and the shares after.
-    let (mut moved_join, mut moved_leave, mut churned) = (f64::NAN, f64::NAN, f64::NAN);
-    if sc.churn {
-        cluster.add_peer("bench-joiner");
-        cluster.wait_for_peers(sc.peers + 1);
-        let s = settled_status(&cluster, Duration::from_secs(120));
-        moved_join = records_of(&s, "bench-joiner") as f64 / (records * REPLICATION) as f64;
-        let leaver = "peer-1";
-        let held = records_of(&s, leaver);
-        cluster.ctl_json(&["leave", leaver]);
-        let _ = cluster.peer(leaver).wait(Duration::from_secs(60));
-        let s = settled_status(&cluster, Duration::from_secs(120));
-        moved_leave = held as f64 / (records * REPLICATION) as f64;
-        churned = max_over_mean(&owned(&s));
-    }
+    // Churn. `moved_join` / `moved_leave` count row copies that changed holder, as a
+    // fraction of all copies (records × replication; with replication 1, of all records): for
+    // a join, the copies the new peer holds once the ring is settled and fully replicated
+    // again (every one came from another peer; the copies it displaced are dropped, not
+    // moved); for a leave, the copies the leaver held just before (each is handed to, or
+    // re-copied on, another peer). `moved_*_owned` count ownership instead: the rows the
+    // joiner owns (their owner changed) and the rows the leaver owned, as a fraction of all
+    // records. Consistent hashing's ideal is about 1/n (`one_over_n`) for each.
+    let limit = sc.limit();
+    nodes.add_peer("bench-joiner").await;
+    nodes.wait_for_peers(sc.peers + 1, limit);
+    let s = wait_replicated(&nodes, records, r, limit);
+    let joiner = "bench-joiner";
+    let moved_join = count_of(&s, joiner, "records") as f64 / (records * r) as f64;
+    let moved_join_owned = count_of(&s, joiner, "owned") as f64 / records as f64;
+    let leaver = "peer-1";
+    let held = count_of(&s, leaver, "records");
+    let held_owned = count_of(&s, leaver, "owned");
+    nodes.leave(leaver, limit).await;
+    let s = wait_replicated(&nodes, records, r, limit);
+    let moved_leave = held as f64 / (records * r) as f64;
+    let moved_leave_owned = held_owned as f64 / records as f64;
+    let churned = max_over_mean(&owned(&s));
 
     let mut failure = json!(null);
     if sc.kill {
-        wait_replicated(&cluster, records, Duration::from_secs(60));
         let victim = "peer-2";
         let killed = Instant::now();
-        cluster.peer(victim).signal("KILL");
+        nodes.kill(victim);
         loop {
-            let s = cluster.status();
+            let s = nodes.status();
             let dead = s["peers"].as_array().is_some_and(|p| {
                 p.iter()
                     .any(|p| p["name"] == victim && p["state"] == "dead")
@@ -281,9 +354,10 @@ async fn run(sc: &Scenario<'_>) -> Value {
             std::thread::sleep(Duration::from_millis(20));
         }
         let rebuilt = killed.elapsed();
-        wait_replicated(&cluster, records, Duration::from_secs(60));
+        wait_replicated(&nodes, records, r, Duration::from_secs(60));
         let replicated = killed.elapsed();
         failure = json!({
+            "killed": victim,
             "kill_to_ring_rebuilt_ms": round(rebuilt.as_secs_f64() * 1e3, 0),
             "kill_to_fully_replicated_ms": round(replicated.as_secs_f64() * 1e3, 0),
         });
@@ -292,17 +366,17 @@ async fn run(sc: &Scenario<'_>) -> Value {
     let mean_hops = hops as f64 / QUERIES as f64;
     let p50 = percentile(&latencies, 0.50);
     let p99 = percentile(&latencies, 0.99);
-    let rss_over_raw =
-        (loaded_kib.saturating_sub(idle_kib) * 1024) as f64 / (raw_bytes * REPLICATION) as f64;
+    let rss_over_raw = (loaded_kib.saturating_sub(idle_kib) * 1024) as f64 / (raw_bytes * r) as f64;
     json!({
         "scenario": sc.name,
         "peers": sc.peers,
-        "processes": true,
+        "processes": nodes.is_processes(),
         "routing": sc.routing.to_string(),
         "records": records,
-        "replication": REPLICATION,
+        "replication": r,
         "vnodes": VNODES,
         "distribute_ms": round(distribute_ms, 1),
+        "distribute_wall_ms": round(distribute_wall_ms, 1),
         "parse_ms": round(parse_ms, 1),
         "distribute_over_parse": round(distribute_ms / parse_ms, 2),
         "records_per_s": round(records as f64 / (distribute_ms / 1e3), 0),
@@ -312,33 +386,60 @@ async fn run(sc: &Scenario<'_>) -> Value {
         "mean_hops": round(mean_hops, 2),
         "p50_over_floor": round(p50 / ((mean_hops + 2.0) * one_way_us), 2),
         "p99_over_p50": round(p99 / p50, 2),
+        "absent_not_found": absent_not_found,
+        "absent_queried": ABSENT,
         "verify_qps": round(verify_qps, 0),
+        "verified": v.keys,
+        "verify_all": verify_all,
         "max_over_mean": round(max_over_mean(&shares), 3),
         "max_over_mean_churn": round(churned, 3),
         "moved_join": round(moved_join, 4),
         "moved_leave": round(moved_leave, 4),
+        "moved_join_owned": round(moved_join_owned, 4),
+        "moved_leave_owned": round(moved_leave_owned, 4),
         "one_over_n": round(1.0 / sc.peers as f64, 4),
         "rss_over_raw": round(rss_over_raw, 2),
         "rss_mib_total": round(loaded_kib as f64 / 1024.0, 1),
         "rss_mib_idle": round(idle_kib as f64 / 1024.0, 1),
-        "manager_rss_mib": round(manager_kib as f64 / 1024.0, 1),
+        "manager_rss_mib": manager_kib.map(|k| round(k as f64 / 1024.0, 1)),
         "startup_s": round(up_s, 1),
+        "scenario_s": round(scenario_started.elapsed().as_secs_f64(), 1),
         "failure": failure,
     })
 }
 
+/// Runs one scenario on a runtime of its own, dropped after it (with every in-process node
+/// task and socket, even when the scenario panics; peer processes are killed by their
+/// handles' Drop). Err: the panic's message.
+fn run_isolated(sc: &Scenario<'_>) -> Result<Value, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let figures = rt.block_on(run(sc));
+        rt.shutdown_timeout(Duration::from_secs(5));
+        figures
+    }))
+    .map_err(|e| {
+        let msg = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".to_string());
+        msg.chars().take(400).collect()
+    })
+}
+
 fn main() {
-    if std::env::var_os(ECHO_ENV).is_some() {
-        return echo_server();
+    if std::env::var_os(floor::ECHO_ENV).is_some() {
+        return floor::echo_server();
     }
-    // `cargo bench` passes --bench; other arguments are ignored.
+    // `cargo bench` passes --bench; arguments are ignored.
+    let bench_started = Instant::now();
     let path = shared_data("details-1996.csv");
     let dataset = record::load_path(&path).expect("details-1996.csv (../shared/data)");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
     let list = |var: &str, default: &str| -> Vec<String> {
         std::env::var(var)
             .unwrap_or_else(|_| default.to_string())
@@ -358,27 +459,68 @@ fn main() {
             }
         })
         .collect();
-    for scenario in list("STORM_BENCH_SCENARIOS", "n5,n64,n256") {
-        let peers: usize = match scenario.trim_start_matches('n').parse() {
-            Ok(n) if n > 0 => n,
-            _ => {
-                eprintln!("bench: unknown scenario {scenario:?} (n5, n64, n256, nN)");
-                continue;
-            }
+    let force_in_process = std::env::var("STORM_BENCH_IN_PROCESS").is_ok_and(|v| v == "1");
+    for scenario in list("STORM_BENCH_SCENARIOS", "n5,n5r1,n64,n256") {
+        // nN or nNrR: N peers, R copies of every record (default 2).
+        let (n, r) = scenario
+            .trim_start_matches('n')
+            .split_once('r')
+            .map_or((scenario.trim_start_matches('n'), "2"), |(n, r)| (n, r));
+        let (Ok(peers), Ok(replication)) = (n.parse::<usize>(), r.parse::<u64>()) else {
+            eprintln!("bench: unknown scenario {scenario:?} (nN or nNrR, e.g. n5, n5r1, n64)");
+            continue;
         };
+        if peers < 2 || replication == 0 {
+            eprintln!("bench: {scenario}: at least 2 peers (one leaves) and 1 copy");
+            continue;
+        }
         for routing in &routings {
-            eprintln!("bench: {scenario} with {routing} routing ({peers} peer processes)");
-            let sc = Scenario {
+            let mut sc = Scenario {
                 name: format!("{scenario}_{routing}"),
                 peers,
+                replication,
                 routing: *routing,
+                processes: !force_in_process,
                 dataset: &dataset,
                 path: &path,
-                churn: peers <= 64,
-                kill: peers == 5 && *routing == Routing::Walk,
+                kill: peers == 5 && replication >= 2 && *routing == Routing::Walk,
             };
-            let figures = rt.block_on(run(&sc));
-            println!("{figures}");
+            loop {
+                let how = if sc.processes {
+                    "peer processes"
+                } else {
+                    "in-process peers"
+                };
+                eprintln!(
+                    "bench: {} ({peers} {how}, replication {replication}, {routing} routing)",
+                    sc.name
+                );
+                match run_isolated(&sc) {
+                    Ok(figures) => println!("{figures}"),
+                    // The machine may not hold this many processes: the in-process cluster.
+                    Err(e) if sc.processes && peers > 64 => {
+                        eprintln!("bench: {} with processes failed ({e}); in process", sc.name);
+                        sc.processes = false;
+                        sc.kill = false;
+                        continue;
+                    }
+                    Err(e) => println!(
+                        "{}",
+                        json!({
+                            "scenario": sc.name,
+                            "peers": peers,
+                            "processes": sc.processes,
+                            "routing": routing.to_string(),
+                            "error": e,
+                        })
+                    ),
+                }
+                break;
+            }
         }
     }
+    eprintln!(
+        "bench: done in {:.0} s",
+        bench_started.elapsed().as_secs_f64()
+    );
 }
