@@ -52,7 +52,10 @@ impl Peer {
             return;
         }
         let Some(id) = self.id else { return };
-        if self.live.manager == Some(manager) && self.leaving && self.store.row_count() == 0 {
+        if self.live.manager == Some(manager)
+            && self.leaving
+            && (self.store.row_count() == 0 || self.leave_reported())
+        {
             // Our leave is done and the manager forgot us; its `Exit` is late or lost. Joining
             // again here would register a peer that is about to exit (and be declared dead).
             return self.exit(0, "left the ring".into());

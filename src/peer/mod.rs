@@ -336,7 +336,7 @@ impl Peer {
             }
             Body::Exit {
                 reason: ExitReason::Left,
-            } if self.store.row_count() > 0 => {
+            } if self.store.row_count() > 0 && !self.leave_reported() => {
                 let held = self.store.row_count();
                 self.join_again(
                     now,
@@ -414,6 +414,17 @@ impl Peer {
     fn in_ring(&self) -> bool {
         match (&self.ring, self.id) {
             (Some(ring), Some(id)) => ring.member(id).is_some(),
+            _ => false,
+        }
+    }
+
+    /// This peer reported its hand-off done for the view in which it is leaving: every row it
+    /// handed over was acknowledged, so what it still holds are copies the ring has.
+    fn leave_reported(&self) -> bool {
+        match (&self.ring, self.id) {
+            (Some(ring), Some(me)) => {
+                ring.member(me).is_some_and(|m| m.leaving) && self.done_reported == Some(ring.epoch)
+            }
             _ => false,
         }
     }
