@@ -6,8 +6,10 @@ use crate::driver::socket::DatagramSocket;
 use crate::driver::{bind_udp, lookup};
 use crate::link::{Accepted, Link, Outcome, RetryPolicy, Time, Transmit};
 use crate::record::{Dataset, RecordKey};
+use crate::ring::RingExt;
 use crate::wire::{
-    Body, ClientRequest, Envelope, RejectReason, ReplyBody, RequestError, TraceContext,
+    Body, ClientRequest, Envelope, FindEvent, FindResult, HopOut, QueryOutcome, RejectReason,
+    ReplyBody, RequestError, RingView, Routing, TraceContext,
 };
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -46,7 +48,61 @@ pub enum ClientError {
     /// A result was asked of a request that was never sent (a bug, reported rather than a panic).
     #[error("the request produced no result")]
     NoResult,
+    #[error(
+        "no peer answered the query for {key} ({attempts} attempts over {secs:.1} s, last at {last}); see stormctl status, or raise --timeout"
+    )]
+    NoLookupAnswer {
+        key: RecordKey,
+        attempts: u32,
+        secs: f64,
+        last: SocketAddr,
+    },
 }
+
+/// What the client knows of the ring, for queries sent straight to its peers.
+#[derive(Debug, Clone)]
+enum RingState {
+    /// Queries go through the manager.
+    Off,
+    /// Not asked yet.
+    Unknown,
+    /// The manager was asked (the request's sequence number, when).
+    Asking { seq: u64, since: Time },
+    Known {
+        view: RingView,
+        routing: Routing,
+        at: Time,
+    },
+    /// The manager gave none (no ring yet, recovering, an older manager): queries go through
+    /// it, and its reply says why when they cannot be answered.
+    Unavailable,
+}
+
+/// A query sent straight into the ring, retried by the client (the first attempt's time,
+/// the last attempt's, and where it went).
+struct Lookup {
+    index: usize,
+    key: RecordKey,
+    routing: Option<Routing>,
+    via: Option<String>,
+    trace: Option<TraceContext>,
+    started: Time,
+    sent_at: Time,
+    attempts: u32,
+    retry_at: Time,
+    entry: SocketAddr,
+}
+
+/// The tag of the client's own ring request, never a request index.
+const RING_TAG: usize = usize::MAX;
+
+/// The first retry of an unanswered lookup: a walk of a few hundred hops takes a few
+/// milliseconds, so a lookup unanswered after this was most likely lost.
+const LOOKUP_RETRY: Duration = Duration::from_millis(250);
+const LOOKUP_RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// How old a ring view may be before a refused or unanswered lookup fetches a new one.
+const RING_REFRESH: Duration = Duration::from_secs(1);
 
 /// The client's protocol, sans-IO: requests queued, at most `window` outstanding, each
 /// retransmitted until the manager acknowledges it, then awaited until its reply or a timeout.
@@ -62,6 +118,17 @@ pub struct ClientCore {
     results: VecDeque<(usize, Result<ReplyBody, ClientError>)>,
     /// What the manager said of requests under way: (index, done, total).
     progress: VecDeque<(usize, u64, u64)>,
+    ring: RingState,
+    lookups: HashMap<u64, Lookup>,
+    next_lookup: u64,
+    next_entry: usize,
+    /// Wall-clock µs at `Time` zero: peers stamp hops with their wall clocks.
+    clock_origin_us: u64,
+    /// A request for a newer view while lookups go on with the one known.
+    ring_refresh: Option<u64>,
+    /// Lookups enter at the key's owner (by the client's view) instead of the next member
+    /// round the ring.
+    owner_entry: bool,
 }
 
 struct InFlight {
@@ -95,11 +162,41 @@ impl ClientCore {
             in_flight: HashMap::new(),
             results: VecDeque::new(),
             progress: VecDeque::new(),
+            ring: RingState::Off,
+            lookups: HashMap::new(),
+            next_lookup: 1,
+            next_entry: 0,
+            clock_origin_us: 0,
+            ring_refresh: None,
+            owner_entry: false,
         }
     }
 
     pub fn manager(&self) -> SocketAddr {
         self.manager
+    }
+
+    /// Sends queries straight to the ring's peers (the answer comes back from the peer that
+    /// ends the walk: hops + 2 datagrams instead of hops + 4, and the manager is off the
+    /// path), after asking the manager once for the ring. Off: through the manager.
+    pub fn set_direct(&mut self, direct: bool) {
+        self.ring = if direct {
+            RingState::Unknown
+        } else {
+            RingState::Off
+        };
+    }
+
+    /// Direct queries enter the ring at the key's owner, as the client's view says (a
+    /// token-aware client, as Cassandra's drivers are): most take no hop. Off: at the next
+    /// member round the ring, so the walk (or the fingers) show in the path.
+    pub fn set_owner_entry(&mut self, owner: bool) {
+        self.owner_entry = owner;
+    }
+
+    /// Wall-clock µs at this core's time zero, for the hop timeline of direct queries.
+    pub fn set_clock_origin(&mut self, unix_us: u64) {
+        self.clock_origin_us = unix_us;
     }
 
     /// Requests outstanding at once.
@@ -114,15 +211,256 @@ impl ClientCore {
 
     /// Nothing queued, nothing outstanding.
     pub fn is_idle(&self) -> bool {
-        self.queue.is_empty() && self.in_flight.is_empty()
+        self.queue.is_empty() && self.in_flight.is_empty() && self.lookups.is_empty()
     }
 
     /// Sends queued requests while the window allows.
     pub fn pump(&mut self, now: Time) {
-        while self.in_flight.len() < self.window {
+        while self.in_flight.len() + self.lookups.len() < self.window {
             let Some((index, req, trace)) = self.queue.pop_front() else {
                 return;
             };
+            if let ClientRequest::Query { key, via, routing } = req {
+                match &self.ring {
+                    RingState::Off | RingState::Unavailable => {
+                        let req = ClientRequest::Query { key, via, routing };
+                        self.send_request(now, index, req, trace);
+                    }
+                    RingState::Known { .. } => {
+                        self.start_lookup(now, index, key, via, routing, trace)
+                    }
+                    RingState::Unknown | RingState::Asking { .. } => {
+                        // Queries wait for the ring.
+                        let req = ClientRequest::Query { key, via, routing };
+                        self.queue.push_front((index, req, trace));
+                        self.ask_ring(now);
+                        return;
+                    }
+                }
+                continue;
+            }
+            self.send_request(now, index, req, trace);
+        }
+    }
+
+    fn ask_ring(&mut self, now: Time) {
+        if matches!(self.ring, RingState::Asking { .. } | RingState::Off) {
+            return;
+        }
+        let body = Body::Request(ClientRequest::Ring);
+        match self.link.send(now, self.manager, body, None, RING_TAG) {
+            Ok(seq) => self.ring = RingState::Asking { seq, since: now },
+            Err(_) => self.ring = RingState::Unavailable,
+        }
+    }
+
+    /// A view at least [`RING_REFRESH`] old is asked for again (a lookup was refused or went
+    /// unanswered: the ring may have changed); lookups go on with the old one meanwhile.
+    fn refresh_ring(&mut self, now: Time) {
+        if let RingState::Known { at, .. } = self.ring
+            && now >= at + RING_REFRESH
+        {
+            let body = Body::Request(ClientRequest::Ring);
+            if let Ok(seq) = self.link.send(now, self.manager, body, None, RING_TAG) {
+                self.ring_refresh = Some(seq);
+            }
+        }
+    }
+
+    fn start_lookup(
+        &mut self,
+        now: Time,
+        index: usize,
+        key: RecordKey,
+        via: Option<String>,
+        routing: Option<Routing>,
+        trace: Option<TraceContext>,
+    ) {
+        let query = self.next_lookup;
+        self.next_lookup += 1;
+        let lookup = Lookup {
+            index,
+            key,
+            routing,
+            via,
+            trace,
+            started: now,
+            sent_at: now,
+            attempts: 0,
+            retry_at: now,
+            entry: self.manager,
+        };
+        self.lookups.insert(query, lookup);
+        self.send_lookup(now, query);
+    }
+
+    /// Sends lookup `query` (again) to an entry peer: the one named by `via`, else the next
+    /// member round the ring, so each attempt enters somewhere else.
+    fn send_lookup(&mut self, now: Time, query: u64) {
+        let RingState::Known { view, routing, .. } = &self.ring else {
+            return;
+        };
+        let Some(lookup) = self.lookups.get_mut(&query) else {
+            return;
+        };
+        let members = &view.members;
+        let entry = match &lookup.via {
+            Some(v) => members
+                .iter()
+                .find(|m| &m.name == v || m.id.to_string() == *v),
+            // The owner by the client's view: usually no hop at all. A retry enters elsewhere.
+            None if self.owner_entry && lookup.attempts == 0 => view
+                .owner_of(lookup.key)
+                .or_else(|| members.get(self.next_entry % members.len().max(1))),
+            None => {
+                self.next_entry = self.next_entry.wrapping_add(1);
+                members.get(self.next_entry % members.len().max(1))
+            }
+        };
+        let Some(entry) = entry else {
+            let error = match &lookup.via {
+                Some(name) => RequestError::NotInRing { name: name.clone() },
+                None => RequestError::NoRing,
+            };
+            if let Some(l) = self.lookups.remove(&query) {
+                self.results
+                    .push_back((l.index, Err(ClientError::Failed(error))));
+            }
+            return;
+        };
+        lookup.attempts += 1;
+        lookup.sent_at = now;
+        lookup.entry = entry.addr;
+        let backoff = LOOKUP_RETRY * 2u32.saturating_pow(lookup.attempts - 1);
+        lookup.retry_at = now + backoff.min(LOOKUP_RETRY_MAX);
+        let find = FindEvent {
+            query,
+            key: lookup.key,
+            path: Vec::new(),
+            hops: Vec::new(),
+            routing: lookup.routing.unwrap_or(*routing),
+            reply_to: None,
+        };
+        let (dest, trace) = (entry.addr, lookup.trace.clone());
+        if let Err(e) = self.link.send_once(dest, Body::Lookup(find), trace)
+            && let Some(l) = self.lookups.remove(&query)
+        {
+            let err = ClientError::Encode(e.to_string());
+            self.results.push_back((l.index, Err(err)));
+        }
+    }
+
+    fn on_answer(&mut self, now: Time, result: FindResult) {
+        if self
+            .lookups
+            .get(&result.query)
+            .is_none_or(|l| l.key != result.key)
+        {
+            return;
+        }
+        let Some(lookup) = self.lookups.remove(&result.query) else {
+            return;
+        };
+        let view = match &self.ring {
+            RingState::Known { view, .. } => Some(view),
+            _ => None,
+        };
+        let member = |id| view.and_then(|v| v.member(id));
+        let name_of = |id| member(id).map_or_else(|| id.to_string(), |m| m.name.clone());
+        let sent_us = self.clock_origin_us + lookup.sent_at.as_micros() as u64;
+        let hops = result
+            .hops
+            .iter()
+            .map(|h| HopOut {
+                peer: h.peer,
+                name: name_of(h.peer),
+                addr: member(h.peer).map(|m| m.addr),
+                at_us: h.at_us.saturating_sub(sent_us),
+            })
+            .collect();
+        let outcome = QueryOutcome {
+            key: result.key,
+            found: result.found,
+            records: result.records,
+            path_names: result.path.iter().map(|id| name_of(*id)).collect(),
+            path: result.path,
+            truncated: result.truncated,
+            ring_micros: now.saturating_sub(lookup.sent_at).as_micros() as u64,
+            hops,
+        };
+        self.results
+            .push_back((lookup.index, Ok(ReplyBody::Query(outcome))));
+    }
+
+    /// The entry peer will not take the lookup (not in a ring): enter at the next one at
+    /// once, and fetch the ring again, which may have changed.
+    fn on_lookup_refused(&mut self, now: Time, query: u64, reason: RejectReason) {
+        let Some(lookup) = self.lookups.get(&query) else {
+            return;
+        };
+        let members = match &self.ring {
+            RingState::Known { view, .. } => view.members.len() as u32,
+            _ => 0,
+        };
+        let give_up = lookup.via.is_some() || lookup.attempts >= members.max(1) * 2;
+        self.refresh_ring(now);
+        if give_up {
+            if let Some(l) = self.lookups.remove(&query) {
+                let error = RequestError::NoEntry {
+                    key: l.key,
+                    last: reason.to_string(),
+                };
+                self.results
+                    .push_back((l.index, Err(ClientError::Failed(error))));
+            }
+        } else {
+            self.send_lookup(now, query);
+        }
+    }
+
+    fn give_up_lookup(&mut self, now: Time, query: u64) {
+        if let Some(l) = self.lookups.remove(&query) {
+            let err = ClientError::NoLookupAnswer {
+                key: l.key,
+                attempts: l.attempts,
+                secs: now.saturating_sub(l.started).as_secs_f64(),
+                last: l.entry,
+            };
+            self.results.push_back((l.index, Err(err)));
+        }
+    }
+
+    fn lookups_due(&mut self, now: Time) {
+        let due: Vec<u64> = self
+            .lookups
+            .iter()
+            .filter(|(_, l)| l.retry_at <= now)
+            .map(|(q, _)| *q)
+            .collect();
+        if !due.is_empty() {
+            self.refresh_ring(now);
+        }
+        for query in due {
+            let expired = self
+                .lookups
+                .get(&query)
+                .is_some_and(|l| now >= l.started + self.reply_timeout);
+            if expired {
+                self.give_up_lookup(now, query);
+            } else {
+                self.send_lookup(now, query);
+            }
+        }
+    }
+
+    fn send_request(
+        &mut self,
+        now: Time,
+        index: usize,
+        req: ClientRequest,
+        trace: Option<TraceContext>,
+    ) {
+        {
             match self
                 .link
                 .send(now, self.manager, Body::Request(req), trace, index)
@@ -142,9 +480,31 @@ impl ClientCore {
         }
     }
 
+    fn on_ring_reply(&mut self, now: Time, result: Result<ReplyBody, RequestError>) {
+        match result {
+            Ok(ReplyBody::Ring { view, routing }) if !view.members.is_empty() => {
+                self.ring = RingState::Known {
+                    view,
+                    routing,
+                    at: now,
+                }
+            }
+            // A refresh that fails keeps the view it had.
+            _ if matches!(self.ring, RingState::Known { .. }) => {}
+            _ => self.ring = RingState::Unavailable,
+        }
+    }
+
     pub fn handle(&mut self, now: Time, from: SocketAddr, env: Envelope) {
         if self.link.accept(now, from, &env) == Accepted::New {
             match env.body {
+                Body::Reply(reply) if self.is_ring_request(reply.to) => {
+                    self.link.cancel(reply.to);
+                    self.ring_refresh = None;
+                    self.on_ring_reply(now, reply.result);
+                }
+                Body::Answer(result) => self.on_answer(now, result),
+                Body::LookupRefused { query, reason } => self.on_lookup_refused(now, query, reason),
                 Body::Reply(reply) => {
                     if let Some(f) = self.in_flight.remove(&reply.to) {
                         self.link.cancel(reply.to);
@@ -173,9 +533,21 @@ impl ClientCore {
         self.progress.pop_front()
     }
 
+    fn is_ring_request(&self, seq: u64) -> bool {
+        matches!(self.ring, RingState::Asking { seq: s, .. } if s == seq)
+            || self.ring_refresh == Some(seq)
+    }
+
     pub fn handle_timeout(&mut self, now: Time) {
         self.link.handle_timeout(now);
         self.drain_outcomes(now);
+        self.lookups_due(now);
+        if let RingState::Asking { seq, since } = self.ring
+            && now >= since + self.reply_timeout
+        {
+            self.link.cancel(seq);
+            self.ring = RingState::Unavailable;
+        }
         let expired: Vec<u64> = self
             .in_flight
             .iter()
@@ -201,7 +573,12 @@ impl ClientCore {
             .filter_map(|f| f.acked_at)
             .min()
             .map(|a| a + self.reply_timeout);
-        [self.link.poll_timeout(), replies]
+        let lookups = self.lookups.values().map(|l| l.retry_at).min();
+        let ring = match self.ring {
+            RingState::Asking { since, .. } => Some(since + self.reply_timeout),
+            _ => None,
+        };
+        [self.link.poll_timeout(), replies, lookups, ring]
             .into_iter()
             .flatten()
             .min()
@@ -209,6 +586,10 @@ impl ClientCore {
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.link.poll_transmit()
+    }
+
+    pub fn has_results(&self) -> bool {
+        !self.results.is_empty()
     }
 
     pub fn poll_result(&mut self) -> Option<(usize, Result<ReplyBody, ClientError>)> {
@@ -225,6 +606,11 @@ impl ClientCore {
     fn drain_outcomes(&mut self, now: Time) {
         while let Some(outcome) = self.link.poll_outcome() {
             match outcome {
+                Outcome::Acked { tag: RING_TAG, .. } => {}
+                Outcome::Rejected { tag: RING_TAG, .. } | Outcome::GaveUp { tag: RING_TAG, .. } => {
+                    self.ring_refresh = None;
+                    self.on_ring_reply(now, Err(RequestError::NoRing));
+                }
                 Outcome::Acked { tag, .. } => {
                     if let Some(seq) = self.seq_of(tag)
                         && let Some(f) = self.in_flight.get_mut(&seq)
@@ -282,7 +668,9 @@ impl Client<UdpSocket> {
         let socket = bind_udp(&bind.to_string(), 4 << 20)
             .await
             .map_err(|e| ClientError::Io(e.to_string()))?;
-        let core = ClientCore::new(addr, rand::random(), client_retry(), reply_timeout);
+        let mut core = ClientCore::new(addr, rand::random(), client_retry(), reply_timeout);
+        core.set_direct(true);
+        core.set_clock_origin(crate::config::unix_micros_now());
         Ok(Client::over(socket, core))
     }
 }
@@ -313,6 +701,17 @@ impl<S: DatagramSocket> Client<S> {
 
     pub fn manager(&self) -> SocketAddr {
         self.core.manager()
+    }
+
+    /// Queries straight to the ring's peers (the default of [`Client::connect`]) or through
+    /// the manager.
+    pub fn set_direct(&mut self, direct: bool) {
+        self.core.set_direct(direct);
+    }
+
+    /// See [`ClientCore::set_owner_entry`].
+    pub fn set_owner_entry(&mut self, owner: bool) {
+        self.core.set_owner_entry(owner);
     }
 
     /// One request, one reply.
@@ -384,10 +783,15 @@ impl<S: DatagramSocket> Client<S> {
             while let Some(t) = self.core.poll_transmit() {
                 self.send(&t).await;
             }
-            let wake = self.core.poll_timeout().map(|t| self.start + t);
-            let received = tokio::select! {
-                r = self.socket.recv_from(&mut self.buf) => Some(r),
-                _ = sleep_until(wake) => None,
+            // A request can end without a datagram (a lookup via a peer not in the ring).
+            let received = if self.core.has_results() {
+                None
+            } else {
+                let wake = self.core.poll_timeout().map(|t| self.start + t);
+                tokio::select! {
+                    r = self.socket.recv_from(&mut self.buf) => Some(r),
+                    _ = sleep_until(wake) => None,
+                }
             };
             let now = self.start.elapsed();
             match received {
@@ -589,6 +993,190 @@ mod tests {
                 total: 100,
             },
         )
+    }
+
+    fn peer_addr(i: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 6000 + i))
+    }
+
+    fn view(n: u16) -> RingView {
+        RingView {
+            epoch: 3,
+            settled: true,
+            placement: crate::wire::Placement::Consistent,
+            table_size: 0,
+            replication: 2,
+            members: (0..n)
+                .map(|i| crate::wire::Member {
+                    id: u32::from(i) + 1,
+                    name: format!("p{i}"),
+                    addr: peer_addr(i),
+                    token: u64::from(i) * (u64::MAX / u64::from(n)),
+                    leaving: false,
+                    vnodes: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+
+    fn decode(t: &Transmit) -> Envelope {
+        Envelope::decode(&t.bytes).expect("decodes")
+    }
+
+    fn reply(to: u64, result: Result<ReplyBody, RequestError>) -> Envelope {
+        Envelope::new(
+            9,
+            1,
+            None,
+            Body::Reply(crate::wire::ClientReply { to, result }),
+        )
+    }
+
+    /// A direct core whose query for `key` is waiting on its ring request: answers it with
+    /// `view`, and returns the lookup sent (destination, envelope).
+    fn direct_query(key: u64, view: RingView, owner_entry: bool) -> (ClientCore, Transmit) {
+        let mut core = ClientCore::new(manager(), 1, client_retry(), Duration::from_secs(2));
+        core.set_direct(true);
+        core.set_owner_entry(owner_entry);
+        let query = ClientRequest::Query {
+            key: RecordKey::Event(key),
+            via: None,
+            routing: None,
+        };
+        core.submit(0, query, None);
+        core.pump(Duration::ZERO);
+        let ask = core.poll_transmit().expect("the ring request");
+        assert_eq!(ask.dest, manager());
+        let env = decode(&ask);
+        assert!(matches!(env.body, Body::Request(ClientRequest::Ring)));
+        let ring = ReplyBody::Ring {
+            view,
+            routing: Routing::Walk,
+        };
+        core.handle(Duration::ZERO, manager(), reply(env.seq, Ok(ring)));
+        core.pump(Duration::ZERO);
+        let lookup = std::iter::from_fn(|| core.poll_transmit())
+            .find(|t| matches!(decode(t).body, Body::Lookup(_)))
+            .expect("a lookup");
+        (core, lookup)
+    }
+
+    fn answer(query: u64, key: u64, path: Vec<u32>) -> Envelope {
+        Envelope::new(
+            7,
+            UNSEQUENCED,
+            None,
+            Body::Answer(FindResult {
+                query,
+                key: RecordKey::Event(key),
+                found: true,
+                records: Vec::new(),
+                path,
+                truncated: false,
+                hops: Vec::new(),
+            }),
+        )
+    }
+
+    fn lookup_query(t: &Transmit) -> u64 {
+        match decode(t).body {
+            Body::Lookup(f) => f.query,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_direct_query_asks_for_the_ring_then_a_peer_and_names_the_path() {
+        let (mut core, lookup) = direct_query(42, view(4), false);
+        assert_ne!(lookup.dest, manager());
+        let q = lookup_query(&lookup);
+        // An answer for another key, or another query, is not this one's.
+        core.handle(Duration::ZERO, peer_addr(1), answer(q, 43, vec![2]));
+        core.handle(Duration::ZERO, peer_addr(1), answer(q + 1, 42, vec![2]));
+        assert!(core.poll_result().is_none());
+        core.handle(Duration::ZERO, peer_addr(1), answer(q, 42, vec![2, 3]));
+        match core.poll_result() {
+            Some((0, Ok(ReplyBody::Query(o)))) => {
+                assert_eq!(o.path_names, vec!["p1".to_string(), "p2".to_string()]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A duplicated answer finds nothing waiting.
+        core.handle(Duration::ZERO, peer_addr(1), answer(q, 42, vec![2, 3]));
+        assert!(core.poll_result().is_none() && core.is_idle());
+    }
+
+    #[test]
+    fn with_owner_entry_the_lookup_goes_to_the_keys_owner() {
+        let ring = view(8);
+        for key in [1u64, 99, 5_570_068] {
+            let owner = ring.owner_of(RecordKey::Event(key)).unwrap().addr;
+            let (_, lookup) = direct_query(key, ring.clone(), true);
+            assert_eq!(lookup.dest, owner, "{key}");
+        }
+    }
+
+    #[test]
+    fn an_unanswered_lookup_is_retried_elsewhere_then_given_up() {
+        let (mut core, first) = direct_query(42, view(4), false);
+        let mut entries = vec![first.dest];
+        let mut now = Duration::ZERO;
+        while core.poll_result().is_none() {
+            now = core.poll_timeout().expect("a deadline");
+            core.handle_timeout(now);
+            entries.extend(
+                std::iter::from_fn(|| core.poll_transmit())
+                    .filter(|t| matches!(decode(t).body, Body::Lookup(_)))
+                    .map(|t| t.dest),
+            );
+            assert!(now < Duration::from_secs(5), "never gave up");
+        }
+        assert!(entries.len() >= 3, "{entries:?}");
+        assert!(entries.windows(2).all(|w| w[0] != w[1]), "{entries:?}");
+        assert!(now >= Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_refused_lookup_enters_elsewhere_at_once() {
+        let (mut core, first) = direct_query(42, view(4), false);
+        let refused = Body::LookupRefused {
+            query: lookup_query(&first),
+            reason: RejectReason::NotInRing { peer: "p0".into() },
+        };
+        let env = Envelope::new(7, UNSEQUENCED, None, refused);
+        core.handle(Duration::from_millis(1), first.dest, env);
+        let again = std::iter::from_fn(|| core.poll_transmit())
+            .find(|t| matches!(decode(t).body, Body::Lookup(_)))
+            .expect("sent again at once");
+        assert_ne!(again.dest, first.dest);
+    }
+
+    #[test]
+    fn without_a_ring_from_the_manager_queries_go_through_it() {
+        let mut core = ClientCore::new(manager(), 1, client_retry(), Duration::from_secs(2));
+        core.set_direct(true);
+        let query = ClientRequest::Query {
+            key: RecordKey::Event(1),
+            via: None,
+            routing: None,
+        };
+        core.submit(0, query, None);
+        core.pump(Duration::ZERO);
+        let ask = decode(&core.poll_transmit().expect("the ring request"));
+        core.handle(
+            Duration::ZERO,
+            manager(),
+            reply(ask.seq, Err(RequestError::NoRing)),
+        );
+        core.pump(Duration::ZERO);
+        let sent: Vec<Envelope> = std::iter::from_fn(|| core.poll_transmit())
+            .map(|t| decode(&t))
+            .collect();
+        assert!(
+            sent.iter()
+                .any(|e| matches!(e.body, Body::Request(ClientRequest::Query { .. }))),
+            "{sent:?}"
+        );
     }
 
     #[test]

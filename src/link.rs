@@ -237,11 +237,22 @@ impl<T> Link<T> {
 
     /// Sends an unsequenced message (ack or rejection) once.
     pub fn send_unsequenced(&mut self, dest: SocketAddr, body: Body) {
-        debug_assert!(!body.is_sequenced());
         // An ack or a rejection is a few dozen bytes; encoding cannot exceed the limit.
-        if let Ok(bytes) = Envelope::new(self.incarnation, UNSEQUENCED, None, body).encode() {
-            self.outbox.push_back(Transmit { dest, bytes });
-        }
+        let _ = self.send_once(dest, body, None);
+    }
+
+    /// Sends an unsequenced message once, with its trace context: a lookup or its answer,
+    /// which the client retries itself.
+    pub fn send_once(
+        &mut self,
+        dest: SocketAddr,
+        body: Body,
+        trace: Option<TraceContext>,
+    ) -> Result<(), WireError> {
+        debug_assert!(!body.is_sequenced());
+        let bytes = Envelope::new(self.incarnation, UNSEQUENCED, trace, body).encode()?;
+        self.outbox.push_back(Transmit { dest, bytes });
+        Ok(())
     }
 
     /// Refuses a sequenced message for good: the sender stops retransmitting and learns why.

@@ -161,8 +161,9 @@ pub fn query_json(
 
 /// The walk as a terminal waterfall, as Jaeger draws its trace: one line per hop, a bar from
 /// when the hop received the query to when the next one did (the last: to the answer at the
-/// manager). Times are on the manager's clock, from sending the query into the ring.
-pub fn waterfall_text(q: &QueryOutcome) -> String {
+/// `origin`, which sent the query into the ring: stormctl, or the manager). Times are on the
+/// origin's clock, from sending the query.
+pub fn waterfall_text(q: &QueryOutcome, origin: &str) -> String {
     const WIDTH: usize = 40;
     let total = q.ring_micros.max(1);
     let col = |us: u64| ((us.min(total) as f64 / total as f64) * WIDTH as f64).round() as usize;
@@ -185,7 +186,7 @@ pub fn waterfall_text(q: &QueryOutcome) -> String {
         out,
         "  {:<5} {:<label_width$} {:<21} {:>10}  |{}|",
         "",
-        "manager",
+        origin,
         "",
         "+0.000 ms",
         "▏".to_string() + &" ".repeat(WIDTH - 1)
@@ -212,9 +213,9 @@ pub fn waterfall_text(q: &QueryOutcome) -> String {
     }
     let _ = write!(
         out,
-        "  {:<5} {:<label_width$} {:<21} {:>7.3} ms  answer back at the manager",
+        "  {:<5} {:<label_width$} {:<21} {:>7.3} ms  answer back at {origin}",
         "",
-        "manager",
+        origin,
         "",
         q.ring_micros as f64 / 1e3
     );

@@ -98,6 +98,14 @@ pub enum Body {
     Find(FindEvent),
     /// the peer that ends the walk → manager.
     Found(FindResult),
+    /// stormctl → any peer, unsequenced: a query sent straight into the ring. The entry peer
+    /// walks it on (peer to peer as `Find`, acknowledged hop by hop) with the sender's
+    /// address as where the answer goes; the client retries a lost one itself.
+    Lookup(FindEvent),
+    /// the peer that ends a lookup's walk → the client that sent it, unsequenced.
+    Answer(FindResult),
+    /// a peer → a client, unsequenced: this peer will not take the lookup (not in a ring).
+    LookupRefused { query: u64, reason: RejectReason },
     /// peer → manager, unsequenced, every heartbeat interval: I am alive, at this epoch.
     Heartbeat { epoch: u64 },
     /// manager → peer, unsequenced: the answer to a heartbeat. `known` is false when this
@@ -144,6 +152,9 @@ impl Body {
             Body::Store(_) => "store",
             Body::Find(_) => "find_event",
             Body::Found(_) => "found",
+            Body::Lookup(_) => "lookup",
+            Body::Answer(_) => "answer",
+            Body::LookupRefused { .. } => "lookup_refused",
             Body::Heartbeat { .. } => "heartbeat",
             Body::HeartbeatAck { .. } => "heartbeat_ack",
             Body::Ping { .. } => "ping",
@@ -167,6 +178,9 @@ impl Body {
                 | Body::Pong { .. }
                 | Body::PingReq { .. }
                 | Body::Progress { .. }
+                | Body::Lookup(_)
+                | Body::Answer(_)
+                | Body::LookupRefused { .. }
         )
     }
 }
@@ -193,6 +207,8 @@ pub enum ClientRequest {
     },
     Status,
     Teardown,
+    /// The current ring view, for a client that sends queries straight to peers.
+    Ring,
 }
 
 impl ClientRequest {
@@ -204,6 +220,7 @@ impl ClientRequest {
             ClientRequest::Leave { .. } => "leave",
             ClientRequest::Status => "status",
             ClientRequest::Teardown => "teardown",
+            ClientRequest::Ring => "ring",
         }
     }
 }
@@ -226,6 +243,11 @@ pub enum ReplyBody {
         handed_over: u64,
     },
     Status(StatusReport),
+    /// The ring, and how queries travel in it unless a query says otherwise.
+    Ring {
+        view: RingView,
+        routing: Routing,
+    },
     Teardown {
         peers: u32,
         /// Each peer told to exit, and whether it confirmed.
@@ -454,6 +476,11 @@ pub struct FindEvent {
     pub hops: Vec<HopTiming>,
     #[serde(default)]
     pub routing: Routing,
+    /// Where the answer goes when it is not the manager: the address a `Lookup` came from,
+    /// set by the entry peer (never taken from the datagram's body, so a stranger cannot aim
+    /// answers at a third party).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -951,7 +978,32 @@ mod tests {
                     at_us: 1_700_000_000_000_000,
                 }],
                 routing: crate::wire::Routing::Fingers,
+                reply_to: Some(SocketAddr::from(([127, 0, 0, 1], 4000))),
             }),
+            Body::Lookup(FindEvent {
+                query: 10,
+                key: RecordKey::Event(2),
+                path: Vec::new(),
+                hops: Vec::new(),
+                routing: crate::wire::Routing::Walk,
+                reply_to: None,
+            }),
+            Body::Answer(FindResult {
+                query: 10,
+                key: RecordKey::Event(2),
+                found: true,
+                records: vec![RecordOut {
+                    columns: vec!["EVENT_ID".into()],
+                    values: vec!["2".into()],
+                }],
+                path: vec![3],
+                truncated: false,
+                hops: Vec::new(),
+            }),
+            Body::LookupRefused {
+                query: 10,
+                reason: RejectReason::NotInRing { peer: "p1".into() },
+            },
             Body::Reply(ClientReply {
                 to: 4,
                 result: Err(RequestError::AlreadyLeaving { name: "p1".into() }),

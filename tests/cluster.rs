@@ -253,7 +253,19 @@ fn query_output_and_exit_statuses() {
         text.contains("walk of event 1:") && text.contains("hop 0") && text.contains("peer-0"),
         "{text}"
     );
+    assert!(text.contains("answer back at stormctl"), "{text}");
+    // Through the manager, as in the original design: the same walk, two more datagrams.
+    let out = cluster.ctl(&[
+        "query",
+        "1",
+        "--via",
+        "peer-0",
+        "--trace",
+        "--through-manager",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("answer back at the manager"), "{text}");
+    assert!(text.contains("hop 0") && text.contains("peer-0"), "{text}");
 }
 
 #[test]

@@ -224,6 +224,7 @@ fn hostile() -> Vec<(String, Vec<u8>)> {
         path: vec![1, 2],
         hops: Vec::new(),
         routing: stormdht::wire::Routing::Fingers,
+        reply_to: None,
     }));
     cases.push((
         "find whose path declares 2^63 hops".into(),

@@ -116,6 +116,8 @@ fn forged(n: u64) -> Vec<u8> {
             path: Vec::new(),
             hops: Vec::new(),
             routing: stormdht::wire::Routing::Fingers,
+            // A stranger's find may not aim answers at a third party.
+            reply_to: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9))),
         }),
         9 => Body::Probe { probe: n },
         10 => Body::Registered { id: 1 },

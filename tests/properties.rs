@@ -171,6 +171,17 @@ fn body() -> impl Strategy<Value = Body> {
                 path,
                 hops: Vec::new(),
                 routing: stormdht::wire::Routing::Fingers,
+                reply_to: None,
+            })
+        }),
+        (0u64..5, key()).prop_map(|(query, key)| {
+            Body::Lookup(FindEvent {
+                query,
+                key,
+                path: Vec::new(),
+                hops: Vec::new(),
+                routing: stormdht::wire::Routing::Walk,
+                reply_to: None,
             })
         }),
         (0u64..5, key(), any::<bool>()).prop_map(|(query, key, found)| Body::Found(FindResult {

@@ -43,6 +43,15 @@ struct Cli {
     /// OTLP/gRPC endpoint for stormctl's own spans (else OTEL_EXPORTER_OTLP_ENDPOINT).
     #[arg(long, global = true, env = "STORM_TELEMETRY__OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// Where a query enters the ring: `next` (the next member round the ring, so the path
+    /// shows the walk or the fingers; the default of query) or `owner` (the key's owner by
+    /// the ring view stormctl fetched: mostly no hop; the default of verify).
+    #[arg(long, global = true, value_enum)]
+    entry: Option<EntryArg>,
+    /// Send queries (query, verify) through the manager instead of straight to the ring's
+    /// peers: two more datagrams per query, as in the original design.
+    #[arg(long, global = true)]
+    through_manager: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -106,6 +115,12 @@ enum Command {
     },
     /// Print a shell completion script: `stormctl completions bash > ~/.local/share/bash-completion/completions/stormctl`.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum EntryArg {
+    Next,
+    Owner,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -214,6 +229,15 @@ async fn command(cli: &Cli) -> ExitCode {
         Ok(c) => c.with_keyring(keyring),
         Err(e) => return fail(cli.json, e),
     };
+    client.set_direct(!cli.through_manager);
+    let verifying = matches!(cli.command, Command::Verify { .. });
+    client.set_owner_entry(
+        cli.entry.unwrap_or(if verifying {
+            EntryArg::Owner
+        } else {
+            EntryArg::Next
+        }) == EntryArg::Owner,
+    );
     match &cli.command {
         Command::Query {
             event_id,
@@ -425,6 +449,14 @@ fn print_reply(json: bool, reply: &ReplyBody) {
             report::query_text(q, 0.0),
             report::query_json(q, 0.0, None, None),
         ),
+        ReplyBody::Ring { view, routing } => (
+            format!(
+                "ring epoch {}: {} members, routing {routing}",
+                view.epoch,
+                view.members.len()
+            ),
+            serde_json::json!({ "view": view, "routing": routing }),
+        ),
     };
     if json {
         println!("{value}");
@@ -448,8 +480,8 @@ async fn query(
         event.id = %key,
         found = tracing::field::Empty,
         network.transport = "udp",
-        network.peer.address = %client.manager().ip(),
-        network.peer.port = client.manager().port(),
+        network.peer.address = tracing::field::Empty,
+        network.peer.port = tracing::field::Empty,
     );
     let trace_id = telemetry::trace_id_of(&span);
     let trace = telemetry::context_of(&span);
@@ -465,6 +497,11 @@ async fn query(
     match result {
         Ok(ReplyBody::Query(q)) => {
             span.record("found", q.found);
+            // Where the query entered: the first hop, or the manager that relayed it.
+            let entry = q.hops.first().and_then(|h| h.addr);
+            let entry = entry.unwrap_or(client.manager());
+            span.record("network.peer.address", entry.ip().to_string());
+            span.record("network.peer.port", entry.port());
             if cli.json {
                 println!(
                     "{}",
@@ -473,7 +510,17 @@ async fn query(
             } else {
                 println!("{}", report::query_text(&q, elapsed_ms));
                 if waterfall {
-                    println!("{}", report::waterfall_text(&q));
+                    println!(
+                        "{}",
+                        report::waterfall_text(
+                            &q,
+                            if cli.through_manager {
+                                "the manager"
+                            } else {
+                                "stormctl"
+                            }
+                        )
+                    );
                 }
                 if let Some(id) = &trace_id {
                     println!("trace: {id}");

@@ -32,7 +32,7 @@ impl Shell<Peer> for PeerShell {
     fn open_span(&mut self, peer: &Peer, from: SocketAddr, env: &Envelope) -> Option<Span> {
         let id = peer.id();
         let span = match &env.body {
-            Body::Find(find) => tracing::info_span!(
+            Body::Find(find) | Body::Lookup(find) => tracing::info_span!(
                 target: TARGET,
                 "find_event",
                 otel.kind = "server",

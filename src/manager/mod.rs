@@ -291,6 +291,17 @@ impl Manager {
         env: Envelope,
         trace: Option<TraceContext>,
     ) {
+        // A lookup goes to a peer: say so to the client, which retries at one.
+        if let Body::Lookup(find) = &env.body {
+            let reason = RejectReason::NotForManager {
+                kind: env.body.kind().to_string(),
+            };
+            let body = Body::LookupRefused {
+                query: find.query,
+                reason,
+            };
+            return self.link.send_unsequenced(from, body);
+        }
         // Refuse what the manager never handles before acknowledging it.
         if !matches!(
             env.body,
@@ -371,6 +382,14 @@ impl Manager {
             },
             ClientRequest::Status => self.start_status(now, call, false),
             ClientRequest::Teardown => self.start_teardown(now, call),
+            ClientRequest::Ring => {
+                let routing = self.cfg.routing;
+                let view = self
+                    .ring
+                    .clone()
+                    .map(|view| ReplyBody::Ring { view, routing });
+                self.reply(now, &call, view.ok_or(RequestError::NoRing))
+            }
         }
     }
 

@@ -96,6 +96,7 @@ impl Manager {
             path: Vec::new(),
             hops: Vec::new(),
             routing,
+            reply_to: None,
         };
         let tag = ManagerTag::Find { query, entry };
         self.send(now, entry_addr, Body::Find(find), trace, tag);

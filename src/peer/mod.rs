@@ -288,6 +288,10 @@ impl Peer {
             }
             return;
         }
+        // A query straight from a client: walked like the manager's, answered to the client.
+        if let Body::Lookup(find) = env.body {
+            return self.on_lookup(now, from, find, trace);
+        }
         // Refuse what a peer never handles before acknowledging it, so the sender sees the
         // reason instead of an ack followed by silence.
         if let Some(reason) = self.refusal(&env.body) {
@@ -322,6 +326,14 @@ impl Peer {
             }
             Body::Ring(view) => self.on_ring(now, view, trace),
             Body::Store(batch) => self.on_store(now, from, env.from, env.seq, batch, trace),
+            // A client's query walked on by a member; from anyone else an answer address
+            // could aim answers at a third party.
+            Body::Find(find) if find.reply_to.is_some() && !self.is_member_addr(from) => {
+                let warning = format!(
+                    "from {from}: a find with an answer address, not from a member: dropped"
+                );
+                self.events.push(PeerEvent::Warning(warning));
+            }
             Body::Find(find) => self.on_find(now, find, trace),
             Body::Probe { probe } => {
                 let report = self.report();
@@ -403,12 +415,20 @@ impl Peer {
             | Body::LeaveRequest
             | Body::Report { .. }
             | Body::Found(_)
+            | Body::Answer(_)
+            | Body::LookupRefused { .. }
             | Body::Reply(_)
             | Body::Heartbeat { .. } => Some(RejectReason::NotForPeer {
                 kind: body.kind().to_string(),
             }),
             _ => None,
         }
+    }
+
+    fn is_member_addr(&self, addr: SocketAddr) -> bool {
+        self.ring
+            .as_ref()
+            .is_some_and(|r| r.members.iter().any(|m| m.addr == addr))
     }
 
     fn in_ring(&self) -> bool {
@@ -718,6 +738,30 @@ impl Peer {
         );
     }
 
+    fn on_lookup(
+        &mut self,
+        now: Time,
+        from: SocketAddr,
+        mut find: FindEvent,
+        trace: Option<TraceContext>,
+    ) {
+        if !self.in_ring() {
+            let reason = RejectReason::NotInRing {
+                peer: self.cfg.name.clone(),
+            };
+            let body = Body::LookupRefused {
+                query: find.query,
+                reason,
+            };
+            return self.link.send_unsequenced(from, body);
+        }
+        // The answer goes where the lookup came from, whatever the body says.
+        find.reply_to = Some(from);
+        find.path.clear();
+        find.hops.clear();
+        self.on_find(now, find, trace);
+    }
+
     fn on_find(&mut self, now: Time, mut find: FindEvent, trace: Option<TraceContext>) {
         let hop = find.path.len() as u32;
         let Some(me) = self.id else {
@@ -811,13 +855,14 @@ impl Peer {
         trace: Option<TraceContext>,
         hop: u32,
     ) {
+        let answer_to = find.reply_to.unwrap_or(self.cfg.manager);
         self.events.push(PeerEvent::Hop(HopReport {
             query: find.query,
             key: find.key,
             hop,
             found,
             next: None,
-            sent_to: self.cfg.manager,
+            sent_to: answer_to,
         }));
         let mut records = if found {
             self.store.records_out(find.key)
@@ -846,6 +891,15 @@ impl Peer {
             truncated,
             hops: find.hops,
         };
+        // A client's lookup: answered once, unacknowledged; the client asks again if it is
+        // lost (a query is a read, so asking twice is harmless).
+        if find.reply_to.is_some() {
+            if let Err(e) = self.link.send_once(answer_to, Body::Answer(result), None) {
+                let warning = format!("could not send an answer to {answer_to}: {e}");
+                self.events.push(PeerEvent::Warning(warning));
+            }
+            return;
+        }
         let manager = self.cfg.manager;
         self.send(
             now,

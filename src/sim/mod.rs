@@ -9,6 +9,8 @@
 //! those calls nothing runs, so a test may look into (or poke) any node's state machine.
 
 #[cfg(test)]
+mod direct;
+#[cfg(test)]
 mod failures;
 #[cfg(test)]
 mod fingers;
@@ -399,6 +401,12 @@ impl Sim {
             self.advance(Duration::from_millis(1));
         }
         true
+    }
+
+    /// Queries from the main client go straight to the peers (after one ring request to the
+    /// manager) instead of through the manager.
+    pub fn set_direct_queries(&mut self, direct: bool) {
+        self.client.set_direct(direct);
     }
 
     /// Sends a client request and runs the cluster until its reply arrives.

@@ -1,0 +1,143 @@
+//! Queries sent by the client straight into the ring (`Lookup` → … → `Answer`): the manager
+//! is off the path, the client retries what is lost, and the answers are exactly those of the
+//! manager's path, on a bad network, through churn with the client's view going stale, and
+//! around a dead entry peer.
+
+use super::fingers::cluster_with;
+use super::scenarios::{assert_all_found, query, setup_and_distribute};
+use super::*;
+use crate::record::RecordKey;
+use crate::ring::RingExt;
+use crate::wire::Routing;
+
+fn bad_network() -> Faults {
+    Faults {
+        loss: 0.2,
+        duplicate: 0.1,
+        max_delay: Duration::from_millis(5),
+    }
+}
+
+fn dispatched_by_manager(sim: &Sim) -> usize {
+    sim.manager_events()
+        .iter()
+        .filter(|e| matches!(e, ManagerEvent::QueryDispatched { .. }))
+        .count()
+}
+
+fn absent_keys_are_not_found_once_their_holders_were_asked(sim: &mut Sim) {
+    for k in [42u64, 4_242, 424_242] {
+        let key = RecordKey::Event(k);
+        let holders: Vec<u32> = {
+            let m = sim.manager();
+            let ring = m.ring().expect("a ring");
+            ring.replicas(key, 2).iter().map(|m| m.id).collect()
+        };
+        let q = query(sim, key, None);
+        assert!(!q.found, "{key} found");
+        assert!(
+            holders.iter().all(|h| q.path.contains(h)),
+            "{key}: holders {holders:?}, path {:?}",
+            q.path
+        );
+    }
+}
+
+#[test]
+fn lookups_find_everything_without_the_manager_on_the_path() {
+    for routing in [Routing::Walk, Routing::Fingers] {
+        let mut sim = cluster_with(90, Faults::none(), 8, routing, 1);
+        setup_and_distribute(&mut sim);
+        sim.set_direct_queries(true);
+        let before = dispatched_by_manager(&sim);
+        assert_all_found(&mut sim);
+        absent_keys_are_not_found_once_their_holders_were_asked(&mut sim);
+        assert_eq!(
+            dispatched_by_manager(&sim),
+            before,
+            "{routing}: a lookup went through the manager"
+        );
+        // An entry named by the client is where the walk starts.
+        let q = query(&mut sim, RecordKey::Event(5_000_007), Some("peer-3"));
+        assert_eq!(q.path_names.first().map(String::as_str), Some("peer-3"));
+        assert!(q.found);
+    }
+}
+
+/// 20% loss, 10% duplication and reordering: lost lookups and lost answers are retried by
+/// the client, duplicated answers are ignored, and every answer is still exact.
+#[test]
+fn lookups_on_a_bad_network_are_retried_and_exact() {
+    for seed in 91..95 {
+        let mut sim = cluster_with(seed, bad_network(), 6, Routing::Fingers, 4);
+        setup_and_distribute(&mut sim);
+        sim.set_direct_queries(true);
+        assert_all_found(&mut sim);
+        absent_keys_are_not_found_once_their_holders_were_asked(&mut sim);
+    }
+}
+
+/// The client keeps the view it fetched while peers leave, join and crash: lookups that enter
+/// at a peer gone from the ring are refused or unanswered, and go in elsewhere (the client
+/// fetches the view again); every record is found throughout.
+#[test]
+fn lookups_through_churn_with_a_stale_view_find_everything() {
+    for seed in 95..99 {
+        let mut sim = cluster_with(seed, bad_network(), 8, Routing::Walk, 4);
+        setup_and_distribute(&mut sim);
+        sim.set_direct_queries(true);
+        let keys: Vec<RecordKey> = {
+            let mut k: Vec<RecordKey> =
+                sim.file("default.csv").rows.iter().map(|r| r.key).collect();
+            k.dedup();
+            k
+        };
+        // The client's view now holds every original member.
+        assert!(query(&mut sim, keys[0], None).found);
+        sim.terminate("peer-1");
+        sim.add_peer("joiner-a");
+        sim.crash("peer-6");
+        for key in keys.iter().step_by(25) {
+            let q = query(&mut sim, *key, None);
+            assert!(
+                q.found,
+                "seed {seed}: {key} not found mid-change; path {:?}",
+                q.path
+            );
+        }
+        sim.settle();
+        assert!(sim.run_until(Duration::from_secs(30), |s| {
+            s.manager().ring().is_some_and(|r| {
+                r.settled
+                    && r.members
+                        .iter()
+                        .all(|m| m.name != "peer-6" && m.name != "peer-1")
+            })
+        }));
+        sim.settle();
+        assert_all_found(&mut sim);
+    }
+}
+
+/// A lookup whose entry peer is dead goes in at another member after the retry delay.
+#[test]
+fn a_dead_entry_peer_costs_a_retry_not_an_answer() {
+    let mut sim = cluster_with(99, Faults::none(), 5, Routing::Walk, 1);
+    setup_and_distribute(&mut sim);
+    sim.set_direct_queries(true);
+    assert!(query(&mut sim, RecordKey::Event(5_000_007), None).found);
+    sim.crash("peer-2");
+    let started = sim.now();
+    // Round-robin entries: within five lookups one enters at the dead peer.
+    for i in 0..5u64 {
+        let q = query(&mut sim, RecordKey::Event(5_000_000 + 7 * (i + 1)), None);
+        assert!(q.found, "{:?}", q.path);
+        assert!(!q.path_names.contains(&"peer-2".to_string()) || q.path_names[0] != "peer-2");
+    }
+    // At most one lookup waited a retry delay (the peer is declared dead soon after).
+    assert!(
+        sim.now() - started < Duration::from_secs(3),
+        "{:?}",
+        sim.now() - started
+    );
+}
