@@ -21,6 +21,9 @@
 //! after setup and after one join and one leave, and the fraction of records each moved. n = 5
 //! with the walk and replication 2 also kills a peer (SIGKILL) and times the repair.
 
+// The figures' json! object is longer than the default macro recursion allows.
+#![recursion_limit = "256"]
+
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -136,9 +139,11 @@ fn sample(dataset: &Dataset, n: usize) -> Dataset {
     picked.sort_unstable();
     picked.dedup();
     Dataset {
+        format: dataset.format,
+        columns: dataset.columns.clone(),
         rows: picked.iter().map(|&i| dataset.rows[i].clone()).collect(),
         rejected: Vec::new(),
-        ..dataset.clone()
+        fallback_keys: dataset.fallback_keys,
     }
 }
 
@@ -225,6 +230,7 @@ async fn run(sc: &Scenario<'_>) -> Value {
     let up_s = started.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(500));
     let idle_kib = nodes.rss_kib();
+    let manager_idle_kib = nodes.manager_rss_kib();
     let mut client = Client::connect(&nodes.manager(), Duration::from_secs(600))
         .await
         .expect("client");
@@ -270,6 +276,28 @@ async fn run(sc: &Scenario<'_>) -> Value {
         }
     }
     latencies.sort_by(|a, b| a.total_cmp(b));
+    // The same keys entering at their owner (by the client's view): no hop but the answer.
+    client.set_owner_entry(true);
+    let mut rng = XorShift(0x5eed_cafe_f00d);
+    let mut owner_latencies = Vec::with_capacity(QUERIES);
+    let mut owner_hops = 0usize;
+    for _ in 0..QUERIES {
+        let key = sc.dataset.rows[(rng.next() % records) as usize].key;
+        let t = Instant::now();
+        let req = ClientRequest::Query {
+            key,
+            via: None,
+            routing: Some(sc.routing),
+        };
+        let reply = client.call(req, None).await;
+        owner_latencies.push(t.elapsed().as_secs_f64() * 1e6);
+        match reply {
+            Ok(ReplyBody::Query(q)) if q.found => owner_hops += q.path.len().saturating_sub(1),
+            other => panic!("query {key} at its owner failed: {other:?}"),
+        }
+    }
+    client.set_owner_entry(false);
+    owner_latencies.sort_by(|a, b| a.total_cmp(b));
     // Ids above every event id of the file: each must be "not found".
     let top = sc
         .dataset
@@ -293,7 +321,10 @@ async fn run(sc: &Scenario<'_>) -> Value {
         }
     }
 
-    // Verify: a fixed sample first; every record too when that should fit the budget.
+    // Verify as `stormctl verify` does (each query enters at its key's owner): a fixed
+    // sample first; every record too when that should fit the budget. Then the sample again
+    // entering at the next member round the ring, as single queries do.
+    client.set_owner_entry(true);
     let part = sample(sc.dataset, VERIFY_SAMPLE);
     let v = verify(&mut client, &file, &part, VERIFY_WINDOW).await;
     assert!(v.ok(), "verify of the sample failed: {v:?}");
@@ -308,6 +339,22 @@ async fn run(sc: &Scenario<'_>) -> Value {
     };
     let verify_all = v.rows == records;
     let verify_qps = v.keys as f64 / (v.elapsed_ms / 1e3);
+    client.set_owner_entry(false);
+    let next = verify(&mut client, &file, &part, VERIFY_WINDOW).await;
+    assert!(
+        next.ok(),
+        "verify of the sample entering round the ring failed: {next:?}"
+    );
+    let verify_qps_next_entry = next.keys as f64 / (next.elapsed_ms / 1e3);
+    // And through the manager, as before queries went straight to the peers.
+    client.set_direct(false);
+    let relayed = verify(&mut client, &file, &part, VERIFY_WINDOW).await;
+    assert!(
+        relayed.ok(),
+        "verify of the sample through the manager failed: {relayed:?}"
+    );
+    let verify_qps_through_manager = relayed.keys as f64 / (relayed.elapsed_ms / 1e3);
+    client.set_direct(true);
 
     // Churn. `moved_join` / `moved_leave` count row copies that changed holder, as a
     // fraction of all copies (records × replication; with replication 1, of all records): for
@@ -331,7 +378,21 @@ async fn run(sc: &Scenario<'_>) -> Value {
     let s = wait_replicated(&nodes, records, r, limit);
     let moved_leave = held as f64 / (records * r) as f64;
     let moved_leave_owned = held_owned as f64 / records as f64;
+    let churned_once = max_over_mean(&owned(&s));
+    // Two more joins and two more leaves: three of each in all.
+    for i in 2..=3 {
+        let joiner = format!("bench-joiner-{i}");
+        nodes.add_peer(&joiner).await;
+        nodes.wait_for_peers(sc.peers + i - 1, limit);
+        wait_replicated(&nodes, records, r, limit);
+    }
+    for leaver in ["peer-3", "bench-joiner-2"] {
+        nodes.leave(leaver, limit).await;
+        wait_replicated(&nodes, records, r, limit);
+    }
+    let s = wait_replicated(&nodes, records, r, limit);
     let churned = max_over_mean(&owned(&s));
+    let churn_peers = owned(&s).len();
 
     let mut failure = json!(null);
     if sc.kill {
@@ -367,6 +428,23 @@ async fn run(sc: &Scenario<'_>) -> Value {
     let p50 = percentile(&latencies, 0.50);
     let p99 = percentile(&latencies, 0.99);
     let rss_over_raw = (loaded_kib.saturating_sub(idle_kib) * 1024) as f64 / (raw_bytes * r) as f64;
+    // The peers alone (the target's measure): every process less the manager.
+    let peers_rss_over_raw = match (manager_idle_kib, manager_kib) {
+        (Some(mi), Some(ml)) => {
+            let peers_idle = idle_kib.saturating_sub(mi);
+            let peers_loaded = loaded_kib.saturating_sub(ml);
+            Some(round(
+                (peers_loaded.saturating_sub(peers_idle) * 1024) as f64 / (raw_bytes * r) as f64,
+                2,
+            ))
+        }
+        _ => None,
+    };
+    let owner_p50 = percentile(&owner_latencies, 0.50);
+    let owner_mean_hops = owner_hops as f64 / QUERIES as f64;
+    // Expected sampling noise of rows per peer: a peer's share of n is Poisson-like, so the
+    // largest of n is about 1 + 3/sqrt(rows per peer) above the mean even with equal arcs.
+    let rows_per_peer = (records as f64) / (sc.peers as f64);
     json!({
         "scenario": sc.name,
         "peers": sc.peers,
@@ -388,17 +466,26 @@ async fn run(sc: &Scenario<'_>) -> Value {
         "p99_over_p50": round(p99 / p50, 2),
         "absent_not_found": absent_not_found,
         "absent_queried": ABSENT,
+        "query_p50_owner_entry_us": round(owner_p50, 0),
+        "mean_hops_owner_entry": round(owner_mean_hops, 2),
+        "p50_owner_entry_over_floor": round(owner_p50 / ((owner_mean_hops + 2.0) * one_way_us), 2),
         "verify_qps": round(verify_qps, 0),
+        "verify_qps_next_entry": round(verify_qps_next_entry, 0),
+        "verify_qps_through_manager": round(verify_qps_through_manager, 0),
         "verified": v.keys,
         "verify_all": verify_all,
         "max_over_mean": round(max_over_mean(&shares), 3),
+        "max_over_mean_churn_1": round(churned_once, 3),
         "max_over_mean_churn": round(churned, 3),
+        "churn_peers": churn_peers,
+        "row_noise_3sigma": round(3.0 / rows_per_peer.sqrt(), 3),
         "moved_join": round(moved_join, 4),
         "moved_leave": round(moved_leave, 4),
         "moved_join_owned": round(moved_join_owned, 4),
         "moved_leave_owned": round(moved_leave_owned, 4),
         "one_over_n": round(1.0 / sc.peers as f64, 4),
         "rss_over_raw": round(rss_over_raw, 2),
+        "peers_rss_over_raw": peers_rss_over_raw,
         "rss_mib_total": round(loaded_kib as f64 / 1024.0, 1),
         "rss_mib_idle": round(idle_kib as f64 / 1024.0, 1),
         "manager_rss_mib": manager_kib.map(|k| round(k as f64 / 1024.0, 1)),
@@ -432,6 +519,24 @@ fn run_isolated(sc: &Scenario<'_>) -> Result<Value, String> {
     })
 }
 
+/// A file of `records` records made from `source` (kept in target/bench-data between runs),
+/// and its rows.
+fn generated_file(source: &Path, records: u64) -> Result<(std::path::PathBuf, Dataset), String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-data");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let out = dir.join(format!("generated-{records}.csv"));
+    if !out.exists() {
+        let tmp = out.with_extension("partial");
+        let input =
+            std::fs::File::open(source).map_err(|e| format!("{}: {e}", source.display()))?;
+        let output = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        record::generate(input, output, records).map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, &out).map_err(|e| e.to_string())?;
+    }
+    let dataset = record::load_path(&out).map_err(|e| e.to_string())?;
+    Ok((out, dataset))
+}
+
 fn main() {
     if std::env::var_os(floor::ECHO_ENV).is_some() {
         return floor::echo_server();
@@ -460,12 +565,37 @@ fn main() {
         })
         .collect();
     let force_in_process = std::env::var("STORM_BENCH_IN_PROCESS").is_ok_and(|v| v == "1");
-    for scenario in list("STORM_BENCH_SCENARIOS", "n5,n5r1,n64,n256") {
-        // nN or nNrR: N peers, R copies of every record (default 2).
-        let (n, r) = scenario
+    for scenario in list("STORM_BENCH_SCENARIOS", "n5,n5r1,n64,n256,n64@1000000") {
+        // nN or nNrR: N peers, R copies of every record (default 2); `@RECORDS`: a file of
+        // that many records generated from details-1996 (`stormctl generate`), fingers only.
+        let (shape, generated) = match scenario.split_once('@') {
+            Some((shape, records)) => match records.parse::<u64>() {
+                Ok(n) if n > 0 => (shape.to_string(), Some(n)),
+                _ => {
+                    eprintln!("bench: {scenario}: @RECORDS must be a positive count");
+                    continue;
+                }
+            },
+            None => (scenario.clone(), None),
+        };
+        let big;
+        let (path, dataset) = match generated {
+            None => (path.as_path(), &dataset),
+            Some(n) => match generated_file(&path, n) {
+                Ok(made) => {
+                    big = made;
+                    (big.0.as_path(), &big.1)
+                }
+                Err(e) => {
+                    eprintln!("bench: {scenario}: {e}");
+                    continue;
+                }
+            },
+        };
+        let (n, r) = shape
             .trim_start_matches('n')
             .split_once('r')
-            .map_or((scenario.trim_start_matches('n'), "2"), |(n, r)| (n, r));
+            .map_or((shape.trim_start_matches('n'), "2"), |(n, r)| (n, r));
         let (Ok(peers), Ok(replication)) = (n.parse::<usize>(), r.parse::<u64>()) else {
             eprintln!("bench: unknown scenario {scenario:?} (nN or nNrR, e.g. n5, n5r1, n64)");
             continue;
@@ -474,6 +604,11 @@ fn main() {
             eprintln!("bench: {scenario}: at least 2 peers (one leaves) and 1 copy");
             continue;
         }
+        let routings: Vec<Routing> = if generated.is_some() {
+            vec![Routing::Fingers]
+        } else {
+            routings.clone()
+        };
         for routing in &routings {
             let mut sc = Scenario {
                 name: format!("{scenario}_{routing}"),
@@ -481,8 +616,8 @@ fn main() {
                 replication,
                 routing: *routing,
                 processes: !force_in_process,
-                dataset: &dataset,
-                path: &path,
+                dataset,
+                path,
                 kill: peers == 5 && replication >= 2 && *routing == Routing::Walk,
             };
             loop {

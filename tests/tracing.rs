@@ -125,6 +125,18 @@ fn a_query_is_one_trace_with_one_span_per_hop() {
     let missing_trace = missing["trace_id"].as_str().unwrap().to_string();
     let missing_path = missing["path"].as_array().unwrap().len();
 
+    // The same query through the manager, as in the original design: its span sits between
+    // stormctl's and the first hop's.
+    let out = ctl_traced(
+        &cluster,
+        &receiver.endpoint,
+        &["--json", "--through-manager", "query", &key, "--via", &via],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let relayed = parse_json(&out);
+    let relayed_trace = relayed["trace_id"].as_str().unwrap().to_string();
+    let relayed_path = relayed["path"].as_array().unwrap().len();
+
     // Teardown and shutdown flush what is buffered.
     cluster.ctl_json(&["teardown"]);
     for p in cluster.peers.iter_mut() {
@@ -137,7 +149,9 @@ fn a_query_is_one_trace_with_one_span_per_hop() {
 
     let spans = receiver.wait_for(Duration::from_secs(10), |all| {
         let n = |t: &str| all.iter().filter(|s| s.trace_id == t).count();
-        n(&trace_id) >= path.len() + 2 && n(&missing_trace) >= missing_path + 2
+        n(&trace_id) >= path.len() + 1
+            && n(&missing_trace) >= missing_path + 1
+            && n(&relayed_trace) >= relayed_path + 2
     });
     let trace: Vec<SpanRecord> = spans
         .iter()
@@ -145,7 +159,7 @@ fn a_query_is_one_trace_with_one_span_per_hop() {
         .cloned()
         .collect();
 
-    // stormctl's root, the manager's span under it, then the hops.
+    // stormctl's root, then the hops: the query went straight to the entry peer.
     let root = trace
         .iter()
         .find(|s| s.service == "stormctl")
@@ -155,25 +169,20 @@ fn a_query_is_one_trace_with_one_span_per_hop() {
         "{root:?}"
     );
     assert_eq!(root.attr("event.id"), Some(key.as_str()));
-    let manager = trace
-        .iter()
-        .find(|s| s.service == "stormd-manager")
-        .unwrap_or_else(|| panic!("no manager span: {trace:#?}"));
-    assert_eq!(manager.parent_span_id, root.span_id);
-    assert_eq!(manager.attr("event.id"), Some(key.as_str()));
+    assert!(
+        trace.iter().all(|s| s.service != "stormd-manager"),
+        "the manager is not on a direct query's path: {trace:#?}"
+    );
 
     let hops = hop_spans(&trace);
-    for s in std::iter::once(root)
-        .chain(std::iter::once(manager))
-        .chain(&hops)
-    {
+    for s in std::iter::once(root).chain(&hops) {
         println!(
             "{} {} [{}] {} parent={}",
             s.trace_id, s.span_id, s.service, s.name, s.parent_span_id
         );
     }
     assert_eq!(hops.len(), path.len(), "one span per hop: {hops:#?}");
-    let mut parent = manager.span_id.clone();
+    let mut parent = root.span_id.clone();
     let mut instances = BTreeSet::new();
     for (i, (hop, peer)) in hops.iter().zip(&path).enumerate() {
         assert_eq!(hop.service, "stormd-peer");
@@ -210,6 +219,26 @@ fn a_query_is_one_trace_with_one_span_per_hop() {
         hops.len(),
         "each hop reports its own service.instance.id"
     );
+
+    // Through the manager: stormctl → manager → hop 0 → … in one trace.
+    let relayed: Vec<SpanRecord> = spans
+        .iter()
+        .filter(|s| s.trace_id == relayed_trace)
+        .cloned()
+        .collect();
+    let root = relayed
+        .iter()
+        .find(|s| s.service == "stormctl")
+        .unwrap_or_else(|| panic!("no stormctl span: {relayed:#?}"));
+    let manager = relayed
+        .iter()
+        .find(|s| s.service == "stormd-manager")
+        .unwrap_or_else(|| panic!("no manager span: {relayed:#?}"));
+    assert_eq!(manager.parent_span_id, root.span_id);
+    assert_eq!(manager.attr("event.id"), Some(key.as_str()));
+    let hops = hop_spans(&relayed);
+    assert_eq!(hops.len(), relayed_path, "{hops:#?}");
+    assert_eq!(hops[0].parent_span_id, manager.span_id);
 
     // The absent id: the last hop says not found.
     let missing: Vec<SpanRecord> = spans
