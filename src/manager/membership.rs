@@ -8,7 +8,7 @@
 use super::registry::Standing;
 use super::{ClientCall, Manager, ManagerEvent, ManagerTag, PeerMessage};
 use crate::link::Time;
-use crate::ring::{RingExt, first_prime_above, tokens_for_joiner, vnode_tokens};
+use crate::ring::{RingExt, first_prime_above, release_tokens, tokens_for_joiner, vnode_tokens};
 use crate::wire::{
     Body, ExitReason, Member, PeerId, ReplyBody, RequestError, RingView, TraceContext,
 };
@@ -181,6 +181,7 @@ impl Manager {
                     view.members.sort_by_key(|m| (m.token, m.id));
                 }
                 Change::Leave(id, _) => {
+                    release_tokens(&mut view, *id);
                     let Some(m) = view.members.iter_mut().find(|m| m.id == *id) else {
                         continue;
                     };
