@@ -18,7 +18,7 @@
 //! distribute time; 1,000 seeded random queries one at a time, straight to the peers (p50/p99,
 //! mean hops), entering round the ring and again at each key's owner, and 100 absent ids; a
 //! windowed verify (64 in flight, at the owner) of every record, or of a fixed sample when all
-//! would take over two minutes (`verified`, `verify_all`), and the sample again round the ring
+//! would take over four minutes (`verified`, `verify_all`), and the sample again round the ring
 //! and through the manager; RSS above idle per stored byte (all processes, and the peers
 //! alone); shares (max/mean of owned rows) after setup, after one join and one leave, and after
 //! three of each, and the fraction of records the first join and leave moved. n = 5 with the
@@ -52,7 +52,7 @@ const ABSENT: usize = 100;
 /// Tokens per peer: shares stay even through the join and the leave.
 const VNODES: u32 = 16;
 /// Verify every record when that is estimated to take at most this long, else a sample.
-const VERIFY_BUDGET: Duration = Duration::from_secs(120);
+const VERIFY_BUDGET: Duration = Duration::from_secs(240);
 const VERIFY_SAMPLE: usize = 2_000;
 const VERIFY_WINDOW: usize = 64;
 
@@ -211,6 +211,33 @@ impl Scenario<'_> {
     }
 }
 
+/// [`QUERIES`] seeded random keys of the scenario's file, one at a time: the latencies in µs,
+/// sorted, and the hops in all (peers on each path after the entry peer). Every one must be
+/// found.
+async fn timed_queries(client: &mut Client, sc: &Scenario<'_>) -> (Vec<f64>, usize) {
+    let records = sc.dataset.rows.len() as u64;
+    let mut rng = XorShift(0x5eed_cafe_f00d);
+    let mut latencies = Vec::with_capacity(QUERIES);
+    let mut hops = 0usize;
+    for _ in 0..QUERIES {
+        let key = sc.dataset.rows[(rng.next() % records) as usize].key;
+        let t = Instant::now();
+        let req = ClientRequest::Query {
+            key,
+            via: None,
+            routing: Some(sc.routing),
+        };
+        let reply = client.call(req, None).await;
+        latencies.push(t.elapsed().as_secs_f64() * 1e6);
+        match reply {
+            Ok(ReplyBody::Query(q)) if q.found => hops += q.path.len().saturating_sub(1),
+            other => panic!("query {key} failed: {other:?}"),
+        }
+    }
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    (latencies, hops)
+}
+
 async fn run(sc: &Scenario<'_>) -> Value {
     let scenario_started = Instant::now();
     let file = sc.path.to_str().expect("utf-8 path").to_string();
@@ -258,49 +285,13 @@ async fn run(sc: &Scenario<'_>) -> Value {
     let loaded_kib = nodes.rss_kib();
     let manager_kib = nodes.manager_rss_kib();
 
-    // Seeded random keys, one query at a time: the same 1,000 queries on every run.
-    let mut rng = XorShift(0x5eed_cafe_f00d);
-    let mut latencies = Vec::with_capacity(QUERIES);
-    let mut hops = 0usize;
-    for _ in 0..QUERIES {
-        let key = sc.dataset.rows[(rng.next() % records) as usize].key;
-        let t = Instant::now();
-        let req = ClientRequest::Query {
-            key,
-            via: None,
-            routing: Some(sc.routing),
-        };
-        let reply = client.call(req, None).await;
-        latencies.push(t.elapsed().as_secs_f64() * 1e6);
-        match reply {
-            // Hops: peers on the path after the entry peer.
-            Ok(ReplyBody::Query(q)) if q.found => hops += q.path.len().saturating_sub(1),
-            other => panic!("query {key} failed: {other:?}"),
-        }
-    }
-    latencies.sort_by(|a, b| a.total_cmp(b));
-    // The same keys entering at their owner (by the client's view): no hop but the answer.
+    // Seeded random keys, one query at a time: the same 1,000 queries on every run, entering
+    // at the next member round the ring, then the same keys entering at their owner (by the
+    // client's view): no hop but the answer.
+    let (latencies, hops) = timed_queries(&mut client, sc).await;
     client.set_owner_entry(true);
-    let mut rng = XorShift(0x5eed_cafe_f00d);
-    let mut owner_latencies = Vec::with_capacity(QUERIES);
-    let mut owner_hops = 0usize;
-    for _ in 0..QUERIES {
-        let key = sc.dataset.rows[(rng.next() % records) as usize].key;
-        let t = Instant::now();
-        let req = ClientRequest::Query {
-            key,
-            via: None,
-            routing: Some(sc.routing),
-        };
-        let reply = client.call(req, None).await;
-        owner_latencies.push(t.elapsed().as_secs_f64() * 1e6);
-        match reply {
-            Ok(ReplyBody::Query(q)) if q.found => owner_hops += q.path.len().saturating_sub(1),
-            other => panic!("query {key} at its owner failed: {other:?}"),
-        }
-    }
+    let (owner_latencies, owner_hops) = timed_queries(&mut client, sc).await;
     client.set_owner_entry(false);
-    owner_latencies.sort_by(|a, b| a.total_cmp(b));
     // Ids above every event id of the file: each must be "not found".
     let top = sc
         .dataset
