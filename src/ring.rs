@@ -271,7 +271,56 @@ pub struct Points<'a> {
     members: usize,
 }
 
+/// A view's points as member indices, sorted once: a peer keeps one per view and binds it to
+/// the view for each query hop ([`Points::bind`]), instead of sorting n × V tokens per hop.
+#[derive(Debug, Clone)]
+pub struct PointIndex {
+    epoch: u64,
+    members: usize,
+    points: Vec<(u64, usize)>,
+}
+
+impl PointIndex {
+    pub fn new(view: &RingView) -> Self {
+        let mut points: Vec<(u64, PeerId, usize)> = view
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| !m.leaving)
+            .flat_map(|(i, m)| tokens_of(m).map(move |t| (t, m.id, i)))
+            .collect();
+        points.sort_unstable();
+        PointIndex {
+            epoch: view.epoch,
+            members: view.members.len(),
+            points: points.into_iter().map(|(t, _, i)| (t, i)).collect(),
+        }
+    }
+
+    /// Made from this view (its epoch and size; views are never changed in place).
+    pub fn is_of(&self, view: &RingView) -> bool {
+        self.epoch == view.epoch && self.members == view.members.len()
+    }
+}
+
 impl<'a> Points<'a> {
+    /// The points of `view` from its index, without sorting; None if the index is of
+    /// another view.
+    pub fn bind(view: &'a RingView, index: &PointIndex) -> Option<Self> {
+        if !index.is_of(view) {
+            return None;
+        }
+        let points = index
+            .points
+            .iter()
+            .map(|&(t, i)| Some((t, view.members.get(i)?)))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Points {
+            points,
+            members: owners(view).count(),
+        })
+    }
+
     pub fn new(view: &'a RingView) -> Self {
         let mut points: Vec<(u64, &Member)> = owners(view)
             .flat_map(|m| tokens_of(m).map(move |t| (t, m)))
@@ -369,16 +418,17 @@ impl<'a> Placer<'a> {
     }
 }
 
-impl RingExt for RingView {
-    fn finger_hop(&self, me: PeerId, key: RecordKey) -> Option<&Member> {
-        if self.placement != Placement::Consistent {
+impl<'a> Points<'a> {
+    /// [`RingExt::finger_hop`] over points already built for `view`.
+    pub fn finger_hop(&self, view: &'a RingView, me: PeerId, key: RecordKey) -> Option<&'a Member> {
+        if view.placement != Placement::Consistent || self.points.is_empty() {
             return None;
         }
-        let points = Points::new(self);
+        let points = self;
         let h = key_hash(key);
         // With virtual nodes this member sits at several points: route from the one closest
         // before the key, as if it were a Chord node of its own.
-        let mine = tokens_of(self.members.iter().find(|m| m.id == me && !m.leaving)?)
+        let mine = tokens_of(view.members.iter().find(|m| m.id == me && !m.leaving)?)
             .min_by_key(|t| h.wrapping_sub(*t))?;
         let owner = points.member_at(points.successor(h));
         if owner.id == me {
@@ -389,7 +439,7 @@ impl RingExt for RingView {
         // are). Otherwise the farthest finger short of the key (distances clockwise from this
         // member's point) halves the remaining distance, as in Chord.
         let to_key = h.wrapping_sub(mine);
-        let mut best: Option<(u64, &Member)> = None;
+        let mut best: Option<(u64, &'a Member)> = None;
         for f in fingers {
             let (token, m) = (points.token_at(f), points.member_at(f));
             if m.id == owner.id {
@@ -401,6 +451,15 @@ impl RingExt for RingView {
             }
         }
         Some(best.map_or(owner, |(_, m)| m))
+    }
+}
+
+impl RingExt for RingView {
+    fn finger_hop(&self, me: PeerId, key: RecordKey) -> Option<&Member> {
+        if self.placement != Placement::Consistent {
+            return None;
+        }
+        Points::new(self).finger_hop(self, me, key)
     }
 
     fn owner_of(&self, key: RecordKey) -> Option<&Member> {
@@ -806,6 +865,32 @@ mod tests {
                 assert!(churned <= 1.15, "v={v}: max/mean {churned:.3} after churn");
             }
         }
+    }
+
+    /// A point index kept for a view answers exactly as points sorted afresh, and refuses to
+    /// bind to another view.
+    #[test]
+    fn a_kept_point_index_answers_as_fresh_points() {
+        let mut view = vnode_ring(12, 8);
+        join(&mut view, 77, 8);
+        view.epoch = 9;
+        let index = PointIndex::new(&view);
+        let bound = Points::bind(&view, &index).expect("its own view");
+        let fresh = Points::new(&view);
+        for k in 0..2_000u64 {
+            let key = RecordKey::Event(k * 7_919);
+            let ids = |v: Vec<&Member>| v.iter().map(|m| m.id).collect::<Vec<_>>();
+            assert_eq!(ids(bound.replicas(key, 3).1), ids(fresh.replicas(key, 3).1));
+            for me in view.members.iter().map(|m| m.id) {
+                assert_eq!(
+                    bound.finger_hop(&view, me, key).map(|m| m.id),
+                    view.finger_hop(me, key).map(|m| m.id)
+                );
+            }
+        }
+        let mut other = view.clone();
+        other.epoch = 10;
+        assert!(Points::bind(&other, &index).is_none());
     }
 
     /// The bench's churn (n = 64, 16 tokens: three joins, then three leaves of original

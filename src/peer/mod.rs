@@ -136,6 +136,8 @@ pub struct Peer {
     link: Link<PeerTag>,
     id: Option<PeerId>,
     ring: Option<RingView>,
+    /// The ring's points sorted once per view, for query hops (consistent placement).
+    points: Option<crate::ring::PointIndex>,
     /// The last view whose copies this peer finished; repair plans compare against it.
     base: Option<RingView>,
     /// The newest epoch this peer has seen, even of a ring it has since dropped: no view at
@@ -177,6 +179,7 @@ impl Peer {
             link,
             id: None,
             ring: None,
+            points: None,
             base: None,
             seen_epoch: 0,
             unplaced: HashSet::new(),
@@ -425,6 +428,15 @@ impl Peer {
         }
     }
 
+    /// The points of `ring` from the index kept for it, when it is consistent hashing's and
+    /// the index is this view's.
+    fn bound_points<'a>(&self, ring: &'a RingView) -> Option<crate::ring::Points<'a>> {
+        if ring.placement != crate::wire::Placement::Consistent {
+            return None;
+        }
+        crate::ring::Points::bind(ring, self.points.as_ref()?)
+    }
+
     fn is_member_addr(&self, addr: SocketAddr) -> bool {
         self.ring
             .as_ref()
@@ -528,6 +540,8 @@ impl Peer {
             members: view.members.len(),
             next,
         });
+        self.points = (view.placement == crate::wire::Placement::Consistent)
+            .then(|| crate::ring::PointIndex::new(&view));
         self.ring = Some(view);
         self.rebalance(now, trace);
         if self.leave_once_in_ring && self.in_ring() {
@@ -781,7 +795,11 @@ impl Peer {
         // Settled: the miss is final once every live holder of the key has been asked (the
         // walk goes in ring order, so from the owner on it meets the replicas next).
         // Unsettled: rows may be in transit, so the walk goes on, at most once round.
-        let holders = ring.replicas(find.key, ring.replication.max(1) as usize);
+        let r = ring.replication.max(1) as usize;
+        let holders = match self.bound_points(ring) {
+            Some(points) => points.replicas(find.key, r).1,
+            None => ring.replicas(find.key, r),
+        };
         let all_asked = holders.iter().all(|m| find.path.contains(&m.id));
         // Once round: every member asked. Fingers may jump over members before the walk
         // starts, so count distinct members; twice the ring's size bounds a walk that keeps
@@ -811,7 +829,10 @@ impl Peer {
             // that did not acknowledge, the walk.
             if find.routing == Routing::Fingers
                 && skipped == 0
-                && let Some(f) = ring.finger_hop(me, find.key)
+                && let Some(f) = match self.bound_points(ring) {
+                    Some(points) => points.finger_hop(ring, me, find.key),
+                    None => ring.finger_hop(me, find.key),
+                }
                 && !find.path.contains(&f.id)
             {
                 return Some((f.id, f.addr));
