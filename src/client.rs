@@ -259,6 +259,7 @@ impl ClientCore {
     fn refresh_ring(&mut self, now: Time) {
         if let RingState::Known { at, .. } = self.ring
             && now >= at + RING_REFRESH
+            && self.ring_refresh.is_none()
         {
             let body = Body::Request(ClientRequest::Ring);
             if let Ok(seq) = self.link.send(now, self.manager, body, None, RING_TAG) {
