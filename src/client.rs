@@ -129,6 +129,8 @@ pub struct ClientCore {
     /// Lookups enter at the key's owner (by the client's view) instead of the next member
     /// round the ring.
     owner_entry: bool,
+    /// A peer has answered (or refused) a lookup of this client: peers are reachable.
+    peer_heard: bool,
 }
 
 struct InFlight {
@@ -169,6 +171,7 @@ impl ClientCore {
             clock_origin_us: 0,
             ring_refresh: None,
             owner_entry: false,
+            peer_heard: false,
         }
     }
 
@@ -441,6 +444,27 @@ impl ClientCore {
         if !due.is_empty() {
             self.refresh_ring(now);
         }
+        // No peer has ever answered this client, and a lookup went unanswered twice: the
+        // peers' addresses are likely not reachable from here (a client outside the cluster's
+        // network, which reaches only the manager's published port). Everything goes through
+        // the manager from now on.
+        let unreachable = !self.peer_heard
+            && due
+                .iter()
+                .any(|q| self.lookups.get(q).is_some_and(|l| l.attempts >= 2));
+        if unreachable {
+            self.ring = RingState::Unavailable;
+            let pending: Vec<Lookup> = self.lookups.drain().map(|(_, l)| l).collect();
+            for l in pending {
+                let req = ClientRequest::Query {
+                    key: l.key,
+                    via: l.via,
+                    routing: l.routing,
+                };
+                self.send_request(now, l.index, req, l.trace);
+            }
+            return;
+        }
         for query in due {
             let expired = self
                 .lookups
@@ -504,8 +528,14 @@ impl ClientCore {
                     self.ring_refresh = None;
                     self.on_ring_reply(now, reply.result);
                 }
-                Body::Answer(result) => self.on_answer(now, result),
-                Body::LookupRefused { query, reason } => self.on_lookup_refused(now, query, reason),
+                Body::Answer(result) => {
+                    self.peer_heard = true;
+                    self.on_answer(now, result)
+                }
+                Body::LookupRefused { query, reason } => {
+                    self.peer_heard = true;
+                    self.on_lookup_refused(now, query, reason)
+                }
                 Body::Reply(reply) => {
                     if let Some(f) = self.in_flight.remove(&reply.to) {
                         self.link.cancel(reply.to);
@@ -1120,6 +1150,9 @@ mod tests {
     #[test]
     fn an_unanswered_lookup_is_retried_elsewhere_then_given_up() {
         let (mut core, first) = direct_query(42, view(4), false);
+        // Peers have been heard (else the client would turn to the manager).
+        let stray = answer(lookup_query(&first) + 99, 42, vec![2]);
+        core.handle(Duration::ZERO, peer_addr(1), stray);
         let mut entries = vec![first.dest];
         let mut now = Duration::ZERO;
         while core.poll_result().is_none() {
@@ -1150,6 +1183,41 @@ mod tests {
             .find(|t| matches!(decode(t).body, Body::Lookup(_)))
             .expect("sent again at once");
         assert_ne!(again.dest, first.dest);
+    }
+
+    /// A client that never hears a peer (outside the cluster's network, where only the
+    /// manager's port is published) sends its queries through the manager after two tries.
+    #[test]
+    fn when_no_peer_is_ever_heard_queries_fall_back_to_the_manager() {
+        let (mut core, _) = direct_query(42, view(4), false);
+        let (relayed, now) = loop {
+            let now = core.poll_timeout().expect("a deadline");
+            assert!(now < Duration::from_secs(2), "no fallback");
+            core.handle_timeout(now);
+            let sent: Vec<Transmit> = std::iter::from_fn(|| core.poll_transmit()).collect();
+            if let Some(t) = sent
+                .iter()
+                .find(|t| matches!(decode(t).body, Body::Request(ClientRequest::Query { .. })))
+            {
+                break (t.dest, now);
+            }
+        };
+        assert_eq!(relayed, manager());
+        assert!(now >= Duration::from_millis(750), "{now:?}");
+        // A client that has heard a peer keeps retrying at peers instead.
+        let (mut core, first) = direct_query(42, view(4), false);
+        let q = lookup_query(&first);
+        core.handle(Duration::ZERO, peer_addr(1), answer(q + 99, 42, vec![2]));
+        for _ in 0..3 {
+            let at = core.poll_timeout().expect("a deadline");
+            core.handle_timeout(at);
+            let sent: Vec<Transmit> = std::iter::from_fn(|| core.poll_transmit()).collect();
+            assert!(
+                sent.iter().all(|t| t.dest != manager()
+                    || matches!(decode(t).body, Body::Request(ClientRequest::Ring))),
+                "went through the manager"
+            );
+        }
     }
 
     #[test]
