@@ -6,7 +6,7 @@ use crate::driver::socket::DatagramSocket;
 use crate::driver::{bind_udp, lookup};
 use crate::link::{Accepted, Link, Outcome, RetryPolicy, Time, Transmit};
 use crate::record::{Dataset, RecordKey};
-use crate::ring::RingExt;
+use crate::ring::{PointIndex, RingExt};
 use crate::wire::{
     Body, ClientRequest, Envelope, FindEvent, FindResult, HopOut, QueryOutcome, RejectReason,
     ReplyBody, RequestError, RingView, Routing, TraceContext,
@@ -70,6 +70,8 @@ enum RingState {
     Asking { seq: u64, since: Time },
     Known {
         view: RingView,
+        /// The view's points sorted once, for the owner of each key.
+        index: PointIndex,
         routing: Routing,
         at: Time,
     },
@@ -101,6 +103,10 @@ const RING_TAG: usize = usize::MAX;
 const LOOKUP_RETRY: Duration = Duration::from_millis(250);
 const LOOKUP_RETRY_MAX: Duration = Duration::from_secs(1);
 
+/// Keys per multi-get datagram: a few hundred bytes of lookups, answers that fit a datagram
+/// or two.
+const LOOKUP_BATCH: usize = 64;
+
 /// How old a ring view may be before a refused or unanswered lookup fetches a new one.
 const RING_REFRESH: Duration = Duration::from_secs(1);
 
@@ -131,6 +137,8 @@ pub struct ClientCore {
     owner_entry: bool,
     /// A peer has answered (or refused) a lookup of this client: peers are reachable.
     peer_heard: bool,
+    /// Lookups to send, gathered so that those to one peer leave in one datagram.
+    outgoing: Vec<(SocketAddr, FindEvent, Option<TraceContext>)>,
 }
 
 struct InFlight {
@@ -172,6 +180,7 @@ impl ClientCore {
             ring_refresh: None,
             owner_entry: false,
             peer_heard: false,
+            outgoing: Vec::new(),
         }
     }
 
@@ -301,7 +310,13 @@ impl ClientCore {
     /// Sends lookup `query` (again) to an entry peer: the one named by `via`, else the next
     /// member round the ring, so each attempt enters somewhere else.
     fn send_lookup(&mut self, now: Time, query: u64) {
-        let RingState::Known { view, routing, .. } = &self.ring else {
+        let RingState::Known {
+            view,
+            index,
+            routing,
+            ..
+        } = &self.ring
+        else {
             return;
         };
         let Some(lookup) = self.lookups.get_mut(&query) else {
@@ -313,8 +328,8 @@ impl ClientCore {
                 .iter()
                 .find(|m| &m.name == v || m.id.to_string() == *v),
             // The owner by the client's view: usually no hop at all. A retry enters elsewhere.
-            None if self.owner_entry && lookup.attempts == 0 => view
-                .owner_of(lookup.key)
+            None if self.owner_entry && lookup.attempts == 0 => index
+                .owner_of(view, lookup.key)
                 .or_else(|| members.get(self.next_entry % members.len().max(1))),
             None => {
                 self.next_entry = self.next_entry.wrapping_add(1);
@@ -345,11 +360,75 @@ impl ClientCore {
             routing: lookup.routing.unwrap_or(*routing),
             reply_to: None,
         };
-        let (dest, trace) = (entry.addr, lookup.trace.clone());
-        if let Err(e) = self.link.send_once(dest, Body::Lookup(find), trace)
+        // A retry of a lookup still waiting to be sent replaces it.
+        self.outgoing.retain(|(_, f, _)| f.query != query);
+        self.outgoing.push((entry.addr, find, lookup.trace.clone()));
+    }
+
+    /// Sends the gathered lookups: those to one peer together as a `Lookups` (a multi-get,
+    /// up to [`LOOKUP_BATCH`] keys), a lone or traced one as a `Lookup` (its trace is its own).
+    ///
+    /// A peer that has lookups of ours unanswered gets the next ones only as a full batch, or
+    /// once it has answered them all (Nagle's rule, per peer): without it, each answer frees a
+    /// few slots of the window, spread over every owner, and a verify's datagrams shrink
+    /// to one key each within a few rounds.
+    fn flush_lookups(&mut self) {
+        // Lookups answered (or given up) while they waited are not sent.
+        self.outgoing
+            .retain(|(_, f, _)| self.lookups.contains_key(&f.query));
+        if self.outgoing.is_empty() {
+            return;
+        }
+        let mut unanswered: HashMap<SocketAddr, usize> = HashMap::new();
+        for l in self.lookups.values() {
+            *unanswered.entry(l.entry).or_default() += 1;
+        }
+        let mut by_peer: BTreeMap<SocketAddr, Vec<FindEvent>> = BTreeMap::new();
+        for (dest, find, trace) in std::mem::take(&mut self.outgoing) {
+            if let Some(n) = unanswered.get_mut(&dest) {
+                *n = n.saturating_sub(1);
+            }
+            if trace.is_some() {
+                let query = find.query;
+                let sent = self.link.send_once(dest, Body::Lookup(find), trace);
+                self.fail_lookup_if(query, sent.map_err(|e| e.to_string()));
+            } else {
+                by_peer.entry(dest).or_default().push(find);
+            }
+        }
+        for (dest, mut finds) in by_peer {
+            if unanswered.get(&dest).is_some_and(|n| *n > 0) {
+                // Busy: full batches go, the rest waits for its answers.
+                let keep = finds.len() % LOOKUP_BATCH;
+                let held = finds.split_off(finds.len() - keep);
+                self.outgoing
+                    .extend(held.into_iter().map(|f| (dest, f, None)));
+            }
+            let mut finds = finds.into_iter().peekable();
+            while finds.peek().is_some() {
+                let mut chunk: Vec<FindEvent> = finds.by_ref().take(LOOKUP_BATCH).collect();
+                let queries: Vec<u64> = chunk.iter().map(|f| f.query).collect();
+                let body = match chunk.len() {
+                    1 => Body::Lookup(chunk.remove(0)),
+                    _ => Body::Lookups(chunk),
+                };
+                let sent = self
+                    .link
+                    .send_once(dest, body, None)
+                    .map_err(|e| e.to_string());
+                for query in queries {
+                    self.fail_lookup_if(query, sent.clone());
+                }
+            }
+        }
+    }
+
+    /// A lookup that could not be encoded fails with the reason.
+    fn fail_lookup_if(&mut self, query: u64, sent: Result<(), String>) {
+        if let Err(e) = sent
             && let Some(l) = self.lookups.remove(&query)
         {
-            let err = ClientError::Encode(e.to_string());
+            let err = ClientError::Encode(e);
             self.results.push_back((l.index, Err(err)));
         }
     }
@@ -509,6 +588,7 @@ impl ClientCore {
         match result {
             Ok(ReplyBody::Ring { view, routing }) if !view.members.is_empty() => {
                 self.ring = RingState::Known {
+                    index: PointIndex::new(&view),
                     view,
                     routing,
                     at: now,
@@ -531,6 +611,12 @@ impl ClientCore {
                 Body::Answer(result) => {
                     self.peer_heard = true;
                     self.on_answer(now, result)
+                }
+                Body::Answers(results) => {
+                    self.peer_heard = true;
+                    for result in results {
+                        self.on_answer(now, result);
+                    }
                 }
                 Body::LookupRefused { query, reason } => {
                     self.peer_heard = true;
@@ -616,6 +702,7 @@ impl ClientCore {
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.flush_lookups();
         self.link.poll_transmit()
     }
 
@@ -1135,6 +1222,96 @@ mod tests {
         // A duplicated answer finds nothing waiting.
         core.handle(Duration::ZERO, peer_addr(1), answer(q, 42, vec![2, 3]));
         assert!(core.poll_result().is_none() && core.is_idle());
+    }
+
+    /// A verify's window of lookups leaves as one multi-get per owner; one `Answers` datagram
+    /// ends all of its lookups, and a traced lookup still goes alone (its trace is its own).
+    #[test]
+    fn lookups_to_one_owner_leave_together_and_one_datagram_answers_them() {
+        let ring = view(3);
+        let mut core = ClientCore::new(manager(), 1, client_retry(), Duration::from_secs(2));
+        core.set_direct(true);
+        core.set_owner_entry(true);
+        core.set_window(200);
+        let keys: Vec<u64> = (1..=150).collect();
+        for (i, k) in keys.iter().enumerate() {
+            let query = ClientRequest::Query {
+                key: RecordKey::Event(*k),
+                via: None,
+                routing: None,
+            };
+            core.submit(i, query, None);
+        }
+        core.pump(Duration::ZERO);
+        let ask = decode(&core.poll_transmit().expect("the ring request"));
+        let ring_reply = ReplyBody::Ring {
+            view: ring.clone(),
+            routing: Routing::Walk,
+        };
+        core.handle(Duration::ZERO, manager(), reply(ask.seq, Ok(ring_reply)));
+        core.pump(Duration::ZERO);
+        let sent: Vec<Transmit> = std::iter::from_fn(|| core.poll_transmit()).collect();
+        let mut lookups: Vec<(SocketAddr, Vec<FindEvent>)> = Vec::new();
+        for t in &sent {
+            match decode(t).body {
+                Body::Lookups(finds) => lookups.push((t.dest, finds)),
+                Body::Lookup(find) => lookups.push((t.dest, vec![find])),
+                _ => {}
+            }
+        }
+        // 150 keys over 3 owners, at most 64 a datagram: a handful of datagrams, each key in
+        // exactly one, at its owner.
+        assert!(lookups.len() <= 3 * 3, "{} datagrams", lookups.len());
+        let mut seen: Vec<u64> = Vec::new();
+        for (dest, finds) in &lookups {
+            assert!(finds.len() <= LOOKUP_BATCH);
+            for f in finds {
+                assert_eq!(ring.owner_of(f.key).map(|m| m.addr), Some(*dest));
+                seen.push(f.query);
+            }
+        }
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), keys.len());
+        // One datagram answers every lookup of the first multi-get.
+        let (dest, finds) = &lookups[0];
+        let results = finds
+            .iter()
+            .map(|f| FindResult {
+                query: f.query,
+                key: f.key,
+                found: true,
+                records: Vec::new(),
+                path: vec![1],
+                truncated: false,
+                hops: Vec::new(),
+            })
+            .collect();
+        let answers = Envelope::new(7, UNSEQUENCED, None, Body::Answers(results));
+        core.handle(Duration::ZERO, *dest, answers);
+        let done: Vec<_> = std::iter::from_fn(|| core.poll_result()).collect();
+        assert_eq!(done.len(), finds.len());
+        assert!(
+            done.iter()
+                .all(|(_, r)| matches!(r, Ok(ReplyBody::Query(q)) if q.found))
+        );
+        // A traced query goes alone, even beside others to the same owner.
+        let trace = TraceContext {
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            tracestate: None,
+        };
+        let traced = ClientRequest::Query {
+            key: RecordKey::Event(1),
+            via: None,
+            routing: None,
+        };
+        core.submit(500, traced, Some(trace.clone()));
+        core.pump(Duration::ZERO);
+        let alone = std::iter::from_fn(|| core.poll_transmit())
+            .map(|t| decode(&t))
+            .find(|e| matches!(&e.body, Body::Lookup(f) if f.key == RecordKey::Event(1)))
+            .expect("the traced lookup, alone");
+        assert_eq!(alone.trace, Some(trace));
     }
 
     #[test]

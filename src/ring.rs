@@ -8,6 +8,7 @@
 
 use crate::record::RecordKey;
 use crate::wire::{Member, PeerId, Placement, RingView};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// A stable 64-bit mix (splitmix64's finaliser): neighbouring event ids land far apart, and
@@ -266,7 +267,10 @@ pub fn tokens_of(m: &Member) -> impl Iterator<Item = u64> + '_ {
 /// order. Each point owns the arc that ends at it. Built once per view for work over many keys
 /// (a repair plan, a status); the [`RingExt`] methods build one per call.
 pub struct Points<'a> {
-    points: Vec<(u64, &'a Member)>,
+    view: &'a RingView,
+    /// (token, index of its member in `view.members`), in token order: borrowed from a kept
+    /// [`PointIndex`], or sorted for this call.
+    points: Cow<'a, [(u64, usize)]>,
     /// Distinct owning members, for bounding replica sets.
     members: usize,
 }
@@ -301,33 +305,37 @@ impl PointIndex {
     pub fn is_of(&self, view: &RingView) -> bool {
         self.epoch == view.epoch && self.members == view.members.len()
     }
+
+    /// [`RingExt::owner_of`] by this index: a binary search instead of a sort per key. Other
+    /// placements, or another view, take the view's own way.
+    pub fn owner_of<'a>(&self, view: &'a RingView, key: RecordKey) -> Option<&'a Member> {
+        if view.placement != Placement::Consistent || !self.is_of(view) || self.points.is_empty() {
+            return view.owner_of(key);
+        }
+        let h = key_hash(key);
+        let i = self.points.partition_point(|(t, _)| *t < h) % self.points.len();
+        view.members.get(self.points[i].1)
+    }
 }
 
 impl<'a> Points<'a> {
     /// The points of `view` from its index, without sorting; None if the index is of
     /// another view.
-    pub fn bind(view: &'a RingView, index: &PointIndex) -> Option<Self> {
+    pub fn bind(view: &'a RingView, index: &'a PointIndex) -> Option<Self> {
         if !index.is_of(view) {
             return None;
         }
-        let points = index
-            .points
-            .iter()
-            .map(|&(t, i)| Some((t, view.members.get(i)?)))
-            .collect::<Option<Vec<_>>>()?;
         Some(Points {
-            points,
+            view,
+            points: Cow::Borrowed(&index.points),
             members: owners(view).count(),
         })
     }
 
     pub fn new(view: &'a RingView) -> Self {
-        let mut points: Vec<(u64, &Member)> = owners(view)
-            .flat_map(|m| tokens_of(m).map(move |t| (t, m)))
-            .collect();
-        points.sort_by_key(|(t, m)| (*t, m.id));
         Points {
-            points,
+            view,
+            points: Cow::Owned(PointIndex::new(view).points),
             members: owners(view).count(),
         }
     }
@@ -342,7 +350,8 @@ impl<'a> Points<'a> {
     }
 
     pub fn member_at(&self, i: usize) -> &'a Member {
-        self.points[i].1
+        let view: &'a RingView = self.view;
+        &view.members[self.points[i].1]
     }
 
     pub fn token_at(&self, i: usize) -> u64 {
@@ -363,7 +372,7 @@ impl<'a> Points<'a> {
             if out.len() >= want {
                 break;
             }
-            let m = self.points[(i + step) % n].1;
+            let m = self.member_at((i + step) % n);
             if !out.iter().any(|o| o.id == m.id) {
                 out.push(m);
             }
@@ -881,6 +890,10 @@ mod tests {
             let key = RecordKey::Event(k * 7_919);
             let ids = |v: Vec<&Member>| v.iter().map(|m| m.id).collect::<Vec<_>>();
             assert_eq!(ids(bound.replicas(key, 3).1), ids(fresh.replicas(key, 3).1));
+            assert_eq!(
+                index.owner_of(&view, key).map(|m| m.id),
+                view.owner_of(key).map(|m| m.id)
+            );
             for me in view.members.iter().map(|m| m.id) {
                 assert_eq!(
                     bound.finger_hop(&view, me, key).map(|m| m.id),
@@ -891,6 +904,13 @@ mod tests {
         let mut other = view.clone();
         other.epoch = 10;
         assert!(Points::bind(&other, &index).is_none());
+        // Another view: its own way, still right.
+        other.members.pop();
+        let key = RecordKey::Event(42);
+        assert_eq!(
+            index.owner_of(&other, key).map(|m| m.id),
+            other.owner_of(key).map(|m| m.id)
+        );
     }
 
     /// The bench's churn (n = 64, 16 tokens: three joins, then three leaves of original

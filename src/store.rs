@@ -183,6 +183,18 @@ pub fn values_size(values: &[String]) -> usize {
     32 + values.iter().map(|v| text_size(v)).sum::<usize>()
 }
 
+/// An upper bound on one query answer's encoded size (in a peer's `Answers`).
+pub fn answer_size(answer: &crate::wire::FindResult) -> usize {
+    let strings = |v: &[String]| v.iter().map(|s| text_size(s)).sum::<usize>();
+    let records: usize = answer
+        .records
+        .iter()
+        .map(|r| 16 + strings(&r.columns) + strings(&r.values))
+        .sum();
+    // Query number, key and flags; a path entry and a hop timing are a few integers each.
+    64 + records + 9 * answer.path.len() + 32 * answer.hops.len()
+}
+
 /// The room for rows in one batch of this schema.
 pub fn batch_budget(columns: &[String], max_datagram: usize) -> usize {
     let header = ENVELOPE_SLACK + columns.iter().map(|c| text_size(c)).sum::<usize>();

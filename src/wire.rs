@@ -106,6 +106,13 @@ pub enum Body {
     Answer(FindResult),
     /// a peer → a client, unsequenced: this peer will not take the lookup (not in a ring).
     LookupRefused { query: u64, reason: RejectReason },
+    /// stormctl → any peer, unsequenced: several lookups in one datagram (a verify's
+    /// multi-get, each key sent to its owner by the client's view). Each is handled as a
+    /// `Lookup`; the answers of those this peer ends go back together as `Answers`, the others
+    /// walk on one by one.
+    Lookups(Vec<FindEvent>),
+    /// a peer → a client, unsequenced: the answers of several of its lookups in one datagram.
+    Answers(Vec<FindResult>),
     /// peer → manager, unsequenced, every heartbeat interval: I am alive, at this epoch.
     Heartbeat { epoch: u64 },
     /// manager → peer, unsequenced: the answer to a heartbeat. `known` is false when this
@@ -155,6 +162,8 @@ impl Body {
             Body::Lookup(_) => "lookup",
             Body::Answer(_) => "answer",
             Body::LookupRefused { .. } => "lookup_refused",
+            Body::Lookups(_) => "lookups",
+            Body::Answers(_) => "answers",
             Body::Heartbeat { .. } => "heartbeat",
             Body::HeartbeatAck { .. } => "heartbeat_ack",
             Body::Ping { .. } => "ping",
@@ -181,6 +190,8 @@ impl Body {
                 | Body::Lookup(_)
                 | Body::Answer(_)
                 | Body::LookupRefused { .. }
+                | Body::Lookups(_)
+                | Body::Answers(_)
         )
     }
 }
@@ -1004,6 +1015,33 @@ mod tests {
                 query: 10,
                 reason: RejectReason::NotInRing { peer: "p1".into() },
             },
+            Body::Lookups(vec![
+                FindEvent {
+                    query: 11,
+                    key: RecordKey::Event(3),
+                    path: Vec::new(),
+                    hops: Vec::new(),
+                    routing: crate::wire::Routing::Walk,
+                    reply_to: None,
+                },
+                FindEvent {
+                    query: 12,
+                    key: RecordKey::Fallback(0x00ff),
+                    path: Vec::new(),
+                    hops: Vec::new(),
+                    routing: crate::wire::Routing::Fingers,
+                    reply_to: None,
+                },
+            ]),
+            Body::Answers(vec![FindResult {
+                query: 11,
+                key: RecordKey::Event(3),
+                found: false,
+                records: Vec::new(),
+                path: vec![1, 2],
+                truncated: false,
+                hops: Vec::new(),
+            }]),
             Body::Reply(ClientReply {
                 to: 4,
                 result: Err(RequestError::AlreadyLeaving { name: "p1".into() }),

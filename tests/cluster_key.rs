@@ -95,6 +95,14 @@ fn forged_bodies(victim: SocketAddr) -> Vec<Body> {
             routing: stormdht::wire::Routing::Walk,
             reply_to: None,
         }),
+        Body::Lookups(vec![FindEvent {
+            query: 3,
+            key: RecordKey::Event(1),
+            path: Vec::new(),
+            hops: Vec::new(),
+            routing: stormdht::wire::Routing::Walk,
+            reply_to: None,
+        }]),
         Body::Probe { probe: 1 },
         Body::Registered { id: 1 },
     ]

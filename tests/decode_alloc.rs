@@ -234,11 +234,31 @@ fn hostile() -> Vec<(String, Vec<u8>)> {
             b"path\x9b\x7f\xff\xff\xff\xff\xff\xff\xff",
         ),
     ));
+    let lookups = encode(Body::Lookups(vec![
+        FindEvent {
+            query: 9,
+            key: RecordKey::Event(1),
+            path: Vec::new(),
+            hops: Vec::new(),
+            routing: stormdht::wire::Routing::Fingers,
+            reply_to: None,
+        };
+        2
+    ]));
+    cases.push((
+        "multi-get that declares 2^63 lookups".into(),
+        patch(
+            &lookups,
+            b"Lookups\x82",
+            b"Lookups\x9b\x7f\xff\xff\xff\xff\xff\xff\xff",
+        ),
+    ));
     // Every truncation of real envelopes.
     for (name, bytes) in [
         ("store batch", batch),
         ("register", register),
         ("find", find),
+        ("multi-get", lookups),
         (
             "query",
             encode(Body::Request(ClientRequest::Query {

@@ -80,7 +80,7 @@ fn garbage(rng: &mut rand::rngs::SmallRng, n: u64) -> Vec<u8> {
 
 /// A well-formed envelope of every kind a member could send, as a stranger forges it.
 fn forged(n: u64) -> Vec<u8> {
-    let body = match n % 22 {
+    let body = match n % 24 {
         0 => Body::Request(ClientRequest::Teardown),
         1 => Body::Request(ClientRequest::Leave {
             name: "peer-0".into(),
@@ -161,6 +161,28 @@ fn forged(n: u64) -> Vec<u8> {
             done: n,
             total: n,
         },
+        21 => Body::Answers(vec![FindResult {
+            query: n,
+            key: RecordKey::Event(n),
+            found: false,
+            records: Vec::new(),
+            path: vec![1],
+            truncated: false,
+            hops: Vec::new(),
+        }]),
+        // A stranger's multi-get is a client's read: answered to the stranger, nothing changes.
+        22 => Body::Lookups(
+            (0..3)
+                .map(|i| FindEvent {
+                    query: n + i,
+                    key: RecordKey::Event(n + i),
+                    path: Vec::new(),
+                    hops: Vec::new(),
+                    routing: stormdht::wire::Routing::Walk,
+                    reply_to: None,
+                })
+                .collect(),
+        ),
         _ => Body::RebalanceDone {
             epoch: n,
             handed_over: 5,

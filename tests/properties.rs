@@ -184,6 +184,21 @@ fn body() -> impl Strategy<Value = Body> {
                 reply_to: None,
             })
         }),
+        prop::collection::vec((0u64..5, key()), 0..6).prop_map(|lookups| {
+            Body::Lookups(
+                lookups
+                    .into_iter()
+                    .map(|(query, key)| FindEvent {
+                        query,
+                        key,
+                        path: Vec::new(),
+                        hops: Vec::new(),
+                        routing: stormdht::wire::Routing::Fingers,
+                        reply_to: None,
+                    })
+                    .collect(),
+            )
+        }),
         (0u64..5, key(), any::<bool>()).prop_map(|(query, key, found)| Body::Found(FindResult {
             query,
             key,

@@ -46,6 +46,20 @@ impl Shell<Peer> for PeerShell {
                 network.peer.port = field::Empty,
                 next.peer.id = field::Empty,
             ),
+            Body::Lookups(finds) => tracing::info_span!(
+                target: TARGET,
+                "find_events",
+                otel.kind = "server",
+                keys = finds.len(),
+                peer.id = id,
+                peer.name = peer.name(),
+                answered = field::Empty,
+                found = field::Empty,
+                forwarded = field::Empty,
+                network.transport = "udp",
+                network.peer.address = %from.ip(),
+                network.peer.port = from.port(),
+            ),
             Body::Store(batch) => tracing::info_span!(
                 target: TARGET,
                 "store_batch",
@@ -74,7 +88,25 @@ impl Shell<Peer> for PeerShell {
     }
 
     fn close_span(&mut self, span: Span, events: &[PeerEvent]) {
-        // Attributes the peer decided: where the query went, whether it was found here.
+        // Attributes the peer decided: where the query went, whether it was found here. A
+        // multi-get's span counts its keys instead (fields a span lacks are not recorded).
+        let hops = events.iter().filter(|e| matches!(e, PeerEvent::Hop(_)));
+        if hops.count() > 1 {
+            let (mut answered, mut found, mut forwarded) = (0u64, 0u64, 0u64);
+            for ev in events {
+                if let PeerEvent::Hop(h) = ev {
+                    match h.next {
+                        Some(_) => forwarded += 1,
+                        None => answered += 1,
+                    }
+                    found += u64::from(h.found);
+                }
+            }
+            span.record("answered", answered);
+            span.record("found", found);
+            span.record("forwarded", forwarded);
+            return;
+        }
         for ev in events {
             match ev {
                 PeerEvent::Hop(h) => {

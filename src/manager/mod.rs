@@ -292,15 +292,20 @@ impl Manager {
         trace: Option<TraceContext>,
     ) {
         // A lookup goes to a peer: say so to the client, which retries at one.
-        if let Body::Lookup(find) = &env.body {
-            let reason = RejectReason::NotForManager {
-                kind: env.body.kind().to_string(),
-            };
-            let body = Body::LookupRefused {
-                query: find.query,
-                reason,
-            };
-            return self.link.send_unsequenced(from, body);
+        let queries = match &env.body {
+            Body::Lookup(find) => vec![find.query],
+            Body::Lookups(finds) => finds.iter().map(|f| f.query).collect(),
+            _ => Vec::new(),
+        };
+        if !queries.is_empty() {
+            for query in queries {
+                let reason = RejectReason::NotForManager {
+                    kind: env.body.kind().to_string(),
+                };
+                let body = Body::LookupRefused { query, reason };
+                self.link.send_unsequenced(from, body);
+            }
+            return;
         }
         // Refuse what the manager never handles before acknowledging it.
         if !matches!(

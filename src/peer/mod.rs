@@ -20,7 +20,7 @@ use crate::link::{Accepted, Dropped, Link, Outcome, RetryPolicy, Time, Transmit}
 use crate::machine::Machine;
 use crate::record::RecordKey;
 use crate::ring::RingExt;
-use crate::store::{Store, StoredRow, batch_budget, make_batches, row_size};
+use crate::store::{Store, StoredRow, answer_size, batch_budget, make_batches, row_size};
 use crate::wire::{
     Body, Envelope, ExitReason, FindEvent, FindResult, PeerId, PeerReport, RejectReason, Rejoin,
     RingView, Routing, StoreBatch, TraceContext, WireRow,
@@ -167,6 +167,9 @@ pub struct Peer {
     live: liveness::Liveness,
     /// What the current input produced; handed to the caller when it returns.
     events: Vec<PeerEvent>,
+    /// While a client's `Lookups` is handled: that client, and the answers this peer ends,
+    /// sent back together once every lookup of the datagram has been seen.
+    answers_to: Option<(SocketAddr, Vec<FindResult>)>,
     exited: bool,
 }
 
@@ -197,6 +200,7 @@ impl Peer {
             leave_once_in_ring: false,
             live: liveness::Liveness::default(),
             events: Vec::new(),
+            answers_to: None,
             exited: false,
         };
         peer.register(now, None);
@@ -294,6 +298,9 @@ impl Peer {
         // A query straight from a client: walked like the manager's, answered to the client.
         if let Body::Lookup(find) = env.body {
             return self.on_lookup(now, from, find, trace);
+        }
+        if let Body::Lookups(finds) = env.body {
+            return self.on_lookups(now, from, finds, trace);
         }
         // Refuse what a peer never handles before acknowledging it, so the sender sees the
         // reason instead of an ack followed by silence.
@@ -419,6 +426,7 @@ impl Peer {
             | Body::Report { .. }
             | Body::Found(_)
             | Body::Answer(_)
+            | Body::Answers(_)
             | Body::LookupRefused { .. }
             | Body::Reply(_)
             | Body::Heartbeat { .. } => Some(RejectReason::NotForPeer {
@@ -430,7 +438,7 @@ impl Peer {
 
     /// The points of `ring` from the index kept for it, when it is consistent hashing's and
     /// the index is this view's.
-    fn bound_points<'a>(&self, ring: &'a RingView) -> Option<crate::ring::Points<'a>> {
+    fn bound_points<'a>(&'a self, ring: &'a RingView) -> Option<crate::ring::Points<'a>> {
         if ring.placement != crate::wire::Placement::Consistent {
             return None;
         }
@@ -776,6 +784,57 @@ impl Peer {
         self.on_find(now, find, trace);
     }
 
+    /// A client's multi-get: each lookup as if it came alone, the answers this peer ends
+    /// (usually all: the client sends each key to its owner) packed into as few datagrams as
+    /// fit.
+    fn on_lookups(
+        &mut self,
+        now: Time,
+        from: SocketAddr,
+        finds: Vec<FindEvent>,
+        trace: Option<TraceContext>,
+    ) {
+        self.answers_to = Some((from, Vec::with_capacity(finds.len())));
+        for find in finds {
+            self.on_lookup(now, from, find, trace.clone());
+        }
+        if let Some((to, answers)) = self.answers_to.take() {
+            self.send_answers(to, answers);
+        }
+    }
+
+    /// Sends `answers` to a client in datagrams of at most `max_datagram` bytes (by a
+    /// conservative estimate of each answer's size); one that cannot be encoded is reported
+    /// and left to the client's retry.
+    fn send_answers(&mut self, to: SocketAddr, answers: Vec<FindResult>) {
+        let budget = self.cfg.max_datagram.saturating_sub(1024);
+        let mut batch: Vec<FindResult> = Vec::new();
+        let mut size = 0;
+        let mut batches = Vec::new();
+        for answer in answers {
+            let bytes = answer_size(&answer);
+            if !batch.is_empty() && size + bytes > budget {
+                batches.push(std::mem::take(&mut batch));
+                size = 0;
+            }
+            size += bytes;
+            batch.push(answer);
+        }
+        if !batch.is_empty() {
+            batches.push(batch);
+        }
+        for mut batch in batches {
+            let body = match batch.len() {
+                1 => Body::Answer(batch.remove(0)),
+                _ => Body::Answers(batch),
+            };
+            if let Err(e) = self.link.send_once(to, body, None) {
+                let warning = format!("could not send answers to {to}: {e}");
+                self.events.push(PeerEvent::Warning(warning));
+            }
+        }
+    }
+
     fn on_find(&mut self, now: Time, mut find: FindEvent, trace: Option<TraceContext>) {
         let hop = find.path.len() as u32;
         let Some(me) = self.id else {
@@ -915,6 +974,12 @@ impl Peer {
         // A client's lookup: answered once, unacknowledged; the client asks again if it is
         // lost (a query is a read, so asking twice is harmless).
         if find.reply_to.is_some() {
+            if let Some((to, answers)) = &mut self.answers_to
+                && *to == answer_to
+            {
+                answers.push(result);
+                return;
+            }
             if let Err(e) = self.link.send_once(answer_to, Body::Answer(result), None) {
                 let warning = format!("could not send an answer to {answer_to}: {e}");
                 self.events.push(PeerEvent::Warning(warning));

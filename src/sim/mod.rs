@@ -409,6 +409,21 @@ impl Sim {
         self.client.set_direct(direct);
     }
 
+    /// The main client's direct lookups enter at each key's owner by its view (as `stormctl
+    /// verify` does) instead of the next member round the ring.
+    pub fn set_owner_entry(&mut self, owner: bool) {
+        self.client.set_owner_entry(owner);
+    }
+
+    /// `stormctl verify` of a file the simulation holds, from the main client, with `window`
+    /// lookups in flight; runs the cluster until every key has its answer or its error.
+    pub fn verify(&mut self, path: &str, window: usize) -> crate::client::VerifyReport {
+        let data = self.file(path);
+        let client = &mut self.client;
+        self.local
+            .block_on(&self.rt, crate::client::verify(client, path, &data, window))
+    }
+
     /// Sends a client request and runs the cluster until its reply arrives.
     pub fn request(&mut self, req: ClientRequest) -> Reply {
         let client = &mut self.client;
