@@ -498,11 +498,20 @@ async fn run(sc: &Scenario<'_>) -> Value {
 /// handles' Drop). Err: the panic's message.
 fn run_isolated(sc: &Scenario<'_>) -> Result<Value, String> {
     std::panic::catch_unwind(AssertUnwindSafe(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        // The client on one thread, as in stormctl, when the peers are processes: on a
+        // multi-thread runtime every answer crossed from the worker that polls the socket to
+        // the thread that waits for it. In-process peers need the workers.
+        let rt = if sc.processes {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        } else {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+        }
+        .expect("runtime");
         let figures = rt.block_on(run(sc));
         rt.shutdown_timeout(Duration::from_secs(5));
         figures

@@ -139,6 +139,11 @@ pub struct ClientCore {
     peer_heard: bool,
     /// Lookups to send, gathered so that those to one peer leave in one datagram.
     outgoing: Vec<(SocketAddr, FindEvent, Option<TraceContext>)>,
+    /// Whether `outgoing` changed since the last flush, and how many lookups were outstanding
+    /// then: held lookups wait for answers, so nothing new can leave until one of these moves
+    /// (without this, every `poll_transmit` grouped every held lookup again).
+    outgoing_changed: bool,
+    lookups_at_flush: usize,
 }
 
 struct InFlight {
@@ -181,6 +186,8 @@ impl ClientCore {
             owner_entry: false,
             peer_heard: false,
             outgoing: Vec::new(),
+            outgoing_changed: false,
+            lookups_at_flush: 0,
         }
     }
 
@@ -363,6 +370,7 @@ impl ClientCore {
         // A retry of a lookup still waiting to be sent replaces it.
         self.outgoing.retain(|(_, f, _)| f.query != query);
         self.outgoing.push((entry.addr, find, lookup.trace.clone()));
+        self.outgoing_changed = true;
     }
 
     /// Sends the gathered lookups: those to one peer together as a `Lookups` (a multi-get,
@@ -373,6 +381,11 @@ impl ClientCore {
     /// few slots of the window, spread over every owner, and a verify's datagrams shrink
     /// to one key each within a few rounds.
     fn flush_lookups(&mut self) {
+        if !self.outgoing_changed && self.lookups.len() == self.lookups_at_flush {
+            return;
+        }
+        self.outgoing_changed = false;
+        self.lookups_at_flush = self.lookups.len();
         // Lookups answered (or given up) while they waited are not sent.
         self.outgoing
             .retain(|(_, f, _)| self.lookups.contains_key(&f.query));
@@ -1032,11 +1045,9 @@ pub async fn verify_with<S: DatagramSocket>(
         match result {
             Ok(ReplyBody::Query(q)) if q.found => {
                 let want = &expected[key];
-                let all_there = want.iter().all(|values| {
-                    q.records
-                        .iter()
-                        .any(|r| r.columns == dataset.columns && &&r.values == values)
-                });
+                let all_there = want
+                    .iter()
+                    .all(|values| q.records.iter().any(|r| r.is(&dataset.columns, values)));
                 if all_there {
                     report.found += 1;
                 } else {

@@ -125,8 +125,8 @@ pub fn status_json(s: &StatusReport) -> Value {
 /// A record as an object keyed by its (lower-cased) column names, values as in the file.
 pub fn record_json(r: &RecordOut) -> Value {
     let mut m = Map::new();
-    for (c, v) in r.columns.iter().zip(&r.values) {
-        m.insert(c.clone(), Value::String(v.clone()));
+    for (c, v) in r.pairs() {
+        m.insert(c.to_string(), Value::String(v.to_string()));
     }
     Value::Object(m)
 }
@@ -239,8 +239,8 @@ pub fn query_text(q: &QueryOutcome, elapsed_ms: f64) -> String {
             if q.records.len() > 1 {
                 let _ = writeln!(out, "  record {}:", i + 1);
             }
-            let width = r.columns.iter().map(String::len).max().unwrap_or(0);
-            for (c, v) in r.columns.iter().zip(&r.values) {
+            let width = r.columns.fields().map(str::len).max().unwrap_or(0);
+            for (c, v) in r.pairs() {
                 let _ = writeln!(out, "    {c:<width$}  {v}");
             }
         }

@@ -131,10 +131,7 @@ impl Store {
         self.get(key)
             .unwrap_or_default()
             .iter()
-            .map(|r| RecordOut {
-                columns: r.columns.to_vec(),
-                values: r.values(),
-            })
+            .map(|r| RecordOut::new(&r.columns, r.row.clone()))
             .collect()
     }
 
@@ -178,19 +175,9 @@ pub fn row_size(row: &PackedRow) -> usize {
     32 + row.len()
 }
 
-/// An upper bound on the encoded size of a row's values as separate strings (a query's answer).
-pub fn values_size(values: &[String]) -> usize {
-    32 + values.iter().map(|v| text_size(v)).sum::<usize>()
-}
-
 /// An upper bound on one query answer's encoded size (in a peer's `Answers`).
 pub fn answer_size(answer: &crate::wire::FindResult) -> usize {
-    let strings = |v: &[String]| v.iter().map(|s| text_size(s)).sum::<usize>();
-    let records: usize = answer
-        .records
-        .iter()
-        .map(|r| 16 + strings(&r.columns) + strings(&r.values))
-        .sum();
+    let records: usize = answer.records.iter().map(RecordOut::encoded_size).sum();
     // Query number, key and flags; a path entry and a hop timing are a few integers each.
     64 + records + 9 * answer.path.len() + 32 * answer.hops.len()
 }
@@ -261,7 +248,8 @@ mod tests {
         assert_eq!((s.row_count(), s.key_count()), (2, 1));
         let out = s.records_out(k);
         assert_eq!(out.len(), 2);
-        assert_eq!(out[0].columns, cols());
+        assert!(out[0].is(&cols(), &["1".to_string(), "OHIO".to_string()]));
+        assert_eq!(out[1].get("state"), Some("IOWA"));
     }
 
     #[test]

@@ -2,9 +2,12 @@
 //! lines (`RUST_LOG` or the `telemetry.log` key) and OpenTelemetry spans exported over OTLP/gRPC
 //! by a batching exporter, so exporting never blocks the UDP path.
 //!
-//! A tracer provider is always installed, so every query has a trace id and its context
-//! travels in the datagrams even when nothing is exported. [`Telemetry::shutdown`] flushes what
-//! is buffered; dropping the provider would lose it.
+//! A tracer provider is always installed. Spans are built where they can be seen: in every
+//! process that exports them, and always in `stormctl` (its one root span gives a query its
+//! trace id). A daemon that exports nothing builds no span at all, because a span per datagram
+//! was a quarter of a peer's CPU per query; the trace context a datagram carries still travels
+//! on unchanged, so a trace stays one trace across exporting and silent processes.
+//! [`Telemetry::shutdown`] flushes what is buffered; dropping the provider would lose it.
 
 use crate::config::TelemetryConfig;
 use crate::wire::TraceContext;
@@ -18,7 +21,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::filter::{EnvFilter, FilterExt, Targets, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, fmt};
@@ -34,6 +37,15 @@ pub enum TelemetryError {
     Exporter { endpoint: String, reason: String },
     #[error("a tracing subscriber is already installed")]
     AlreadyInstalled,
+}
+
+/// Which processes build spans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spans {
+    /// Even when nothing is exported (a client: its trace id is printed and sent on).
+    Always,
+    /// Only when an OTLP endpoint is configured (a daemon: spans cost CPU on every datagram).
+    WhenExported,
 }
 
 pub struct Telemetry {
@@ -63,6 +75,7 @@ pub fn init(
     cfg: &TelemetryConfig,
     default_service: &str,
     instance_id: &str,
+    spans: Spans,
 ) -> Result<Telemetry, TelemetryError> {
     let service_name = [
         cfg.service_name.trim().to_string(),
@@ -116,14 +129,21 @@ pub fn init(
         reason: e.to_string(),
     })?;
     // Separate filters: a quiet log level must not switch off the spans that are exported.
+    // The log lines leave out the spans meant for export (one per datagram): formatting their
+    // fields for every datagram cost more than handling it, and the drivers log a datagram's
+    // events after its span has closed, so no log line loses its context.
     let log_layer = fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
-        .with_filter(env_filter);
-    let otel_layer = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_filter(Targets::new().with_target(TARGET, tracing::Level::INFO));
+        .with_filter(env_filter.and(filter_fn(|meta| {
+            !(meta.is_span() && meta.target() == TARGET)
+        })));
+    let otel_layer = (spans == Spans::Always || endpoint.is_some()).then(|| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(Targets::new().with_target(TARGET, tracing::Level::INFO))
+    });
     tracing_subscriber::registry()
         .with(log_layer)
         .with(otel_layer)

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 /// Bumped whenever a change to [`Envelope`] or [`Body`] is not backwards compatible.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The largest UDP payload over IPv4.
 pub const MAX_UDP_PAYLOAD: usize = 65_507;
@@ -524,11 +524,43 @@ pub struct FindResult {
     pub hops: Vec<HopTiming>,
 }
 
-/// A stored row with its column names, as returned by a query.
+/// A stored row with its column names, as returned by a query: names and values each packed
+/// in one byte string, so that an answer decodes with two allocations per row rather than one
+/// per field (decoding answers was a fifth of a client's CPU per query).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordOut {
-    pub columns: Vec<String>,
-    pub values: Vec<String>,
+    pub columns: PackedRow,
+    pub values: PackedRow,
+}
+
+impl RecordOut {
+    pub fn new<S: AsRef<str>>(columns: &[S], values: PackedRow) -> RecordOut {
+        RecordOut {
+            columns: PackedRow::pack(columns),
+            values,
+        }
+    }
+
+    /// (column name, value) in column order.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.columns.fields().zip(self.values.fields())
+    }
+
+    /// The value of the column `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.pairs().find(|(c, _)| *c == name).map(|(_, v)| v)
+    }
+
+    /// Whether this is exactly the row `values` under the columns `columns`.
+    pub fn is<S: AsRef<str>>(&self, columns: &[S], values: &[S]) -> bool {
+        self.columns.fields().eq(columns.iter().map(AsRef::as_ref))
+            && self.values.fields().eq(values.iter().map(AsRef::as_ref))
+    }
+
+    /// An upper bound on its encoded size.
+    pub fn encoded_size(&self) -> usize {
+        32 + self.columns.len() + self.values.len()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1003,10 +1035,7 @@ mod tests {
                 query: 10,
                 key: RecordKey::Event(2),
                 found: true,
-                records: vec![RecordOut {
-                    columns: vec!["EVENT_ID".into()],
-                    values: vec!["2".into()],
-                }],
+                records: vec![RecordOut::new(&["EVENT_ID"], PackedRow::pack(&["2"]))],
                 path: vec![3],
                 truncated: false,
                 hops: Vec::new(),

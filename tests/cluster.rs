@@ -356,8 +356,9 @@ fn malformed_datagrams_and_unknown_commands_do_not_stop_the_service() {
     }
 
     // A well-formed envelope whose command this build does not know: a rejection comes back.
-    let unknown =
-        cbor(&serde_json::json!({"v": 1, "from": 77, "seq": 5, "body": {"Frobnicate": {"x": 1}}}));
+    let unknown = cbor(
+        &serde_json::json!({"v": stormdht::wire::PROTOCOL_VERSION, "from": 77, "seq": 5, "body": {"Frobnicate": {"x": 1}}}),
+    );
     for target in targets {
         sock.send_to(&unknown, target).unwrap();
         let reply = recv_json(&sock);
@@ -379,8 +380,9 @@ fn malformed_datagrams_and_unknown_commands_do_not_stop_the_service() {
         "{reply}"
     );
     // A client command sent to a peer: rejected with a pointer to the manager.
-    let status_to_peer =
-        cbor(&serde_json::json!({"v": 1, "from": 78, "seq": 1, "body": {"Request": "Status"}}));
+    let status_to_peer = cbor(
+        &serde_json::json!({"v": stormdht::wire::PROTOCOL_VERSION, "from": 78, "seq": 1, "body": {"Request": "Status"}}),
+    );
     sock.send_to(&status_to_peer, peer_addr).unwrap();
     let reply = recv_json(&sock);
     assert!(

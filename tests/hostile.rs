@@ -46,8 +46,7 @@ fn garbage(rng: &mut rand::rngs::SmallRng, n: u64) -> Vec<u8> {
         // Valid CBOR that is not an envelope.
         3 => {
             let mut v = Vec::new();
-            let value =
-                serde_json::json!({"v": 1, "from": n, "seq": "x", "body": [1, 2, {"a": null}]});
+            let value = serde_json::json!({"v": stormdht::wire::PROTOCOL_VERSION, "from": n, "seq": "x", "body": [1, 2, {"a": null}]});
             ciborium::ser::into_writer(&value, &mut v).unwrap_or_default();
             v
         }

@@ -26,8 +26,13 @@ fn shutdown_flushes_buffered_spans_from_a_current_thread_runtime() {
         .unwrap();
     let started = Instant::now();
     rt.block_on(async {
-        let telemetry =
-            stormdht::telemetry::init(&cfg, "unused", "flush-instance").expect("telemetry");
+        let telemetry = stormdht::telemetry::init(
+            &cfg,
+            "unused",
+            "flush-instance",
+            stormdht::telemetry::Spans::Always,
+        )
+        .expect("telemetry");
         for i in 0..3 {
             let span = tracing::info_span!(target: stormdht::telemetry::TARGET, "buffered", i);
             drop(span);

@@ -340,3 +340,110 @@ fn a_hung_collector_does_not_hold_an_exit() {
     }
     drop(hung);
 }
+
+/// A peer that exports nothing builds no spans, and its hop is missing from the trace; but
+/// the context travels through it, so the query is still one trace and the next exporting
+/// hop hangs under the last one that exported.
+#[test]
+fn a_peer_that_exports_nothing_leaves_a_gap_not_a_broken_trace() {
+    let receiver = OtlpReceiver::start();
+    let mut cluster = Cluster::start_with(3, &traced_env(&receiver.endpoint));
+    let silent_env: Vec<(&'static str, String)> = cluster
+        .peer_env("silent")
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("OTEL_"))
+        .collect();
+    cluster.peers.push(Daemon::start("silent", &silent_env));
+    cluster.wait_for_peers(4);
+    let file = shared_data("details-1950.csv");
+    cluster.ctl_json(&["setup"]);
+    cluster.ctl_json(&["distribute", "--file", file.to_str().unwrap()]);
+    let status = cluster.status();
+    let silent_id = status["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "silent")
+        .and_then(|p| p["id"].as_u64())
+        .expect("the silent peer is in the ring");
+
+    // A key and an entry whose walk passes through the silent peer, neither first nor last.
+    let names: Vec<String> = cluster.peers.iter().map(|p| p.name.clone()).collect();
+    let keys: Vec<String> = stormdht::record::load_path(&file)
+        .expect("the file")
+        .rows
+        .iter()
+        .take(20)
+        .map(|r| r.key.to_string())
+        .collect();
+    let (key, via, path) = keys
+        .iter()
+        .flat_map(|k| names.iter().map(move |v| (k, v)))
+        .find_map(|(key, via)| {
+            let q = parse_json(&cluster.ctl(&["--json", "query", key, "--via", via]));
+            let path: Vec<u64> = q["path"]
+                .as_array()?
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .collect();
+            let at = path.iter().position(|&id| id == silent_id)?;
+            (q["found"] == true && at > 0 && at + 1 < path.len())
+                .then(|| (key.to_string(), via.clone(), path))
+        })
+        .expect("a walk through the silent peer");
+    let out = ctl_traced(
+        &cluster,
+        &receiver.endpoint,
+        &["--json", "query", &key, "--via", &via],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let found = parse_json(&out);
+    let trace_id = found["trace_id"].as_str().expect("a trace id").to_string();
+    let traced_path: Vec<u64> = found["path"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .collect();
+    assert_eq!(traced_path, path, "the same walk as before");
+
+    cluster.ctl_json(&["teardown"]);
+    for p in cluster.peers.iter_mut() {
+        assert_eq!(
+            p.wait(Duration::from_secs(10)).and_then(|s| s.code()),
+            Some(0)
+        );
+    }
+    let spans = receiver.wait_for(Duration::from_secs(10), |all| {
+        all.iter().filter(|s| s.trace_id == trace_id).count() >= path.len()
+    });
+    assert!(
+        spans.iter().all(|s| s.attr("peer.name") != Some("silent")),
+        "the silent peer exported a span"
+    );
+    let trace: Vec<SpanRecord> = spans
+        .iter()
+        .filter(|s| s.trace_id == trace_id)
+        .cloned()
+        .collect();
+    let root = trace
+        .iter()
+        .find(|s| s.service == "stormctl")
+        .expect("stormctl's span");
+    let hops = hop_spans(&trace);
+    let exporting: Vec<u64> = path.iter().copied().filter(|&id| id != silent_id).collect();
+    assert_eq!(
+        hops.len(),
+        exporting.len(),
+        "one span per exporting hop: {hops:#?}"
+    );
+    let mut parent = root.span_id.clone();
+    for (hop, id) in hops.iter().zip(&exporting) {
+        assert_eq!(hop.attr("peer.id"), Some(id.to_string().as_str()));
+        assert_eq!(
+            hop.parent_span_id, parent,
+            "the hop after the gap hangs under the last exporting one: {hops:#?}"
+        );
+        parent = hop.span_id.clone();
+    }
+}

@@ -169,7 +169,7 @@ async fn run(cli: Cli) -> ExitCode {
         log: "warn".into(),
     };
     let instance = format!("stormctl-{}", std::process::id());
-    let telemetry = match telemetry::init(&tcfg, "stormctl", &instance) {
+    let telemetry = match telemetry::init(&tcfg, "stormctl", &instance, telemetry::Spans::Always) {
         Ok(t) => Some(t),
         Err(e) => {
             eprintln!("stormctl: telemetry disabled: {e}");

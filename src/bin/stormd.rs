@@ -193,14 +193,18 @@ async fn daemon(cfg: Config) -> u8 {
         Role::Manager => format!("manager@{}", cfg.listen),
         Role::Peer => cfg.peer_name(),
     };
-    let telemetry =
-        match telemetry::init(&cfg.telemetry, &format!("stormd-{}", cfg.role), &instance) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("stormd: {e}");
-                return 2;
-            }
-        };
+    let telemetry = match telemetry::init(
+        &cfg.telemetry,
+        &format!("stormd-{}", cfg.role),
+        &instance,
+        telemetry::Spans::WhenExported,
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("stormd: {e}");
+            return 2;
+        }
+    };
     if cfg.cluster_key.is_empty()
         && cfg.cluster_key_file.is_empty()
         && !listens_on_loopback(&cfg.listen)
@@ -244,7 +248,12 @@ async fn demo(mut cfg: Config, peers: usize, file: Option<String>) -> u8 {
     if cfg.telemetry.log == Config::default().telemetry.log {
         cfg.telemetry.log = "warn".into();
     }
-    let telemetry = match telemetry::init(&cfg.telemetry, "stormd-demo", "demo") {
+    let telemetry = match telemetry::init(
+        &cfg.telemetry,
+        "stormd-demo",
+        "demo",
+        telemetry::Spans::Always,
+    ) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("stormd: {e}");
@@ -338,13 +347,11 @@ async fn run_demo(cfg: &Config, peers: usize, file: Option<String>) -> Result<()
         .await?
         {
             let ms = started.elapsed().as_secs_f64() * 1e3;
-            let state = q.records.first().and_then(|r| {
-                r.columns
-                    .iter()
-                    .position(|c| c == "state")
-                    .and_then(|i| r.values.get(i))
-                    .cloned()
-            });
+            let state = q
+                .records
+                .first()
+                .and_then(|r| r.get("state"))
+                .map(str::to_string);
             println!(
                 "event {key}: {} ({}) path {} in {ms:.2} ms",
                 if q.found { "found" } else { "NOT FOUND" },

@@ -22,8 +22,8 @@ use crate::record::RecordKey;
 use crate::ring::RingExt;
 use crate::store::{Store, StoredRow, answer_size, batch_budget, make_batches, row_size};
 use crate::wire::{
-    Body, Envelope, ExitReason, FindEvent, FindResult, PeerId, PeerReport, RejectReason, Rejoin,
-    RingView, Routing, StoreBatch, TraceContext, WireRow,
+    Body, Envelope, ExitReason, FindEvent, FindResult, PeerId, PeerReport, RecordOut, RejectReason,
+    Rejoin, RingView, Routing, StoreBatch, TraceContext, WireRow,
 };
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
@@ -953,11 +953,7 @@ impl Peer {
         let mut truncated = false;
         let budget = self.cfg.max_datagram.saturating_sub(1024);
         while !records.is_empty()
-            && records
-                .iter()
-                .map(|r| crate::store::values_size(&r.values) * 2)
-                .sum::<usize>()
-                > budget
+            && records.iter().map(RecordOut::encoded_size).sum::<usize>() > budget
         {
             records.pop();
             truncated = true;

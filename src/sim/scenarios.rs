@@ -160,12 +160,16 @@ pub(super) fn assert_all_found(sim: &mut Sim) {
     for (key, rows) in &expected {
         let q = query(sim, *key, None);
         assert!(q.found, "{key} not found; path {:?}", q.path);
-        let mut got: Vec<Vec<String>> = q.records.iter().map(|r| r.values.clone()).collect();
+        let mut got: Vec<Vec<String>> = q.records.iter().map(|r| r.values.values()).collect();
         got.sort();
         let mut want = rows.clone();
         want.sort();
         assert_eq!(got, want, "{key}");
-        assert!(q.records.iter().all(|r| r.columns == data.columns));
+        assert!(q.records.iter().all(|r| {
+            r.columns
+                .fields()
+                .eq(data.columns.iter().map(String::as_str))
+        }));
     }
     assert_replicated(sim);
 }
