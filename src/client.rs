@@ -8,8 +8,8 @@ use crate::link::{Accepted, Link, Outcome, RetryPolicy, Time, Transmit};
 use crate::record::{Dataset, RecordKey};
 use crate::ring::{PointIndex, RingExt};
 use crate::wire::{
-    Body, ClientRequest, Envelope, FindEvent, FindResult, HopOut, QueryOutcome, RejectReason,
-    ReplyBody, RequestError, RingView, Routing, TraceContext,
+    Body, ClientRequest, Envelope, FindEvent, FindResult, QueryOutcome, RejectReason, ReplyBody,
+    RequestError, RingView, Routing, TraceContext,
 };
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -462,28 +462,13 @@ impl ClientCore {
             _ => None,
         };
         let member = |id| view.and_then(|v| v.member(id));
-        let name_of = |id| member(id).map_or_else(|| id.to_string(), |m| m.name.clone());
-        let sent_us = self.clock_origin_us + lookup.sent_at.as_micros() as u64;
-        let hops = result
-            .hops
-            .iter()
-            .map(|h| HopOut {
-                peer: h.peer,
-                name: name_of(h.peer),
-                addr: member(h.peer).map(|m| m.addr),
-                at_us: h.at_us.saturating_sub(sent_us),
-            })
-            .collect();
-        let outcome = QueryOutcome {
-            key: result.key,
-            found: result.found,
-            records: result.records,
-            path_names: result.path.iter().map(|id| name_of(*id)).collect(),
-            path: result.path,
-            truncated: result.truncated,
-            ring_micros: now.saturating_sub(lookup.sent_at).as_micros() as u64,
-            hops,
-        };
+        let outcome = QueryOutcome::from_result(
+            result,
+            self.clock_origin_us + lookup.sent_at.as_micros() as u64,
+            now.saturating_sub(lookup.sent_at).as_micros() as u64,
+            |id| member(id).map_or_else(|| id.to_string(), |m| m.name.clone()),
+            |id| member(id).map(|m| m.addr),
+        );
         self.results
             .push_back((lookup.index, Ok(ReplyBody::Query(outcome))));
     }

@@ -580,6 +580,40 @@ pub struct QueryOutcome {
     pub hops: Vec<HopOut>,
 }
 
+impl QueryOutcome {
+    /// What a client is told of `result`: a query sent at `sent_us` (on the wall clock, as the
+    /// peers stamp their hops) and answered `ring_micros` later; the peers on its path named
+    /// by `name_of` and placed by `addr_of`.
+    pub fn from_result(
+        result: FindResult,
+        sent_us: u64,
+        ring_micros: u64,
+        name_of: impl Fn(PeerId) -> String,
+        addr_of: impl Fn(PeerId) -> Option<SocketAddr>,
+    ) -> QueryOutcome {
+        let hops = result
+            .hops
+            .iter()
+            .map(|h| HopOut {
+                peer: h.peer,
+                name: name_of(h.peer),
+                addr: addr_of(h.peer),
+                at_us: h.at_us.saturating_sub(sent_us),
+            })
+            .collect();
+        QueryOutcome {
+            key: result.key,
+            found: result.found,
+            records: result.records,
+            path_names: result.path.iter().map(|id| name_of(*id)).collect(),
+            path: result.path,
+            truncated: result.truncated,
+            ring_micros,
+            hops,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerReport {
     pub records: u64,

@@ -6,7 +6,7 @@ use crate::link::Time;
 use crate::record::RecordKey;
 use crate::ring::RingExt;
 use crate::wire::{
-    Body, FindEvent, FindResult, HopOut, PeerId, QueryOutcome, ReplyBody, RequestError, Routing,
+    Body, FindEvent, FindResult, PeerId, QueryOutcome, ReplyBody, RequestError, Routing,
 };
 use std::net::SocketAddr;
 
@@ -138,45 +138,35 @@ impl Manager {
     }
 
     pub(super) fn on_found(&mut self, now: Time, result: FindResult) {
+        // An answer about another key is no answer to this query.
+        if self
+            .queries
+            .get(&result.query)
+            .is_none_or(|q| q.key != result.key)
+        {
+            return;
+        }
         let Some(q) = self.queries.remove(&result.query) else {
             return;
         };
-        let path_names = result
-            .path
-            .iter()
-            .map(|id| self.registry.name_of(*id))
-            .collect();
         self.events.push(ManagerEvent::QueryDone {
             query: result.query,
             found: result.found,
             path: result.path.clone(),
         });
         // The walk on this manager's clock: hop stamps come from the peers' wall clocks.
-        let sent_us = self.cfg.clock_origin_us + q.sent.as_micros() as u64;
-        let hops = result
-            .hops
-            .iter()
-            .map(|h| HopOut {
-                peer: h.peer,
-                name: self.registry.name_of(h.peer),
-                addr: self
-                    .ring
+        let outcome = QueryOutcome::from_result(
+            result,
+            self.cfg.clock_origin_us + q.sent.as_micros() as u64,
+            now.saturating_sub(q.sent).as_micros() as u64,
+            |id| self.registry.name_of(id),
+            |id| {
+                self.ring
                     .as_ref()
-                    .and_then(|r| r.member(h.peer))
-                    .map(|m| m.addr),
-                at_us: h.at_us.saturating_sub(sent_us),
-            })
-            .collect();
-        let outcome = QueryOutcome {
-            key: q.key,
-            found: result.found,
-            records: result.records,
-            path: result.path,
-            path_names,
-            truncated: result.truncated,
-            ring_micros: now.saturating_sub(q.sent).as_micros() as u64,
-            hops,
-        };
+                    .and_then(|r| r.member(id))
+                    .map(|m| m.addr)
+            },
+        );
         self.reply(now, &q.call, Ok(ReplyBody::Query(outcome)));
     }
 }
@@ -222,6 +212,21 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_result_about_another_key_answers_nothing() {
+        let mut kit = Kit::with_ring(3);
+        kit.wrong_key.insert("p0".into());
+        let seq = kit.request(query(42, Some("p0")));
+        assert!(
+            !kit.replies.contains_key(&seq),
+            "answered with another key's result: {:?}",
+            kit.replies
+        );
+        kit.wrong_key.clear();
+        let seq = kit.request(query(42, Some("p0")));
+        assert!(matches!(kit.reply(seq), Ok(ReplyBody::Query(q)) if q.key == RecordKey::Event(42)));
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct Kit {
     pub silent: BTreeSet<String>,
     /// Peers that refuse store batches.
     pub refusing: BTreeSet<String>,
+    /// Peers that answer a query with a result about another key (a bug, or a forgery).
+    pub wrong_key: BTreeSet<String>,
 }
 
 fn addr(port: u16) -> SocketAddr {
@@ -103,6 +105,7 @@ impl Kit {
             events: Vec::new(),
             silent: BTreeSet::new(),
             refusing: BTreeSet::new(),
+            wrong_key: BTreeSet::new(),
         }
     }
 
@@ -316,9 +319,14 @@ impl Kit {
             Body::Find(mut find) => {
                 let p = &self.peers[i];
                 find.path.extend(p.id);
+                let key = if self.wrong_key.contains(&p.name) {
+                    RecordKey::Event(find.key.as_u64().wrapping_add(1))
+                } else {
+                    find.key
+                };
                 Some(Body::Found(FindResult {
                     query: find.query,
-                    key: find.key,
+                    key,
                     found: p.keys.contains(&find.key),
                     records: Vec::new(),
                     path: find.path,
