@@ -51,6 +51,23 @@ fn far_query(cluster: &Cluster, keys: &[&str], peers: &[String], hops: usize) ->
     panic!("no key found {hops} hops away");
 }
 
+/// The spans of one trace.
+fn trace_of(spans: &[SpanRecord], trace_id: &str) -> Vec<SpanRecord> {
+    spans
+        .iter()
+        .filter(|s| s.trace_id == trace_id)
+        .cloned()
+        .collect()
+}
+
+/// The trace's root: stormctl's span.
+fn root_of(trace: &[SpanRecord]) -> &SpanRecord {
+    trace
+        .iter()
+        .find(|s| s.service == "stormctl")
+        .unwrap_or_else(|| panic!("no stormctl span: {trace:#?}"))
+}
+
 fn hop_spans(spans: &[SpanRecord]) -> Vec<SpanRecord> {
     let mut hops: Vec<SpanRecord> = spans
         .iter()
@@ -153,17 +170,10 @@ fn a_query_is_one_trace_with_one_span_per_hop() {
             && n(&missing_trace) > missing_path
             && n(&relayed_trace) >= relayed_path + 2
     });
-    let trace: Vec<SpanRecord> = spans
-        .iter()
-        .filter(|s| s.trace_id == trace_id)
-        .cloned()
-        .collect();
+    let trace = trace_of(&spans, &trace_id);
 
     // stormctl's root, then the hops: the query went straight to the entry peer.
-    let root = trace
-        .iter()
-        .find(|s| s.service == "stormctl")
-        .unwrap_or_else(|| panic!("no stormctl span: {trace:#?}"));
+    let root = root_of(&trace);
     assert!(
         root.parent_span_id.is_empty() || root.parent_span_id == "0000000000000000",
         "{root:?}"
@@ -221,15 +231,8 @@ fn a_query_is_one_trace_with_one_span_per_hop() {
     );
 
     // Through the manager: stormctl → manager → hop 0 → … in one trace.
-    let relayed: Vec<SpanRecord> = spans
-        .iter()
-        .filter(|s| s.trace_id == relayed_trace)
-        .cloned()
-        .collect();
-    let root = relayed
-        .iter()
-        .find(|s| s.service == "stormctl")
-        .unwrap_or_else(|| panic!("no stormctl span: {relayed:#?}"));
+    let relayed = trace_of(&spans, &relayed_trace);
+    let root = root_of(&relayed);
     let manager = relayed
         .iter()
         .find(|s| s.service == "stormd-manager")
@@ -241,11 +244,7 @@ fn a_query_is_one_trace_with_one_span_per_hop() {
     assert_eq!(hops[0].parent_span_id, manager.span_id);
 
     // The absent id: the last hop says not found.
-    let missing: Vec<SpanRecord> = spans
-        .iter()
-        .filter(|s| s.trace_id == missing_trace)
-        .cloned()
-        .collect();
+    let missing = trace_of(&spans, &missing_trace);
     let hops = hop_spans(&missing);
     assert_eq!(hops.len(), missing_path);
     assert_eq!(hops.last().and_then(|h| h.attr("found")), Some("false"));
@@ -421,15 +420,8 @@ fn a_peer_that_exports_nothing_leaves_a_gap_not_a_broken_trace() {
         spans.iter().all(|s| s.attr("peer.name") != Some("silent")),
         "the silent peer exported a span"
     );
-    let trace: Vec<SpanRecord> = spans
-        .iter()
-        .filter(|s| s.trace_id == trace_id)
-        .cloned()
-        .collect();
-    let root = trace
-        .iter()
-        .find(|s| s.service == "stormctl")
-        .expect("stormctl's span");
+    let trace = trace_of(&spans, &trace_id);
+    let root = root_of(&trace);
     let hops = hop_spans(&trace);
     let exporting: Vec<u64> = path.iter().copied().filter(|&id| id != silent_id).collect();
     assert_eq!(
