@@ -196,3 +196,92 @@ fn a_dead_entry_peer_costs_a_retry_not_an_answer() {
         sim.now() - started
     );
 }
+
+/// Keys with more rows than one datagram holds: a lookup's answer carries as many as fit,
+/// each exact, and says it was cut; a multi-get's answers are cut into datagrams that fit, and
+/// every other key of the same verify is exact.
+#[test]
+fn answers_too_large_for_a_datagram_are_cut_to_fit() {
+    let mut sim = cluster_with(150, Faults::none(), 4, Routing::Fingers, 4);
+    setup_and_distribute(&mut sim);
+    // 100 keys of one row, and 3 keys of 100 rows of about 130 bytes each: 13 KB, over the
+    // simulated peers' 8,000-byte datagrams.
+    let heavy: Vec<RecordKey> = (0..3).map(|i| RecordKey::Event(9_000_000 + i)).collect();
+    let mut rows = Vec::new();
+    for (i, key) in heavy.iter().enumerate() {
+        for r in 0..100 {
+            rows.push(crate::record::Row {
+                line: rows.len() as u64 + 2,
+                key: *key,
+                values: vec![
+                    key.to_string(),
+                    format!("HEAVY{i}"),
+                    "Flood".into(),
+                    format!("{r:03}{}", "x".repeat(120)),
+                ],
+            });
+        }
+    }
+    for i in 0..100u64 {
+        let id = 9_100_000 + i;
+        rows.push(crate::record::Row {
+            line: rows.len() as u64 + 2,
+            key: RecordKey::Event(id),
+            values: vec![id.to_string(), "LIGHT".into(), "Hail".into(), "0".into()],
+        });
+    }
+    let mut data = sim.file("default.csv");
+    data.rows = rows;
+    data.fallback_keys = 0;
+    let all: Vec<Vec<String>> = data.rows.iter().map(|r| r.values.clone()).collect();
+    sim.add_file("heavy.csv", data);
+    let stored = sim.request(ClientRequest::Distribute {
+        path: Some("heavy.csv".into()),
+    });
+    assert!(
+        matches!(&stored, Ok(ReplyBody::Distribute(d)) if d.stored == 400),
+        "{stored:?}"
+    );
+    sim.set_direct_queries(true);
+    sim.set_owner_entry(true);
+
+    let largest = Rc::new(Cell::new(0usize));
+    let seen = largest.clone();
+    let rule = sim.net.drop_where(move |d| {
+        if let Ok(env) = crate::wire::Envelope::decode(&d.bytes)
+            && matches!(env.body, Body::Answer(_) | Body::Answers(_))
+        {
+            seen.set(seen.get().max(d.bytes.len()));
+        }
+        false
+    });
+    for key in &heavy {
+        let q = query(&mut sim, *key, None);
+        assert!(q.found && q.truncated, "{key}: {q:?}");
+        assert!(
+            (1..100).contains(&q.records.len()),
+            "{key}: {} rows",
+            q.records.len()
+        );
+        let mut got: Vec<Vec<String>> = q.records.iter().map(|r| r.values.values()).collect();
+        assert!(
+            got.iter().all(|v| all.contains(v)),
+            "{key}: a row not stored"
+        );
+        got.sort();
+        got.dedup();
+        assert_eq!(got.len(), q.records.len(), "{key}: a row twice");
+    }
+    let report = sim.verify("heavy.csv", 128);
+    sim.net.remove_rule(rule);
+    assert_eq!(
+        (report.keys, report.found, report.mismatched, report.missing),
+        (103, 100, 3, 0),
+        "{report:?}"
+    );
+    assert!(
+        largest.get() <= 8_000,
+        "an answer datagram of {} bytes",
+        largest.get()
+    );
+}
