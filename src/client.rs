@@ -12,7 +12,7 @@ use crate::wire::{
     RequestError, RingView, Routing, TraceContext,
 };
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::UdpSocket;
@@ -125,7 +125,7 @@ pub struct ClientCore {
     /// What the manager said of requests under way: (index, done, total).
     progress: VecDeque<(usize, u64, u64)>,
     ring: RingState,
-    lookups: HashMap<u64, Lookup>,
+    lookups: BTreeMap<u64, Lookup>,
     next_lookup: u64,
     next_entry: usize,
     /// Wall-clock µs at `Time` zero: peers stamp hops with their wall clocks.
@@ -144,6 +144,11 @@ pub struct ClientCore {
     /// (without this, every `poll_transmit` grouped every held lookup again).
     outgoing_changed: bool,
     lookups_at_flush: usize,
+    /// Peers a lookup was sent to that did not answer it, until they are heard from again:
+    /// retries and owner entries go elsewhere (any member can forward), so a peer that left
+    /// or died costs one retry delay, not one per retry that happens to pick it again while
+    /// the client's view is too young to be fetched anew.
+    silent: HashSet<SocketAddr>,
 }
 
 struct InFlight {
@@ -178,7 +183,7 @@ impl ClientCore {
             results: VecDeque::new(),
             progress: VecDeque::new(),
             ring: RingState::Off,
-            lookups: HashMap::new(),
+            lookups: BTreeMap::new(),
             next_lookup: 1,
             next_entry: 0,
             clock_origin_us: 0,
@@ -188,6 +193,7 @@ impl ClientCore {
             outgoing: Vec::new(),
             outgoing_changed: false,
             lookups_at_flush: 0,
+            silent: HashSet::new(),
         }
     }
 
@@ -330,18 +336,31 @@ impl ClientCore {
             return;
         };
         let members = &view.members;
+        let silent = &self.silent;
         let entry = match &lookup.via {
             Some(v) => members
                 .iter()
                 .find(|m| &m.name == v || m.id.to_string() == *v),
             // The owner by the client's view: usually no hop at all. A retry enters elsewhere.
-            None if self.owner_entry && lookup.attempts == 0 => index
-                .owner_of(view, lookup.key)
-                .or_else(|| members.get(self.next_entry % members.len().max(1))),
-            None => {
-                self.next_entry = self.next_entry.wrapping_add(1);
-                members.get(self.next_entry % members.len().max(1))
-            }
+            None => (self.owner_entry && lookup.attempts == 0)
+                .then(|| index.owner_of(view, lookup.key))
+                .flatten()
+                .filter(|m| !silent.contains(&m.addr))
+                .or_else(|| {
+                    // The next member round the ring that has not gone silent (any, if all have).
+                    let n = members.len().max(1);
+                    let first = self.next_entry.wrapping_add(1);
+                    let pick = (0..n)
+                        .map(|i| first.wrapping_add(i))
+                        .find(|i| {
+                            members
+                                .get(i % n)
+                                .is_some_and(|m| !silent.contains(&m.addr))
+                        })
+                        .unwrap_or(first);
+                    self.next_entry = pick;
+                    members.get(pick % n)
+                }),
         };
         let Some(entry) = entry else {
             let error = match &lookup.via {
@@ -521,6 +540,14 @@ impl ClientCore {
         if !due.is_empty() {
             self.refresh_ring(now);
         }
+        for query in &due {
+            let sent = !self.outgoing.iter().any(|(_, f, _)| f.query == *query);
+            if let Some(l) = self.lookups.get(query)
+                && sent
+            {
+                self.silent.insert(l.entry);
+            }
+        }
         // No peer has ever answered this client, and a lookup went unanswered twice: the
         // peers' addresses are likely not reachable from here (a client outside the cluster's
         // network, which reaches only the manager's published port). Everything goes through
@@ -531,7 +558,7 @@ impl ClientCore {
                 .any(|q| self.lookups.get(q).is_some_and(|l| l.attempts >= 2));
         if unreachable {
             self.ring = RingState::Unavailable;
-            let pending: Vec<Lookup> = self.lookups.drain().map(|(_, l)| l).collect();
+            let pending: Vec<Lookup> = std::mem::take(&mut self.lookups).into_values().collect();
             for l in pending {
                 let req = ClientRequest::Query {
                     key: l.key,
@@ -599,6 +626,9 @@ impl ClientCore {
     }
 
     pub fn handle(&mut self, now: Time, from: SocketAddr, env: Envelope) {
+        if !self.silent.is_empty() {
+            self.silent.remove(&from);
+        }
         if self.link.accept(now, from, &env) == Accepted::New {
             match env.body {
                 Body::Reply(reply) if self.is_ring_request(reply.to) => {

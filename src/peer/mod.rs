@@ -30,6 +30,9 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// Sends of a query hop (the first included) before the next member is tried instead.
+const FORWARD_ATTEMPTS: u32 = 3;
+
 #[derive(Debug, Clone)]
 pub struct PeerConfig {
     pub name: String,
@@ -60,10 +63,11 @@ pub enum PeerTag {
     LeaveRequest,
     /// A message to the manager whose loss needs no special handling beyond logging.
     ToManager(ManagerMessage),
-    /// A query passed to the next peer; `skipped` counts dead neighbours already routed around.
+    /// A query passed to the next peer `to`, after the members in `failed` had not taken it.
     Forward {
         find: FindEvent,
-        skipped: usize,
+        to: SocketAddr,
+        failed: Vec<SocketAddr>,
     },
     HandOff {
         batch: u64,
@@ -155,6 +159,10 @@ pub struct Peer {
     dropping: HashMap<RecordKey, Dropping>,
     next_batch: u64,
     handoff_retry_at: Option<Time>,
+    /// Members that did not acknowledge a query hop (or refused to walk it), until they are
+    /// heard from again: queries are routed around them (each would wait out the same
+    /// timeout) while the failure detector makes up its mind.
+    unresponsive: HashSet<SocketAddr>,
     /// Recent store acks, (sender, seq) → new rows, to repeat them exactly for duplicates.
     store_acks: VecDeque<((u64, u64), u32)>,
     done_reported: Option<u64>,
@@ -193,6 +201,7 @@ impl Peer {
             dropping: HashMap::new(),
             next_batch: 1,
             handoff_retry_at: None,
+            unresponsive: HashSet::new(),
             store_acks: VecDeque::new(),
             done_reported: None,
             handed_this_epoch: 0,
@@ -287,6 +296,9 @@ impl Peer {
         env: Envelope,
         trace: Option<TraceContext>,
     ) {
+        if !self.unresponsive.is_empty() {
+            self.unresponsive.remove(&from);
+        }
         if self.exited {
             // Gone, but a repeat of something already handled (the Exit whose ack was lost)
             // is acknowledged again. Nothing new is accepted.
@@ -550,6 +562,9 @@ impl Peer {
         });
         self.points = (view.placement == crate::wire::Placement::Consistent)
             .then(|| crate::ring::PointIndex::new(&view));
+        // Members gone from the ring need no avoiding (and their addresses may be reused).
+        self.unresponsive
+            .retain(|addr| view.members.iter().any(|m| m.addr == *addr));
         self.ring = Some(view);
         self.rebalance(now, trace);
         if self.leave_once_in_ring && self.in_ring() {
@@ -868,14 +883,18 @@ impl Peer {
         if (ring.settled && all_asked) || visited.len() >= n || find.path.len() >= 2 * n {
             return self.answer(now, find, false, trace, hop);
         }
-        self.forward(now, find, 0, trace, hop);
+        self.forward(now, find, Vec::new(), trace, hop);
     }
 
+    /// Passes `find` on: by a finger towards its owner, else to the next member; around
+    /// `failed` (the members this peer sent it to in vain) and, in its first round, around
+    /// every member that has not acknowledged a query lately. Once every other member has
+    /// failed it, the walk ends here: nobody else can be reached.
     fn forward(
         &mut self,
         now: Time,
         find: FindEvent,
-        skipped: usize,
+        failed: Vec<SocketAddr>,
         trace: Option<TraceContext>,
         hop: u32,
     ) {
@@ -884,22 +903,40 @@ impl Peer {
             return self.answer(now, find, false, trace, hop);
         };
         let next = self.ring.as_ref().and_then(|ring| {
-            // Fingers until the owner; from it (its replicas follow it), and around a member
-            // that did not acknowledge, the walk.
+            // Unresponsive members only in the walk's first round: one wrongly taken for
+            // unresponsive (its acks lost) may hold the key's only live copy, and the second
+            // round must ask it whatever this peer thinks of it.
+            let first_round = find.path.len() < ring.members.len();
+            let avoid = |addr: &SocketAddr| {
+                failed.contains(addr) || (first_round && self.unresponsive.contains(addr))
+            };
+            if failed.len() + 1 >= ring.members.len() {
+                return None;
+            }
+            // Fingers until the owner; from it (its replicas follow it), the walk.
             if find.routing == Routing::Fingers
-                && skipped == 0
                 && let Some(f) = match self.bound_points(ring) {
                     Some(points) => points.finger_hop(ring, me, find.key),
                     None => ring.finger_hop(me, find.key),
                 }
                 && !find.path.contains(&f.id)
+                && !avoid(&f.addr)
             {
                 return Some((f.id, f.addr));
             }
-            let mut at = me;
-            // Route around `skipped` neighbours that did not acknowledge.
-            for _ in 0..=skipped {
+            // The next member round the ring that is not avoided (the next one, if all are).
+            let next = ring.next_of(me)?.id;
+            let mut at = next;
+            let mut passed = 0;
+            while at != me
+                && passed < ring.members.len()
+                && ring.member(at).is_some_and(|m| avoid(&m.addr))
+            {
                 at = ring.next_of(at)?.id;
+                passed += 1;
+            }
+            if at == me || passed == ring.members.len() {
+                at = next;
             }
             (at != me)
                 .then(|| ring.member(at))
@@ -918,12 +955,30 @@ impl Peer {
             sent_to: next_addr,
         }));
         let body = Body::Find(find.clone());
-        self.send(
+        // A hop not acknowledged after two retransmissions is routed around: a query is a read
+        // that the next member can carry on, and waiting out every retransmission (11 s with
+        // the defaults) held the queries of a dead peer's keys until it was declared dead.
+        // Routing around a live peer that was only slow costs hops, never an answer.
+        let policy = RetryPolicy {
+            attempts: Some(
+                self.cfg
+                    .retry
+                    .attempts
+                    .map_or(FORWARD_ATTEMPTS, |a| a.min(FORWARD_ATTEMPTS)),
+            ),
+            ..self.cfg.retry
+        };
+        self.send_with(
             now,
             next_addr,
             body,
             trace,
-            PeerTag::Forward { find, skipped },
+            PeerTag::Forward {
+                find,
+                to: next_addr,
+                failed,
+            },
+            policy,
         );
     }
 
@@ -1032,16 +1087,23 @@ impl Peer {
                 }
                 Outcome::Acked { .. } => {}
                 Outcome::Rejected {
-                    tag: PeerTag::Forward { find, skipped },
+                    tag:
+                        PeerTag::Forward {
+                            find,
+                            to,
+                            mut failed,
+                        },
                     reason,
                 } => {
+                    self.unresponsive.insert(to);
                     // The next peer cannot walk (not in the ring yet): route around it.
                     let hop = find.path.len().saturating_sub(1) as u32;
                     self.events.push(PeerEvent::Warning(format!(
                         "next peer refused query {}: {reason}; routing around it",
                         find.query
                     )));
-                    self.forward(now, find, skipped + 1, None, hop);
+                    failed.push(to);
+                    self.forward(now, find, failed, None, hop);
                 }
                 Outcome::Rejected { tag, reason } => {
                     if let PeerTag::HandOff { batch } = tag {
@@ -1070,13 +1132,17 @@ impl Peer {
                         )));
                         self.fail_batch(now, batch);
                     }
-                    PeerTag::Forward { find, skipped } => {
+                    PeerTag::Forward {
+                        find, mut failed, ..
+                    } => {
                         let hop = find.path.len().saturating_sub(1) as u32;
+                        self.unresponsive.insert(dest);
                         self.events.push(PeerEvent::Warning(format!(
                             "next peer {dest} did not acknowledge query {}; routing around it",
                             find.query
                         )));
-                        self.forward(now, find, skipped + 1, None, hop);
+                        failed.push(dest);
+                        self.forward(now, find, failed, None, hop);
                     }
                     PeerTag::LeaveRequest => {
                         let held = self.store.row_count();

@@ -285,3 +285,38 @@ fn answers_too_large_for_a_datagram_are_cut_to_fit() {
         largest.get()
     );
 }
+
+/// A peer that dies just after the client fetched its view (too young to be fetched again at
+/// once) costs a verify about one retry delay, long before the peer is declared dead: the
+/// retries of the lookups it did not answer enter at other members, and the peers that
+/// forward them route around it after a few retransmissions, and then around it at once.
+/// Entering round the ring too (fingers jump straight at the dead peer), every key is found:
+/// routing around a dead finger goes on from the next member, never past an untried one.
+#[test]
+fn a_peer_dead_under_a_young_view_costs_one_retry_delay() {
+    for routing in [Routing::Fingers, Routing::Walk] {
+        for seed in 160..163 {
+            let mut sim = cluster_with(seed, Faults::none(), 6, routing, 4);
+            setup_and_distribute(&mut sim);
+            sim.set_direct_queries(true);
+            sim.set_owner_entry(true);
+            let first = sim.file("default.csv").rows[0].key;
+            assert!(query(&mut sim, first, None).found);
+            sim.crash("peer-2");
+            let started = sim.now();
+            let report = sim.verify("default.csv", 128);
+            let took = sim.now() - started;
+            assert!(report.ok(), "{routing:?} seed {seed}: {report:?}");
+            assert!(
+                took < Duration::from_millis(700),
+                "{routing:?} seed {seed}: the verify took {took:?}"
+            );
+            sim.set_owner_entry(false);
+            let report = sim.verify("default.csv", 128);
+            assert!(
+                report.ok(),
+                "{routing:?} seed {seed}, round the ring: {report:?}"
+            );
+        }
+    }
+}
