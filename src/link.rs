@@ -41,6 +41,14 @@ impl RetryPolicy {
         }
     }
 
+    /// The same backoff, giving up after at most `attempts`.
+    pub fn at_most(self, attempts: u32) -> Self {
+        RetryPolicy {
+            attempts: Some(self.attempts.map_or(attempts, |a| a.min(attempts))),
+            ..self
+        }
+    }
+
     fn delay(&self, attempt: u32) -> Duration {
         let factor = 1u32 << attempt.saturating_sub(1).min(16);
         self.initial.saturating_mul(factor).min(self.max)
@@ -400,6 +408,19 @@ mod tests {
 
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn at_most_caps_the_attempts_and_keeps_the_backoff() {
+        let p = RetryPolicy::default();
+        assert_eq!(p.at_most(3).attempts, Some(3));
+        assert_eq!(p.at_most(3).initial, p.initial);
+        assert_eq!(p.forever().at_most(3).attempts, Some(3));
+        let two = RetryPolicy {
+            attempts: Some(2),
+            ..p
+        };
+        assert_eq!(two.at_most(3).attempts, Some(2));
     }
 
     fn ms(n: u64) -> Time {

@@ -925,23 +925,13 @@ impl Peer {
                 return Some((f.id, f.addr));
             }
             // The next member round the ring that is not avoided (the next one, if all are).
-            let next = ring.next_of(me)?.id;
-            let mut at = next;
-            let mut passed = 0;
-            while at != me
-                && passed < ring.members.len()
-                && ring.member(at).is_some_and(|m| avoid(&m.addr))
-            {
-                at = ring.next_of(at)?.id;
-                passed += 1;
-            }
-            if at == me || passed == ring.members.len() {
-                at = next;
-            }
-            (at != me)
-                .then(|| ring.member(at))
-                .flatten()
-                .map(|m| (m.id, m.addr))
+            let next = ring.next_of(me)?;
+            let at = std::iter::successors(Some(next), |m| ring.next_of(m.id))
+                .take(ring.members.len())
+                .take_while(|m| m.id != me)
+                .find(|m| !avoid(&m.addr))
+                .unwrap_or(next);
+            (at.id != me).then_some((at.id, at.addr))
         });
         let Some((next_id, next_addr)) = next else {
             return self.answer(now, find, false, trace, hop);
@@ -959,15 +949,7 @@ impl Peer {
         // that the next member can carry on, and waiting out every retransmission (11 s with
         // the defaults) held the queries of a dead peer's keys until it was declared dead.
         // Routing around a live peer that was only slow costs hops, never an answer.
-        let policy = RetryPolicy {
-            attempts: Some(
-                self.cfg
-                    .retry
-                    .attempts
-                    .map_or(FORWARD_ATTEMPTS, |a| a.min(FORWARD_ATTEMPTS)),
-            ),
-            ..self.cfg.retry
-        };
+        let policy = self.cfg.retry.at_most(FORWARD_ATTEMPTS);
         self.send_with(
             now,
             next_addr,
