@@ -466,11 +466,21 @@ impl ClientCore {
     }
 
     fn on_answer(&mut self, now: Time, result: FindResult) {
-        if self
+        let Some(lookup) = self
             .lookups
             .get(&result.query)
-            .is_none_or(|l| l.key != result.key)
-        {
+            .filter(|l| l.key == result.key)
+        else {
+            return;
+        };
+        // A walk that could not ask every holder: not a miss. Asked again (entering
+        // elsewhere) until the lookup's time is up, as if the answer had been lost.
+        if result.unreached && !result.found {
+            if now >= lookup.started + self.reply_timeout {
+                self.give_up_lookup(now, result.query);
+            } else {
+                self.send_lookup(now, result.query);
+            }
             return;
         }
         let Some(lookup) = self.lookups.remove(&result.query) else {
@@ -1218,6 +1228,7 @@ mod tests {
                 path,
                 truncated: false,
                 hops: Vec::new(),
+                unreached: false,
             }),
         )
     }
@@ -1311,6 +1322,7 @@ mod tests {
                 path: vec![1],
                 truncated: false,
                 hops: Vec::new(),
+                unreached: false,
             })
             .collect();
         let answers = Envelope::new(7, UNSEQUENCED, None, Body::Answers(results));

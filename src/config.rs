@@ -73,6 +73,10 @@ pub struct Config {
     pub routing: Routing,
     /// Tokens per peer on the hash ring (virtual nodes, 1..=256; manager).
     pub vnodes: u32,
+    /// Place tokens where the rows are (manager): the first distribute onto a fresh ring
+    /// counts the file's keys first and cuts the ring into equal numbers of rows, and joins
+    /// and leaves weigh shares by the rows distributed. Off: by key space alone.
+    pub balance_by_data: bool,
     /// Largest datagram sent, in bytes (batches are cut to fit).
     pub max_datagram: usize,
     /// Store batches in flight per peer.
@@ -146,6 +150,7 @@ impl Default for Config {
             placement: Placement::Consistent,
             routing: Routing::Walk,
             vnodes: 1,
+            balance_by_data: true,
             max_datagram: 60_000,
             window: 8,
             socket_buffer: 4 << 20,
@@ -394,6 +399,7 @@ impl Config {
             placement: self.placement,
             routing: self.routing,
             vnodes: self.vnodes,
+            balance_by_data: self.balance_by_data,
             query_timeout: Duration::from_millis(self.query_timeout_ms),
             probe_timeout: Duration::from_millis(self.probe_timeout_ms),
             default_data: (!self.data.is_empty()).then(|| self.data.clone()),

@@ -30,6 +30,7 @@ pub mod driver;
 pub mod link;
 pub mod machine;
 pub mod manager;
+pub mod measure;
 pub mod peer;
 pub mod record;
 pub mod report;

@@ -6,6 +6,7 @@
 //! records move between two peers, never all at once. Members marked `leaving` are still
 //! walked by queries but own nothing.
 
+use crate::measure::Measure;
 use crate::record::RecordKey;
 use crate::wire::{Member, PeerId, Placement, RingView};
 use std::borrow::Cow;
@@ -68,15 +69,36 @@ pub fn evenly_spaced_tokens(n: usize) -> Vec<u64> {
 /// 1/n. Rounds after the first deal in a shuffled (but fixed) order, so that the points after a
 /// member's points belong to many members: its arcs go to many members when it leaves.
 pub fn vnode_tokens(n: usize, vnodes: usize) -> Vec<Vec<u64>> {
-    let all = evenly_spaced_tokens(n * vnodes.max(1));
+    vnode_tokens_by(n, vnodes, &Measure::uniform())
+}
+
+/// As [`vnode_tokens`], the points cutting the ring into arcs of equal weight by `measure`
+/// (equal numbers of rows, by a census of the data), instead of equal length.
+///
+/// Cut by a census, arcs hold a few whole rows each and cannot all weigh the same; each round's
+/// heaviest arcs then go to the members lightest so far, so the rounding does not add up.
+pub fn vnode_tokens_by(n: usize, vnodes: usize, measure: &Measure) -> Vec<Vec<u64>> {
+    let all = measure.equal_cuts(n * vnodes.max(1));
     let mut out = vec![Vec::with_capacity(vnodes.max(1)); n];
+    let mut load = vec![0u128; n];
+    let total = all.len();
     for round in 0..vnodes.max(1) {
         let mut order: Vec<usize> = (0..n).collect();
         if round > 0 {
             order.sort_by_key(|&k| mix64(((round as u64) << 32) | k as u64));
         }
-        for (i, &k) in order.iter().enumerate() {
-            out[k].push(all[round * n + i]);
+        let mut arcs: Vec<usize> = (round * n..(round + 1) * n).collect();
+        if !measure.is_uniform() {
+            let weight = |i: usize| measure.arc(all[(i + total - 1) % total], all[i]);
+            // Stable sorts: ties keep the shuffled order.
+            order.sort_by_key(|&k| load[k]);
+            arcs.sort_by_key(|&i| std::cmp::Reverse(weight(i)));
+            for (&i, &k) in arcs.iter().zip(&order) {
+                load[k] += weight(i);
+            }
+        }
+        for (&i, &k) in arcs.iter().zip(&order) {
+            out[k].push(all[i]);
         }
     }
     out
@@ -89,7 +111,9 @@ pub fn vnode_tokens(n: usize, vnodes: usize) -> Vec<Vec<u64>> {
 /// sequence of leaves. With one token (the classic ring) the successor takes over, as in Chord,
 /// and so it does for a member that died: its rows then exist only on its replicas, and the
 /// repair is simplest from the copies next to it.
-pub fn release_tokens(view: &mut RingView, gone: PeerId) {
+///
+/// Arcs are weighed by `measure`: by length, or by the rows a census of the data puts in them.
+pub fn release_tokens(view: &mut RingView, gone: PeerId, measure: &Measure) {
     if view.placement != Placement::Consistent {
         return;
     }
@@ -104,7 +128,7 @@ pub fn release_tokens(view: &mut RingView, gone: PeerId) {
         .collect();
     points.sort_unstable();
     let n = points.len();
-    let arc = |i: usize| points[i].0.wrapping_sub(points[(i + n - 1) % n].0);
+    let arc = |i: usize| measure.arc(points[(i + n - 1) % n].0, points[i].0);
     let mut load: BTreeMap<PeerId, u128> = owners(view)
         .filter(|m| m.id != gone)
         .map(|m| (m.id, 0))
@@ -112,12 +136,12 @@ pub fn release_tokens(view: &mut RingView, gone: PeerId) {
     if load.is_empty() {
         return;
     }
-    let mut released: Vec<(u64, u64)> = Vec::new();
+    let mut released: Vec<(u128, u64)> = Vec::new();
     for (i, &(token, who)) in points.iter().enumerate() {
         if who == gone {
             released.push((arc(i), token));
         } else if let Some(l) = load.get_mut(&who) {
-            *l += u128::from(arc(i));
+            *l += arc(i);
         }
     }
     // Largest arcs first, each to the lightest member (ties by id): greedy, near even.
@@ -127,7 +151,7 @@ pub fn release_tokens(view: &mut RingView, gone: PeerId) {
         let Some((&to, _)) = load.iter().min_by_key(|(id, l)| (**l, **id)) else {
             break;
         };
-        *load.entry(to).or_default() += u128::from(width);
+        *load.entry(to).or_default() += width;
         given.entry(to).or_default().push(token);
     }
     for m in view.members.iter_mut() {
@@ -140,14 +164,15 @@ pub fn release_tokens(view: &mut RingView, gone: PeerId) {
 /// A token for a member joining a formed ring: the middle of the widest arc, so the joiner takes
 /// half of the most loaded member's share and nobody else's.
 pub fn token_for_joiner(members: &[Member]) -> u64 {
-    tokens_for_joiner(members, 1)[0]
+    tokens_for_joiner(members, 1, &Measure::uniform())[0]
 }
 
 /// `vnodes` tokens for a member joining a formed ring. One token: the middle of the widest arc
 /// (half of the most loaded member's share, nobody else's). Several: each takes about
 /// 1/((n + 1) × vnodes) of the ring from the widest arc of the member most loaded at that
 /// moment, so the joiner ends with about an even share, taken a little from many members.
-pub fn tokens_for_joiner(members: &[Member], vnodes: usize) -> Vec<u64> {
+/// Shares and arcs are weighed by `measure` (by length, or by the rows of a census).
+pub fn tokens_for_joiner(members: &[Member], vnodes: usize, measure: &Measure) -> Vec<u64> {
     let mut points: Vec<(u64, Option<PeerId>)> = members
         .iter()
         .filter(|m| !m.leaving)
@@ -156,19 +181,19 @@ pub fn tokens_for_joiner(members: &[Member], vnodes: usize) -> Vec<u64> {
     points.sort_unstable();
     let owners = members.iter().filter(|m| !m.leaving).count();
     if vnodes <= 1 || points.len() < 2 {
-        let token = widest_middle(&points);
+        let token = widest_middle(&points, measure);
         let step = u64::MAX / vnodes.max(1) as u64;
         return (0..vnodes.max(1) as u64)
             .map(|i| token.wrapping_add(i.wrapping_mul(step)))
             .collect();
     }
-    let target = u64::MAX / ((owners as u64 + 1) * vnodes as u64);
+    let target = measure.total() / ((owners as u128 + 1) * vnodes as u128);
     let mut mine = Vec::with_capacity(vnodes);
     for _ in 0..vnodes {
         // Load per member (the joiner is `None`), then the widest arc of the most loaded.
         let n = points.len();
-        let arc = |i: usize| points[i].0.wrapping_sub(points[(i + n - 1) % n].0);
-        let mut load: std::collections::HashMap<Option<PeerId>, u64> = Default::default();
+        let arc = |i: usize| measure.arc(points[(i + n - 1) % n].0, points[i].0);
+        let mut load: std::collections::HashMap<Option<PeerId>, u128> = Default::default();
         for (i, (_, who)) in points.iter().enumerate() {
             *load.entry(*who).or_default() += arc(i);
         }
@@ -186,10 +211,14 @@ pub fn tokens_for_joiner(members: &[Member], vnodes: usize) -> Vec<u64> {
         else {
             break;
         };
-        let start = points[(i + n - 1) % n].0;
+        let (start, end) = (points[(i + n - 1) % n].0, points[i].0);
         // The arc's owner keeps an eighth of it: a sliver, never nothing.
         let take = target.min(arc(i) - arc(i) / 8).max(1);
-        let token = start.wrapping_add(take);
+        let mut token = measure.point_after(start, take);
+        if token == start || token == end {
+            // A weight finer than one position: the middle of the arc instead.
+            token = start.wrapping_add(end.wrapping_sub(start) / 2);
+        }
         let at = points.partition_point(|p| p.0 < token);
         points.insert(at, (token, None));
         mine.push(token);
@@ -197,21 +226,22 @@ pub fn tokens_for_joiner(members: &[Member], vnodes: usize) -> Vec<u64> {
     mine
 }
 
-/// The middle of the widest arc between `points` (or a fixed point of an empty ring).
-fn widest_middle(points: &[(u64, Option<PeerId>)]) -> u64 {
+/// The middle of the widest arc between `points` (or a fixed point of an empty ring), both
+/// by `measure`.
+fn widest_middle(points: &[(u64, Option<PeerId>)], measure: &Measure) -> u64 {
     match points.len() {
         0 => u64::MAX / 2,
         1 => points[0].0.wrapping_add(1u64 << 63),
         n => {
-            let mut best = (0u64, 0u64); // (arc length, start)
+            let mut best = (0u128, 0u64); // (arc weight, start)
             for i in 0..n {
                 let start = points[(i + n - 1) % n].0;
-                let len = points[i].0.wrapping_sub(start);
-                if len > best.0 {
-                    best = (len, start);
+                let weight = measure.arc(start, points[i].0);
+                if weight > best.0 {
+                    best = (weight, start);
                 }
             }
-            best.1.wrapping_add(best.0 / 2)
+            measure.point_after(best.1, best.0 / 2)
         }
     }
 }
@@ -824,7 +854,7 @@ mod tests {
     }
 
     fn join(view: &mut RingView, id: PeerId, v: usize) {
-        let t = tokens_for_joiner(&view.members, v);
+        let t = tokens_for_joiner(&view.members, v, &Measure::uniform());
         view.members.push(Member {
             vnodes: t[1..].to_vec(),
             ..member(id, t[0])
@@ -857,7 +887,7 @@ mod tests {
             for step in 0..24 {
                 if step % 2 == 0 {
                     let gone = view.members[step % view.members.len()].id;
-                    release_tokens(&mut view, gone);
+                    release_tokens(&mut view, gone, &Measure::uniform());
                     view.members.retain(|m| m.id != gone);
                 } else {
                     join(&mut view, next_id, v);
@@ -924,7 +954,7 @@ mod tests {
         }
         for gone in [2, 4, 17] {
             let gone = view.members[gone].id;
-            release_tokens(&mut view, gone);
+            release_tokens(&mut view, gone, &Measure::uniform());
             view.members.retain(|m| m.id != gone);
         }
         let churned = max_over_mean(&view);
@@ -935,7 +965,7 @@ mod tests {
         let gone = classic.members[3].id;
         let successor = classic.members[4].id;
         let before = classic.members[4].vnodes.len();
-        release_tokens(&mut classic, gone);
+        release_tokens(&mut classic, gone, &Measure::uniform());
         assert_eq!(classic.members[4].id, successor);
         assert_eq!(classic.members[4].vnodes.len(), before);
     }
@@ -967,7 +997,7 @@ mod tests {
         );
         // A leave: its keys, about 1/(n+1), go to many members.
         let gone = view.members[3].id;
-        release_tokens(&mut view, gone);
+        release_tokens(&mut view, gone, &Measure::uniform());
         view.members.retain(|m| m.id != gone);
         let left = owner_map(&view, keys);
         let moved: Vec<usize> = (0..keys as usize)

@@ -522,6 +522,11 @@ pub struct FindResult {
     pub truncated: bool,
     #[serde(default)]
     pub hops: Vec<HopTiming>,
+    /// Not found, but not every live holder of the key was asked: the walk hit its hop bound
+    /// or could reach no other member (a lossy network, dead peers not yet routed around).
+    /// Not a final miss: the asker tries again.
+    #[serde(default)]
+    pub unreached: bool,
 }
 
 /// A stored row with its column names, as returned by a query: names and values each packed
@@ -1073,6 +1078,7 @@ mod tests {
                 path: vec![3],
                 truncated: false,
                 hops: Vec::new(),
+                unreached: false,
             }),
             Body::LookupRefused {
                 query: 10,
@@ -1104,6 +1110,7 @@ mod tests {
                 path: vec![1, 2],
                 truncated: false,
                 hops: Vec::new(),
+                unreached: false,
             }]),
             Body::Reply(ClientReply {
                 to: 4,

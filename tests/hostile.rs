@@ -136,6 +136,7 @@ fn forged(n: u64) -> Vec<u8> {
             path: vec![1],
             truncated: false,
             hops: Vec::new(),
+            unreached: false,
         }),
         14 => Body::Report {
             probe: n,
@@ -168,6 +169,7 @@ fn forged(n: u64) -> Vec<u8> {
             path: vec![1],
             truncated: false,
             hops: Vec::new(),
+            unreached: false,
         }]),
         // A stranger's multi-get is a client's read: answered to the stranger, nothing changes.
         22 => Body::Lookups(

@@ -207,6 +207,7 @@ fn body() -> impl Strategy<Value = Body> {
             path: vec![1],
             truncated: false,
             hops: Vec::new(),
+            unreached: false,
         })),
     ]
 }
@@ -289,6 +290,7 @@ proptest! {
     fn the_manager_survives_any_message_sequence(steps in prop::collection::vec(step(), 1..60)) {
         let cfg = ManagerConfig {
             vnodes: 1,
+            balance_by_data: true,
             routing: stormdht::wire::Routing::default(),
             retry: retry(),
             max_datagram: 4_000,

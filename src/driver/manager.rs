@@ -5,6 +5,7 @@ use super::{Control, DriveOptions, Shared, Shell, Shutdown, bind_udp, drive, sha
 use crate::config::Config;
 use crate::link::Time;
 use crate::manager::{Manager, ManagerEvent, ManagerInput};
+use crate::measure::KeyCensus;
 use crate::record::{Dataset, LoadError};
 use crate::telemetry::{TARGET, set_remote_parent};
 use crate::wire::{Body, ClientRequest, Envelope};
@@ -32,8 +33,32 @@ pub fn disk_loader() -> LoadFn {
 
 /// What the reading thread hands the shell.
 enum Loaded {
+    Census(Box<KeyCensus>),
     Chunk(Dataset),
     Done(Result<(), LoadError>),
+}
+
+/// Reads the file at `path` with `load`: first whole, counting its keys, when `census` is
+/// asked for; then chunk by chunk into `send` (which returns false to stop).
+fn read_file(load: &LoadFn, path: &str, census: bool, send: &mut dyn FnMut(Loaded) -> bool) {
+    if census {
+        let mut counted = KeyCensus::default();
+        let result = load(path, &mut |chunk| {
+            for row in &chunk.rows {
+                counted.add(row.key);
+            }
+            true
+        });
+        if let Err(e) = result {
+            send(Loaded::Done(Err(e)));
+            return;
+        }
+        if !send(Loaded::Census(Box::new(counted))) {
+            return;
+        }
+    }
+    let result = load(path, &mut |chunk| send(Loaded::Chunk(chunk)));
+    send(Loaded::Done(result));
 }
 
 /// The file a distribute job is reading.
@@ -69,28 +94,24 @@ impl ManagerShell {
         }
     }
 
-    fn load_file(&mut self, job: u64, path: String) {
-        info!(%path, "reading records");
+    fn load_file(&mut self, job: u64, path: String, census: bool) {
+        info!(%path, census, "reading records");
         let load = self.load.clone();
         let rx = if self.blocking {
             // A bounded channel: the thread blocks once a chunk waits, so memory stays bounded.
+            // The receiver is gone only when the job or the loop ended.
             let (tx, rx) = mpsc::channel(1);
             tokio::task::spawn_blocking(move || {
-                let result = load(&path, &mut |chunk| {
-                    tx.blocking_send(Loaded::Chunk(chunk)).is_ok()
-                });
-                // The receiver is gone only when the job or the loop ended.
-                let _ = tx.blocking_send(Loaded::Done(result));
+                read_file(&load, &path, census, &mut |l| tx.blocking_send(l).is_ok());
             });
             rx
         } else {
             // The simulation's files are small and in memory: read them at once.
             let mut chunks = Vec::new();
-            let result = load(&path, &mut |chunk| {
-                chunks.push(Loaded::Chunk(chunk));
+            read_file(&load, &path, census, &mut |l| {
+                chunks.push(l);
                 true
             });
-            chunks.push(Loaded::Done(result));
             let (tx, rx) = mpsc::channel(chunks.len());
             for c in chunks {
                 let _ = tx.try_send(c);
@@ -163,7 +184,7 @@ impl Shell<Manager> for ManagerShell {
 
     fn on_event(&mut self, ev: ManagerEvent) -> Control<()> {
         match ev {
-            ManagerEvent::LoadFile { job, path } => self.load_file(job, path),
+            ManagerEvent::LoadFile { job, path, census } => self.load_file(job, path, census),
             ManagerEvent::WantRows { job } => {
                 if let Some(r) = self.reading.as_mut().filter(|r| r.job == job) {
                     r.wanted = true;
@@ -235,6 +256,8 @@ impl Shell<Manager> for ManagerShell {
         };
         let job = reading.job;
         match reading.rx.recv().await {
+            // The rows follow at once: the manager still wants them.
+            Some(Loaded::Census(census)) => ManagerInput::Census { job, census },
             Some(Loaded::Chunk(chunk)) => {
                 reading.wanted = false;
                 ManagerInput::Rows { job, chunk }

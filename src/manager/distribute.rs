@@ -2,9 +2,10 @@
 //! owner), each batch sent to every replica of its range with a window per peer; a row counts
 //! as stored once every replica acknowledged it.
 
-use super::membership::Change;
+use super::membership::{CENSUS_ROWS_PER_MEMBER, Change};
 use super::{ClientCall, Manager, ManagerEvent, ManagerTag};
 use crate::link::Time;
+use crate::measure::KeyCensus;
 use crate::record::{Dataset, LoadError};
 use crate::ring::{Placer, first_prime_above};
 use crate::store::{batch_budget, make_batches, row_size};
@@ -40,6 +41,12 @@ pub(super) struct DistributeJob {
     pending_rows: u64,
     /// Course placement needs the row count before placing: its chunks wait here.
     held: Option<Dataset>,
+    /// The file's keys were counted before its rows came: they are in the census already.
+    counted: bool,
+    /// The tokens moved to where the file's rows are: the first chunk waits here until every
+    /// member holds the new ring, so that no row is placed by the old one.
+    placing: bool,
+    parked: Option<Dataset>,
     next_unit: u64,
 }
 
@@ -89,9 +96,17 @@ impl Manager {
             asked: true,
             pending_rows: 0,
             held: None,
+            counted: false,
+            placing: false,
+            parked: None,
             next_unit: 0,
         });
-        self.events.push(ManagerEvent::LoadFile { job: id, path });
+        let census = self.may_place_by_data();
+        self.events.push(ManagerEvent::LoadFile {
+            job: id,
+            path,
+            census,
+        });
     }
 
     /// The next chunk of the job's file.
@@ -100,6 +115,14 @@ impl Manager {
             return;
         };
         job.asked = false;
+        if job.placing {
+            // The next chunk is asked for once this one is placed.
+            match &mut job.parked {
+                Some(parked) => parked.absorb(chunk),
+                None => job.parked = Some(chunk),
+            }
+            return;
+        }
         if self.cfg.placement == Placement::Course {
             // The table size depends on the whole file's row count: hold every chunk.
             match &mut job.held {
@@ -110,6 +133,39 @@ impl Manager {
             return self.events.push(ManagerEvent::WantRows { job: job_id });
         }
         self.place_chunk(now, chunk);
+    }
+
+    /// Where the job's keys hash, before its first row: on a ring that holds nothing yet, the
+    /// tokens move to cut it into equal numbers of these rows (a change no row has to follow),
+    /// and the rows wait until every member holds that ring.
+    pub(super) fn on_census(&mut self, now: Time, job_id: u64, census: &KeyCensus) {
+        let Some(job) = self.job.as_mut().filter(|j| j.id == job_id) else {
+            return;
+        };
+        job.counted = true;
+        self.census.merge(census);
+        let members = self.ring.as_ref().map_or(0, |r| r.members.len()) as u64;
+        let place = self.may_place_by_data() && census.total() >= CENSUS_ROWS_PER_MEMBER * members;
+        if place {
+            let trace = self.job.as_mut().and_then(|job| {
+                job.placing = true;
+                job.call.trace.clone()
+            });
+            self.place_by_census(now, trace);
+            // Nothing to wait for if every member already acknowledged (no member at all).
+            self.release_ring_waiters(now);
+        }
+    }
+
+    /// Every member holds the ring placed by the census: the rows may follow.
+    pub(super) fn on_placed_by_data(&mut self, now: Time) {
+        let Some(job) = self.job.as_mut().filter(|j| j.placing) else {
+            return;
+        };
+        job.placing = false;
+        if let Some(chunk) = job.parked.take() {
+            self.place_chunk(now, chunk);
+        }
     }
 
     /// The end of the job's file, or a failure to read it.
@@ -154,6 +210,12 @@ impl Manager {
             return;
         };
         let Some(job) = self.job.as_mut() else { return };
+        self.fresh_ring = false;
+        if !job.counted {
+            for row in &dataset.rows {
+                self.census.add(row.key);
+            }
+        }
         if job.report.format.is_empty() {
             job.report.format = dataset.format.to_string();
         }

@@ -8,7 +8,10 @@
 use super::registry::Standing;
 use super::{ClientCall, Manager, ManagerEvent, ManagerTag, PeerMessage};
 use crate::link::Time;
-use crate::ring::{RingExt, first_prime_above, release_tokens, tokens_for_joiner, vnode_tokens};
+use crate::measure::Measure;
+use crate::ring::{
+    RingExt, first_prime_above, release_tokens, tokens_for_joiner, vnode_tokens, vnode_tokens_by,
+};
 use crate::wire::{
     Body, ExitReason, Member, PeerId, ReplyBody, RequestError, RingView, TraceContext,
 };
@@ -30,6 +33,10 @@ pub(super) enum Change {
     Recover,
 }
 
+/// A census weighs shares only once it has this many rows per member: fewer say little about
+/// where the next rows will hash.
+pub(super) const CENSUS_ROWS_PER_MEMBER: u64 = 64;
+
 pub(super) struct Transition {
     pub(super) epoch: u64,
     pub(super) change: Change,
@@ -46,6 +53,52 @@ pub(super) struct Transition {
 const TRANSITION_NUDGE: Duration = Duration::from_secs(3);
 
 impl Manager {
+    /// How shares are weighed: by the census of the rows distributed, once it has enough rows
+    /// for the ring's members, else by key space.
+    pub(super) fn measure(&self) -> Measure {
+        let members = self.ring.as_ref().map_or(0, |r| r.members.len()) as u64;
+        if self.cfg.balance_by_data
+            && self.census.total() >= CENSUS_ROWS_PER_MEMBER * members.max(1)
+        {
+            Measure::of(&self.census)
+        } else {
+            Measure::uniform()
+        }
+    }
+
+    /// Whether the next distribute's file may place the tokens: a ring formed here that
+    /// nothing was placed on, and no change on the way.
+    pub(super) fn may_place_by_data(&self) -> bool {
+        self.cfg.balance_by_data
+            && self.cfg.placement == crate::wire::Placement::Consistent
+            && self.fresh_ring
+            && self.ring.is_some()
+            && self.transition.is_none()
+            && self.changes.is_empty()
+    }
+
+    /// Moves every member's tokens to cut the ring into equal numbers of the census's rows,
+    /// as a settled view of its own: only ever on a ring that holds nothing yet (see
+    /// [`Manager::may_place_by_data`]), so no row has to follow, and no hand-off round is
+    /// needed (a member that did hold rows would still hand them on, as after any view).
+    pub(super) fn place_by_census(&mut self, now: Time, trace: Option<TraceContext>) {
+        let Some(mut view) = self.ring.clone() else {
+            return;
+        };
+        let mut owners: Vec<&mut Member> = view.members.iter_mut().filter(|m| !m.leaving).collect();
+        owners.sort_by_key(|m| m.id);
+        let vnodes = self.cfg.vnodes as usize;
+        let cuts = vnode_tokens_by(owners.len(), vnodes, &Measure::of(&self.census));
+        for (m, tokens) in owners.into_iter().zip(cuts) {
+            m.token = tokens[0];
+            m.vnodes = tokens[1..].to_vec();
+        }
+        view.members.sort_by_key(|m| (m.token, m.id));
+        view.epoch = self.new_epoch();
+        view.settled = true;
+        self.publish(now, view, trace);
+    }
+
     pub(super) fn new_epoch(&mut self) -> u64 {
         self.last_epoch += 1;
         self.last_epoch
@@ -83,6 +136,7 @@ impl Manager {
             for id in &ids {
                 self.registry.set_standing(*id, Standing::InRing);
             }
+            self.fresh_ring = true;
             let epoch = self.new_epoch();
             let view = RingView {
                 epoch,
@@ -98,10 +152,12 @@ impl Manager {
         // Answer once every member holds the ring, so that the first query after `setup`
         // cannot enter at a peer that does not know it yet.
         self.setups.push(call);
-        self.release_setups(now);
+        self.release_ring_waiters(now);
     }
 
-    pub(super) fn release_setups(&mut self, now: Time) {
+    /// Goes on with what waits for every member to hold the ring: `setup` answers, and a
+    /// distribute whose first rows wait for the ring placed by their census.
+    pub(super) fn release_ring_waiters(&mut self, now: Time) {
         // Every member must know the ring and its own id before the first query walks it.
         let delivering = self.link.has_pending_where(|t| {
             matches!(
@@ -109,7 +165,11 @@ impl Manager {
                 ManagerTag::ToPeer(_, PeerMessage::Ring | PeerMessage::Registered)
             )
         });
-        if delivering || self.setups.is_empty() {
+        if delivering {
+            return;
+        }
+        self.on_placed_by_data(now);
+        if self.setups.is_empty() {
             return;
         }
         for call in std::mem::take(&mut self.setups) {
@@ -169,7 +229,8 @@ impl Manager {
                     }
                     let (name, addr) = (p.name.clone(), p.addr);
                     self.registry.set_standing(*id, Standing::InRing);
-                    let tokens = tokens_for_joiner(&view.members, self.cfg.vnodes as usize);
+                    let tokens =
+                        tokens_for_joiner(&view.members, self.cfg.vnodes as usize, &self.measure());
                     view.members.push(Member {
                         id: *id,
                         name,
@@ -181,7 +242,7 @@ impl Manager {
                     view.members.sort_by_key(|m| (m.token, m.id));
                 }
                 Change::Leave(id, _) => {
-                    release_tokens(&mut view, *id);
+                    release_tokens(&mut view, *id, &self.measure());
                     let Some(m) = view.members.iter_mut().find(|m| m.id == *id) else {
                         continue;
                     };

@@ -20,6 +20,7 @@ mod testkit;
 
 use crate::link::{Accepted, Dropped, Link, Outcome, RetryPolicy, Time, Transmit};
 use crate::machine::Machine;
+use crate::measure::KeyCensus;
 use crate::record::{Dataset, LoadError, RecordKey};
 use crate::wire::{
     Body, ClientReply, ClientRequest, DistributeFailure, Envelope, Placement, RejectReason,
@@ -55,6 +56,8 @@ pub struct ManagerConfig {
     pub routing: Routing,
     /// Tokens per peer on the hash ring (virtual nodes).
     pub vnodes: u32,
+    /// Place tokens by where the distributed rows hash (a census), not by key space alone.
+    pub balance_by_data: bool,
     /// The wall clock (µs since the Unix epoch) at this machine's time zero, to put the
     /// peers' hop stamps on the query's timeline.
     pub clock_origin_us: u64,
@@ -107,6 +110,8 @@ pub enum ManagerEvent {
     LoadFile {
         job: u64,
         path: String,
+        /// Count the file's keys first ([`ManagerInput::Census`]), then hand over its rows.
+        census: bool,
     },
     /// The job's queue runs low: hand over the next chunk (or the end).
     WantRows {
@@ -200,6 +205,11 @@ pub struct Manager {
     early_setups: Vec<ClientCall>,
     detector: failure::Detector,
     recovery: Option<recovery::Recovery>,
+    /// Where the keys of the rows distributed so far hash: how joins and leaves weigh shares.
+    census: KeyCensus,
+    /// The ring was formed by `setup` here and nothing was placed on it since: its tokens can
+    /// move to where the first file's rows are without moving a row.
+    fresh_ring: bool,
     /// What the current input produced; handed to the caller when it returns.
     events: Vec<ManagerEvent>,
 }
@@ -226,6 +236,8 @@ impl Manager {
             early_setups: Vec::new(),
             detector: failure::Detector::default(),
             recovery: None,
+            census: KeyCensus::default(),
+            fresh_ring: false,
             events: Vec::new(),
         }
     }
@@ -449,7 +461,7 @@ impl Manager {
                 } => self.gave_up(now, tag, dest, attempts),
             }
         }
-        self.release_setups(now);
+        self.release_ring_waiters(now);
     }
 
     pub(super) fn gave_up(&mut self, now: Time, tag: ManagerTag, dest: SocketAddr, attempts: u32) {
@@ -508,6 +520,9 @@ pub enum ManagerInput {
     /// The next stretch of rows of a distribute job's CSV (asked for with
     /// [`ManagerEvent::WantRows`], or the first after [`ManagerEvent::LoadFile`]).
     Rows { job: u64, chunk: Dataset },
+    /// Where the keys of a distribute job's CSV hash, counted before its rows are handed over
+    /// (asked for by [`ManagerEvent::LoadFile`]'s `census`).
+    Census { job: u64, census: Box<KeyCensus> },
     /// The end of a distribute job's CSV: read whole, or not.
     LoadDone {
         job: u64,
@@ -539,6 +554,7 @@ impl Machine for Manager {
     fn handle_local(&mut self, now: Time, input: ManagerInput) -> Vec<ManagerEvent> {
         match input {
             ManagerInput::Rows { job, chunk } => self.on_rows(now, job, chunk),
+            ManagerInput::Census { job, census } => self.on_census(now, job, &census),
             ManagerInput::LoadDone { job, result } => self.on_load_done(now, job, result),
         }
         std::mem::take(&mut self.events)

@@ -146,6 +146,13 @@ impl Manager {
         {
             return;
         }
+        // A walk that could not ask every holder is no miss: enter the ring elsewhere (until
+        // every member was tried, or the query's time is up).
+        if result.unreached && !result.found {
+            let entry = result.path.first().copied().unwrap_or_default();
+            let why = "the walk could not reach every holder of the key".to_string();
+            return self.retry_find(now, result.query, entry, why);
+        }
         let Some(q) = self.queries.remove(&result.query) else {
             return;
         };

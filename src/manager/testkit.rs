@@ -72,6 +72,7 @@ impl Kit {
     pub fn new(placement: Placement) -> Kit {
         let cfg = ManagerConfig {
             vnodes: 1,
+            balance_by_data: true,
             routing: crate::wire::Routing::default(),
             retry: RetryPolicy {
                 initial: Duration::from_millis(10),
@@ -332,6 +333,7 @@ impl Kit {
                     path: find.path,
                     truncated: false,
                     hops: find.hops,
+                    unreached: false,
                 }))
             }
             Body::Exit { .. } => {

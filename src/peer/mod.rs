@@ -135,6 +135,16 @@ const HANDOFF_RETRY: Duration = Duration::from_secs(1);
 /// Store acks remembered for duplicates: far more than the batches that can be in flight.
 const STORE_ACKS_REMEMBERED: usize = 4096;
 
+/// How a walk ends at this peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Found,
+    /// Every live holder was asked (or every member): the key is not stored.
+    Missing,
+    /// The walk ended before every holder was asked: the asker should try again.
+    Unreached,
+}
+
 pub struct Peer {
     cfg: PeerConfig,
     link: Link<PeerTag>,
@@ -853,7 +863,7 @@ impl Peer {
     fn on_find(&mut self, now: Time, mut find: FindEvent, trace: Option<TraceContext>) {
         let hop = find.path.len() as u32;
         let Some(me) = self.id else {
-            return self.answer(now, find, false, trace, hop);
+            return self.answer(now, find, Verdict::Unreached, trace, hop);
         };
         find.path.push(me);
         find.hops.push(crate::wire::HopTiming {
@@ -861,10 +871,10 @@ impl Peer {
             at_us: self.cfg.clock_origin_us + now.as_micros() as u64,
         });
         if self.store.get(find.key).is_some() {
-            return self.answer(now, find, true, trace, hop);
+            return self.answer(now, find, Verdict::Found, trace, hop);
         }
         let Some(ring) = self.ring.as_ref() else {
-            return self.answer(now, find, false, trace, hop);
+            return self.answer(now, find, Verdict::Unreached, trace, hop);
         };
         // Settled: the miss is final once every live holder of the key has been asked (the
         // walk goes in ring order, so from the owner on it meets the replicas next).
@@ -880,8 +890,13 @@ impl Peer {
         // routing around a member that does not answer.
         let visited: std::collections::BTreeSet<PeerId> = find.path.iter().copied().collect();
         let n = ring.members.len();
-        if (ring.settled && all_asked) || visited.len() >= n || find.path.len() >= 2 * n {
-            return self.answer(now, find, false, trace, hop);
+        if (ring.settled && all_asked) || visited.len() >= n {
+            return self.answer(now, find, Verdict::Missing, trace, hop);
+        }
+        // Round twice without asking every holder (hops lost, members routed around): the
+        // walk ends, but its miss is not final.
+        if find.path.len() >= 2 * n {
+            return self.answer(now, find, Verdict::Unreached, trace, hop);
         }
         self.forward(now, find, Vec::new(), trace, hop);
     }
@@ -900,7 +915,7 @@ impl Peer {
     ) {
         // Only a member walks a query on; without an id this peer ends the walk here.
         let Some(me) = self.id else {
-            return self.answer(now, find, false, trace, hop);
+            return self.answer(now, find, Verdict::Unreached, trace, hop);
         };
         let next = self.ring.as_ref().and_then(|ring| {
             // Unresponsive members only in the walk's first round: one wrongly taken for
@@ -933,8 +948,9 @@ impl Peer {
                 .unwrap_or(next);
             (at.id != me).then_some((at.id, at.addr))
         });
+        // Nobody else reachable: the holders were not all asked.
         let Some((next_id, next_addr)) = next else {
-            return self.answer(now, find, false, trace, hop);
+            return self.answer(now, find, Verdict::Unreached, trace, hop);
         };
         self.events.push(PeerEvent::Hop(HopReport {
             query: find.query,
@@ -968,10 +984,11 @@ impl Peer {
         &mut self,
         now: Time,
         find: FindEvent,
-        found: bool,
+        verdict: Verdict,
         trace: Option<TraceContext>,
         hop: u32,
     ) {
+        let found = verdict == Verdict::Found;
         let answer_to = find.reply_to.unwrap_or(self.cfg.manager);
         self.events.push(PeerEvent::Hop(HopReport {
             query: find.query,
@@ -1003,6 +1020,7 @@ impl Peer {
             path: find.path,
             truncated,
             hops: find.hops,
+            unreached: verdict == Verdict::Unreached,
         };
         // A client's lookup: answered once, unacknowledged; the client asks again if it is
         // lost (a query is a read, so asking twice is harmless).

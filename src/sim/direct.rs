@@ -10,6 +10,7 @@ use crate::record::RecordKey;
 use crate::ring::RingExt;
 use crate::wire::{Body, Routing};
 use std::cell::Cell;
+use std::net::SocketAddr;
 use std::rc::Rc;
 
 fn bad_network() -> Faults {
@@ -132,9 +133,13 @@ fn multi_get_verify_is_exact_on_a_bad_network_and_around_a_crash() {
         setup_and_distribute(&mut sim);
         sim.set_direct_queries(true);
         sim.set_owner_entry(true);
-        // The client fetches its view while every peer is up.
+        // The client fetches its view, and hears a peer answer, while every peer is up and
+        // the network clean: a client that never heard a peer takes two lost lookups for
+        // peers it cannot reach, and sends everything through the manager.
         let first = sim.file("default.csv").rows[0].key;
+        sim.net.set_faults(Faults::none());
         assert!(query(&mut sim, first, None).found);
+        sim.net.set_faults(bad_network());
         if seed % 2 == 1 {
             sim.crash("peer-2");
         }
@@ -317,6 +322,58 @@ fn a_peer_dead_under_a_young_view_costs_one_retry_delay() {
                 report.ok(),
                 "{routing:?} seed {seed}, round the ring: {report:?}"
             );
+        }
+    }
+}
+
+/// A walk that cannot reach any holder of the key (every hop to them lost) ends without
+/// asking them: its answer says "unreached", and neither the client nor the manager takes it
+/// for a miss; the query fails with no answer instead. Once the holders can be reached, the
+/// key is found. (Before, the walk's hop bound answered "not found" for a stored key.)
+#[test]
+fn a_walk_that_cannot_reach_a_holder_is_no_miss() {
+    for direct in [true, false] {
+        let mut sim = cluster_with(150, Faults::none(), 6, Routing::Fingers, 4);
+        setup_and_distribute(&mut sim);
+        sim.set_direct_queries(direct);
+        let key = sim.file("default.csv").rows[7].key;
+        let ring = sim.manager().ring().cloned().expect("a ring");
+        let holders: Vec<SocketAddr> = ring.replicas(key, 2).iter().map(|m| m.addr).collect();
+        // The client learns its view, and hears a peer, first.
+        let first = sim.file("default.csv").rows[0].key;
+        assert!(query(&mut sim, first, None).found);
+        let unreached = Rc::new(Cell::new(0u32));
+        let seen = unreached.clone();
+        let rule = sim.net.drop_where(move |d| {
+            let Ok(env) = crate::wire::Envelope::decode(&d.bytes) else {
+                return false;
+            };
+            let to_holder = holders.contains(&d.to);
+            match &env.body {
+                Body::Answer(r) | Body::Found(r) if r.key == key && r.unreached => {
+                    seen.set(seen.get() + 1);
+                    false
+                }
+                Body::Find(f) | Body::Lookup(f) => f.key == key && to_holder,
+                Body::Lookups(fs) => to_holder && fs.iter().any(|f| f.key == key),
+                _ => false,
+            }
+        });
+        let query_key = ClientRequest::Query {
+            key,
+            via: None,
+            routing: None,
+        };
+        let reply = sim.request(query_key.clone());
+        assert!(reply.is_err(), "direct {direct}: {reply:?}");
+        assert!(
+            unreached.get() > 0,
+            "direct {direct}: no walk ended unreached"
+        );
+        sim.net.remove_rule(rule);
+        match sim.request(query_key) {
+            Ok(ReplyBody::Query(q)) => assert!(q.found, "direct {direct}: {q:?}"),
+            other => panic!("direct {direct}: {other:?}"),
         }
     }
 }

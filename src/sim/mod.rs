@@ -215,6 +215,7 @@ impl Sim {
 
         let cfg = ManagerConfig {
             vnodes,
+            balance_by_data: true,
             routing,
             retry: test_retry(),
             max_datagram: 8_000,
