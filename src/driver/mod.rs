@@ -374,12 +374,19 @@ where
     let mut control = Control::Continue;
     let mut next = Some(first);
     let mut taken = 0;
+    let mut outgoing: Vec<Transmit> = Vec::new();
     while let Some((len, from)) = next.take() {
         taken += 1;
         if let Some(env) = io.decode(len, from, incarnation).await {
             let c = deliver(io.now(), machine, shell, from, env);
             if matches!(control, Control::Continue) {
                 control = c;
+            }
+            // What this datagram produced leaves before the next is looked for: an answer
+            // does not wait for a receive that finds nothing.
+            outgoing.extend(std::iter::from_fn(|| lock(machine).poll_transmit()));
+            for t in outgoing.drain(..) {
+                io.send(&t).await;
             }
         }
         if taken < RECV_BURST {
