@@ -261,6 +261,7 @@ async fn run(sc: &Scenario<'_>) -> Value {
     std::thread::sleep(Duration::from_millis(500));
     let idle_kib = nodes.rss_kib();
     let manager_idle_kib = nodes.manager_rss_kib();
+    let peers_private_idle_kib = nodes.peers_private_kib();
     let mut client = Client::connect(&nodes.manager(), Duration::from_secs(600))
         .await
         .expect("client");
@@ -284,6 +285,7 @@ async fn run(sc: &Scenario<'_>) -> Value {
     let shares = owned(&status);
     let loaded_kib = nodes.rss_kib();
     let manager_kib = nodes.manager_rss_kib();
+    let peers_private_kib = nodes.peers_private_kib();
 
     // Seeded random keys, one query at a time: the same 1,000 queries on every run, entering
     // at the next member round the ring, then the same keys entering at their owner (by the
@@ -437,6 +439,15 @@ async fn run(sc: &Scenario<'_>) -> Value {
         }
         _ => None,
     };
+    // The same, private memory only: what storing rows costs, without the code pages that the
+    // first distribute and repair fault in (one copy in memory, counted by every process).
+    let peers_private_over_raw = match (peers_private_idle_kib, peers_private_kib) {
+        (Some(idle), Some(loaded)) => Some(round(
+            (loaded.saturating_sub(idle) * 1024) as f64 / (raw_bytes * r) as f64,
+            2,
+        )),
+        _ => None,
+    };
     let owner_p50 = percentile(&owner_latencies, 0.50);
     let owner_mean_hops = owner_hops as f64 / QUERIES as f64;
     // Expected sampling noise of rows per peer: a peer's share of n is Poisson-like, so the
@@ -484,6 +495,7 @@ async fn run(sc: &Scenario<'_>) -> Value {
         "one_over_n": round(1.0 / sc.peers as f64, 4),
         "rss_over_raw": round(rss_over_raw, 2),
         "peers_rss_over_raw": peers_rss_over_raw,
+        "peers_private_over_raw": peers_private_over_raw,
         "rss_mib_total": round(loaded_kib as f64 / 1024.0, 1),
         "rss_mib_idle": round(idle_kib as f64 / 1024.0, 1),
         "manager_rss_mib": manager_kib.map(|k| round(k as f64 / 1024.0, 1)),

@@ -433,6 +433,18 @@ impl<'a> Placer<'a> {
         Placer { view, points }
     }
 
+    /// By `index` when it was made from `view` (no sort, no copy of n × V points), else as
+    /// [`Placer::new`].
+    pub fn bound(view: &'a RingView, index: Option<&'a PointIndex>) -> Self {
+        match index.and_then(|i| Points::bind(view, i)) {
+            Some(points) if view.placement == Placement::Consistent => Placer {
+                view,
+                points: Some(points),
+            },
+            _ => Placer::new(view),
+        }
+    }
+
     /// The arc `key` is in, and its holders under replication `r` (owner first).
     pub fn replicas(&self, key: RecordKey, r: usize) -> (u64, Vec<&'a Member>) {
         match &self.points {

@@ -16,10 +16,15 @@ pub enum Nodes {
 }
 
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A `kB` field of `/proc/<pid>/status` (0 when the process or the field is gone).
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?.to_string();
+            let line = s.lines().find(|l| l.starts_with(field))?.to_string();
             line.split_whitespace().nth(1)?.parse().ok()
         })
         .unwrap_or(0)
@@ -73,6 +78,21 @@ impl Nodes {
                 rss_kib(c.manager.pid()) + c.peers.iter().map(|p| rss_kib(p.pid())).sum::<u64>()
             }
             Nodes::InProcess(_) => rss_kib(std::process::id()),
+        }
+    }
+
+    /// The peers' private memory (`RssAnon`: heap, stacks, anonymous maps), without the
+    /// pages of the binary's code, which every process counts in its RSS although they are
+    /// one copy in memory. None for in-process peers.
+    pub fn peers_private_kib(&self) -> Option<u64> {
+        match self {
+            Nodes::Processes(c) => Some(
+                c.peers
+                    .iter()
+                    .map(|p| status_kib(p.pid(), "RssAnon:"))
+                    .sum(),
+            ),
+            Nodes::InProcess(_) => None,
         }
     }
 

@@ -23,8 +23,35 @@ pub struct PeerExit {
 /// How long an exiting peer keeps acknowledging repeated messages (a lost ack of its Exit).
 const EXIT_LINGER: Duration = Duration::from_millis(300);
 
+/// The peer's shell: spans per datagram, logs, memory hygiene.
 #[derive(Default)]
-pub struct PeerShell;
+pub struct PeerShell {
+    /// Give freed heap pages back this long after work that allocates and frees a lot (a
+    /// ring change, stored batches, a hand-off); None: never (the simulation).
+    trim_after: Option<Duration>,
+    trim_at: Option<tokio::time::Instant>,
+}
+
+/// How long after a burst of work the peer gives its free memory back: once per burst, not
+/// once per batch.
+const TRIM_AFTER: Duration = Duration::from_millis(250);
+
+impl PeerShell {
+    /// The shell of a real peer process: it gives freed memory back after bursts of work.
+    pub fn trimming() -> Self {
+        PeerShell {
+            trim_after: Some(TRIM_AFTER),
+            trim_at: None,
+        }
+    }
+
+    fn worked(&mut self) {
+        if let Some(after) = self.trim_after {
+            self.trim_at
+                .get_or_insert_with(|| tokio::time::Instant::now() + after);
+        }
+    }
+}
 
 impl Shell<Peer> for PeerShell {
     type Exit = PeerExit;
@@ -140,20 +167,35 @@ impl Shell<Peer> for PeerShell {
                 next,
             } => {
                 info!(epoch, members, next = ?next.map(|n| n.0), "ring changed");
-                release_free_memory();
+                self.worked();
             }
-            PeerEvent::HandedOver { to, rows } => info!(to, rows, "handed records over"),
+            PeerEvent::HandedOver { to, rows } => {
+                info!(to, rows, "handed records over");
+                self.worked();
+            }
             PeerEvent::Warning(w) => warn!("{w}"),
             PeerEvent::Stored { rows, new_rows } => {
-                tracing::debug!(rows, new_rows, "stored a batch")
+                tracing::debug!(rows, new_rows, "stored a batch");
+                self.worked();
             }
             PeerEvent::Hop(_) => {}
         }
         Control::Continue
     }
 
+    /// A peer has no local input; the future only gives memory back when a trim is due (it
+    /// is cancel safe: the deadline outlives the future).
     async fn next_local(&mut self) -> Infallible {
-        std::future::pending().await
+        loop {
+            match self.trim_at {
+                Some(at) => {
+                    tokio::time::sleep_until(at).await;
+                    self.trim_at = None;
+                    release_free_memory();
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
     }
 
     fn on_shutdown(&mut self, peer: &mut Peer, now: Time) -> Result<Vec<PeerEvent>, PeerExit> {
@@ -211,15 +253,16 @@ pub async fn run_peer(
     if let Some(tx) = ready {
         let _ = tx.send(local);
     }
-    Ok(drive(&socket, &peer, &mut PeerShell, shutdown, &options).await)
+    let mut shell = PeerShell::trimming();
+    Ok(drive(&socket, &peer, &mut shell, shutdown, &options).await)
 }
 
 /// Hands the allocator's free pages back to the kernel. Adopting a view allocates and frees
 /// structures the size of the ring (at 256 peers × 16 tokens, a few hundred KiB: the view,
-/// its point index, the repair plan's placers); glibc keeps the freed pages resident, so each
-/// ring change would leave the peer that much larger for good. Views change rarely; trimming
-/// costs microseconds on a peer's small heap. (musl, in the static image, returns memory
-/// itself.)
+/// its point index, the repair plan's placers), and so does decoding 60 KB batches; glibc
+/// keeps freed pages resident, so a peer holding 25 KB of rows stayed a few hundred KB
+/// larger for good. Once per burst of work, trimming costs microseconds to a few
+/// milliseconds. (musl, in the static image, returns memory itself.)
 fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free memory of the allocator's own heap; it takes no

@@ -136,7 +136,9 @@ impl Manager {
             for id in &ids {
                 self.registry.set_standing(*id, Standing::InRing);
             }
+            // A new ring holds nothing: the census of an earlier one's rows says nothing.
             self.fresh_ring = true;
+            self.census = crate::measure::KeyCensus::default();
             let epoch = self.new_epoch();
             let view = RingView {
                 epoch,

@@ -399,7 +399,7 @@ impl Peer {
 
     fn report(&self) -> PeerReport {
         let (owned, replicas, ranges) = match (&self.ring, self.id) {
-            (Some(ring), Some(me)) => repair::holdings(&self.store, me, ring),
+            (Some(ring), Some(me)) => repair::holdings(&self.store, me, ring, self.points.as_ref()),
             _ => (0, 0, Vec::new()),
         };
         PeerReport {

@@ -357,7 +357,7 @@ impl Sim {
         let task = {
             let (node, exit, net) = (node.clone(), exit.clone(), self.net.clone());
             let mut shell = Recording {
-                inner: PeerShell,
+                inner: PeerShell::default(),
                 log: events.clone(),
             };
             self.local.spawn_local(async move {
