@@ -27,13 +27,13 @@ const EXIT_LINGER: Duration = Duration::from_millis(300);
 #[derive(Default)]
 pub struct PeerShell {
     /// Give freed heap pages back this long after work that allocates and frees a lot (a
-    /// ring change, stored batches, a hand-off); None: never (the simulation).
+    /// ring change, a hand-off); None: never (the simulation).
     trim_after: Option<Duration>,
     trim_at: Option<tokio::time::Instant>,
 }
 
-/// How long after a burst of work the peer gives its free memory back: once per burst, not
-/// once per batch.
+/// How long after a ring change or a hand-off the peer gives its free memory back: once per
+/// burst of them.
 const TRIM_AFTER: Duration = Duration::from_millis(250);
 
 impl PeerShell {
@@ -174,9 +174,10 @@ impl Shell<Peer> for PeerShell {
                 self.worked();
             }
             PeerEvent::Warning(w) => warn!("{w}"),
+            // Not after stored batches: during a distribute that would trim several times a
+            // second, and what decoding a batch frees, the next batch reuses.
             PeerEvent::Stored { rows, new_rows } => {
-                tracing::debug!(rows, new_rows, "stored a batch");
-                self.worked();
+                tracing::debug!(rows, new_rows, "stored a batch")
             }
             PeerEvent::Hop(_) => {}
         }

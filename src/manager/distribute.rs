@@ -41,8 +41,11 @@ pub(super) struct DistributeJob {
     pending_rows: u64,
     /// Course placement needs the row count before placing: its chunks wait here.
     held: Option<Dataset>,
-    /// The file's keys were counted before its rows came: they are in the census already.
-    counted: bool,
+    /// Rows of the file counted before its rows came (its first ones): they are in the
+    /// census already; the rest are counted as they are placed.
+    counted: u64,
+    /// Rows of the file placed so far.
+    seen: u64,
     /// The tokens moved to where the file's rows are: the first chunk waits here until every
     /// member holds the new ring, so that no row is placed by the old one.
     placing: bool,
@@ -96,7 +99,8 @@ impl Manager {
             asked: true,
             pending_rows: 0,
             held: None,
-            counted: false,
+            counted: 0,
+            seen: 0,
             placing: false,
             parked: None,
             next_unit: 0,
@@ -142,7 +146,7 @@ impl Manager {
         let Some(job) = self.job.as_mut().filter(|j| j.id == job_id) else {
             return;
         };
-        job.counted = true;
+        job.counted = census.total();
         self.census.merge(census);
         let members = self.ring.as_ref().map_or(0, |r| r.members.len()) as u64;
         let place = self.may_place_by_data() && census.total() >= CENSUS_ROWS_PER_MEMBER * members;
@@ -211,11 +215,11 @@ impl Manager {
         };
         let Some(job) = self.job.as_mut() else { return };
         self.fresh_ring = false;
-        if !job.counted {
-            for row in &dataset.rows {
-                self.census.add(row.key);
-            }
+        let skip = job.counted.saturating_sub(job.seen) as usize;
+        for row in dataset.rows.iter().skip(skip) {
+            self.census.add(row.key);
         }
+        job.seen += dataset.rows.len() as u64;
         if job.report.format.is_empty() {
             job.report.format = dataset.format.to_string();
         }
