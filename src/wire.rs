@@ -445,6 +445,17 @@ impl PackedRow {
         self.fields().map(str::to_string).collect()
     }
 
+    /// The packed bytes (length-prefixed values), as they travel and as a store keeps them.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Bytes a store keeps, that were checked when they arrived ([`PackedRow::from_bytes`])
+    /// or were packed here.
+    pub(crate) fn from_checked(bytes: &[u8]) -> PackedRow {
+        PackedRow(bytes.into())
+    }
+
     /// Bytes of the packed values.
     pub fn len(&self) -> usize {
         self.0.len()

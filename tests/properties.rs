@@ -342,7 +342,7 @@ proptest! {
                 last_epoch = epoch;
             }
             // The row count the peer reports is the rows it holds.
-            let held: u64 = p.store().iter().map(|(_, rows)| rows.len() as u64).sum();
+            let held: u64 = p.store().iter().map(|(_, rows)| rows.count() as u64).sum();
             assert_eq!(held, p.store().row_count());
         });
     }

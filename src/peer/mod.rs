@@ -660,9 +660,8 @@ impl Peer {
             &self.ahead,
         );
         for key in &plan.drop_now {
-            if let Some(rows) = self.store.get(*key).map(<[StoredRow]>::to_vec) {
-                self.store.remove_rows(*key, &rows);
-            }
+            let rows = self.store.rows_of(*key);
+            self.store.remove_rows(*key, &rows);
         }
         for send in plan.sends {
             // A row too large for this peer's datagrams (a smaller `max_datagram` than the
@@ -696,10 +695,7 @@ impl Peer {
                             .entry(*key)
                             .or_insert_with(|| Dropping {
                                 batches: 0,
-                                rows: rows
-                                    .get(*key)
-                                    .map(<[StoredRow]>::to_vec)
-                                    .unwrap_or_default(),
+                                rows: rows.rows_of(*key),
                             })
                             .batches += 1;
                     }
@@ -870,7 +866,7 @@ impl Peer {
             peer: me,
             at_us: self.cfg.clock_origin_us + now.as_micros() as u64,
         });
-        if self.store.get(find.key).is_some() {
+        if self.store.contains(find.key) {
             return self.answer(now, find, Verdict::Found, trace, hop);
         }
         let Some(ring) = self.ring.as_ref() else {

@@ -53,7 +53,7 @@ pub fn plan(
     unplaced: &HashSet<RecordKey>,
     ahead: &HashMap<RecordKey, u64>,
 ) -> Plan {
-    if store.iter().next().is_none() {
+    if store.is_empty() {
         // Nothing to place: no need to sort two views' points (a few hundred KB at 256 peers).
         return Plan::default();
     }
@@ -64,23 +64,20 @@ pub fn plan(
     let mut sends: BTreeMap<(PeerId, usize), Send> = BTreeMap::new();
     let mut schemas: Vec<Columns> = Vec::new();
     for (key, rows) in store.iter() {
-        if ahead.contains_key(key) {
+        if ahead.contains_key(&key) {
             continue; // placed by a newer view than this one: wait for it
         }
-        let holders = placer.replicas(*key, r).1;
+        let holders = placer.replicas(key, r).1;
         if holders.is_empty() {
             continue;
         }
         let i_hold = holders.iter().any(|m| m.id == me);
-        let targets: Vec<&Member> = match base_placer.as_ref().filter(|_| !unplaced.contains(key)) {
+        let targets: Vec<&Member> = match base_placer.as_ref().filter(|_| !unplaced.contains(&key))
+        {
             None => holders.iter().copied().filter(|m| m.id != me).collect(),
             Some((base, base_r)) => {
-                let before: Vec<PeerId> = base
-                    .replicas(*key, *base_r)
-                    .1
-                    .iter()
-                    .map(|m| m.id)
-                    .collect();
+                let before: Vec<PeerId> =
+                    base.replicas(key, *base_r).1.iter().map(|m| m.id).collect();
                 let first_keeper = holders.iter().find(|m| before.contains(&m.id));
                 let gainers: Vec<&Member> = holders
                     .iter()
@@ -97,7 +94,7 @@ pub fn plan(
                     // during the change then loses nothing.
                     (false, Some(_)) if !gainers.is_empty() => gainers,
                     (false, Some(_)) => {
-                        out.drop_now.push(*key);
+                        out.drop_now.push(key);
                         Vec::new()
                     }
                     (false, None) => holders.clone(),
@@ -108,10 +105,10 @@ pub fn plan(
             continue;
         }
         if !i_hold {
-            out.drop_after_sends.insert(*key);
+            out.drop_after_sends.insert(key);
         }
         for row in rows {
-            let schema = match schemas.iter().position(|c| Arc::ptr_eq(c, &row.columns)) {
+            let schema = match schemas.iter().position(|c| Arc::ptr_eq(c, row.columns)) {
                 Some(i) => i,
                 None => {
                     schemas.push(row.columns.clone());
@@ -128,7 +125,7 @@ pub fn plan(
                         rows: Vec::new(),
                     })
                     .rows
-                    .push((*key, row.clone()));
+                    .push((key, row.to_stored()));
             }
         }
     }
@@ -153,14 +150,14 @@ pub fn holdings(
     let (mut owned, mut replicas) = (0, 0);
     let mut ranges: BTreeMap<u64, u64> = BTreeMap::new();
     for (key, rows) in store.iter() {
-        let (arc, holders) = placer.replicas(*key, r);
+        let (arc, holders) = placer.replicas(key, r);
         let Some(owner) = holders.first() else {
             continue;
         };
         if !holders.iter().any(|m| m.id == me) {
             continue;
         }
-        let n = rows.len() as u64;
+        let n = rows.count() as u64;
         if owner.id == me {
             owned += n;
         } else {
@@ -238,14 +235,14 @@ mod tests {
             }
             let s = stores.get_mut(&from).expect("sender");
             for k in p.drop_now.iter().chain(p.drop_after_sends.iter()) {
-                let rows = s.get(*k).map(<[StoredRow]>::to_vec).unwrap_or_default();
+                let rows = s.rows_of(*k);
                 s.remove_rows(*k, &rows);
             }
         }
         let mut copies = BTreeMap::new();
         for s in stores.values() {
             for (k, _) in s.iter() {
-                *copies.entry(*k).or_default() += 1;
+                *copies.entry(k).or_default() += 1;
             }
         }
         (copies, sent)

@@ -163,7 +163,7 @@ fn assert_replicated_without(sim: &Sim, skip: &str) {
     {
         for (key, rows) in p.peer().store().iter() {
             for row in rows {
-                *copies.entry((*key, row.values())).or_default() += 1;
+                *copies.entry((key, row.values())).or_default() += 1;
             }
         }
     }

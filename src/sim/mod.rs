@@ -561,7 +561,7 @@ impl Sim {
         for p in self.peers.iter().filter(|p| p.exit().is_none()) {
             for (key, rows) in p.peer().store().iter() {
                 for row in rows {
-                    *out.entry((*key, row.values())).or_default() += 1;
+                    *out.entry((key, row.values())).or_default() += 1;
                 }
             }
         }
