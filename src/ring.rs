@@ -618,6 +618,7 @@ mod tests {
             placement,
             table_size: first_prime_above(2 * 48_534),
             replication: 1,
+            settled_epoch: 0,
             members,
         }
     }

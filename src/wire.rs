@@ -350,6 +350,13 @@ pub struct RingView {
     /// Copies of every record: its owner and the next `replication - 1` owning members.
     #[serde(default = "one")]
     pub replication: u32,
+    /// The newest settled epoch (this view's own when it is settled): every member then held
+    /// what that view placed on it, and no member drops a row until the next settled view.
+    /// Repair plans compare against it, a view every member completed, not one that only the
+    /// planning peer finished (a member may have given a row up in a view it never saw).
+    /// 0: unknown (an older manager), so plans send every row to every other holder.
+    #[serde(default)]
+    pub settled_epoch: u64,
     /// Ordered by token: each member's next neighbour is the one after it, wrapping.
     pub members: Vec<Member>,
 }
@@ -1045,6 +1052,7 @@ mod tests {
                 placement: Placement::Course,
                 table_size: 97,
                 replication: 2,
+                settled_epoch: 0,
                 members: vec![Member {
                     id: 1,
                     name: "a".into(),

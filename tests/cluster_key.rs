@@ -46,6 +46,7 @@ fn forged_bodies(victim: SocketAddr) -> Vec<Body> {
                     placement: Placement::Consistent,
                     table_size: 0,
                     replication: 1,
+                    settled_epoch: 0,
                     members: vec![member.clone()],
                 },
             }),
@@ -72,6 +73,7 @@ fn forged_bodies(victim: SocketAddr) -> Vec<Body> {
             placement: Placement::Consistent,
             table_size: 0,
             replication: 1,
+            settled_epoch: 0,
             members: vec![member],
         }),
         Body::Store(StoreBatch {

@@ -99,6 +99,7 @@ fn forged(n: u64) -> Vec<u8> {
             placement: Placement::Modulo,
             table_size: 0,
             replication: 2,
+            settled_epoch: 0,
             members: Vec::new(),
         }),
         7 => Body::Store(StoreBatch {

@@ -86,6 +86,7 @@ fn ring() -> impl Strategy<Value = RingView> {
                     placement,
                     table_size,
                     replication,
+                    settled_epoch: 0,
                     members,
                 }
             },

@@ -147,6 +147,7 @@ impl Manager {
                 // The course's table size is fixed by the first distribute.
                 table_size: first_prime_above(0),
                 replication: self.cfg.replication,
+                settled_epoch: 0,
                 members,
             };
             self.publish(now, view, call.trace.clone());
@@ -189,8 +190,12 @@ impl Manager {
         self.ring = None;
     }
 
-    /// Makes `view` current and sends it to every member.
-    pub(super) fn publish(&mut self, now: Time, view: RingView, trace: Option<TraceContext>) {
+    /// Makes `view` current and sends it to every member, naming the newest settled view.
+    pub(super) fn publish(&mut self, now: Time, mut view: RingView, trace: Option<TraceContext>) {
+        if view.settled {
+            self.settled_epoch = view.epoch;
+        }
+        view.settled_epoch = self.settled_epoch;
         self.events.push(ManagerEvent::RingChanged {
             epoch: view.epoch,
             settled: view.settled,

@@ -189,6 +189,9 @@ pub struct Manager {
     registry: Registry,
     ring: Option<RingView>,
     last_epoch: u64,
+    /// The newest settled view's epoch, named in every view published (see
+    /// [`RingView::settled_epoch`]).
+    settled_epoch: u64,
     transition: Option<Transition>,
     changes: VecDeque<Change>,
     job: Option<DistributeJob>,
@@ -222,6 +225,7 @@ impl Manager {
             registry: Registry::default(),
             ring: None,
             last_epoch: 0,
+            settled_epoch: 0,
             transition: None,
             changes: VecDeque::new(),
             job: None,

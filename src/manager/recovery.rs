@@ -93,6 +93,8 @@ impl Manager {
         };
         let mut view = rec.view;
         self.last_epoch = self.last_epoch.max(view.epoch);
+        // The members' plans compare against that settled view; they still hold it.
+        self.settled_epoch = self.settled_epoch.max(view.settled_epoch);
         let before = view.members.len();
         view.members
             .retain(|m| rec.rejoined.contains(&m.id) && self.registry.get(m.id).is_some());

@@ -152,7 +152,11 @@ pub struct Peer {
     ring: Option<RingView>,
     /// The ring's points sorted once per view, for query hops (consistent placement).
     points: Option<crate::ring::PointIndex>,
-    /// The last view whose copies this peer finished; repair plans compare against it.
+    /// The last settled view this peer adopted. Every member held what it placed on it, and
+    /// nobody drops a row before the next settled view, so a plan that compares against it
+    /// (when the current view names its epoch) knows who holds what; comparing against the
+    /// last view this peer itself finished did not: a member could have given a row up in a
+    /// view this peer never saw, and been taken for its holder again.
     base: Option<RingView>,
     /// The newest epoch this peer has seen, even of a ring it has since dropped: no view at
     /// or below it is taken again.
@@ -651,17 +655,27 @@ impl Peer {
         }
         let epoch = ring.epoch;
         self.ahead.retain(|_, e| *e > epoch);
-        let plan = repair::plan(
-            &self.store,
-            me,
-            self.base.as_ref(),
-            ring,
-            &self.unplaced,
-            &self.ahead,
-        );
-        for key in &plan.drop_now {
-            let rows = self.store.rows_of(*key);
-            self.store.remove_rows(*key, &rows);
+        // Rows are given up only in a settled view: every holder has them then. A settled
+        // view is its own base (it moves nothing, and drops what it does not place here); an
+        // unsettled one compares against the settled view it names, or, when this peer does
+        // not hold that one, against nothing (every row to every other holder).
+        let settled = ring.settled;
+        let base = if settled {
+            Some(ring)
+        } else {
+            self.base
+                .as_ref()
+                .filter(|b| ring.settled_epoch != 0 && b.epoch == ring.settled_epoch)
+        };
+        let plan = repair::plan(&self.store, me, base, ring, &self.unplaced, &self.ahead);
+        if settled && self.base.as_ref().map(|b| b.epoch) != Some(epoch) {
+            self.base = Some(ring.clone());
+        }
+        if settled {
+            for key in &plan.drop_now {
+                let rows = self.store.rows_of(*key);
+                self.store.remove_rows(*key, &rows);
+            }
         }
         for send in plan.sends {
             // A row too large for this peer's datagrams (a smaller `max_datagram` than the
@@ -689,7 +703,7 @@ impl Peer {
                 let mut keys: Vec<RecordKey> = batch.rows.iter().map(|r| r.0).collect();
                 keys.dedup();
                 for key in &keys {
-                    if plan.drop_after_sends.contains(key) {
+                    if settled && plan.drop_after_sends.contains(key) {
                         let rows = &self.store;
                         self.dropping
                             .entry(*key)
@@ -739,17 +753,15 @@ impl Peer {
         self.report_if_settled(now);
     }
 
-    /// When every planned copy is acknowledged, the current view becomes the base of the
-    /// next plan.
+    /// When every planned copy is acknowledged, rows of unknown placement have reached every
+    /// holder.
     fn finish_if_done(&mut self) {
         if self.queued.is_empty()
             && self.in_flight.is_empty()
             && self.handoff_retry_at.is_none()
             && let Some(ring) = &self.ring
             && self.id.is_some_and(|me| ring.member(me).is_some())
-            && self.base.as_ref().map(|b| b.epoch) != Some(ring.epoch)
         {
-            self.base = Some(ring.clone());
             self.unplaced.clear();
         }
     }

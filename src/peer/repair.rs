@@ -194,6 +194,7 @@ mod tests {
             placement: Placement::Consistent,
             table_size: 0,
             replication,
+            settled_epoch: 0,
             members,
         }
     }
