@@ -1160,6 +1160,7 @@ mod tests {
             placement: crate::wire::Placement::Consistent,
             table_size: 0,
             replication: 2,
+            settled_epoch: 0,
             members: (0..n)
                 .map(|i| crate::wire::Member {
                     id: u32::from(i) + 1,
@@ -1209,7 +1210,10 @@ mod tests {
         };
         core.handle(Duration::ZERO, manager(), reply(env.seq, Ok(ring)));
         core.pump(Duration::ZERO);
-        let lookup = std::iter::from_fn(|| core.poll_transmit())
+        // Everything queued (the lookup, and the ack of the ring's reply after it).
+        let sent: Vec<Transmit> = std::iter::from_fn(|| core.poll_transmit()).collect();
+        let lookup = sent
+            .into_iter()
             .find(|t| matches!(decode(t).body, Body::Lookup(_)))
             .expect("a lookup");
         (core, lookup)

@@ -163,6 +163,10 @@ pub struct Link<T> {
     pending: BTreeMap<u64, Pending<T>>,
     seen: HashMap<u64, SeenWindow>,
     outbox: VecDeque<Transmit>,
+    /// Acks leave after everything else an input produced: a forwarded query's answer goes
+    /// to the client before the ack goes back to the forwarder (on one CPU, sending the ack
+    /// first woke the forwarder, which then ran before the answer was sent).
+    acks: VecDeque<Transmit>,
     outcomes: VecDeque<Outcome<T>>,
     counters: Counters,
 }
@@ -176,6 +180,7 @@ impl<T> Link<T> {
             pending: BTreeMap::new(),
             seen: HashMap::new(),
             outbox: VecDeque::new(),
+            acks: VecDeque::new(),
             outcomes: VecDeque::new(),
             counters: Counters::default(),
         }
@@ -310,7 +315,11 @@ impl<T> Link<T> {
 
     /// Acknowledges `seq` (used for `Store`, whose ack carries how many rows were new).
     pub fn ack(&mut self, dest: SocketAddr, seq: u64, new_rows: Option<u32>) {
-        self.send_unsequenced(dest, Body::Ack { seq, new_rows });
+        let body = Body::Ack { seq, new_rows };
+        // A few dozen bytes: encoding cannot exceed the limit.
+        if let Ok(bytes) = Envelope::new(self.incarnation, UNSEQUENCED, None, body).encode() {
+            self.acks.push_back(Transmit { dest, bytes });
+        }
     }
 
     /// True if `envelope` is a sequenced message already handled (without recording anything).
@@ -394,7 +403,7 @@ impl<T> Link<T> {
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.outbox.pop_front()
+        self.outbox.pop_front().or_else(|| self.acks.pop_front())
     }
 
     pub fn poll_outcome(&mut self) -> Option<Outcome<T>> {
@@ -501,6 +510,24 @@ mod tests {
         assert_eq!(b.accept(ms(1), addr(1), &env), Accepted::Duplicate);
         // Both copies were acknowledged.
         assert_eq!(std::iter::from_fn(|| b.poll_transmit()).count(), 2);
+    }
+
+    #[test]
+    fn what_a_datagram_produced_leaves_before_its_ack() {
+        let mut a: Link<u8> = Link::new(1, RetryPolicy::default());
+        let mut b: Link<u8> = Link::new(2, RetryPolicy::default());
+        a.send(ms(0), addr(2), Body::LeaveRequest, None, 0).unwrap();
+        let env = Envelope::decode(&a.poll_transmit().unwrap().bytes).unwrap();
+        assert_eq!(b.accept(ms(0), addr(1), &env), Accepted::New);
+        // The handler's answer, queued after the ack was.
+        b.send_once(addr(3), Body::Answers(Vec::new()), None)
+            .unwrap();
+        let out: Vec<Transmit> = std::iter::from_fn(|| b.poll_transmit()).collect();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].dest, addr(3));
+        assert_eq!(out[1].dest, addr(1));
+        let ack = Envelope::decode(&out[1].bytes).unwrap();
+        assert!(matches!(ack.body, Body::Ack { seq, .. } if seq == env.seq));
     }
 
     #[test]
