@@ -294,6 +294,29 @@ async fn run(sc: &Scenario<'_>) -> Value {
     client.set_owner_entry(true);
     let (owner_latencies, owner_hops) = timed_queries(&mut client, sc).await;
     client.set_owner_entry(false);
+    // The same queries again with the client, the echo of the floor and every node pinned to
+    // one CPU (processes only): the floor and the queries then pay the same wake-ups.
+    let mut same_cpu = Value::Null;
+    if let Some(pinned) = nodes.pids().as_deref().and_then(floor::Pinned::all) {
+        let one_way = floor::one_way_us();
+        let (ring, ring_hops) = timed_queries(&mut client, sc).await;
+        client.set_owner_entry(true);
+        let (owner, owner_hops) = timed_queries(&mut client, sc).await;
+        client.set_owner_entry(false);
+        drop(pinned);
+        let ratio = |lat: &[f64], hops: usize| {
+            let hops = hops as f64 / QUERIES as f64;
+            round(percentile(lat, 0.5) / ((hops + 2.0) * one_way), 2)
+        };
+        same_cpu = json!({
+            "one_way_us": round(one_way, 1),
+            "query_p50_us": round(percentile(&ring, 0.5), 0),
+            "query_p99_us": round(percentile(&ring, 0.99), 0),
+            "p50_over_floor": ratio(&ring, ring_hops),
+            "query_p50_owner_entry_us": round(percentile(&owner, 0.5), 0),
+            "p50_owner_entry_over_floor": ratio(&owner, owner_hops),
+        });
+    }
     // Ids above every event id of the file: each must be "not found".
     let top = sc
         .dataset
@@ -477,6 +500,7 @@ async fn run(sc: &Scenario<'_>) -> Value {
         "query_p50_owner_entry_us": round(owner_p50, 0),
         "mean_hops_owner_entry": round(owner_mean_hops, 2),
         "p50_owner_entry_over_floor": round(owner_p50 / ((owner_mean_hops + 2.0) * one_way_us), 2),
+        "same_cpu": same_cpu,
         "verify_qps": round(verify_qps, 0),
         "verify_qps_next_entry": verify_qps_next_entry,
         "verify_qps_through_manager": verify_qps_through_manager,

@@ -96,6 +96,18 @@ impl Nodes {
         }
     }
 
+    /// The process ids of the manager and every peer; None for in-process nodes.
+    pub fn pids(&self) -> Option<Vec<u32>> {
+        match self {
+            Nodes::Processes(c) => Some(
+                std::iter::once(c.manager.pid())
+                    .chain(c.peers.iter().map(|p| p.pid()))
+                    .collect(),
+            ),
+            Nodes::InProcess(_) => None,
+        }
+    }
+
     pub fn manager_rss_kib(&self) -> Option<u64> {
         match self {
             Nodes::Processes(c) => Some(rss_kib(c.manager.pid())),
