@@ -344,9 +344,29 @@ impl Store {
     /// Unlinks slot `at` from its key's chain and fills its place with the last slot.
     fn remove_slot(&mut self, at: u32) {
         let slot = self.slots[at as usize];
-        let key = slot.record_key();
         let after = self.next_of(at);
         self.set_next(at, END);
+        self.redirect(slot.record_key(), at, after);
+        self.dead_bytes += slot.len();
+        let last = (self.slots.len() - 1) as u32;
+        if at != last {
+            // The last slot moves into `at`: whoever points at it points at `at` (redirected
+            // before the move, while every index in the table is still a slot), and its own
+            // link moves with it.
+            self.redirect(self.slots[last as usize].record_key(), last, at);
+            let after_last = self.next_of(last);
+            self.set_next(last, END);
+            self.slots.swap_remove(at as usize);
+            self.set_next(at, after_last);
+        } else {
+            self.slots.swap_remove(at as usize);
+        }
+    }
+
+    /// Points whoever points at slot `from` (the table, when it is the key's first row, else
+    /// the row before it in the chain) at `to` instead; a first row redirected to [`END`]
+    /// takes the key out of the table.
+    fn redirect(&mut self, key: RecordKey, from: u32, to: u32) {
         let hash = self.hash(key);
         let slots = &self.slots;
         let mut before = None;
@@ -354,55 +374,25 @@ impl Store {
             .heads
             .find_entry(hash, |&i| same_key(&slots[i as usize], key))
         {
-            if *head.get() == at {
-                if after == END {
-                    head.remove();
-                } else {
-                    *head.into_mut() = after;
-                }
-            } else {
+            if *head.get() != from {
                 before = Some(*head.get());
+            } else if to == END {
+                head.remove();
+            } else {
+                *head.into_mut() = to;
             }
         }
-        if let Some(mut p) = before {
-            while self.next_of(p) != at {
-                p = self.next_of(p);
+        let Some(mut p) = before else { return };
+        loop {
+            let next = self.next_of(p);
+            if next == from {
+                return self.set_next(p, to);
             }
-            self.set_next(p, after);
+            if next == END {
+                return; // not in the chain: nothing points at it
+            }
+            p = next;
         }
-        self.dead_bytes += slot.len();
-        let last = (self.slots.len() - 1) as u32;
-        if at != last {
-            // The last slot moves into `at`: whoever points at it points at `at` (redirected
-            // before the move, while every index in the table is still a slot).
-            let moved_key = self.slots[last as usize].record_key();
-            let hash = self.hash(moved_key);
-            let slots = &self.slots;
-            let mut before = None;
-            if let Some(head) = self
-                .heads
-                .find_mut(hash, |&i| same_key(&slots[i as usize], moved_key))
-            {
-                if *head == last {
-                    *head = at;
-                } else {
-                    before = Some(*head);
-                }
-            }
-            if let Some(mut p) = before {
-                while self.next_of(p) != last {
-                    p = self.next_of(p);
-                }
-                self.set_next(p, at);
-            }
-            // Its own link moves with it.
-            let after = self.next_of(last);
-            self.set_next(last, END);
-            self.slots.swap_remove(at as usize);
-            self.set_next(at, after);
-            return;
-        }
-        self.slots.swap_remove(at as usize);
     }
 
     /// Copies the live rows into fresh segments once removed rows take more than half of the
