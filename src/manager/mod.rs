@@ -424,6 +424,7 @@ impl Manager {
             let secs = self.cfg.query_timeout.as_secs_f64();
             self.fail_query(now, id, |key| RequestError::QueryTimeout { key, secs });
         }
+        self.reenter_overdue(now);
         for probe in due(&self.probes, now, |p| p.deadline) {
             self.maybe_finish_status(now, probe, true);
         }
@@ -568,7 +569,7 @@ impl Machine for Manager {
         let deadlines = self
             .queries
             .values()
-            .map(|q| q.deadline)
+            .map(|q| q.deadline.min(q.reenter_at))
             .chain(self.probes.values().map(|p| p.deadline))
             .chain(self.transition.as_ref().map(|t| t.nudge_at))
             .chain(self.detector.check_at)

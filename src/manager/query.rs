@@ -1,5 +1,6 @@
 //! Queries: the manager sends `find_event` into the ring at an entry peer, enters elsewhere
-//! when that peer refuses or is silent, and relays the owner's answer to the client.
+//! when that peer refuses or is silent, or when no answer came for a while (a walk can die
+//! with a peer that took it and then exited), and relays the first answer to the client.
 
 use super::{ClientCall, Manager, ManagerEvent, ManagerTag};
 use crate::link::Time;
@@ -16,6 +17,10 @@ pub(super) struct PendingQuery {
     routing: Routing,
     sent: Time,
     pub(super) deadline: Time,
+    /// When the query enters the ring again if no answer came by then.
+    pub(super) reenter_at: Time,
+    /// The entry peer of the last attempt.
+    entry: PeerId,
     /// Entry peers that refused the query or did not acknowledge it.
     tried: Vec<PeerId>,
 }
@@ -52,8 +57,14 @@ impl Manager {
                 None => return self.reply(now, &call, Err(RequestError::NotInRing { name: v })),
             },
             None => {
+                // Not a leaving member: it may exit with the walk still in its hands.
+                let staying: Vec<&crate::wire::Member> =
+                    ring.members.iter().filter(|m| !m.leaving).collect();
                 self.next_entry = self.next_entry.wrapping_add(1);
-                ring.members[self.next_entry % ring.members.len()].clone()
+                match staying.get(self.next_entry % staying.len().max(1)) {
+                    Some(m) => (*m).clone(),
+                    None => ring.members[self.next_entry % ring.members.len()].clone(),
+                }
             }
         };
         let query = self.next_query;
@@ -67,6 +78,8 @@ impl Manager {
                 routing: routing.unwrap_or(self.cfg.routing),
                 sent: now,
                 deadline,
+                reenter_at: now + self.reenter_after(),
+                entry: entry.id,
                 tried: Vec::new(),
             },
         );
@@ -80,9 +93,12 @@ impl Manager {
         entry: PeerId,
         entry_addr: SocketAddr,
     ) {
-        let Some(q) = self.queries.get(&query) else {
+        let reenter_at = now + self.reenter_after();
+        let Some(q) = self.queries.get_mut(&query) else {
             return;
         };
+        q.entry = entry;
+        q.reenter_at = reenter_at;
         let (key, routing, trace) = (q.key, q.routing, q.call.trace.clone());
         self.events.push(ManagerEvent::QueryDispatched {
             query,
@@ -118,6 +134,44 @@ impl Manager {
         match next {
             Some((id, addr)) => self.send_find(now, query, id, addr),
             None => self.fail_query(now, query, |key| RequestError::NoEntry { key, last: why }),
+        }
+    }
+
+    /// How long a query waits for an answer before it enters the ring again: a quarter of its
+    /// time, so that a walk lost past its entry peer costs a retry, not the query.
+    fn reenter_after(&self) -> std::time::Duration {
+        (self.cfg.query_timeout / 4).max(std::time::Duration::from_millis(250))
+    }
+
+    /// Enters the ring again for each query whose answer is overdue, at a staying member other
+    /// than the last entry (a read: a second walk costs datagrams, never a wrong answer; the
+    /// first answer wins).
+    pub(super) fn reenter_overdue(&mut self, now: Time) {
+        let overdue: Vec<(u64, PeerId)> = self
+            .queries
+            .iter()
+            .filter(|(_, q)| q.reenter_at <= now && q.deadline > now)
+            .map(|(id, q)| (*id, q.entry))
+            .collect();
+        for (query, last) in overdue {
+            let next = self.ring.as_ref().and_then(|r| {
+                let staying = || r.members.iter().filter(|m| !m.leaving);
+                let after = staying().skip_while(|m| m.id != last).nth(1);
+                after
+                    .or_else(|| staying().find(|m| m.id != last))
+                    .or_else(|| r.members.iter().find(|m| m.id != last))
+                    .map(|m| (m.id, m.addr))
+            });
+            match next {
+                Some((id, addr)) => self.send_find(now, query, id, addr),
+                // A ring of one: wait for its answer (or the deadline).
+                None => {
+                    let at = now + self.reenter_after();
+                    if let Some(q) = self.queries.get_mut(&query) {
+                        q.reenter_at = at;
+                    }
+                }
+            }
         }
     }
 
@@ -234,6 +288,52 @@ mod tests {
         kit.wrong_key.clear();
         let seq = kit.request(query(42, Some("p0")));
         assert!(matches!(kit.reply(seq), Ok(ReplyBody::Query(q)) if q.key == RecordKey::Event(42)));
+    }
+
+    /// The entry peer takes the query and its walk is lost (it exited, or the hop after it
+    /// was lost for good): the query enters the ring again elsewhere after a quarter of its
+    /// time, instead of waiting out its deadline.
+    #[test]
+    fn a_query_whose_walk_is_lost_enters_the_ring_again() {
+        let mut kit = Kit::with_ring(3);
+        kit.mute.insert("p0".into());
+        let seq = kit.request(query(42, Some("p0")));
+        kit.wait(Duration::from_millis(100));
+        assert!(!kit.replies.contains_key(&seq), "answered by a mute entry");
+        kit.wait(kit.m.cfg.query_timeout / 4);
+        match kit.reply(seq) {
+            Ok(ReplyBody::Query(q)) => {
+                assert_ne!(q.path_names.first().map(String::as_str), Some("p0"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A leaving member is no entry: it may exit before its walk is acknowledged.
+    #[test]
+    fn queries_do_not_enter_at_a_leaving_member() {
+        let mut kit = Kit::with_ring(3);
+        let p1_index = kit.peers.iter().position(|p| p.name == "p1").expect("p1");
+        kit.send_from_peer(p1_index, 900, crate::wire::Body::LeaveRequest);
+        // Silent, p1 never finishes its hand-off: it stays a leaving member.
+        kit.silent.insert("p1".into());
+        kit.run();
+        let leaving = kit
+            .m
+            .ring()
+            .and_then(|r| r.members.iter().find(|m| m.name == "p1"))
+            .is_some_and(|m| m.leaving);
+        assert!(leaving, "p1 is not leaving");
+        let p1 = kit.peer("p1").inbox.len();
+        for key in 0..12 {
+            kit.request(query(key, None));
+        }
+        kit.run();
+        let finds = kit.peer("p1").inbox[p1..]
+            .iter()
+            .filter(|b| matches!(b, crate::wire::Body::Find(_)))
+            .count();
+        assert_eq!(finds, 0);
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct Kit {
     pub silent: BTreeSet<String>,
     /// Peers that refuse store batches.
     pub refusing: BTreeSet<String>,
+    /// Peers that acknowledge a query and never answer it (its walk lost past them).
+    pub mute: BTreeSet<String>,
     /// Peers that answer a query with a result about another key (a bug, or a forgery).
     pub wrong_key: BTreeSet<String>,
 }
@@ -105,6 +107,7 @@ impl Kit {
             progress: Vec::new(),
             events: Vec::new(),
             silent: BTreeSet::new(),
+            mute: BTreeSet::new(),
             refusing: BTreeSet::new(),
             wrong_key: BTreeSet::new(),
         }
@@ -317,6 +320,7 @@ impl Kit {
                     ..Default::default()
                 },
             }),
+            Body::Find(_) if self.mute.contains(&self.peers[i].name) => None,
             Body::Find(mut find) => {
                 let p = &self.peers[i];
                 find.path.extend(p.id);
