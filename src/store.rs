@@ -61,14 +61,16 @@ impl RowRef<'_> {
 /// copy itself and leave its old copy resident in the heap); any row fits one, as a row
 /// travels in one datagram.
 const SEGMENT: usize = 1 << 18;
-/// A slot's fields, packed in one u64 (from bit 0): the row's offset in the arena (64 GiB),
-/// its length (a row fits a datagram: under 64 KiB), its header (1,024 per peer), whether
-/// another row of the key follows, whether the key is a fallback.
-const OFFSET_BITS: u32 = 36;
+/// A slot's fields, packed in one u64 (from bit 0): the row's offset in the arena (32 GiB),
+/// its length (a row fits a datagram: under 64 KiB), its header (1,024 per peer), whether it
+/// is its key's first row, whether another row of the key follows, whether the key is a
+/// fallback.
+const OFFSET_BITS: u32 = 35;
 const LEN_BITS: u32 = 16;
 const SCHEMA_BITS: u32 = 10;
 const LEN_SHIFT: u32 = OFFSET_BITS;
 const SCHEMA_SHIFT: u32 = LEN_SHIFT + LEN_BITS;
+const FIRST_BIT: u64 = 1 << 61;
 const HAS_NEXT_BIT: u64 = 1 << 62;
 const FALLBACK_BIT: u64 = 1 << 63;
 /// No next row of the same key.
@@ -102,6 +104,10 @@ impl Slot {
 
     fn has_next(&self) -> bool {
         self.at & HAS_NEXT_BIT != 0
+    }
+
+    fn is_first(&self) -> bool {
+        self.at & FIRST_BIT != 0
     }
 
     fn record_key(&self) -> RecordKey {
@@ -276,6 +282,7 @@ impl Store {
         match last {
             Some(l) => self.set_next(l, index),
             None => {
+                self.slots[index as usize].at |= FIRST_BIT;
                 let (slots, hasher) = (&self.slots, &self.hasher);
                 let hash = hasher.hash_one(key);
                 self.heads.insert_unique(hash, index, |&i| {
@@ -370,6 +377,7 @@ impl Store {
         let hash = self.hash(key);
         let slots = &self.slots;
         let mut before = None;
+        let mut first = None;
         if let Ok(head) = self
             .heads
             .find_entry(hash, |&i| same_key(&slots[i as usize], key))
@@ -380,7 +388,11 @@ impl Store {
                 head.remove();
             } else {
                 *head.into_mut() = to;
+                first = Some(to);
             }
+        }
+        if let Some(to) = first {
+            self.slots[to as usize].at |= FIRST_BIT;
         }
         let Some(mut p) = before else { return };
         loop {
@@ -420,18 +432,23 @@ impl Store {
         }
     }
 
-    /// Every key and its rows.
+    /// Every key and its rows, in the slots' order: a scan, not a walk of the table in hash
+    /// order, which touched the slots at random (1.5 s for a status report of 940,000 rows on
+    /// this machine, during which the peer answered nothing, against 0.1 s in order).
     pub fn iter(&self) -> impl Iterator<Item = (RecordKey, Rows<'_>)> {
-        self.heads.iter().map(|&head| {
-            let key = self.slots[head as usize].record_key();
-            (
-                key,
-                Rows {
-                    store: self,
-                    next: head,
-                },
-            )
-        })
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, slot)| slot.is_first())
+            .map(|(i, slot)| {
+                (
+                    slot.record_key(),
+                    Rows {
+                        store: self,
+                        next: i as u32,
+                    },
+                )
+            })
     }
 
     pub fn is_empty(&self) -> bool {
