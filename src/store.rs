@@ -455,10 +455,12 @@ impl Store {
         self.slots.is_empty()
     }
 
+    /// (Tests: a bound on the store's overhead, counted rather than timed.)
     /// Bytes of memory the rows and their index take: the filled part of the segments (a
     /// segment's tail is never written until used, so never resident) and the capacity of the
     /// slots and the tables (buckets and control bytes).
-    pub fn held_bytes(&self) -> usize {
+    #[cfg(test)]
+    fn held_bytes(&self) -> usize {
         let segments: usize = self.segments.iter().map(Vec::len).sum();
         let table = self.heads.capacity() * 8 / 7;
         let links = self.links.capacity() * 8 / 7;

@@ -7,7 +7,8 @@ use crate::link::Time;
 use crate::record::RecordKey;
 use crate::ring::RingExt;
 use crate::wire::{
-    Body, FindEvent, FindResult, PeerId, QueryOutcome, ReplyBody, RequestError, Routing,
+    Body, FindEvent, FindResult, Member, PeerId, QueryOutcome, ReplyBody, RequestError, RingView,
+    Routing,
 };
 use std::net::SocketAddr;
 
@@ -28,6 +29,19 @@ pub(super) struct PendingQuery {
 /// Queries the manager follows at once; beyond it clients are told to retry, so a flood of
 /// requests cannot grow its memory without bound.
 const MAX_QUERIES_IN_FLIGHT: usize = 16_384;
+
+/// Where a query enters the ring: round the ring from member `start`, the first member not
+/// `avoid`ed, a staying one before a leaving one (a leaving member may exit with the walk still
+/// in its hands).
+fn entry_from(ring: &RingView, start: usize, avoid: impl Fn(&Member) -> bool) -> Option<&Member> {
+    let n = ring.members.len();
+    let round = || {
+        (0..n)
+            .map(|k| &ring.members[(start + k) % n])
+            .filter(|m| !avoid(m))
+    };
+    round().find(|m| !m.leaving).or_else(|| round().next())
+}
 
 impl Manager {
     pub(super) fn query(
@@ -57,13 +71,10 @@ impl Manager {
                 None => return self.reply(now, &call, Err(RequestError::NotInRing { name: v })),
             },
             None => {
-                // Not a leaving member: it may exit with the walk still in its hands.
-                let staying: Vec<&crate::wire::Member> =
-                    ring.members.iter().filter(|m| !m.leaving).collect();
                 self.next_entry = self.next_entry.wrapping_add(1);
-                match staying.get(self.next_entry % staying.len().max(1)) {
-                    Some(m) => (*m).clone(),
-                    None => ring.members[self.next_entry % ring.members.len()].clone(),
+                match entry_from(ring, self.next_entry, |_| false) {
+                    Some(m) => m.clone(),
+                    None => return self.reply(now, &call, Err(RequestError::NoRing)),
                 }
             }
         };
@@ -129,7 +140,7 @@ impl Manager {
         let next = self
             .ring
             .as_ref()
-            .and_then(|r| r.members.iter().find(|m| !tried.contains(&m.id)))
+            .and_then(|r| entry_from(r, 0, |m| tried.contains(&m.id)))
             .map(|m| (m.id, m.addr));
         match next {
             Some((id, addr)) => self.send_find(now, query, id, addr),
@@ -155,12 +166,12 @@ impl Manager {
             .collect();
         for (query, last) in overdue {
             let next = self.ring.as_ref().and_then(|r| {
-                let staying = || r.members.iter().filter(|m| !m.leaving);
-                let after = staying().skip_while(|m| m.id != last).nth(1);
-                after
-                    .or_else(|| staying().find(|m| m.id != last))
-                    .or_else(|| r.members.iter().find(|m| m.id != last))
-                    .map(|m| (m.id, m.addr))
+                let after_last = r
+                    .members
+                    .iter()
+                    .position(|m| m.id == last)
+                    .map_or(0, |i| i + 1);
+                entry_from(r, after_last, |m| m.id == last).map(|m| (m.id, m.addr))
             });
             match next {
                 Some((id, addr)) => self.send_find(now, query, id, addr),

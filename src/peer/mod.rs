@@ -667,7 +667,16 @@ impl Peer {
                 .as_ref()
                 .filter(|b| ring.settled_epoch != 0 && b.epoch == ring.settled_epoch)
         };
-        let plan = repair::plan(&self.store, me, base, ring, &self.unplaced, &self.ahead);
+        let index = self.points.as_ref();
+        let plan = repair::plan(
+            &self.store,
+            me,
+            base,
+            ring,
+            index,
+            &self.unplaced,
+            &self.ahead,
+        );
         if settled && self.base.as_ref().map(|b| b.epoch) != Some(epoch) {
             self.base = Some(ring.clone());
         }

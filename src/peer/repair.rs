@@ -44,12 +44,15 @@ impl Plan {
     }
 }
 
-/// What `me` does with every row of `store` when `view` replaces `base`.
+/// What `me` does with every row of `store` when `view` replaces `base`. `index` is the
+/// peer's kept index of `view`'s points, if any (no sort of n × V points per plan); a `base`
+/// that is `view` itself (a settled view) is placed by the same placer.
 pub fn plan(
     store: &Store,
     me: PeerId,
     base: Option<&RingView>,
     view: &RingView,
+    index: Option<&PointIndex>,
     unplaced: &HashSet<RecordKey>,
     ahead: &HashMap<RecordKey, u64>,
 ) -> Plan {
@@ -58,8 +61,14 @@ pub fn plan(
         return Plan::default();
     }
     let r = view.replication.max(1) as usize;
-    let placer = Placer::new(view);
-    let base_placer = base.map(|b| (Placer::new(b), b.replication.max(1) as usize));
+    let placer = Placer::bound(view, index);
+    let other_base = base.filter(|b| !std::ptr::eq(*b, view)).map(Placer::new);
+    let base_placer = base.map(|b| {
+        (
+            other_base.as_ref().unwrap_or(&placer),
+            b.replication.max(1) as usize,
+        )
+    });
     let mut out = Plan::default();
     let mut sends: BTreeMap<(PeerId, usize), Send> = BTreeMap::new();
     let mut schemas: Vec<Columns> = Vec::new();
@@ -222,7 +231,12 @@ mod tests {
         let none = HashSet::new();
         let plans: Vec<(PeerId, Plan)> = stores
             .iter()
-            .map(|(id, s)| (*id, plan(s, *id, Some(base), v, &none, &HashMap::new())))
+            .map(|(id, s)| {
+                (
+                    *id,
+                    plan(s, *id, Some(base), v, None, &none, &HashMap::new()),
+                )
+            })
             .collect();
         let mut sent = 0;
         for (from, p) in plans {
@@ -323,7 +337,7 @@ mod tests {
                 PackedRow::pack(&[k.to_string()]),
             );
         }
-        let p = plan(&s, 1, None, &v, &HashSet::new(), &HashMap::new());
+        let p = plan(&s, 1, None, &v, None, &HashSet::new(), &HashMap::new());
         for send in &p.sends {
             assert_ne!(send.to, 1);
         }
