@@ -128,6 +128,27 @@ pub fn init(
         filter: log_filter.clone(),
         reason: e.to_string(),
     })?;
+    let exported = spans == Spans::Always || endpoint.is_some();
+    subscriber(env_filter, tracer, exported)
+        .try_init()
+        .map_err(|_| TelemetryError::AlreadyInstalled)?;
+    if let Some(url) = &endpoint {
+        tracing::info!(endpoint = %url, service = %service_name, "exporting traces over OTLP/gRPC");
+    }
+    Ok(Telemetry {
+        provider,
+        endpoint,
+        service_name,
+    })
+}
+
+/// The subscriber `init` installs: log lines by `env_filter`, and spans of [`TARGET`] for the
+/// tracer when they are `exported`.
+fn subscriber(
+    env_filter: EnvFilter,
+    tracer: opentelemetry_sdk::trace::Tracer,
+    exported: bool,
+) -> impl tracing::Subscriber + Send + Sync {
     // Separate filters: a quiet log level must not switch off the spans that are exported.
     // The log lines leave out the spans meant for export (one per datagram): formatting their
     // fields for every datagram cost more than handling it, and the drivers log a datagram's
@@ -139,24 +160,20 @@ pub fn init(
         .with_filter(env_filter.and(filter_fn(|meta| {
             !(meta.is_span() && meta.target() == TARGET)
         })));
-    let otel_layer = (spans == Spans::Always || endpoint.is_some()).then(|| {
-        tracing_opentelemetry::layer()
-            .with_tracer(tracer)
-            .with_filter(Targets::new().with_target(TARGET, tracing::Level::INFO))
-    });
+    // Not exported, the span layer stays but lets nothing in. An absent (`None`) layer counts
+    // as one that wants everything: every datagram then paid for a span that nobody read (its
+    // allocation, its fields, its remote parent), about a tenth of a peer's time per query.
+    let span_targets = if exported {
+        Targets::new().with_target(TARGET, tracing::Level::INFO)
+    } else {
+        Targets::new()
+    };
+    let otel_layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(span_targets);
     tracing_subscriber::registry()
         .with(log_layer)
         .with(otel_layer)
-        .try_init()
-        .map_err(|_| TelemetryError::AlreadyInstalled)?;
-    if let Some(url) = &endpoint {
-        tracing::info!(endpoint = %url, service = %service_name, "exporting traces over OTLP/gRPC");
-    }
-    Ok(Telemetry {
-        provider,
-        endpoint,
-        service_name,
-    })
 }
 
 impl Telemetry {
@@ -189,6 +206,9 @@ pub const FLUSH_LIMIT: Duration = Duration::from_millis(800);
 
 /// The W3C context of `span`, to put in an outgoing envelope.
 pub fn context_of(span: &Span) -> Option<TraceContext> {
+    if span.is_disabled() {
+        return None;
+    }
     let cx = span.context();
     if !cx.span().span_context().is_valid() {
         return None;
@@ -205,7 +225,9 @@ pub fn context_of(span: &Span) -> Option<TraceContext> {
 
 /// Makes the remote span in `trace` the parent of `span` (before it is entered).
 pub fn set_remote_parent(span: &Span, trace: Option<&TraceContext>) {
-    let Some(t) = trace else { return };
+    let Some(t) = trace.filter(|_| !span.is_disabled()) else {
+        return;
+    };
     let mut carrier = HashMap::new();
     carrier.insert("traceparent".to_string(), t.traceparent.clone());
     if let Some(state) = &t.tracestate {
@@ -222,4 +244,45 @@ pub fn trace_id_of(span: &Span) -> Option<String> {
     let cx = span.context();
     let sc = cx.span().span_context().clone();
     sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_subscriber(exported: bool, f: impl FnOnce()) {
+        let provider = SdkTracerProvider::builder().build();
+        global::set_text_map_propagator(TraceContextPropagator::new());
+        let sub = subscriber(EnvFilter::new("info"), provider.tracer("test"), exported);
+        tracing::subscriber::with_default(sub, f);
+    }
+
+    #[test]
+    fn spans_nobody_exports_are_not_built() {
+        with_subscriber(false, || {
+            let span = tracing::info_span!(target: TARGET, "find_event", hop = 1);
+            assert!(
+                span.is_disabled(),
+                "a span was built with nothing to export it"
+            );
+            assert_eq!(context_of(&span), None);
+            // Another target's span is the log layer's business, by its filter.
+            let logged = tracing::info_span!(target: "elsewhere", "work");
+            assert!(!logged.is_disabled());
+        });
+    }
+
+    #[test]
+    fn exported_spans_are_built_and_carry_a_context() {
+        with_subscriber(true, || {
+            let span = tracing::info_span!(target: TARGET, "find_event", hop = 1);
+            assert!(!span.is_disabled());
+            let cx = context_of(&span).expect("a sampled span has a context");
+            assert!(cx.traceparent.starts_with("00-"), "{}", cx.traceparent);
+            // A child made remote from that context joins its trace.
+            let child = tracing::info_span!(target: TARGET, "find_event", hop = 2);
+            set_remote_parent(&child, Some(&cx));
+            assert_eq!(trace_id_of(&child), trace_id_of(&span));
+        });
+    }
 }
