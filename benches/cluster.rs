@@ -213,13 +213,25 @@ impl Scenario<'_> {
 
 /// [`QUERIES`] seeded random keys of the scenario's file, one at a time: the latencies in µs,
 /// sorted, and the hops in all (peers on each path after the entry peer). Every one must be
-/// found.
-async fn timed_queries(client: &mut Client, sc: &Scenario<'_>) -> (Vec<f64>, usize) {
+/// found. With an `echo`, the floor's round trips are timed between blocks of queries (as many
+/// as queries, appended to `rtts`): on a machine whose load changes by the second, a floor
+/// measured before the queries is not the floor they ran on.
+async fn timed_queries(
+    client: &mut Client,
+    sc: &Scenario<'_>,
+    mut echo: Option<(&floor::Echo, &mut Vec<f64>)>,
+) -> (Vec<f64>, usize) {
+    const BLOCK: usize = 50;
     let records = sc.dataset.rows.len() as u64;
     let mut rng = XorShift(0x5eed_cafe_f00d);
     let mut latencies = Vec::with_capacity(QUERIES);
     let mut hops = 0usize;
-    for _ in 0..QUERIES {
+    for i in 0..QUERIES {
+        if i % BLOCK == 0
+            && let Some((echo, rtts)) = echo.as_mut()
+        {
+            rtts.extend(echo.round_trips(BLOCK));
+        }
         let key = sc.dataset.rows[(rng.next() % records) as usize].key;
         let t = Instant::now();
         let req = ClientRequest::Query {
@@ -245,9 +257,8 @@ async fn run(sc: &Scenario<'_>) -> Value {
     let records = sc.dataset.rows.len() as u64;
     let r = sc.replication;
 
-    // The floors, right before the scenario.
+    // The parse floor, right before the scenario (the UDP floor is timed among the queries).
     let parse_ms = floor::parse_ms(sc.path);
-    let one_way_us = floor::one_way_us();
 
     let started = Instant::now();
     let mut nodes = if sc.processes {
@@ -290,31 +301,45 @@ async fn run(sc: &Scenario<'_>) -> Value {
     // Seeded random keys, one query at a time: the same 1,000 queries on every run, entering
     // at the next member round the ring, then the same keys entering at their owner (by the
     // client's view): no hop but the answer.
-    let (latencies, hops) = timed_queries(&mut client, sc).await;
+    // The floor's round trips are timed between blocks of the same queries.
+    let echo = floor::Echo::start();
+    let (mut ring_rtts, mut owner_rtts) = (Vec::new(), Vec::new());
+    let (latencies, hops) = timed_queries(&mut client, sc, Some((&echo, &mut ring_rtts))).await;
     client.set_owner_entry(true);
-    let (owner_latencies, owner_hops) = timed_queries(&mut client, sc).await;
+    let (owner_latencies, owner_hops) =
+        timed_queries(&mut client, sc, Some((&echo, &mut owner_rtts))).await;
     client.set_owner_entry(false);
+    drop(echo);
+    let one_way_us = floor::one_way_of(ring_rtts);
+    let one_way_owner_us = floor::one_way_of(owner_rtts);
     // The same queries again with the client, the echo of the floor and every node pinned to
     // one CPU (processes only): the floor and the queries then pay the same wake-ups.
     let mut same_cpu = Value::Null;
     if let Some(pinned) = nodes.pids().as_deref().and_then(floor::Pinned::all) {
-        let one_way = floor::one_way_us();
-        let (ring, ring_hops) = timed_queries(&mut client, sc).await;
+        // Started pinned: the echo runs on the same CPU.
+        let echo = floor::Echo::start();
+        let (mut ring_rtts, mut owner_rtts) = (Vec::new(), Vec::new());
+        let (ring, ring_hops) = timed_queries(&mut client, sc, Some((&echo, &mut ring_rtts))).await;
         client.set_owner_entry(true);
-        let (owner, owner_hops) = timed_queries(&mut client, sc).await;
+        let (owner, owner_hops) =
+            timed_queries(&mut client, sc, Some((&echo, &mut owner_rtts))).await;
         client.set_owner_entry(false);
+        drop(echo);
         drop(pinned);
-        let ratio = |lat: &[f64], hops: usize| {
+        let (ring_one_way, owner_one_way) =
+            (floor::one_way_of(ring_rtts), floor::one_way_of(owner_rtts));
+        let ratio = |lat: &[f64], hops: usize, one_way: f64| {
             let hops = hops as f64 / QUERIES as f64;
             round(percentile(lat, 0.5) / ((hops + 2.0) * one_way), 2)
         };
         same_cpu = json!({
-            "one_way_us": round(one_way, 1),
+            "one_way_us": round(ring_one_way, 1),
+            "one_way_owner_entry_us": round(owner_one_way, 1),
             "query_p50_us": round(percentile(&ring, 0.5), 0),
             "query_p99_us": round(percentile(&ring, 0.99), 0),
-            "p50_over_floor": ratio(&ring, ring_hops),
+            "p50_over_floor": ratio(&ring, ring_hops, ring_one_way),
             "query_p50_owner_entry_us": round(percentile(&owner, 0.5), 0),
-            "p50_owner_entry_over_floor": ratio(&owner, owner_hops),
+            "p50_owner_entry_over_floor": ratio(&owner, owner_hops, owner_one_way),
         });
     }
     // Ids above every event id of the file: each must be "not found".
@@ -499,7 +524,8 @@ async fn run(sc: &Scenario<'_>) -> Value {
         "absent_queried": ABSENT,
         "query_p50_owner_entry_us": round(owner_p50, 0),
         "mean_hops_owner_entry": round(owner_mean_hops, 2),
-        "p50_owner_entry_over_floor": round(owner_p50 / ((owner_mean_hops + 2.0) * one_way_us), 2),
+        "one_way_owner_entry_us": round(one_way_owner_us, 1),
+        "p50_owner_entry_over_floor": round(owner_p50 / ((owner_mean_hops + 2.0) * one_way_owner_us), 2),
         "same_cpu": same_cpu,
         "verify_qps": round(verify_qps, 0),
         "verify_qps_next_entry": verify_qps_next_entry,

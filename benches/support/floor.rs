@@ -12,8 +12,7 @@ use stormdht::record;
 
 /// Set in the environment of the child process that the bench binary re-execs as its echo.
 pub const ECHO_ENV: &str = "STORM_BENCH_ECHO";
-/// Round trips timed, after `WARM_UP` untimed ones.
-const ROUND_TRIPS: usize = 2_000;
+/// Untimed round trips when the echo starts.
 const WARM_UP: usize = 100;
 /// About the size of a query datagram.
 const PAYLOAD: usize = 100;
@@ -49,34 +48,64 @@ pub fn echo_server() {
     }
 }
 
-/// Half the median round trip of a ~100-byte datagram to another process (this binary
-/// again, as an echo), one datagram at a time, in µs. The child is waited for before return.
-pub fn one_way_us() -> f64 {
-    let mut child = Command::new(std::env::current_exe().expect("this bench binary"))
-        .env(ECHO_ENV, "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn the echo process");
-    let mut port = String::new();
-    BufReader::new(child.stdout.take().expect("echo stdout"))
-        .read_line(&mut port)
-        .expect("echo port");
-    let target = format!("127.0.0.1:{}", port.trim());
-    let sock = UdpSocket::bind("127.0.0.1:0").expect("ping socket");
-    sock.set_read_timeout(Some(Duration::from_millis(500))).ok();
-    let payload = [7u8; PAYLOAD];
-    let mut buf = [0u8; 2048];
-    let mut rtts = Vec::with_capacity(ROUND_TRIPS + WARM_UP);
-    for _ in 0..ROUND_TRIPS + WARM_UP {
-        let t = Instant::now();
-        if sock.send_to(&payload, &target).is_ok() && sock.recv_from(&mut buf).is_ok() {
-            rtts.push(t.elapsed().as_secs_f64() * 1e6);
-        }
+/// The floor's echo: this binary again, in a child process, echoing ~100-byte datagrams. It
+/// stays up so that round trips can be timed between blocks of queries, under the same load
+/// as they are; the child ends when this is dropped.
+pub struct Echo {
+    child: std::process::Child,
+    sock: UdpSocket,
+    target: String,
+}
+
+impl Echo {
+    pub fn start() -> Echo {
+        let mut child = Command::new(std::env::current_exe().expect("this bench binary"))
+            .env(ECHO_ENV, "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn the echo process");
+        let mut port = String::new();
+        BufReader::new(child.stdout.take().expect("echo stdout"))
+            .read_line(&mut port)
+            .expect("echo port");
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("ping socket");
+        sock.set_read_timeout(Some(Duration::from_millis(500))).ok();
+        let echo = Echo {
+            child,
+            sock,
+            target: format!("127.0.0.1:{}", port.trim()),
+        };
+        echo.round_trips(WARM_UP);
+        echo
     }
-    drop(child.stdin.take()); // the echo ends when its stdin closes
-    let _ = child.wait();
-    let mut rtts = rtts.split_off(rtts.len().min(WARM_UP));
+
+    /// `n` round trips, one datagram at a time, in µs (a lost one is left out).
+    pub fn round_trips(&self, n: usize) -> Vec<f64> {
+        let payload = [7u8; PAYLOAD];
+        let mut buf = [0u8; 2048];
+        let mut rtts = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            if self.sock.send_to(&payload, &self.target).is_ok()
+                && self.sock.recv_from(&mut buf).is_ok()
+            {
+                rtts.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        rtts
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take()); // the echo ends when its stdin closes
+        let _ = self.child.wait();
+    }
+}
+
+/// Half the median of `rtts` (µs, any order).
+pub fn one_way_of(mut rtts: Vec<f64>) -> f64 {
     rtts.sort_by(|a, b| a.total_cmp(b));
     percentile(&rtts, 0.5) / 2.0
 }
