@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::link::Time;
 use crate::manager::{Manager, ManagerEvent, ManagerInput};
 use crate::measure::KeyCensus;
-use crate::record::{Dataset, LoadError};
+use crate::record::{Dataset, LoadError, RecordKey};
 use crate::telemetry::{TARGET, set_remote_parent};
 use crate::wire::{Body, ClientRequest, Envelope};
 use std::collections::HashMap;
@@ -21,6 +21,11 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 pub type LoadFn =
     Arc<dyn Fn(&str, &mut dyn FnMut(Dataset) -> bool) -> Result<(), LoadError> + Send + Sync>;
 
+/// Reads only the keys of the CSV a distribute names, in file order, for its census (the sink
+/// returns false to stop).
+pub type KeyScanFn =
+    Arc<dyn Fn(&str, &mut dyn FnMut(RecordKey) -> bool) -> Result<(), LoadError> + Send + Sync>;
+
 /// Rows per chunk read ahead of the manager.
 pub const CHUNK_ROWS: usize = 8_192;
 
@@ -28,6 +33,13 @@ pub const CHUNK_ROWS: usize = 8_192;
 pub fn disk_loader() -> LoadFn {
     Arc::new(|path: &str, sink: &mut dyn FnMut(Dataset) -> bool| {
         crate::record::stream_path(std::path::Path::new(path), CHUNK_ROWS, sink)
+    })
+}
+
+/// The census's reader of a real manager: the keys alone, a third of a full parse's time.
+pub fn disk_key_scan() -> KeyScanFn {
+    Arc::new(|path: &str, sink: &mut dyn FnMut(RecordKey) -> bool| {
+        crate::record::scan_keys_path(std::path::Path::new(path), sink)
     })
 }
 
@@ -44,22 +56,36 @@ enum Loaded {
 /// took 20 s.)
 pub const CENSUS_ROWS: u64 = 1_000_000;
 
-/// Reads the file at `path` with `load`: first its first [`CENSUS_ROWS`] rows, counting their
-/// keys, when `census` is asked for; then chunk by chunk into `send` (which returns false to
-/// stop).
-fn read_file(load: &LoadFn, path: &str, census: bool, send: &mut dyn FnMut(Loaded) -> bool) {
+/// Reads the file at `path`: first the keys of its first [`CENSUS_ROWS`] rows, counted, when
+/// `census` is asked for (with `scan` when there is one, else with `load`); then chunk by chunk
+/// with `load` into `send` (which returns false to stop).
+fn read_file(
+    load: &LoadFn,
+    scan: Option<&KeyScanFn>,
+    path: &str,
+    census: bool,
+    send: &mut dyn FnMut(Loaded) -> bool,
+) {
     if census {
         let mut counted = KeyCensus::default();
-        let result = load(path, &mut |chunk| {
-            for row in chunk
-                .rows
-                .iter()
-                .take((CENSUS_ROWS - counted.total()) as usize)
-            {
-                counted.add(row.key);
-            }
-            counted.total() < CENSUS_ROWS
-        });
+        let result = match scan {
+            Some(scan) => scan(path, &mut |key| {
+                counted.add(key);
+                counted.total() < CENSUS_ROWS
+            })
+            // The scan does not track lines; the full reader names the line of the error.
+            .or_else(|e| load(path, &mut |_| true).and(Err(e))),
+            None => load(path, &mut |chunk| {
+                for row in chunk
+                    .rows
+                    .iter()
+                    .take((CENSUS_ROWS - counted.total()) as usize)
+                {
+                    counted.add(row.key);
+                }
+                counted.total() < CENSUS_ROWS
+            }),
+        };
         if let Err(e) = result {
             send(Loaded::Done(Err(e)));
             return;
@@ -90,6 +116,8 @@ enum SpanKey {
 pub struct ManagerShell {
     spans: HashMap<SpanKey, Span>,
     load: LoadFn,
+    /// The census's key reader; None: the census reads with `load`.
+    scan: Option<KeyScanFn>,
     /// Load on a blocking thread (real files) or inline (the simulation's memory files).
     blocking: bool,
     reading: Option<Reading>,
@@ -100,26 +128,36 @@ impl ManagerShell {
         ManagerShell {
             spans: HashMap::new(),
             load,
+            scan: None,
             blocking,
             reading: None,
         }
     }
 
+    /// Counts a census with `scan` instead of full rows.
+    pub fn with_key_scan(mut self, scan: KeyScanFn) -> Self {
+        self.scan = Some(scan);
+        self
+    }
+
     fn load_file(&mut self, job: u64, path: String, census: bool) {
         info!(%path, census, "reading records");
         let load = self.load.clone();
+        let scan = self.scan.clone();
         let rx = if self.blocking {
             // A bounded channel: the thread blocks once a chunk waits, so memory stays bounded.
             // The receiver is gone only when the job or the loop ended.
             let (tx, rx) = mpsc::channel(1);
             tokio::task::spawn_blocking(move || {
-                read_file(&load, &path, census, &mut |l| tx.blocking_send(l).is_ok());
+                read_file(&load, scan.as_ref(), &path, census, &mut |l| {
+                    tx.blocking_send(l).is_ok()
+                });
             });
             rx
         } else {
             // The simulation's files are small and in memory: read them at once.
             let mut chunks = Vec::new();
-            read_file(&load, &path, census, &mut |l| {
+            read_file(&load, scan.as_ref(), &path, census, &mut |l| {
                 chunks.push(l);
                 true
             });
@@ -338,7 +376,7 @@ pub async fn run_manager(
     if let Some(tx) = ready {
         let _ = tx.send(local);
     }
-    let mut shell = ManagerShell::new(disk_loader(), true);
+    let mut shell = ManagerShell::new(disk_loader(), true).with_key_scan(disk_key_scan());
     drive(&socket, &manager, &mut shell, shutdown, &options).await;
     Ok(())
 }
@@ -346,4 +384,71 @@ pub async fn run_manager(
 /// A manager machine ready to be driven, for callers that bring their own socket.
 pub fn manager_machine(cfg: &Config, incarnation: u64) -> Shared<Manager> {
     shared(Manager::new(cfg.manager_config(), incarnation))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `read_file` hands on: the census, the rows, and how it ended.
+    fn read(path: &str, scan: Option<&KeyScanFn>) -> (Option<KeyCensus>, usize, Option<String>) {
+        let (mut census, mut rows, mut error) = (None, 0, None);
+        read_file(&disk_loader(), scan, path, true, &mut |l| {
+            match l {
+                Loaded::Census(c) => census = Some(*c),
+                Loaded::Chunk(d) => rows += d.rows.len(),
+                Loaded::Done(r) => error = r.err().map(|e| e.to_string()),
+            }
+            true
+        });
+        (census, rows, error)
+    }
+
+    #[test]
+    fn the_key_scan_counts_the_census_the_rows_would() {
+        let dir = std::env::temp_dir().join(format!("stormdht-census-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Some ids, a row without one (a fallback key), a short row (rejected).
+        let mut text = String::from("event_id,state,year\n");
+        for i in 0..5_000 {
+            text.push_str(&format!("{},KANSAS,{}\n", 10_000 + i * 7, 1990 + i % 30));
+        }
+        text.push_str(",TEXAS,1996\nshort\n");
+        let path = dir.join("course.csv");
+        std::fs::write(&path, &text).unwrap();
+        let path = path.to_str().unwrap();
+        let by_rows = read(path, None);
+        let by_keys = read(path, Some(&disk_key_scan()));
+        std::fs::remove_dir_all(&dir).ok();
+        assert_eq!(by_rows.0.as_ref().map(KeyCensus::total), Some(5_001));
+        assert_eq!(by_keys, by_rows);
+    }
+
+    #[test]
+    fn a_census_that_fails_names_the_line_as_the_rows_would() {
+        let dir = std::env::temp_dir().join(format!("stormdht-census-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Truncated gzip: an I/O error part way, which the full reader places by line.
+        let mut text = String::from("event_id,state,year\n");
+        for i in 0..20_000 {
+            text.push_str(&format!("{},KANSAS,1996\n", 10_000 + i));
+        }
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut enc, text.as_bytes()).unwrap();
+        let gz = enc.finish().unwrap();
+        let path = dir.join("cut.csv.gz");
+        std::fs::write(&path, &gz[..gz.len() / 2]).unwrap();
+        let path = path.to_str().unwrap();
+        let (census, rows, error) = read(path, Some(&disk_key_scan()));
+        let (_, _, by_rows) = read(path, None);
+        std::fs::remove_dir_all(&dir).ok();
+        assert_eq!(
+            (census, rows),
+            (None, 0),
+            "nothing is handed on after a failed census"
+        );
+        let error = error.expect("the census fails");
+        assert!(error.contains("near line"), "{error}");
+        assert_eq!(Some(error), by_rows);
+    }
 }

@@ -308,6 +308,96 @@ fn read_text<R: Read>(
     Ok(())
 }
 
+/// The key of every row that [`stream_path`] would accept, in file order, without building
+/// the rows. A distribute's census needs only the keys, and a string per field was most of a
+/// parse. `sink` returns false to stop. Rows the full reader rejects are skipped here too; a
+/// fatal error is reported without the line the full reader would name.
+pub fn scan_keys_path(
+    path: &Path,
+    sink: &mut dyn FnMut(RecordKey) -> bool,
+) -> Result<(), LoadError> {
+    let file = std::fs::File::open(path).map_err(|source| LoadError::Io {
+        path: Some(path.to_path_buf()),
+        line: None,
+        source,
+    })?;
+    scan_keys_reader(file, sink).map_err(|e| e.with_path(path))
+}
+
+/// [`scan_keys_path`] over any reader (plain or gzip-compressed).
+pub fn scan_keys_reader<R: Read>(
+    reader: R,
+    sink: &mut dyn FnMut(RecordKey) -> bool,
+) -> Result<(), LoadError> {
+    let (magic, rest) = peek(reader, 2).map_err(|source| io_err(None, source))?;
+    if magic == [0x1f, 0x8b] {
+        let stream = io::Cursor::new(magic).chain(rest);
+        scan_text(flate2::read::MultiGzDecoder::new(stream), sink)
+    } else {
+        scan_text(io::Cursor::new(magic).chain(rest), sink)
+    }
+}
+
+fn scan_text<R: Read>(reader: R, sink: &mut dyn FnMut(RecordKey) -> bool) -> Result<(), LoadError> {
+    let (head, rest) = peek(reader, BOM.len()).map_err(|source| io_err(Some(1), source))?;
+    let head = if head == BOM { Vec::new() } else { head };
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .buffer_capacity(64 * 1024)
+        .from_reader(io::Cursor::new(head).chain(rest));
+    let mut rec = csv::ByteRecord::new();
+    match rdr.read_byte_record(&mut rec) {
+        Ok(true) => {}
+        Ok(false) => return Err(LoadError::EmptyFile { path: None }),
+        Err(e) => return Err(csv_fatal(e, 1)),
+    }
+    let columns = parse_header(&rec)?;
+    let id_col = columns.iter().position(|c| c == EVENT_ID_COLUMN);
+    let ncols = columns.len();
+    let mut last_error_at: Option<u64> = None;
+    loop {
+        let start = rdr.position().byte();
+        match rdr.read_byte_record(&mut rec) {
+            Ok(false) => return Ok(()),
+            Ok(true) => {
+                // What `row_values` rejects, without copying a field.
+                if rec.len() != ncols || rec.iter().any(|f| std::str::from_utf8(f).is_err()) {
+                    continue;
+                }
+                let id = id_col
+                    .and_then(|i| rec.get(i))
+                    .and_then(|f| std::str::from_utf8(f).ok())
+                    .and_then(event_id);
+                let key = match id {
+                    Some(id) => RecordKey::Event(id),
+                    None => {
+                        let values: Vec<String> = rec
+                            .iter()
+                            .map(|f| String::from_utf8_lossy(f).into_owned())
+                            .collect();
+                        fallback_key(&values)
+                    }
+                };
+                if !sink(key) {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                let line = rdr.position().line();
+                if matches!(e.kind(), csv::ErrorKind::Io(_)) {
+                    return Err(csv_fatal(e, line));
+                }
+                let now = rdr.position().byte();
+                if now == start || last_error_at == Some(now) {
+                    return Err(csv_fatal(e, line));
+                }
+                last_error_at = Some(now);
+            }
+        }
+    }
+}
+
 fn csv_fatal(e: csv::Error, line: u64) -> LoadError {
     let reason = e.to_string();
     match e.into_kind() {
@@ -458,6 +548,56 @@ mod tests {
         let from_file = load_path(&p).unwrap();
         std::fs::remove_dir_all(&dir).ok();
         assert_same(&plain, &from_file);
+    }
+
+    #[test]
+    fn the_key_scan_finds_the_keys_of_exactly_the_rows_the_reader_accepts() {
+        // A BOM, CRLF, a short row, a row without an event id (fallback key), a field that is
+        // not UTF-8, a bad quote, an id that is not a number, and a blank line.
+        let mut text = format!(
+            "\u{feff}{DETAILS_HEADER}\r\n{DETAILS_ROW_1}\r\nshort,row\r\n\r\n{DETAILS_ROW_2}\r\n"
+        )
+        .into_bytes();
+        let no_id = DETAILS_ROW_1.replacen(",890001,", ",,", 1);
+        let bad_id = DETAILS_ROW_2.replacen(",890002,", ",12x,", 1);
+        let bad_utf8 = DETAILS_ROW_2.replacen(",890002,", ",\u{1},", 1);
+        for row in [no_id.as_bytes(), bad_id.as_bytes(), b"a,\"b\"c,d"] {
+            text.extend_from_slice(row);
+            text.extend_from_slice(b"\n");
+        }
+        text.extend(
+            bad_utf8
+                .as_bytes()
+                .iter()
+                .map(|&b| if b == 1 { 0xff } else { b }),
+        );
+        text.extend_from_slice(b"\n");
+        let full = load(&text);
+        assert!(full.fallback_keys >= 2, "{}", full.fallback_keys);
+        assert!(full.rejected.len() >= 2, "{:?}", full.rejected);
+        let want: Vec<RecordKey> = full.rows.iter().map(|r| r.key).collect();
+        for bytes in [text.clone(), gzip(&text)] {
+            let mut got = Vec::new();
+            scan_keys_reader(bytes.as_slice(), &mut |k| {
+                got.push(k);
+                true
+            })
+            .unwrap();
+            assert_eq!(got, want);
+        }
+        // The sink stops it.
+        let mut first = Vec::new();
+        scan_keys_reader(text.as_slice(), &mut |k| {
+            first.push(k);
+            false
+        })
+        .unwrap();
+        assert_eq!(first, want[..1]);
+        // A file without a header row is an error, as for the reader.
+        assert!(matches!(
+            scan_keys_reader(&b""[..], &mut |_| true),
+            Err(LoadError::EmptyFile { .. })
+        ));
     }
 
     #[test]

@@ -29,5 +29,6 @@ pub use format::{COURSE_COLUMNS, CsvFormat, EVENT_ID_COLUMN};
 pub use generate::{GenerateError, ID_STRIDE, generate};
 pub use key::{KeyParseError, RecordKey, fallback_key};
 pub use load::{
-    Dataset, LoadError, Row, RowError, load_path, load_reader, stream_path, stream_reader,
+    Dataset, LoadError, Row, RowError, load_path, load_reader, scan_keys_path, scan_keys_reader,
+    stream_path, stream_reader,
 };
