@@ -1034,7 +1034,7 @@ pub async fn verify_with<S: DatagramSocket>(
     progress: impl FnMut(usize, usize),
 ) -> VerifyReport {
     let started = std::time::Instant::now();
-    let mut expected: BTreeMap<RecordKey, Vec<&Vec<String>>> = BTreeMap::new();
+    let mut expected: BTreeMap<RecordKey, Vec<&crate::wire::PackedRow>> = BTreeMap::new();
     for row in &dataset.rows {
         expected.entry(row.key).or_default().push(&row.values);
     }

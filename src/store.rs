@@ -566,7 +566,7 @@ mod tests {
         assert_eq!((s.row_count(), s.key_count()), (2, 1));
         let out = s.records_out(k);
         assert_eq!(out.len(), 2);
-        assert!(out[0].is(&cols(), &["1".to_string(), "OHIO".to_string()]));
+        assert!(out[0].is(&cols(), &PackedRow::pack(&["1", "OHIO"])));
         assert_eq!(out[1].get("state"), Some("IOWA"));
     }
 

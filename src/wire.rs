@@ -394,9 +394,15 @@ pub struct PackedRowError {
 impl PackedRow {
     pub fn pack<S: AsRef<str>>(values: &[S]) -> PackedRow {
         let size = values.iter().map(|v| v.as_ref().len() + 2).sum();
+        Self::pack_utf8(values.iter().map(|v| v.as_ref().as_bytes()), size)
+    }
+
+    /// Packs fields that are UTF-8 already (checked by the CSV reader): one allocation, the
+    /// fields copied once.
+    pub(crate) fn pack_utf8<'a>(fields: impl Iterator<Item = &'a [u8]>, size: usize) -> PackedRow {
         let mut out = Vec::with_capacity(size);
-        for v in values {
-            let mut n = v.as_ref().len() as u64;
+        for v in fields {
+            let mut n = v.len() as u64;
             loop {
                 let byte = (n & 0x7f) as u8;
                 n >>= 7;
@@ -406,9 +412,14 @@ impl PackedRow {
                 }
                 out.push(byte | 0x80);
             }
-            out.extend_from_slice(v.as_ref().as_bytes());
+            out.extend_from_slice(v);
         }
         PackedRow(out.into_boxed_slice())
+    }
+
+    /// The value of column `i`.
+    pub fn field(&self, i: usize) -> Option<&str> {
+        self.fields().nth(i)
     }
 
     /// Checks `bytes` (from the network) and takes them as a row.
@@ -575,9 +586,9 @@ impl RecordOut {
     }
 
     /// Whether this is exactly the row `values` under the columns `columns`.
-    pub fn is<S: AsRef<str>>(&self, columns: &[S], values: &[S]) -> bool {
+    pub fn is<S: AsRef<str>>(&self, columns: &[S], values: &PackedRow) -> bool {
         self.columns.fields().eq(columns.iter().map(AsRef::as_ref))
-            && self.values.fields().eq(values.iter().map(AsRef::as_ref))
+            && self.values.fields().eq(values.fields())
     }
 
     /// An upper bound on its encoded size.

@@ -10,8 +10,8 @@ use crate::record::{Dataset, LoadError};
 use crate::ring::{Placer, first_prime_above};
 use crate::store::{batch_budget, make_batches, row_size};
 use crate::wire::{
-    Body, DistributeFailure, DistributeReport, PackedRow, PeerId, Placement, ReplyBody,
-    RequestError, StoreBatch, WireRow,
+    Body, DistributeFailure, DistributeReport, PeerId, Placement, ReplyBody, RequestError,
+    StoreBatch, WireRow,
 };
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -241,7 +241,7 @@ impl Manager {
         let placer = Placer::new(&ring);
         let mut by_holders: BTreeMap<Vec<PeerId>, Vec<WireRow>> = BTreeMap::new();
         for row in dataset.rows {
-            let packed = PackedRow::pack(&row.values);
+            let packed = row.values;
             if row_size(&packed) > budget {
                 job.report.rejected += 1;
                 if job.report.rejected_samples.len() < 10 {

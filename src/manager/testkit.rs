@@ -7,8 +7,8 @@ use crate::link::{RetryPolicy, Time};
 use crate::machine::Machine;
 use crate::record::{CsvFormat, Dataset, RecordKey, Row};
 use crate::wire::{
-    Body, ClientRequest, Envelope, FindResult, PeerId, PeerReport, Placement, RejectReason,
-    ReplyBody, RequestError, RingView, UNSEQUENCED,
+    Body, ClientRequest, Envelope, FindResult, PackedRow, PeerId, PeerReport, Placement,
+    RejectReason, ReplyBody, RequestError, RingView, UNSEQUENCED,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -58,7 +58,7 @@ pub fn dataset(events: u64) -> Dataset {
         .map(|i| Row {
             line: i + 2,
             key: RecordKey::Event(1_000 + i),
-            values: vec![(1_000 + i).to_string(), format!("S{i}")],
+            values: PackedRow::pack(&[(1_000 + i).to_string(), format!("S{i}")]),
         })
         .collect();
     Dataset {

@@ -125,7 +125,7 @@ mod tests {
         assert_eq!(ds.fallback_keys, 0);
         let r = &ds.rows[0];
         assert_eq!((r.line, r.key), (2, RecordKey::Event(890001)));
-        assert_eq!(r.values.len(), 51);
+        assert_eq!(r.values.fields().count(), 51);
         assert_eq!(
             ds.value(r, "EPISODE_NARRATIVE"),
             Some("Storms, some severe, moved \"east\".\nSecond line.")
@@ -164,7 +164,7 @@ mod tests {
             .map(|r| ds.value(r, "location_index"))
             .collect();
         assert_eq!(idx, [Some("1"), Some("2"), Some("3"), Some("1")]);
-        assert_eq!(ds.rows[2].values[5], "");
+        assert_eq!(ds.rows[2].values.field(5), Some(""));
         assert_eq!(
             ds.rows.iter().map(|r| r.line).collect::<Vec<_>>(),
             [2, 3, 4, 5]
@@ -184,8 +184,8 @@ mod tests {
         assert_eq!(ds.columns, COURSE_COLUMNS);
         assert_eq!(ds.rows.len(), 2);
         assert_eq!(ds.rows[0].key, RecordKey::Event(10096222));
-        assert_eq!(ds.rows[1].values[11], "25K");
-        assert_eq!(ds.rows[1].values[13], "F1");
+        assert_eq!(ds.rows[1].values.field(11), Some("25K"));
+        assert_eq!(ds.rows[1].values.field(13), Some("F1"));
     }
 
     #[test]
@@ -197,7 +197,7 @@ mod tests {
         assert_eq!(ds.rows[0].key, RecordKey::Event(42));
         assert_eq!(ds.rows[1].key, RecordKey::Event(43));
         // Values are kept exactly as in the file.
-        assert_eq!(ds.rows[1].values[1], " 43 ");
+        assert_eq!(ds.rows[1].values.field(1), Some(" 43 "));
         assert_eq!(ds.column_index(" EVENT_ID"), Some(1));
         // The course header in upper case is still the course format.
         let upper = format!("{}\n", COURSE_HEADER.to_uppercase());
@@ -211,7 +211,7 @@ mod tests {
         let ds = load(b"a,b\n1,2\n3,4\n1,2\n");
         assert_eq!(ds.format, CsvFormat::Generic);
         assert_eq!(ds.fallback_keys, 3);
-        assert_eq!(ds.rows[0].key, fallback_key(&strings(&["1", "2"])));
+        assert_eq!(ds.rows[0].key, fallback_key(strings(&["1", "2"])));
         assert_eq!(ds.rows[0].key, ds.rows[2].key);
         assert_ne!(ds.rows[0].key, ds.rows[1].key);
     }

@@ -4,6 +4,7 @@
 use super::format::parse_header;
 use super::key::{event_id, fallback_key};
 use super::{CsvFormat, EVENT_ID_COLUMN, RecordKey};
+use crate::wire::PackedRow;
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, Read};
@@ -15,8 +16,9 @@ pub struct Row {
     /// 1-based line number where the record starts in the (decompressed) file; the header is line 1.
     pub line: u64,
     pub key: RecordKey,
-    /// The fields exactly as in the file, one per column of [`Dataset::columns`].
-    pub values: Vec<String>,
+    /// The fields exactly as in the file, one per column of [`Dataset::columns`], packed in
+    /// one buffer as they travel and are stored (one allocation per row, not per field).
+    pub values: PackedRow,
 }
 
 /// A data row that could not be parsed.
@@ -59,9 +61,7 @@ impl Dataset {
 
     /// The value of column `name` in `row` (`None` if there is no such column).
     pub fn value<'a>(&self, row: &'a Row, name: &str) -> Option<&'a str> {
-        self.column_index(name)
-            .and_then(|i| row.values.get(i))
-            .map(String::as_str)
+        self.column_index(name).and_then(|i| row.values.field(i))
     }
 }
 
@@ -275,11 +275,15 @@ fn read_text<R: Read>(
             Ok(false) => break,
             Ok(true) => match row_values(&rec, ncols, &ds.columns) {
                 Ok(values) => {
-                    let key = match id_col.and_then(|i| values.get(i)).and_then(|v| event_id(v)) {
+                    let id = id_col
+                        .and_then(|i| rec.get(i))
+                        .and_then(|f| std::str::from_utf8(f).ok())
+                        .and_then(event_id);
+                    let key = match id {
                         Some(id) => RecordKey::Event(id),
                         None => {
                             ds.fallback_keys += 1;
-                            fallback_key(&values)
+                            fallback_key(values.fields())
                         }
                     };
                     ds.rows.push(Row { line, key, values });
@@ -371,13 +375,8 @@ fn scan_text<R: Read>(reader: R, sink: &mut dyn FnMut(RecordKey) -> bool) -> Res
                     .and_then(event_id);
                 let key = match id {
                     Some(id) => RecordKey::Event(id),
-                    None => {
-                        let values: Vec<String> = rec
-                            .iter()
-                            .map(|f| String::from_utf8_lossy(f).into_owned())
-                            .collect();
-                        fallback_key(&values)
-                    }
+                    // Every field is UTF-8 (checked above).
+                    None => fallback_key(rec.iter().map(|f| std::str::from_utf8(f).unwrap_or(""))),
                 };
                 if !sink(key) {
                     return Ok(());
@@ -414,25 +413,23 @@ fn row_values(
     rec: &csv::ByteRecord,
     ncols: usize,
     columns: &[String],
-) -> Result<Vec<String>, String> {
+) -> Result<PackedRow, String> {
     if rec.len() != ncols {
         return Err(format!("expected {ncols} fields, found {}", rec.len()));
     }
-    let mut values = Vec::with_capacity(ncols);
     for (i, field) in rec.iter().enumerate() {
-        match std::str::from_utf8(field) {
-            Ok(s) => values.push(s.to_owned()),
-            Err(e) => {
-                let name = columns.get(i).map(String::as_str).unwrap_or("?");
-                return Err(format!(
-                    "invalid UTF-8 in field {} ({name}) at byte {} of the field",
-                    i + 1,
-                    e.valid_up_to()
-                ));
-            }
+        if let Err(e) = std::str::from_utf8(field) {
+            let name = columns.get(i).map(String::as_str).unwrap_or("?");
+            return Err(format!(
+                "invalid UTF-8 in field {} ({name}) at byte {} of the field",
+                i + 1,
+                e.valid_up_to()
+            ));
         }
     }
-    Ok(values)
+    // A length prefix is 1 byte below 128 bytes of field, 2 below 16 KiB.
+    let size = rec.as_slice().len() + 2 * ncols;
+    Ok(PackedRow::pack_utf8(rec.iter(), size))
 }
 
 /// Reader wrapper that remembers where line breaks are, so that a record's true starting line can
@@ -659,7 +656,7 @@ mod tests {
         assert_eq!(ds.columns, ["event_id", "v"]);
         let got: Vec<_> = ds.rows.iter().map(|r| (r.line, r.key.as_u64())).collect();
         assert_eq!(got, [(4, 1), (7, 2), (9, 3), (11, 4), (12, 5)]);
-        assert_eq!(ds.rows[1].values[1], "b\r\nc");
+        assert_eq!(ds.rows[1].values.field(1), Some("b\r\nc"));
     }
 
     #[test]
@@ -684,7 +681,7 @@ mod tests {
         assert_eq!(ds.fallback_keys, 7);
         let keys: Vec<_> = ds.rows.iter().map(|r| r.key).collect();
         for (i, k) in keys.iter().enumerate().take(6) {
-            assert_eq!(*k, fallback_key(&ds.rows[i].values), "row {i}");
+            assert_eq!(*k, fallback_key(ds.rows[i].values.fields()), "row {i}");
         }
         assert_eq!(keys[6], RecordKey::Event(42));
         assert_eq!(keys[7], RecordKey::Event(u64::MAX));
@@ -824,7 +821,11 @@ mod tests {
         assert_eq!(ds.rows[0].line, 2);
         assert_eq!(ds.rows[48_533].line, 48_535);
         // CRLF endings: no '\r' may leak into the last column.
-        assert!(ds.rows.iter().all(|r| !r.values[13].contains('\r')));
+        assert!(
+            ds.rows
+                .iter()
+                .all(|r| !r.values.field(13).unwrap_or("").contains('\r'))
+        );
         let mut keys: Vec<_> = ds.rows.iter().map(|r| r.key).collect();
         keys.sort();
         keys.dedup();
@@ -880,7 +881,7 @@ mod tests {
                 assert!(!ds.columns.is_empty());
                 let mut prev = 1;
                 for r in &ds.rows {
-                    assert_eq!(r.values.len(), ds.columns.len());
+                    assert_eq!(r.values.fields().count(), ds.columns.len());
                     assert!(r.line > prev, "round {round}: lines must increase");
                     prev = r.line;
                 }

@@ -235,12 +235,12 @@ fn answers_too_large_for_a_datagram_are_cut_to_fit() {
             rows.push(crate::record::Row {
                 line: rows.len() as u64 + 2,
                 key: *key,
-                values: vec![
+                values: crate::wire::PackedRow::pack(&[
                     key.to_string(),
                     format!("HEAVY{i}"),
                     "Flood".into(),
                     format!("{r:03}{}", "x".repeat(120)),
-                ],
+                ]),
             });
         }
     }
@@ -249,13 +249,18 @@ fn answers_too_large_for_a_datagram_are_cut_to_fit() {
         rows.push(crate::record::Row {
             line: rows.len() as u64 + 2,
             key: RecordKey::Event(id),
-            values: vec![id.to_string(), "LIGHT".into(), "Hail".into(), "0".into()],
+            values: crate::wire::PackedRow::pack(&[
+                id.to_string(),
+                "LIGHT".into(),
+                "Hail".into(),
+                "0".into(),
+            ]),
         });
     }
     let mut data = sim.file("default.csv");
     data.rows = rows;
     data.fallback_keys = 0;
-    let all: Vec<Vec<String>> = data.rows.iter().map(|r| r.values.clone()).collect();
+    let all: Vec<Vec<String>> = data.rows.iter().map(|r| r.values.values()).collect();
     sim.add_file("heavy.csv", data);
     let stored = sim.request(ClientRequest::Distribute {
         path: Some("heavy.csv".into()),

@@ -169,7 +169,7 @@ fn assert_replicated_without(sim: &Sim, skip: &str) {
     }
     for row in &data.rows {
         assert_eq!(
-            copies.get(&(row.key, row.values.clone())),
+            copies.get(&(row.key, row.values.values())),
             Some(&2),
             "{}",
             row.key

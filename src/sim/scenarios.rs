@@ -5,6 +5,7 @@ use super::*;
 use crate::machine::Machine;
 use crate::record::{CsvFormat, RecordKey, Row};
 use crate::ring::RingExt;
+use crate::wire::PackedRow;
 use crate::wire::{Body, QueryOutcome, StatusReport};
 use std::rc::Rc;
 
@@ -23,12 +24,12 @@ pub(super) fn dataset(events: u64) -> Dataset {
             rows.push(Row {
                 line,
                 key: RecordKey::Event(id),
-                values: vec![
+                values: PackedRow::pack(&[
                     id.to_string(),
                     format!("STATE{}", i % 50),
                     "Hail".into(),
                     c.to_string(),
-                ],
+                ]),
             });
         }
     }
@@ -43,7 +44,7 @@ pub(super) fn dataset(events: u64) -> Dataset {
         rows.push(Row {
             line,
             key: crate::record::fallback_key(&values),
-            values,
+            values: PackedRow::pack(&values),
         });
     }
     Dataset {
@@ -131,7 +132,7 @@ pub(super) fn assert_replicated(sim: &Sim) {
     let copies = sim.copies();
     for row in &data.rows {
         let n = copies
-            .get(&(row.key, row.values.clone()))
+            .get(&(row.key, row.values.values()))
             .copied()
             .unwrap_or(0);
         assert_eq!(
@@ -155,7 +156,7 @@ pub(super) fn assert_all_found(sim: &mut Sim) {
     let data = sim.file("default.csv");
     let mut expected: BTreeMap<RecordKey, Vec<Vec<String>>> = BTreeMap::new();
     for r in &data.rows {
-        expected.entry(r.key).or_default().push(r.values.clone());
+        expected.entry(r.key).or_default().push(r.values.values());
     }
     for (key, rows) in &expected {
         let q = query(sim, *key, None);
