@@ -275,12 +275,17 @@ impl Manager {
                         owner,
                     },
                 );
-                for h in &holders {
-                    job.report.batches += 1;
+                // A copy for each holder but the last, which takes the batch itself.
+                if let Some((last, others)) = holders.split_last() {
+                    for h in others {
+                        let copy = (unit, batch.clone());
+                        job.queues.entry(*h).or_default().push_back(copy);
+                    }
                     job.queues
-                        .entry(*h)
+                        .entry(*last)
                         .or_default()
-                        .push_back((unit, batch.clone()));
+                        .push_back((unit, batch));
+                    job.report.batches += holders.len() as u64;
                 }
             }
         }
