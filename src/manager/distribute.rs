@@ -8,17 +8,29 @@ use crate::link::Time;
 use crate::measure::KeyCensus;
 use crate::record::{Dataset, LoadError};
 use crate::ring::{Placer, first_prime_above};
-use crate::store::{batch_budget, make_batches, row_size};
+use crate::store::{batch_budget, row_size};
 use crate::wire::{
     Body, DistributeFailure, DistributeReport, PeerId, Placement, ReplyBody, RequestError,
     StoreBatch, WireRow,
 };
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+/// Rows of one replica set placed together: stored once every batch that carries some of
+/// them has been acknowledged.
 struct Unit {
+    /// Batches (to any holder) that carry rows of it and are not acknowledged yet.
     awaiting: u32,
     rows: u32,
     owner: PeerId,
+}
+
+/// What a batch in flight carries, for its acknowledgement.
+struct BatchOf {
+    /// The units it carries rows of.
+    units: Vec<u64>,
+    /// Its peer owns these rows (else holds copies): only the owners' acks count new rows,
+    /// so that each row is counted once.
+    owned: bool,
 }
 
 pub(super) struct DistributeJob {
@@ -27,8 +39,10 @@ pub(super) struct DistributeJob {
     started: Time,
     queues: BTreeMap<PeerId, VecDeque<(u64, StoreBatch)>>,
     in_flight: BTreeMap<PeerId, usize>,
-    /// Each batch of a range, sent to all its replicas: acks still awaited, and its owner.
+    /// Rows of one replica set: acks still awaited, and their owner.
     units: HashMap<u64, Unit>,
+    /// Batches queued or in flight: the units each carries.
+    batches: HashMap<u64, BatchOf>,
     report: DistributeReport,
     per_peer: BTreeMap<PeerId, u64>,
     /// When the client was last told how far the job is.
@@ -51,6 +65,7 @@ pub(super) struct DistributeJob {
     placing: bool,
     parked: Option<Dataset>,
     next_unit: u64,
+    next_batch: u64,
 }
 
 /// Ask for the next chunk once this few rows remain to be stored: the driver reads ahead by
@@ -59,6 +74,29 @@ const LOW_WATER_ROWS: u64 = 8_192;
 
 /// How often a distribute tells its client how far it is.
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Cuts `rows` (each with its unit, a unit's rows together) into batches of at most `budget`
+/// bytes of rows (a row alone may fill one), each with the units it carries rows of.
+fn cut_by_budget(rows: Vec<(u64, WireRow)>, budget: usize) -> Vec<(Vec<u64>, Vec<WireRow>)> {
+    let mut batches = Vec::new();
+    let (mut units, mut current, mut used) = (Vec::new(), Vec::new(), 0);
+    for (unit, row) in rows {
+        let size = row_size(&row.1);
+        if used + size > budget && !current.is_empty() {
+            batches.push((std::mem::take(&mut units), std::mem::take(&mut current)));
+            used = 0;
+        }
+        used += size;
+        if units.last() != Some(&unit) {
+            units.push(unit);
+        }
+        current.push(row);
+    }
+    if !current.is_empty() {
+        batches.push((units, current));
+    }
+    batches
+}
 
 impl Manager {
     pub(super) fn distribute(&mut self, now: Time, call: ClientCall, path: Option<String>) {
@@ -80,6 +118,7 @@ impl Manager {
             queues: BTreeMap::new(),
             in_flight: BTreeMap::new(),
             units: HashMap::new(),
+            batches: HashMap::new(),
             report: DistributeReport {
                 path: path.clone(),
                 format: String::new(),
@@ -104,6 +143,7 @@ impl Manager {
             placing: false,
             parked: None,
             next_unit: 0,
+            next_batch: 0,
         });
         let census = self.may_place_by_data();
         self.events.push(ManagerEvent::LoadFile {
@@ -259,34 +299,53 @@ impl Manager {
                     .push(WireRow(row.key, packed));
             }
         }
+        // Batches go to a peer, not to a replica set: with n peers and V tokens each there are
+        // up to n x V sets, and a chunk split by set gave each only a few rows (8 a batch at 64
+        // peers, a datagram and an ack each). A peer's rows of a chunk travel together, those
+        // it owns apart from those it holds copies of.
+        let mut streams: BTreeMap<(PeerId, bool), Vec<(u64, WireRow)>> = BTreeMap::new();
         for (holders, rows) in by_holders {
-            let owner = holders[0];
-            let (batches, _) =
-                make_batches(ring.epoch, &dataset.columns, rows, self.cfg.max_datagram);
-            for batch in batches {
-                job.next_unit += 1;
-                let unit = job.next_unit;
-                job.pending_rows += batch.rows.len() as u64;
-                job.units.insert(
-                    unit,
-                    Unit {
-                        awaiting: holders.len() as u32,
-                        rows: batch.rows.len() as u32,
-                        owner,
-                    },
-                );
-                // A copy for each holder but the last, which takes the batch itself.
-                if let Some((last, others)) = holders.split_last() {
-                    for h in others {
-                        let copy = (unit, batch.clone());
-                        job.queues.entry(*h).or_default().push_back(copy);
-                    }
-                    job.queues
-                        .entry(*last)
-                        .or_default()
-                        .push_back((unit, batch));
-                    job.report.batches += holders.len() as u64;
+            job.next_unit += 1;
+            let unit = job.next_unit;
+            job.pending_rows += rows.len() as u64;
+            job.units.insert(
+                unit,
+                Unit {
+                    awaiting: 0,
+                    rows: rows.len() as u32,
+                    owner: holders[0],
+                },
+            );
+            // A copy for each holder but the last, which takes the rows themselves.
+            if let Some((last, others)) = holders.split_last() {
+                for (i, h) in others.iter().enumerate() {
+                    let copies = rows.iter().map(|row| (unit, row.clone()));
+                    streams.entry((*h, i == 0)).or_default().extend(copies);
                 }
+                let rows = rows.into_iter().map(|row| (unit, row));
+                streams
+                    .entry((*last, others.is_empty()))
+                    .or_default()
+                    .extend(rows);
+            }
+        }
+        for ((peer, owned), rows) in streams {
+            for (units, rows) in cut_by_budget(rows, budget) {
+                job.next_batch += 1;
+                let id = job.next_batch;
+                for u in &units {
+                    if let Some(unit) = job.units.get_mut(u) {
+                        unit.awaiting += 1;
+                    }
+                }
+                job.batches.insert(id, BatchOf { units, owned });
+                job.report.batches += 1;
+                let batch = StoreBatch {
+                    epoch: ring.epoch,
+                    columns: dataset.columns.clone(),
+                    rows,
+                };
+                job.queues.entry(peer).or_default().push_back((id, batch));
             }
         }
         self.pump_job(now);
@@ -313,14 +372,14 @@ impl Manager {
             job.asked = true;
             self.events.push(ManagerEvent::WantRows { job: job_id });
         }
-        for (peer, unit, batch) in sends {
+        for (peer, id, batch) in sends {
             let Some(addr) = self.registry.get(peer).map(|p| p.addr) else {
                 continue;
             };
             let tag = ManagerTag::Batch {
                 job: job_id,
                 peer,
-                unit,
+                batch: id,
             };
             self.send(now, addr, Body::Store(batch), trace.clone(), tag);
         }
@@ -334,29 +393,36 @@ impl Manager {
         now: Time,
         job: u64,
         peer: PeerId,
-        unit: u64,
+        batch: u64,
         new_rows: Option<u32>,
     ) {
         let Some(j) = self.job.as_mut().filter(|j| j.id == job) else {
             return;
         };
-        if let Some(u) = j.units.get_mut(&unit) {
-            if peer == u.owner {
+        if let Some(b) = j.batches.remove(&batch) {
+            if b.owned {
                 j.report.new_rows += new_rows.unwrap_or(0) as u64;
             }
-            u.awaiting = u.awaiting.saturating_sub(1);
-            if u.awaiting == 0 {
-                let (rows, owner) = (u.rows as u64, u.owner);
-                j.units.remove(&unit);
-                j.pending_rows = j.pending_rows.saturating_sub(rows);
-                j.report.stored += rows;
-                *j.per_peer.entry(owner).or_default() += rows;
+            for unit in b.units {
+                let Some(u) = j.units.get_mut(&unit) else {
+                    continue;
+                };
+                u.awaiting = u.awaiting.saturating_sub(1);
+                if u.awaiting == 0 {
+                    let (rows, owner) = (u.rows as u64, u.owner);
+                    j.units.remove(&unit);
+                    j.pending_rows = j.pending_rows.saturating_sub(rows);
+                    j.report.stored += rows;
+                    *j.per_peer.entry(owner).or_default() += rows;
+                }
             }
         }
         if let Some(n) = j.in_flight.get_mut(&peer) {
             *n = n.saturating_sub(1);
         }
-        if j.progress_at.is_none_or(|at| now >= at + PROGRESS_EVERY) {
+        // Told once rows are stored everywhere (an ack may complete none), then at most every
+        // PROGRESS_EVERY.
+        if j.report.stored > 0 && j.progress_at.is_none_or(|at| now >= at + PROGRESS_EVERY) {
             j.progress_at = Some(now);
             let progress = Body::Progress {
                 to: j.call.seq,
@@ -409,6 +475,39 @@ mod tests {
     use super::super::testkit::{Kit, dataset};
     use crate::ring::RingExt;
     use crate::wire::{ClientRequest, DistributeFailure, Placement, ReplyBody, RequestError};
+
+    #[test]
+    fn batches_are_cut_by_size_and_name_every_unit_they_carry() {
+        use super::cut_by_budget;
+        use crate::record::RecordKey;
+        use crate::store::row_size;
+        use crate::wire::{PackedRow, WireRow};
+        let row = |i: u64| WireRow(RecordKey::Event(i), PackedRow::pack(&["x".repeat(40)]));
+        let units = [1u64, 1, 1, 2, 2, 3, 4, 4, 4, 4];
+        let rows: Vec<(u64, WireRow)> = units
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (*u, row(i as u64)))
+            .collect();
+        let size = row_size(&rows[0].1.1);
+        let batches = cut_by_budget(rows.clone(), 3 * size);
+        // Every row once, in order; at most three a batch; each batch names exactly the
+        // units of its rows.
+        let flat: Vec<&WireRow> = batches.iter().flat_map(|(_, r)| r).collect();
+        assert_eq!(flat, rows.iter().map(|(_, r)| r).collect::<Vec<_>>());
+        let mut at = 0;
+        for (named, carried) in &batches {
+            assert!((1..=3).contains(&carried.len()), "{}", carried.len());
+            let mut want: Vec<u64> = units[at..at + carried.len()].to_vec();
+            want.dedup();
+            assert_eq!(named, &want);
+            at += carried.len();
+        }
+        assert_eq!(batches.len(), 4);
+        // A row larger than the budget still travels, alone.
+        assert_eq!(cut_by_budget(rows[..2].to_vec(), size / 2).len(), 2);
+        assert!(cut_by_budget(Vec::new(), size).is_empty());
+    }
 
     /// The client hears how far a distribute is, at most every 100 ms (the kit's clock stands
     /// still while it runs: one report), then the reply.

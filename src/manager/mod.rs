@@ -89,8 +89,8 @@ pub enum ManagerTag {
     Batch {
         job: u64,
         peer: PeerId,
-        /// The range batch it carries (one unit goes to every replica).
-        unit: u64,
+        /// The batch (rows of one or more units, all owned or all replicated by `peer`).
+        batch: u64,
     },
     Find {
         query: u64,
@@ -435,9 +435,9 @@ impl Manager {
         while let Some(outcome) = self.link.poll_outcome() {
             match outcome {
                 Outcome::Acked {
-                    tag: ManagerTag::Batch { job, peer, unit },
+                    tag: ManagerTag::Batch { job, peer, batch },
                     new_rows,
-                } => self.batch_acked(now, job, peer, unit, new_rows),
+                } => self.batch_acked(now, job, peer, batch, new_rows),
                 Outcome::Acked {
                     tag: ManagerTag::Exit { peer },
                     ..
