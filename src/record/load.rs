@@ -174,13 +174,44 @@ pub fn stream_reader<R: Read>(
     rows: usize,
     sink: &mut dyn FnMut(Dataset) -> bool,
 ) -> Result<(), LoadError> {
+    read_text(decompressed(reader)?, rows, sink)
+}
+
+/// The text of `reader`, gunzipped when it is gzip (by its magic bytes, not by a name).
+fn decompressed<'r, R: Read + 'r>(reader: R) -> Result<Box<dyn Read + 'r>, LoadError> {
     let (magic, rest) = peek(reader, 2).map_err(|source| io_err(None, source))?;
-    if magic == [0x1f, 0x8b] {
-        let stream = io::Cursor::new(magic).chain(rest);
-        read_text(flate2::read::MultiGzDecoder::new(stream), rows, sink)
+    let gzip = magic == [0x1f, 0x8b];
+    let stream = io::Cursor::new(magic).chain(rest);
+    if gzip {
+        Ok(Box::new(flate2::read::MultiGzDecoder::new(stream)))
     } else {
-        read_text(io::Cursor::new(magic).chain(rest), rows, sink)
+        Ok(Box::new(stream))
     }
+}
+
+/// The text of `reader` after a UTF-8 byte order mark, if it starts with one.
+fn without_bom<R: Read>(reader: R) -> Result<impl Read, LoadError> {
+    let (head, rest) = peek(reader, BOM.len()).map_err(|source| io_err(Some(1), source))?;
+    let head = if head == BOM { Vec::new() } else { head };
+    Ok(io::Cursor::new(head).chain(rest))
+}
+
+/// The CSV reader both readers use: records of any length (a short row is a rejected row,
+/// not an error), the header read as a record.
+fn csv_reader<R: Read>(text: R) -> csv::Reader<R> {
+    csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .buffer_capacity(64 * 1024)
+        .from_reader(text)
+}
+
+/// The event id of a record, if its `EVENT_ID` column holds one.
+fn event_id_of(rec: &csv::ByteRecord, id_col: Option<usize>) -> Option<u64> {
+    id_col
+        .and_then(|i| rec.get(i))
+        .and_then(|f| std::str::from_utf8(f).ok())
+        .and_then(event_id)
 }
 
 impl Dataset {
@@ -224,14 +255,7 @@ fn read_text<R: Read>(
     chunk_rows: usize,
     sink: &mut dyn FnMut(Dataset) -> bool,
 ) -> Result<(), LoadError> {
-    let (head, rest) = peek(reader, BOM.len()).map_err(|source| io_err(Some(1), source))?;
-    let head = if head == BOM { Vec::new() } else { head };
-    let tracker = LineTracker::new(io::Cursor::new(head).chain(rest));
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .buffer_capacity(64 * 1024)
-        .from_reader(tracker);
+    let mut rdr = csv_reader(LineTracker::new(without_bom(reader)?));
     let mut rec = csv::ByteRecord::new();
 
     // Header.
@@ -275,11 +299,7 @@ fn read_text<R: Read>(
             Ok(false) => break,
             Ok(true) => match row_values(&rec, ncols, &ds.columns) {
                 Ok(values) => {
-                    let id = id_col
-                        .and_then(|i| rec.get(i))
-                        .and_then(|f| std::str::from_utf8(f).ok())
-                        .and_then(event_id);
-                    let key = match id {
+                    let key = match event_id_of(&rec, id_col) {
                         Some(id) => RecordKey::Event(id),
                         None => {
                             ds.fallback_keys += 1;
@@ -333,23 +353,11 @@ pub fn scan_keys_reader<R: Read>(
     reader: R,
     sink: &mut dyn FnMut(RecordKey) -> bool,
 ) -> Result<(), LoadError> {
-    let (magic, rest) = peek(reader, 2).map_err(|source| io_err(None, source))?;
-    if magic == [0x1f, 0x8b] {
-        let stream = io::Cursor::new(magic).chain(rest);
-        scan_text(flate2::read::MultiGzDecoder::new(stream), sink)
-    } else {
-        scan_text(io::Cursor::new(magic).chain(rest), sink)
-    }
+    scan_text(decompressed(reader)?, sink)
 }
 
 fn scan_text<R: Read>(reader: R, sink: &mut dyn FnMut(RecordKey) -> bool) -> Result<(), LoadError> {
-    let (head, rest) = peek(reader, BOM.len()).map_err(|source| io_err(Some(1), source))?;
-    let head = if head == BOM { Vec::new() } else { head };
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .buffer_capacity(64 * 1024)
-        .from_reader(io::Cursor::new(head).chain(rest));
+    let mut rdr = csv_reader(without_bom(reader)?);
     let mut rec = csv::ByteRecord::new();
     match rdr.read_byte_record(&mut rec) {
         Ok(true) => {}
@@ -369,11 +377,7 @@ fn scan_text<R: Read>(reader: R, sink: &mut dyn FnMut(RecordKey) -> bool) -> Res
                 if rec.len() != ncols || rec.iter().any(|f| std::str::from_utf8(f).is_err()) {
                     continue;
                 }
-                let id = id_col
-                    .and_then(|i| rec.get(i))
-                    .and_then(|f| std::str::from_utf8(f).ok())
-                    .and_then(event_id);
-                let key = match id {
+                let key = match event_id_of(&rec, id_col) {
                     Some(id) => RecordKey::Event(id),
                     // Every field is UTF-8 (checked above).
                     None => fallback_key(rec.iter().map(|f| std::str::from_utf8(f).unwrap_or(""))),
