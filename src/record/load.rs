@@ -127,13 +127,17 @@ fn near_line(line: &Option<u64>) -> String {
     }
 }
 
-/// Load a CSV file (plain or gzip-compressed).
-pub fn load_path(path: &Path) -> Result<Dataset, LoadError> {
-    let file = std::fs::File::open(path).map_err(|source| LoadError::Io {
+fn open(path: &Path) -> Result<std::fs::File, LoadError> {
+    std::fs::File::open(path).map_err(|source| LoadError::Io {
         path: Some(path.to_path_buf()),
         line: None,
         source,
-    })?;
+    })
+}
+
+/// Load a CSV file (plain or gzip-compressed).
+pub fn load_path(path: &Path) -> Result<Dataset, LoadError> {
+    let file = open(path)?;
     load_reader(file).map_err(|e| e.with_path(path))
 }
 
@@ -160,11 +164,7 @@ pub fn stream_path(
     rows: usize,
     sink: &mut dyn FnMut(Dataset) -> bool,
 ) -> Result<(), LoadError> {
-    let file = std::fs::File::open(path).map_err(|source| LoadError::Io {
-        path: Some(path.to_path_buf()),
-        line: None,
-        source,
-    })?;
+    let file = open(path)?;
     stream_reader(file, rows, sink).map_err(|e| e.with_path(path))
 }
 
@@ -311,14 +311,9 @@ fn read_text<R: Read>(
                 Err(reason) => ds.rejected.push(RowError { line, reason }),
             },
             Err(e) => {
-                if matches!(e.kind(), csv::ErrorKind::Io(_)) {
+                if ends_the_file(&e, start, rdr.position().byte(), &mut last_error_at) {
                     return Err(csv_fatal(e, line));
                 }
-                let now = rdr.position().byte();
-                if now == start || last_error_at == Some(now) {
-                    return Err(csv_fatal(e, line));
-                }
-                last_error_at = Some(now);
                 ds.rejected.push(RowError {
                     line,
                     reason: format!("CSV error: {e}"),
@@ -340,11 +335,7 @@ pub fn scan_keys_path(
     path: &Path,
     sink: &mut dyn FnMut(RecordKey) -> bool,
 ) -> Result<(), LoadError> {
-    let file = std::fs::File::open(path).map_err(|source| LoadError::Io {
-        path: Some(path.to_path_buf()),
-        line: None,
-        source,
-    })?;
+    let file = open(path)?;
     scan_keys_reader(file, sink).map_err(|e| e.with_path(path))
 }
 
@@ -387,18 +378,24 @@ fn scan_text<R: Read>(reader: R, sink: &mut dyn FnMut(RecordKey) -> bool) -> Res
                 }
             }
             Err(e) => {
-                let line = rdr.position().line();
-                if matches!(e.kind(), csv::ErrorKind::Io(_)) {
+                if ends_the_file(&e, start, rdr.position().byte(), &mut last_error_at) {
+                    let line = rdr.position().line();
                     return Err(csv_fatal(e, line));
                 }
-                let now = rdr.position().byte();
-                if now == start || last_error_at == Some(now) {
-                    return Err(csv_fatal(e, line));
-                }
-                last_error_at = Some(now);
             }
         }
     }
+}
+
+/// Whether CSV error `e` of the record that started at byte `start` ends the file: an I/O
+/// error, or one that left the reader where it was (`now`) or where the last one did (it
+/// would loop). Otherwise the record is skipped, and `last_error_at` remembers `now`.
+fn ends_the_file(e: &csv::Error, start: u64, now: u64, last_error_at: &mut Option<u64>) -> bool {
+    if matches!(e.kind(), csv::ErrorKind::Io(_)) || now == start || *last_error_at == Some(now) {
+        return true;
+    }
+    *last_error_at = Some(now);
+    false
 }
 
 fn csv_fatal(e: csv::Error, line: u64) -> LoadError {
