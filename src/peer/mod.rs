@@ -180,6 +180,9 @@ pub struct Peer {
     /// Recent store acks, (sender, seq) → new rows, to repeat them exactly for duplicates.
     store_acks: VecDeque<((u64, u64), u32)>,
     done_reported: Option<u64>,
+    /// The manager's (incarnation, sequence number) of the registration that gave this peer
+    /// its current id: a message it sent before that is about an earlier membership.
+    joined_at: Option<(u64, u64)>,
     /// Rows handed over since the current view arrived, for the hand-off report.
     handed_this_epoch: u64,
     leaving: bool,
@@ -218,6 +221,7 @@ impl Peer {
             unresponsive: HashSet::new(),
             store_acks: VecDeque::new(),
             done_reported: None,
+            joined_at: None,
             handed_this_epoch: 0,
             leaving: false,
             leave_once_in_ring: false,
@@ -356,7 +360,16 @@ impl Peer {
             }
         }
         match env.body {
-            Body::Registered { id } => self.on_registered(now, id, env.from),
+            Body::Registered { id } => self.on_registered(now, id, env.from, env.seq),
+            // Found by CI at 10% loss: the `Exit` of a leave the manager had finished, repeated
+            // after this peer had joined again under a new id, made it join once more, and
+            // the manager, which knew it under that id, sent no ring: it never left.
+            Body::Exit { .. } if self.before_joining(env.from, env.seq) => {
+                self.events.push(PeerEvent::Warning(
+                    "ignored an exit sent before this peer joined again (for its earlier membership)"
+                        .into(),
+                ));
+            }
             Body::Refused { reason } => {
                 self.exit(1, format!("the manager refused registration: {reason}"))
             }
@@ -418,11 +431,12 @@ impl Peer {
         }
     }
 
-    fn on_registered(&mut self, now: Time, id: PeerId, manager: u64) {
+    fn on_registered(&mut self, now: Time, id: PeerId, manager: u64, seq: u64) {
         self.live.manager = Some(manager);
         if self.id == Some(id) {
             return; // registered again after a manager restart, under the same id
         }
+        self.joined_at = Some((manager, seq));
         if self.id.is_some() {
             // A new id: the manager does not know this peer's old place. What it holds is
             // placed anew by the ring it will be sent.
@@ -433,6 +447,14 @@ impl Peer {
         self.id = Some(id);
         self.live.heartbeat_at = Some(now);
         self.events.push(PeerEvent::Registered { id });
+    }
+
+    /// Whether the manager's message `seq` (of its incarnation `manager`) was sent before the
+    /// registration that gave this peer its current id. A manager numbers what it sends in
+    /// order, retransmissions keeping their number.
+    fn before_joining(&self, manager: u64, seq: u64) -> bool {
+        self.joined_at
+            .is_some_and(|(incarnation, joined)| incarnation == manager && seq < joined)
     }
 
     /// Why a peer will never handle `body`, if it will not.
@@ -1244,5 +1266,69 @@ impl Machine for Peer {
 
     fn set_clock_origin(&mut self, unix_us: u64) {
         self.cfg.clock_origin_us = unix_us;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Envelope, ExitReason};
+
+    fn exited(events: &[PeerEvent]) -> bool {
+        events.iter().any(|e| matches!(e, PeerEvent::Exit { .. }))
+    }
+
+    /// The manager (incarnation 9) registers the peer as 1, then as 2 after it joined again;
+    /// an `Exit` numbered before that second registration is about membership 1.
+    #[test]
+    fn an_exit_sent_before_this_peer_joined_again_is_ignored() {
+        let manager: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let cfg = PeerConfig {
+            name: "p".into(),
+            manager,
+            retry: RetryPolicy::default(),
+            max_datagram: 8_000,
+            window: 4,
+            heartbeat: Duration::from_millis(250),
+            clock_origin_us: 0,
+        };
+        let mut peer = Peer::new(cfg, 1, Duration::ZERO);
+        let now = Duration::from_millis(10);
+        let from_manager = |peer: &mut Peer, incarnation: u64, seq: u64, body: Body| {
+            peer.handle(
+                now,
+                manager,
+                Envelope::new(incarnation, seq, None, body),
+                None,
+            )
+        };
+        from_manager(&mut peer, 9, 3, Body::Registered { id: 1 });
+        from_manager(&mut peer, 9, 10, Body::Registered { id: 2 });
+        let exit = || Body::Exit {
+            reason: ExitReason::Left,
+        };
+        let stale = from_manager(&mut peer, 9, 7, exit());
+        assert!(!exited(&stale), "{stale:?}");
+        // The stale one is still acknowledged, so that the manager stops repeating it.
+        let acks: Vec<Transmit> = std::iter::from_fn(|| peer.poll_transmit()).collect();
+        assert!(
+            acks.iter()
+                .filter_map(|t| Envelope::decode(&t.bytes).ok())
+                .any(|e| matches!(e.body, Body::Ack { seq: 7, .. })),
+            "no ack of the stale exit"
+        );
+        // Numbered after the registration: it is this membership's, and it is obeyed; so is
+        // one from a manager that restarted (another incarnation), whatever its number.
+        assert!(exited(&from_manager(&mut peer, 9, 12, exit())));
+        let mut other = Peer::new(
+            PeerConfig {
+                name: "q".into(),
+                ..peer.cfg.clone()
+            },
+            2,
+            Duration::ZERO,
+        );
+        from_manager(&mut other, 9, 10, Body::Registered { id: 3 });
+        assert!(exited(&from_manager(&mut other, 11, 2, exit())));
     }
 }
