@@ -515,35 +515,43 @@ pub fn make_batches(
     max_datagram: usize,
 ) -> (Vec<StoreBatch>, Vec<WireRow>) {
     let budget = batch_budget(columns, max_datagram);
+    let (fitting, oversized): (Vec<WireRow>, Vec<WireRow>) =
+        rows.into_iter().partition(|row| row_size(&row.1) <= budget);
+    let batches = cut_by_budget(fitting.into_iter().map(|row| ((), row)), budget)
+        .into_iter()
+        .map(|(_, rows)| StoreBatch {
+            epoch,
+            columns: columns.to_vec(),
+            rows,
+        })
+        .collect();
+    (batches, oversized)
+}
+
+/// Cuts `rows` into batches of at most `budget` bytes of rows (a row alone may fill one),
+/// each with the tags of its rows, a run of equal tags named once.
+pub fn cut_by_budget<T: PartialEq>(
+    rows: impl IntoIterator<Item = (T, WireRow)>,
+    budget: usize,
+) -> Vec<(Vec<T>, Vec<WireRow>)> {
     let mut batches = Vec::new();
-    let mut oversized = Vec::new();
-    let mut current: Vec<WireRow> = Vec::new();
-    let mut used = 0;
-    for row in rows {
+    let (mut tags, mut current, mut used) = (Vec::new(), Vec::new(), 0);
+    for (tag, row) in rows {
         let size = row_size(&row.1);
-        if size > budget {
-            oversized.push(row);
-            continue;
-        }
         if used + size > budget && !current.is_empty() {
-            batches.push(StoreBatch {
-                epoch,
-                columns: columns.to_vec(),
-                rows: std::mem::take(&mut current),
-            });
+            batches.push((std::mem::take(&mut tags), std::mem::take(&mut current)));
             used = 0;
         }
         used += size;
+        if tags.last() != Some(&tag) {
+            tags.push(tag);
+        }
         current.push(row);
     }
     if !current.is_empty() {
-        batches.push(StoreBatch {
-            epoch,
-            columns: columns.to_vec(),
-            rows: current,
-        });
+        batches.push((tags, current));
     }
-    (batches, oversized)
+    batches
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use crate::link::Time;
 use crate::measure::KeyCensus;
 use crate::record::{Dataset, LoadError};
 use crate::ring::{Placer, first_prime_above};
-use crate::store::{batch_budget, row_size};
+use crate::store::{batch_budget, cut_by_budget, row_size};
 use crate::wire::{
     Body, DistributeFailure, DistributeReport, PeerId, Placement, ReplyBody, RequestError,
     StoreBatch, WireRow,
@@ -74,29 +74,6 @@ const LOW_WATER_ROWS: u64 = 8_192;
 
 /// How often a distribute tells its client how far it is.
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// Cuts `rows` (each with its unit, a unit's rows together) into batches of at most `budget`
-/// bytes of rows (a row alone may fill one), each with the units it carries rows of.
-fn cut_by_budget(rows: Vec<(u64, WireRow)>, budget: usize) -> Vec<(Vec<u64>, Vec<WireRow>)> {
-    let mut batches = Vec::new();
-    let (mut units, mut current, mut used) = (Vec::new(), Vec::new(), 0);
-    for (unit, row) in rows {
-        let size = row_size(&row.1);
-        if used + size > budget && !current.is_empty() {
-            batches.push((std::mem::take(&mut units), std::mem::take(&mut current)));
-            used = 0;
-        }
-        used += size;
-        if units.last() != Some(&unit) {
-            units.push(unit);
-        }
-        current.push(row);
-    }
-    if !current.is_empty() {
-        batches.push((units, current));
-    }
-    batches
-}
 
 impl Manager {
     pub(super) fn distribute(&mut self, now: Time, call: ClientCall, path: Option<String>) {
@@ -478,9 +455,8 @@ mod tests {
 
     #[test]
     fn batches_are_cut_by_size_and_name_every_unit_they_carry() {
-        use super::cut_by_budget;
         use crate::record::RecordKey;
-        use crate::store::row_size;
+        use crate::store::{cut_by_budget, row_size};
         use crate::wire::{PackedRow, WireRow};
         let row = |i: u64| WireRow(RecordKey::Event(i), PackedRow::pack(&["x".repeat(40)]));
         let units = [1u64, 1, 1, 2, 2, 3, 4, 4, 4, 4];
@@ -506,7 +482,7 @@ mod tests {
         assert_eq!(batches.len(), 4);
         // A row larger than the budget still travels, alone.
         assert_eq!(cut_by_budget(rows[..2].to_vec(), size / 2).len(), 2);
-        assert!(cut_by_budget(Vec::new(), size).is_empty());
+        assert!(cut_by_budget(Vec::<(u64, WireRow)>::new(), size).is_empty());
     }
 
     /// The client hears how far a distribute is, at most every 100 ms (the kit's clock stands
