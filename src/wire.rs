@@ -852,6 +852,12 @@ pub enum DistributeFailure {
         addr: SocketAddr,
         attempts: u32,
     },
+    /// Rows were placed on a peer the manager no longer lists (gone between placing and
+    /// sending); they were not sent anywhere.
+    #[error(
+        "peer {peer} is no longer in the cluster and rows placed on it were not sent: run distribute again once the ring is rebuilt (rows already stored are kept)"
+    )]
+    PeerGone { peer: PeerId },
 }
 
 /// Why the manager could not carry out a client's request.

@@ -330,6 +330,16 @@ impl Manager {
 
     pub(super) fn pump_job(&mut self, now: Time) {
         let Some(job) = self.job.as_mut() else { return };
+        // A batch for a peer the registry no longer lists could never be sent nor
+        // acknowledged, and the job would wait for it forever: end the job instead.
+        let gone = job
+            .queues
+            .iter()
+            .find(|(peer, queue)| !queue.is_empty() && self.registry.get(**peer).is_none())
+            .map(|(peer, _)| *peer);
+        if let Some(peer) = gone {
+            return self.finish_job(now, Err(DistributeFailure::PeerGone { peer }));
+        }
         let mut sends = Vec::new();
         for (peer, queue) in job.queues.iter_mut() {
             let flying = job.in_flight.entry(*peer).or_default();
@@ -350,6 +360,7 @@ impl Manager {
             self.events.push(ManagerEvent::WantRows { job: job_id });
         }
         for (peer, id, batch) in sends {
+            // Every peer with a queue is registered (checked above).
             let Some(addr) = self.registry.get(peer).map(|p| p.addr) else {
                 continue;
             };
@@ -612,6 +623,30 @@ mod tests {
             }) => assert_eq!(read, 300),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Rows placed on a peer that is then dropped from the registry before they are sent
+    /// end the job, naming the peer, instead of leaving it waiting for acks that cannot come.
+    #[test]
+    fn rows_for_a_peer_no_longer_registered_end_the_job_naming_it() {
+        let mut kit = Kit::with_ring(3);
+        let gone = kit.peer("p1").id.unwrap();
+        let seq = kit.request(ClientRequest::Distribute { path: None });
+        // The registry forgets p1 while the ring still places rows on it: no path does this
+        // today (a peer leaves the ring as it leaves the registry); the job must not hang if
+        // one ever does.
+        kit.m.registry.remove(gone);
+        kit.load(Ok(dataset(300)));
+        match kit.reply(seq) {
+            Err(RequestError::Distribute {
+                failure: DistributeFailure::PeerGone { peer },
+                read,
+                ..
+            }) => assert_eq!((peer, read), (gone, 300)),
+            other => panic!("{other:?}"),
+        }
+        let stored: usize = kit.peers.iter().map(|p| p.keys.len()).sum();
+        assert!(stored < 300, "{stored}");
     }
 
     #[test]
