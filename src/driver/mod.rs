@@ -409,7 +409,11 @@ fn deliver<M: Machine, H: Shell<M>>(
     env: Envelope,
 ) -> Control<H::Exit> {
     let mut m = lock(machine);
-    let span = shell.open_span(&m, from, &env);
+    // A span nothing wants (no exporter, no log line) is dropped at once: recording its
+    // attributes would format addresses for nobody.
+    let span = shell
+        .open_span(&m, from, &env)
+        .filter(|span| !span.is_disabled());
     let trace = span
         .as_ref()
         .and_then(crate::telemetry::context_of)

@@ -927,9 +927,16 @@ impl Peer {
         // Once round: every member asked. Fingers may jump over members before the walk
         // starts, so count distinct members; twice the ring's size bounds a walk that keeps
         // routing around a member that does not answer.
-        let visited: std::collections::BTreeSet<PeerId> = find.path.iter().copied().collect();
         let n = ring.members.len();
-        if (ring.settled && all_asked) || visited.len() >= n {
+        // A path shorter than the ring cannot have visited every member: no set to build.
+        let visited_all = find.path.len() >= n
+            && find
+                .path
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                >= n;
+        if (ring.settled && all_asked) || visited_all {
             return self.answer(now, find, Verdict::Missing, trace, hop);
         }
         // Round twice without asking every holder (hops lost, members routed around): the
