@@ -826,6 +826,12 @@ pub enum Refusal {
         id: PeerId,
         addr: SocketAddr,
     },
+    /// One more peer would make the ring view (or the status report) too large for one
+    /// datagram: every member is sent the whole view.
+    #[error(
+        "the cluster is full: with {peers} peers at {vnodes} tokens each (vnodes), one more would make the ring view or the status report larger than one UDP datagram; run the manager with fewer vnodes (STORM_VNODES) or start fewer peers"
+    )]
+    ClusterFull { peers: usize, vnodes: u32 },
 }
 
 /// Why the manager tells a peer to exit.
@@ -937,6 +943,12 @@ pub struct EnvelopeHeader {
     pub v: u16,
     pub from: u64,
     pub seq: u64,
+}
+
+/// The bytes `value` takes in CBOR (usize::MAX if it cannot be encoded).
+pub fn cbor_len<T: Serialize>(value: &T) -> usize {
+    let mut out = Vec::new();
+    ciborium::ser::into_writer(value, &mut out).map_or(usize::MAX, |_| out.len())
 }
 
 impl Envelope {

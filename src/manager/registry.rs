@@ -6,7 +6,9 @@
 
 use super::{Change, Manager, ManagerEvent, ManagerTag, PeerMessage};
 use crate::link::Time;
-use crate::wire::{Body, PeerId, Refusal, Rejoin};
+use crate::wire::{
+    Body, MAX_UDP_PAYLOAD, Member, PeerId, PeerState, PeerStatus, Refusal, Rejoin, cbor_len,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 
@@ -172,6 +174,63 @@ impl Registry {
     }
 }
 
+/// What the ring view and the status report may take, leaving room in their datagram for
+/// the envelope (header, trace context) and a rejoin's or a reply's own fields.
+pub const VIEW_BUDGET: usize = MAX_UDP_PAYLOAD - 2_048;
+
+/// What a peer named `name` at `addr` adds to the ring view with `vnodes` tokens (every token
+/// at its widest), and to the status report without its datagram counters (counts up to
+/// 2^32): a report too large with the counters drops them.
+fn footprint(name: &str, addr: SocketAddr, vnodes: u32) -> (usize, usize) {
+    let member = Member {
+        id: PeerId::MAX,
+        name: name.to_string(),
+        addr,
+        token: u64::MAX,
+        leaving: true,
+        vnodes: vec![u64::MAX; vnodes.saturating_sub(1) as usize],
+    };
+    let wide = u64::from(u32::MAX);
+    let some = Some(wide);
+    let status = PeerStatus {
+        id: PeerId::MAX,
+        name: name.to_string(),
+        addr,
+        state: PeerState::Unreachable,
+        records: some,
+        keys: some,
+        token: Some(u64::MAX),
+        share: 1.0 / 3.0,
+        counters: None,
+        owned: some,
+        replicas: some,
+    };
+    (cbor_len(&member), cbor_len(&status))
+}
+
+impl Registry {
+    /// Whether a peer named `name` at `addr` still fits: the ring view and the status report
+    /// with it must each fit [`VIEW_BUDGET`] (the dead that a report lists are left out of it
+    /// when they would not fit).
+    pub fn room_for(&self, name: &str, addr: SocketAddr, vnodes: u32) -> Result<(), Refusal> {
+        let (mut ring, mut status) = footprint(name, addr, vnodes);
+        for p in self.peers.values() {
+            let (m, s) = footprint(&p.name, p.addr, vnodes);
+            ring = ring.saturating_add(m);
+            status = status.saturating_add(s);
+        }
+        // The report's and the view's own fields, generously.
+        const HEAD: usize = 256;
+        if ring + HEAD > VIEW_BUDGET || status + HEAD > VIEW_BUDGET {
+            return Err(Refusal::ClusterFull {
+                peers: self.peers.len(),
+                vnodes,
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Manager {
     pub(super) fn on_register(
         &mut self,
@@ -187,7 +246,12 @@ impl Manager {
         {
             return;
         }
-        match self.registry.register(&name, addr, incarnation) {
+        let known = self.registry.by_incarnation(incarnation).is_some();
+        let room = match known {
+            true => Ok(()),
+            false => self.registry.room_for(&name, addr, self.cfg.vnodes.max(1)),
+        };
+        match room.and_then(|()| self.registry.register(&name, addr, incarnation)) {
             Ok(Registration::Again(id)) => {
                 let tag = ManagerTag::ToPeer(id, PeerMessage::Registered);
                 self.send(now, addr, Body::Registered { id }, None, tag);
@@ -260,6 +324,96 @@ mod tests {
         );
         assert_eq!(r.register("  ", addr(3), 12), Err(Refusal::EmptyName));
         assert_eq!(r.len(), 1);
+    }
+
+    /// Registers peers until the manager refuses one as not fitting; returns how many it took.
+    fn fill(kit: &mut super::super::testkit::Kit, vnodes: u32) -> usize {
+        kit.m.cfg.vnodes = vnodes;
+        for i in 0..2_000 {
+            kit.add_peer(&format!("peer-{i:04}"));
+            let full = kit.peers[i].inbox.iter().find_map(|b| match b {
+                Body::Refused {
+                    reason: Refusal::ClusterFull { peers, vnodes },
+                } => Some((*peers, *vnodes)),
+                _ => None,
+            });
+            if let Some(full) = full {
+                assert_eq!(full, (i, vnodes));
+                return i;
+            }
+            assert!(kit.peers[i].id.is_some(), "peer {i} not registered");
+        }
+        panic!("2,000 peers and never refused");
+    }
+
+    /// With 16 tokens a peer, registrations are refused, naming the limit, once one more
+    /// peer would not fit the ring view in a datagram; the cluster that was accepted forms its
+    /// ring, and its view, a rejoin carrying it and its status all encode. (Before the limit,
+    /// a manager with 340 such peers sent no ring at all.)
+    #[test]
+    fn a_cluster_grows_only_while_its_ring_view_fits_one_datagram() {
+        use super::super::testkit::Kit;
+        use crate::wire::{ClientRequest, Envelope, Placement, ReplyBody};
+        let mut kit = Kit::new(Placement::Consistent);
+        let n = fill(&mut kit, 16);
+        assert!((256..400).contains(&n), "{n}");
+        let setup = kit.request(ClientRequest::Setup);
+        assert!(matches!(kit.reply(setup), Ok(ReplyBody::Setup(_))));
+        for p in &kit.peers[..n] {
+            let members = p.ring.as_ref().map(|r| r.members.len());
+            assert_eq!(members, Some(n), "{} has no ring", p.name);
+        }
+        let view = kit.m.ring().cloned().expect("a ring");
+        let rejoin = Body::Register {
+            name: "peer-0399".into(),
+            rejoin: Some(Rejoin {
+                id: 399,
+                ring: view,
+            }),
+        };
+        let sealed = Envelope::new(u64::MAX, u64::MAX, None, rejoin).encode();
+        assert!(sealed.is_ok(), "{sealed:?}");
+        let status = kit.request(ClientRequest::Status);
+        assert!(matches!(kit.reply(status), Ok(ReplyBody::Status(s)) if s.peers.len() == n));
+    }
+
+    /// With one token a peer the status report is what fills first: the cluster stops where
+    /// the report, without the datagram counters, would no longer fit. The report then drops
+    /// the counters, and lists the 64 dead a manager remembers only as far as it still fits
+    /// (the newest first), with every living peer.
+    #[test]
+    fn a_full_status_report_keeps_every_living_peer_and_the_newest_dead_that_fit() {
+        use super::super::testkit::Kit;
+        use crate::wire::{ClientRequest, Placement, ReplyBody};
+        let mut kit = Kit::new(Placement::Consistent);
+        let n = fill(&mut kit, 1);
+        assert!(n > 400, "{n}");
+        let setup = kit.request(ClientRequest::Setup);
+        assert!(matches!(kit.reply(setup), Ok(ReplyBody::Setup(_))));
+        for i in 0..64u32 {
+            kit.m.detector.dead.push(super::super::failure::DeadPeer {
+                id: 10_000 + i,
+                // Long names (a name is the operator's choice): 64 of them do not fit.
+                name: format!("{}-{i:02}", "a-peer-that-died".repeat(12)),
+                addr: SocketAddr::from(([10, 0, 0, 1], 40_000 + i as u16)),
+                at: kit.now,
+            });
+        }
+        let status = kit.request(ClientRequest::Status);
+        let Ok(ReplyBody::Status(s)) = kit.reply(status) else {
+            panic!("no status");
+        };
+        let dead: Vec<u32> = s
+            .peers
+            .iter()
+            .filter(|p| p.id >= 10_000)
+            .map(|p| p.id)
+            .collect();
+        assert_eq!(s.peers.len() - dead.len(), n);
+        assert!(dead.len() < 64, "all {} dead listed", dead.len());
+        let newest: Vec<u32> = (10_064 - dead.len() as u32..10_064).collect();
+        assert_eq!(dead, newest);
+        assert!(s.peers.iter().all(|p| p.counters.is_none()));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use crate::link::Time;
 use crate::ring::{Placer, RingExt};
 use crate::wire::{
     Body, PeerId, PeerReport, PeerState, PeerStatus, ReplyBody, RequestError, StatusReport,
+    cbor_len,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -122,7 +123,19 @@ impl Manager {
                 replicas: reports.get(&id).map(|r| r.replicas),
             }
         });
-        let dead = self.detector.dead.iter().map(|d| PeerStatus {
+        let mut peers: Vec<PeerStatus> = peers.collect();
+        let budget = super::registry::VIEW_BUDGET.saturating_sub(256);
+        if cbor_len(&peers) > budget {
+            // Registration keeps the peers inside a datagram, not their counters: a report
+            // too large with them keeps every peer and drops the counters.
+            for p in &mut peers {
+                p.counters = None;
+            }
+        }
+        // The dead are listed, newest first, only while the report stays inside a datagram:
+        // registration keeps the living inside it, not the up to 64 remembered dead.
+        let mut room = budget.saturating_sub(cbor_len(&peers));
+        let dead = self.detector.dead.iter().rev().map(|d| PeerStatus {
             id: d.id,
             name: d.name.clone(),
             addr: d.addr,
@@ -135,7 +148,16 @@ impl Manager {
             owned: None,
             replicas: None,
         });
-        let peers = peers.chain(dead).collect();
+        let mut fitting = Vec::new();
+        for d in dead {
+            let size = cbor_len(&d);
+            if size > room {
+                break;
+            }
+            room -= size;
+            fitting.push(d);
+        }
+        peers.extend(fitting.into_iter().rev());
         let (under_replicated_ranges, under_replicated_rows) = self.under_replication(reports);
         StatusReport {
             epoch: self.ring.as_ref().map_or(self.last_epoch, |r| r.epoch),
