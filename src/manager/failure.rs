@@ -127,6 +127,9 @@ impl Manager {
         epoch: u64,
     ) {
         let Some(id) = self.registry.by_incarnation(incarnation) else {
+            if self.exit_again_if_torn_down(now, from, incarnation) {
+                return;
+            }
             // Unknown here: a manager that restarted, or a peer declared dead. It decides.
             return self
                 .link

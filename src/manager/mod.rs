@@ -202,6 +202,9 @@ pub struct Manager {
     probes: HashMap<u64, StatusGather>,
     next_probe: u64,
     teardown: Option<TeardownJob>,
+    /// The peers told to exit by a teardown, by incarnation (their old ids): one whose `Exit`
+    /// is still on its way is not answered as unknown, which would make it register again.
+    torn_down: HashMap<u64, PeerId>,
     /// `setup` calls waiting for every member to acknowledge the ring.
     setups: Vec<ClientCall>,
     /// `setup` calls that came while the manager gathered its peers.
@@ -236,6 +239,7 @@ impl Manager {
             probes: HashMap::new(),
             next_probe: 1,
             teardown: None,
+            torn_down: HashMap::new(),
             setups: Vec::new(),
             early_setups: Vec::new(),
             detector: failure::Detector::default(),

@@ -247,6 +247,9 @@ impl Manager {
             return;
         }
         let known = self.registry.by_incarnation(incarnation).is_some();
+        if !known && self.exit_again_if_torn_down(now, addr, incarnation) {
+            return;
+        }
         let room = match known {
             true => Ok(()),
             false => self.registry.room_for(&name, addr, self.cfg.vnodes.max(1)),

@@ -14,7 +14,34 @@ pub(super) struct TeardownJob {
     exited: Vec<ExitedPeer>,
 }
 
+/// Incarnations of torn-down peers remembered at most (a bound, not a working set: a peer
+/// that exits is never heard from again under its incarnation).
+const TORN_DOWN_REMEMBERED: usize = 65_536;
+
 impl Manager {
+    /// A datagram from a peer a teardown told to exit (its incarnation is no longer
+    /// registered): while the teardown retransmits its `Exit`, nothing; after it gave up, the
+    /// `Exit` again. Never "unknown": that would make the peer register again and live on in a
+    /// cluster that was torn down. False: not such a peer.
+    pub(super) fn exit_again_if_torn_down(
+        &mut self,
+        now: Time,
+        from: SocketAddr,
+        incarnation: u64,
+    ) -> bool {
+        let Some(&id) = self.torn_down.get(&incarnation) else {
+            return false;
+        };
+        let pending = |t: &ManagerTag| matches!(t, ManagerTag::Exit { peer } if *peer == id);
+        if !self.link.has_pending_where(pending) {
+            let exit = Body::Exit {
+                reason: ExitReason::TearDown,
+            };
+            self.send(now, from, exit, None, ManagerTag::Exit { peer: id });
+        }
+        true
+    }
+
     pub(super) fn start_teardown(&mut self, now: Time, call: ClientCall) {
         let targets: Vec<(PeerId, SocketAddr)> = self.registry.targets();
         let exited = targets
@@ -49,6 +76,11 @@ impl Manager {
             self.reply(now, &call, Err(RequestError::TornDown));
         }
         self.link.cancel_where(|t| !matches!(t, ManagerTag::Reply));
+        if self.torn_down.len() > TORN_DOWN_REMEMBERED {
+            self.torn_down.clear();
+        }
+        let incarnations = self.registry.iter().map(|(id, p)| (p.incarnation, id));
+        self.torn_down.extend(incarnations);
         self.registry.clear();
         self.ring = None;
         let waiting = targets.iter().map(|(id, _)| *id).collect();
@@ -127,6 +159,64 @@ mod tests {
         }
         assert_eq!(kit.m.peer_count(), 0);
         assert!(kit.m.ring().is_none());
+    }
+
+    /// A peer whose `Exit` has not reached it yet heartbeats: while the teardown retransmits
+    /// the `Exit`, the manager does not answer it as unknown (it would register again and
+    /// live on in the torn-down cluster: a CI failure at 10% loss). After the teardown gave
+    /// up on it, a heartbeat or a registration from it is answered with the `Exit` again.
+    #[test]
+    fn a_peer_being_torn_down_is_never_invited_to_register_again() {
+        use crate::wire::UNSEQUENCED;
+        let mut kit = Kit::with_ring(2);
+        kit.silent.insert("p1".into());
+        let teardown = kit.request(ClientRequest::Teardown);
+        let exits = |kit: &Kit| {
+            let p1 = &kit.peers[1];
+            let exit = Body::Exit {
+                reason: ExitReason::TearDown,
+            };
+            p1.inbox.iter().filter(|b| **b == exit).count()
+        };
+        let unknown = |kit: &Kit| {
+            let unknown = Body::HeartbeatAck { known: false };
+            kit.peers[1].inbox.contains(&unknown)
+        };
+        let sent = exits(&kit);
+        kit.send_from_peer(1, UNSEQUENCED, Body::Heartbeat { epoch: 1 });
+        kit.run();
+        assert!(
+            !unknown(&kit),
+            "a peer being torn down was told it is unknown"
+        );
+        assert_eq!(exits(&kit), sent, "the Exit in flight was not doubled");
+        kit.wait(Duration::from_secs(2));
+        assert!(matches!(
+            kit.reply(teardown),
+            Ok(ReplyBody::Teardown { .. })
+        ));
+        let given_up = exits(&kit);
+        kit.send_from_peer(1, UNSEQUENCED, Body::Heartbeat { epoch: 1 });
+        kit.run();
+        assert!(!unknown(&kit));
+        assert_eq!(
+            exits(&kit),
+            given_up + 1,
+            "no Exit after the teardown gave up"
+        );
+        kit.silent.remove("p1");
+        kit.send_from_peer(
+            1,
+            99,
+            Body::Register {
+                name: "p1".into(),
+                rejoin: None,
+            },
+        );
+        // The Exit already on its way is retransmitted, not doubled.
+        kit.wait(Duration::from_millis(100));
+        assert!(kit.peers[1].exited, "p1 was not told to exit again");
+        assert_eq!(kit.m.peer_count(), 0, "a torn-down peer registered again");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use super::scenarios::{
 };
 use super::*;
 use crate::record::RecordKey;
-use crate::wire::{Body, PeerState};
+use crate::wire::{Body, Envelope, PeerState};
 
 fn lossy(loss: f64) -> Faults {
     Faults {
@@ -416,4 +416,40 @@ fn a_peer_killed_during_a_distribute_does_not_hold_it() {
 /// 3,000 events (3,602 rows): a distribute of several dozen batches, long enough to be cut.
 fn dataset_big() -> crate::record::Dataset {
     super::scenarios::dataset(3_000)
+}
+
+/// A teardown whose `Exit`s are all lost for 3 s, on a lossy network (10% loss and
+/// duplication, 20 seeds): every peer exits 0 and none is left registered. Meanwhile each peer
+/// keeps sending heartbeats; answered "unknown" (the teardown had emptied the registry), a peer
+/// registered again, then ignored the retransmitted `Exit` as older than its registration, and
+/// lived on in the torn-down cluster (a CI failure at 10% loss, tests/cluster.rs).
+#[test]
+fn a_peer_whose_teardown_exit_is_late_exits_and_does_not_register_again() {
+    for seed in 0..20u64 {
+        let mut sim = cluster(seed, lossy(0.1), 4, Placement::Consistent);
+        let setup = sim.request(ClientRequest::Setup).expect("setup");
+        assert!(matches!(setup, ReplyBody::Setup(_)), "seed {seed}");
+        let teardown = sim.request_in_background(ClientRequest::Teardown);
+        let rule = sim.net.drop_where(|d| {
+            Envelope::decode(&d.bytes).is_ok_and(|env| matches!(env.body, Body::Exit { .. }))
+        });
+        sim.advance(Duration::from_secs(3));
+        sim.net.remove_rule(rule);
+        let all_exited = sim.run_until(Duration::from_secs(60), |s| {
+            s.peers.iter().all(|p| p.exit().is_some())
+        });
+        let exits: Vec<_> = sim.peers.iter().map(|p| p.exit()).collect();
+        assert!(all_exited, "seed {seed}: {exits:?}");
+        assert!(
+            exits.iter().all(|e| e.as_ref().map(|e| e.0) == Some(0)),
+            "seed {seed}: {exits:?}"
+        );
+        assert!(
+            matches!(&*teardown.borrow(), Some(Ok(ReplyBody::Teardown { .. }))),
+            "seed {seed}: {:?}",
+            teardown.borrow()
+        );
+        sim.advance(Duration::from_secs(10));
+        assert_eq!(sim.manager().peer_count(), 0, "seed {seed}");
+    }
 }
