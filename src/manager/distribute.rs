@@ -330,16 +330,6 @@ impl Manager {
 
     pub(super) fn pump_job(&mut self, now: Time) {
         let Some(job) = self.job.as_mut() else { return };
-        // A batch for a peer the registry no longer lists could never be sent nor
-        // acknowledged, and the job would wait for it forever: end the job instead.
-        let gone = job
-            .queues
-            .iter()
-            .find(|(peer, queue)| !queue.is_empty() && self.registry.get(**peer).is_none())
-            .map(|(peer, _)| *peer);
-        if let Some(peer) = gone {
-            return self.finish_job(now, Err(DistributeFailure::PeerGone { peer }));
-        }
         let mut sends = Vec::new();
         for (peer, queue) in job.queues.iter_mut() {
             let flying = job.in_flight.entry(*peer).or_default();
@@ -360,9 +350,10 @@ impl Manager {
             self.events.push(ManagerEvent::WantRows { job: job_id });
         }
         for (peer, id, batch) in sends {
-            // Every peer with a queue is registered (checked above).
+            // A batch for a peer the registry no longer lists could never be sent nor
+            // acknowledged, and the job would wait for it forever: end the job instead.
             let Some(addr) = self.registry.get(peer).map(|p| p.addr) else {
-                continue;
+                return self.finish_job(now, Err(DistributeFailure::PeerGone { peer }));
             };
             let tag = ManagerTag::Batch {
                 job: job_id,

@@ -177,6 +177,9 @@ impl Registry {
 /// What the ring view and the status report may take, leaving room in their datagram for
 /// the envelope (header, trace context) and a rejoin's or a reply's own fields.
 pub const VIEW_BUDGET: usize = MAX_UDP_PAYLOAD - 2_048;
+/// What their entries (members, peers' lines) may take: the view's and the report's own
+/// fields, generously, are the rest.
+pub const ENTRIES_BUDGET: usize = VIEW_BUDGET - 256;
 
 /// What a peer named `name` at `addr` adds to the ring view with `vnodes` tokens (every token
 /// at its widest), and to the status report without its datagram counters (counts up to
@@ -219,9 +222,7 @@ impl Registry {
             ring = ring.saturating_add(m);
             status = status.saturating_add(s);
         }
-        // The report's and the view's own fields, generously.
-        const HEAD: usize = 256;
-        if ring + HEAD > VIEW_BUDGET || status + HEAD > VIEW_BUDGET {
+        if ring > ENTRIES_BUDGET || status > ENTRIES_BUDGET {
             return Err(Refusal::ClusterFull {
                 peers: self.peers.len(),
                 vnodes,
@@ -240,19 +241,20 @@ impl Manager {
         name: String,
         rejoin: Option<Rejoin>,
     ) {
-        if self.registry.by_incarnation(incarnation).is_none()
+        // The same process asking again (its answer was lost) gets its id back below.
+        let new = self.registry.by_incarnation(incarnation).is_none();
+        if new
             && let Some(rejoin) = rejoin
             && self.try_rejoin(now, addr, incarnation, &name, rejoin)
         {
             return;
         }
-        let known = self.registry.by_incarnation(incarnation).is_some();
-        if !known && self.exit_again_if_torn_down(now, addr, incarnation) {
+        if new && self.exit_again_if_torn_down(now, addr, incarnation) {
             return;
         }
-        let room = match known {
-            true => Ok(()),
-            false => self.registry.room_for(&name, addr, self.cfg.vnodes.max(1)),
+        let room = match new {
+            true => self.registry.room_for(&name, addr, self.cfg.vnodes.max(1)),
+            false => Ok(()),
         };
         match room.and_then(|()| self.registry.register(&name, addr, incarnation)) {
             Ok(Registration::Again(id)) => {

@@ -124,17 +124,19 @@ impl Manager {
             }
         });
         let mut peers: Vec<PeerStatus> = peers.collect();
-        let budget = super::registry::VIEW_BUDGET.saturating_sub(256);
-        if cbor_len(&peers) > budget {
+        let budget = super::registry::ENTRIES_BUDGET;
+        let mut used = cbor_len(&peers);
+        if used > budget {
             // Registration keeps the peers inside a datagram, not their counters: a report
             // too large with them keeps every peer and drops the counters.
             for p in &mut peers {
                 p.counters = None;
             }
+            used = cbor_len(&peers);
         }
         // The dead are listed, newest first, only while the report stays inside a datagram:
         // registration keeps the living inside it, not the up to 64 remembered dead.
-        let mut room = budget.saturating_sub(cbor_len(&peers));
+        let mut room = budget.saturating_sub(used);
         let dead = self.detector.dead.iter().rev().map(|d| PeerStatus {
             id: d.id,
             name: d.name.clone(),
