@@ -20,7 +20,7 @@
 //! windowed verify (256 in flight, at the owner, so multi-gets of up to 64 keys) of every record, or of a fixed sample when all
 //! would take over four minutes (`verified`, `verify_all`), and the sample again round the ring
 //! and through the manager; RSS above idle per stored byte (all processes, and the peers
-//! alone); shares (max/mean of owned rows) after setup, after one join and one leave, and after
+//! alone), and the peers' private memory and PSS (the memory they hold together); shares (max/mean of owned rows) after setup, after one join and one leave, and after
 //! three of each, and the fraction of records the first join and leave moved. n = 5 with the
 //! walk and replication 2 also kills a peer (SIGKILL) and times the repair.
 
@@ -273,6 +273,7 @@ async fn run(sc: &Scenario<'_>) -> Value {
     let idle_kib = nodes.rss_kib();
     let manager_idle_kib = nodes.manager_rss_kib();
     let peers_private_idle_kib = nodes.peers_private_kib();
+    let peers_pss_idle_kib = nodes.peers_pss_kib();
     let mut client = Client::connect(&nodes.manager(), Duration::from_secs(600))
         .await
         .expect("client");
@@ -297,6 +298,7 @@ async fn run(sc: &Scenario<'_>) -> Value {
     let loaded_kib = nodes.rss_kib();
     let manager_kib = nodes.manager_rss_kib();
     let peers_private_kib = nodes.peers_private_kib();
+    let peers_pss_kib = nodes.peers_pss_kib();
 
     // Seeded random keys, one query at a time: the same 1,000 queries on every run, entering
     // at the next member round the ring, then the same keys entering at their owner (by the
@@ -496,6 +498,14 @@ async fn run(sc: &Scenario<'_>) -> Value {
         )),
         _ => None,
     };
+    // The memory the peers hold together (PSS: a shared page counts once across them).
+    let peers_pss_over_raw = match (peers_pss_idle_kib, peers_pss_kib) {
+        (Some(idle), Some(loaded)) => Some(round(
+            (loaded.saturating_sub(idle) * 1024) as f64 / (raw_bytes * r) as f64,
+            2,
+        )),
+        _ => None,
+    };
     let owner_p50 = percentile(&owner_latencies, 0.50);
     let owner_mean_hops = owner_hops as f64 / QUERIES as f64;
     // Expected sampling noise of rows per peer: a peer's share of n is Poisson-like, so the
@@ -546,6 +556,7 @@ async fn run(sc: &Scenario<'_>) -> Value {
         "rss_over_raw": round(rss_over_raw, 2),
         "peers_rss_over_raw": peers_rss_over_raw,
         "peers_private_over_raw": peers_private_over_raw,
+        "peers_pss_over_raw": peers_pss_over_raw,
         "rss_mib_total": round(loaded_kib as f64 / 1024.0, 1),
         "rss_mib_idle": round(idle_kib as f64 / 1024.0, 1),
         "manager_rss_mib": manager_kib.map(|k| round(k as f64 / 1024.0, 1)),

@@ -21,7 +21,12 @@ pub fn rss_kib(pid: u32) -> u64 {
 
 /// A `kB` field of `/proc/<pid>/status` (0 when the process or the field is gone).
 fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+    proc_kib(pid, "status", field)
+}
+
+/// A `kB` field of `/proc/<pid>/<file>` (0 when the process, the file or the field is gone).
+fn proc_kib(pid: u32, file: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
         .ok()
         .and_then(|s| {
             let line = s.lines().find(|l| l.starts_with(field))?.to_string();
@@ -92,6 +97,25 @@ impl Nodes {
                     .map(|p| status_kib(p.pid(), "RssAnon:"))
                     .sum(),
             ),
+            Nodes::InProcess(_) => None,
+        }
+    }
+
+    /// The peers' proportional set size (`Pss` of `/proc/<pid>/smaps_rollup`): each page
+    /// divided by the number of processes that map it, so summed over the peers a page of
+    /// the binary's code that all of them fault in counts once, as it is held once, where
+    /// their RSS counts it once per process. The memory all peers hold together. None for
+    /// in-process peers, or where the kernel has no `smaps_rollup` (before 4.14).
+    pub fn peers_pss_kib(&self) -> Option<u64> {
+        match self {
+            Nodes::Processes(c) => {
+                let pss: Vec<u64> = c
+                    .peers
+                    .iter()
+                    .map(|p| proc_kib(p.pid(), "smaps_rollup", "Pss:"))
+                    .collect();
+                pss.iter().all(|kib| *kib > 0).then(|| pss.iter().sum())
+            }
             Nodes::InProcess(_) => None,
         }
     }
