@@ -175,6 +175,20 @@ fn spawn_manager(
     })
 }
 
+/// Every simulation's seed, moved by `STORM_SIM_SOAK` (a number; unset or 0: the seeds as
+/// written). A soak runs the whole suite again under many values, so that each scenario meets
+/// schedules its own seeds never showed; a failure replays with the same value.
+fn soaked(seed: u64) -> u64 {
+    match std::env::var("STORM_SIM_SOAK") {
+        Ok(value) => match value.trim().parse::<u64>() {
+            Ok(0) => seed,
+            Ok(soak) => seed ^ soak.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            Err(e) => panic!("STORM_SIM_SOAK must be a number, not {value:?}: {e}"),
+        },
+        Err(_) => seed,
+    }
+}
+
 impl Sim {
     /// A cluster with the default replication (2).
     pub fn new(seed: u64, faults: Faults, placement: Placement) -> Self {
@@ -209,7 +223,7 @@ impl Sim {
             let _in_rt = rt.enter();
             Instant::now()
         };
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(soaked(seed));
         let net = SimNet::new(rng.next_u64(), faults);
         local.spawn_local(net.clone().run());
 

@@ -6,7 +6,7 @@ use crate::machine::Machine;
 use crate::record::{CsvFormat, RecordKey, Row};
 use crate::ring::RingExt;
 use crate::wire::PackedRow;
-use crate::wire::{Body, QueryOutcome, StatusReport};
+use crate::wire::{Body, PeerId, QueryOutcome, StatusReport};
 use std::rc::Rc;
 
 const COLUMNS: [&str; 4] = ["event_id", "state", "event_type", "location_index"];
@@ -191,12 +191,24 @@ fn every_record_is_found_on_a_clean_network() {
         report.batches
     );
     assert_all_found(&mut sim);
-    // Each peer's share is what placement says, and the walk ends at the owner.
+    // Each peer's share is what placement says, and the walk ends at the first holder of the
+    // key it meets (the owner, or a replica when the entry peer is past the owner).
     let ring = sim.manager().ring().cloned().unwrap();
     let key = RecordKey::Event(5_000_007);
-    let owner = ring.owner_of(key).unwrap().id;
+    let holders: Vec<PeerId> = crate::ring::Placer::new(&ring)
+        .replicas(key, 2)
+        .1
+        .iter()
+        .map(|m| m.id)
+        .collect();
     let q = query(&mut sim, key, Some("peer-0"));
-    assert_eq!(*q.path.last().unwrap(), owner);
+    let (last, before) = q.path.split_last().unwrap();
+    assert!(holders.contains(last), "{:?} ends off {holders:?}", q.path);
+    assert!(
+        before.iter().all(|p| !holders.contains(p)),
+        "{:?} passed a holder of {holders:?}",
+        q.path
+    );
     assert!(q.path.len() <= 5);
     assert_eq!(q.path_names.len(), q.path.len());
 }
