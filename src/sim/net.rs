@@ -65,6 +65,25 @@ struct State {
     parked: Vec<Datagram>,
     /// Wakes the delivery task when an earlier datagram is queued.
     wake: Rc<Notify>,
+    /// `STORM_SIM_TRACE` set: every datagram sent is printed with its fate, timed from the
+    /// first one.
+    trace: Option<Option<Instant>>,
+}
+
+/// One line on stderr per datagram sent: virtual time, sender, receiver, sequence number, kind
+/// (an ack with the number it acknowledges), and whether the network lost it. What a failing
+/// seed's messages went through, to tell a bug from a run of bad luck.
+fn trace_datagram(since: Duration, from: SocketAddr, to: SocketAddr, bytes: &[u8], lost: bool) {
+    let what = match crate::wire::Envelope::decode(bytes) {
+        Ok(env) => match &env.body {
+            crate::wire::Body::Ack { seq, .. } => format!("seq {} ack of {seq}", env.seq),
+            body => format!("seq {} {}", env.seq, body.kind()),
+        },
+        Err(e) => format!("undecodable ({e})"),
+    };
+    let lost = if lost { " LOST" } else { "" };
+    let ms = since.as_secs_f64() * 1e3;
+    eprintln!("simnet {ms:10.3} ms {from} -> {to} {what}{lost}");
 }
 
 /// The shared network; cheap to clone.
@@ -85,6 +104,7 @@ impl SimNet {
             held: BTreeSet::new(),
             parked: Vec::new(),
             wake: Rc::new(Notify::new()),
+            trace: std::env::var_os("STORM_SIM_TRACE").map(|_| None),
         })))
     }
 
@@ -175,7 +195,12 @@ impl SimNet {
         if s.cut.contains(&(from, to)) || s.rules.iter_mut().any(|(_, rule)| rule(&d)) {
             return;
         }
-        if s.faults.loss > 0.0 && s.rng.random_bool(s.faults.loss) {
+        let lost = s.faults.loss > 0.0 && s.rng.random_bool(s.faults.loss);
+        if let Some(first) = &mut s.trace {
+            let first = *first.get_or_insert_with(Instant::now);
+            trace_datagram(first.elapsed(), from, to, bytes, lost);
+        }
+        if lost {
             return;
         }
         let copies = if s.faults.duplicate > 0.0 && s.rng.random_bool(s.faults.duplicate) {
