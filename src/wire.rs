@@ -113,12 +113,23 @@ pub enum Body {
     Lookups(Vec<FindEvent>),
     /// a peer → a client, unsequenced: the answers of several of its lookups in one datagram.
     Answers(Vec<FindResult>),
-    /// peer → manager, unsequenced, every heartbeat interval: I am alive, at this epoch.
-    Heartbeat { epoch: u64 },
+    /// peer → manager, unsequenced, every heartbeat interval: I am alive, at this epoch, as
+    /// member `id` (absent from peers before 0.19).
+    Heartbeat {
+        epoch: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<PeerId>,
+    },
     /// manager → peer, unsequenced: the answer to a heartbeat. `known` is false when this
     /// manager has no such peer (it restarted, or declared the peer dead); the envelope's
-    /// sender tells the peer which manager process answered.
-    HeartbeatAck { known: bool },
+    /// sender tells the peer which manager process answered. `id` is the heartbeat's own: an
+    /// answer to a heartbeat sent before the peer registered again (delayed, reordered) is
+    /// about its earlier membership, and must not send it to register once more.
+    HeartbeatAck {
+        known: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<PeerId>,
+    },
     /// manager → peer, or peer → peer for an indirect probe, unsequenced: are you there?
     Ping { nonce: u64 },
     /// The answer to a ping, unsequenced; a relay passes it on to the manager.
@@ -1070,7 +1081,10 @@ mod tests {
                 name: "peer-a".into(),
                 rejoin: None,
             },
-            Body::Heartbeat { epoch: 4 },
+            Body::Heartbeat {
+                epoch: 4,
+                id: Some(2),
+            },
             Body::PingReq {
                 nonce: 3,
                 target: addr,

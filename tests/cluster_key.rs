@@ -51,8 +51,14 @@ fn forged_bodies(victim: SocketAddr) -> Vec<Body> {
                 },
             }),
         },
-        Body::Heartbeat { epoch: 1 },
-        Body::HeartbeatAck { known: false },
+        Body::Heartbeat {
+            epoch: 1,
+            id: Some(1),
+        },
+        Body::HeartbeatAck {
+            known: false,
+            id: None,
+        },
         Body::Ping { nonce: 1 },
         Body::Progress {
             to: 1,

@@ -149,8 +149,14 @@ fn forged(n: u64) -> Vec<u8> {
                 ..Default::default()
             },
         },
-        15 => Body::Heartbeat { epoch: n },
-        16 => Body::HeartbeatAck { known: false },
+        15 => Body::Heartbeat {
+            epoch: n,
+            id: Some(n as u32),
+        },
+        16 => Body::HeartbeatAck {
+            known: false,
+            id: None,
+        },
         17 => Body::Ping { nonce: n },
         18 => Body::Pong { nonce: n },
         19 => Body::PingReq {

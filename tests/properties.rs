@@ -123,8 +123,10 @@ fn body() -> impl Strategy<Value = Body> {
             name: format!("p{id}"),
             rejoin: Some(Rejoin { id, ring })
         }),
-        (0u64..8).prop_map(|epoch| Body::Heartbeat { epoch }),
-        any::<bool>().prop_map(|known| Body::HeartbeatAck { known }),
+        ((0u64..8), proptest::option::of(0u32..8))
+            .prop_map(|(epoch, id)| Body::Heartbeat { epoch, id }),
+        (any::<bool>(), proptest::option::of(0u32..8))
+            .prop_map(|(known, id)| Body::HeartbeatAck { known, id }),
         (0u64..8).prop_map(|nonce| Body::Ping { nonce }),
         (0u64..8).prop_map(|nonce| Body::Pong { nonce }),
         (0u64..8, 0u64..100).prop_map(|(to, done)| Body::Progress {

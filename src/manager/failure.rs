@@ -125,19 +125,29 @@ impl Manager {
         from: SocketAddr,
         incarnation: u64,
         epoch: u64,
+        named: Option<PeerId>,
     ) {
         let Some(id) = self.registry.by_incarnation(incarnation) else {
             if self.exit_again_if_torn_down(now, from, incarnation) {
                 return;
             }
             // Unknown here: a manager that restarted, or a peer declared dead. It decides.
-            return self
-                .link
-                .send_unsequenced(from, Body::HeartbeatAck { known: false });
+            return self.link.send_unsequenced(
+                from,
+                Body::HeartbeatAck {
+                    known: false,
+                    id: named,
+                },
+            );
         };
         self.heard_from(now, id);
-        self.link
-            .send_unsequenced(from, Body::HeartbeatAck { known: true });
+        self.link.send_unsequenced(
+            from,
+            Body::HeartbeatAck {
+                known: true,
+                id: named,
+            },
+        );
         // A member behind the ring (a view it never acknowledged, e.g. while it was frozen)
         // is sent the current one again.
         if let Some(ring) = &self.ring

@@ -179,11 +179,13 @@ mod tests {
             p1.inbox.iter().filter(|b| **b == exit).count()
         };
         let unknown = |kit: &Kit| {
-            let unknown = Body::HeartbeatAck { known: false };
-            kit.peers[1].inbox.contains(&unknown)
+            kit.peers[1]
+                .inbox
+                .iter()
+                .any(|b| matches!(b, Body::HeartbeatAck { known: false, .. }))
         };
         let sent = exits(&kit);
-        kit.send_from_peer(1, UNSEQUENCED, Body::Heartbeat { epoch: 1 });
+        kit.send_from_peer(1, UNSEQUENCED, Body::Heartbeat { epoch: 1, id: None });
         kit.run();
         assert!(
             !unknown(&kit),
@@ -196,7 +198,7 @@ mod tests {
             Ok(ReplyBody::Teardown { .. })
         ));
         let given_up = exits(&kit);
-        kit.send_from_peer(1, UNSEQUENCED, Body::Heartbeat { epoch: 1 });
+        kit.send_from_peer(1, UNSEQUENCED, Body::Heartbeat { epoch: 1, id: None });
         kit.run();
         assert!(!unknown(&kit));
         assert_eq!(

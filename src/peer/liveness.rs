@@ -9,7 +9,7 @@
 
 use super::{Peer, PeerEvent};
 use crate::link::Time;
-use crate::wire::{Body, Rejoin};
+use crate::wire::{Body, PeerId, Rejoin};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 
@@ -42,16 +42,28 @@ impl Peer {
         }
         let epoch = self.ring.as_ref().map_or(0, |r| r.epoch);
         let manager = self.cfg.manager;
-        self.link
-            .send_unsequenced(manager, Body::Heartbeat { epoch });
+        let body = Body::Heartbeat { epoch, id: self.id };
+        self.link.send_unsequenced(manager, body);
     }
 
-    pub(super) fn on_heartbeat_ack(&mut self, now: Time, manager: u64, known: bool) {
+    pub(super) fn on_heartbeat_ack(
+        &mut self,
+        now: Time,
+        manager: u64,
+        known: bool,
+        named: Option<PeerId>,
+    ) {
         if known {
             self.live.manager.get_or_insert(manager);
             return;
         }
         let Some(id) = self.id else { return };
+        if named.is_some_and(|named| named != id) {
+            // The answer to a heartbeat of an earlier membership, overtaken by this one's
+            // registration (a soak found it: the peer registered once more, the manager took
+            // the repeat for a retransmission, and the peer stayed outside its own ring).
+            return;
+        }
         if self.live.manager == Some(manager)
             && self.leaving
             && (self.store.row_count() == 0 || self.leave_reported())
