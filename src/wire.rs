@@ -114,7 +114,7 @@ pub enum Body {
     /// a peer → a client, unsequenced: the answers of several of its lookups in one datagram.
     Answers(Vec<FindResult>),
     /// peer → manager, unsequenced, every heartbeat interval: I am alive, at this epoch, as
-    /// member `id` (absent from peers before 0.19).
+    /// member `id` (absent from older peers).
     Heartbeat {
         epoch: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]

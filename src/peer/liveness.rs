@@ -59,9 +59,8 @@ impl Peer {
         }
         let Some(id) = self.id else { return };
         if named.is_some_and(|named| named != id) {
-            // The answer to a heartbeat of an earlier membership, overtaken by this one's
-            // registration (a soak found it: the peer registered once more, the manager took
-            // the repeat for a retransmission, and the peer stayed outside its own ring).
+            // About a heartbeat of an earlier membership, overtaken by this registration:
+            // obeying it would drop the new id and ring for nothing.
             return;
         }
         if self.live.manager == Some(manager)

@@ -1281,6 +1281,19 @@ mod tests {
     use super::*;
     use crate::wire::{Envelope, ExitReason};
 
+    /// Peer "p" of the manager at `manager`, with the defaults.
+    fn config(manager: SocketAddr) -> PeerConfig {
+        PeerConfig {
+            name: "p".into(),
+            manager,
+            retry: RetryPolicy::default(),
+            max_datagram: 8_000,
+            window: 4,
+            heartbeat: Duration::from_millis(250),
+            clock_origin_us: 0,
+        }
+    }
+
     fn exited(events: &[PeerEvent]) -> bool {
         events.iter().any(|e| matches!(e, PeerEvent::Exit { .. }))
     }
@@ -1290,16 +1303,7 @@ mod tests {
     #[test]
     fn an_exit_sent_before_this_peer_joined_again_is_ignored() {
         let manager: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        let cfg = PeerConfig {
-            name: "p".into(),
-            manager,
-            retry: RetryPolicy::default(),
-            max_datagram: 8_000,
-            window: 4,
-            heartbeat: Duration::from_millis(250),
-            clock_origin_us: 0,
-        };
-        let mut peer = Peer::new(cfg, 1, Duration::ZERO);
+        let mut peer = Peer::new(config(manager), 1, Duration::ZERO);
         let now = Duration::from_millis(10);
         let from_manager = |peer: &mut Peer, incarnation: u64, seq: u64, body: Body| {
             peer.handle(
@@ -1347,16 +1351,7 @@ mod tests {
     #[test]
     fn a_not_known_answer_to_an_earlier_membership_is_ignored() {
         let manager: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        let cfg = PeerConfig {
-            name: "p".into(),
-            manager,
-            retry: RetryPolicy::default(),
-            max_datagram: 8_000,
-            window: 4,
-            heartbeat: Duration::from_millis(250),
-            clock_origin_us: 0,
-        };
-        let mut peer = Peer::new(cfg, 1, Duration::ZERO);
+        let mut peer = Peer::new(config(manager), 1, Duration::ZERO);
         let now = Duration::from_millis(10);
         let from_manager = |peer: &mut Peer, seq: u64, body: Body| {
             peer.handle(now, manager, Envelope::new(9, seq, None, body), None)
