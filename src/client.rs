@@ -3,7 +3,7 @@
 
 use crate::auth::{Keyring, open_if_keyed, seal_if_keyed};
 use crate::driver::socket::DatagramSocket;
-use crate::driver::{bind_udp, lookup};
+use crate::driver::{Timer, bind_udp, lookup};
 use crate::link::{Accepted, Link, Outcome, RetryPolicy, Time, Transmit};
 use crate::record::{Dataset, RecordKey};
 use crate::ring::{PointIndex, RingExt};
@@ -808,6 +808,9 @@ pub struct Client<S = UdpSocket> {
     buf: Vec<u8>,
     /// The cluster's keyring, when it has one: requests are sealed, replies must be.
     keyring: Option<Keyring>,
+    /// Kept from one call to the next (see [`Timer`]); made on the first call, inside the
+    /// runtime.
+    timer: Option<Timer>,
 }
 
 impl Client<UdpSocket> {
@@ -839,6 +842,7 @@ impl<S: DatagramSocket> Client<S> {
             start: Instant::now(),
             buf: vec![0; 65_536],
             keyring: None,
+            timer: None,
         }
     }
 
@@ -934,6 +938,7 @@ impl<S: DatagramSocket> Client<S> {
             self.core.submit(index, req, trace);
         }
         let mut done = 0;
+        let mut timer = self.timer.take().unwrap_or_else(Timer::new);
         while !self.core.is_idle() {
             self.core.pump(self.start.elapsed());
             while let Some(t) = self.core.poll_transmit() {
@@ -946,7 +951,7 @@ impl<S: DatagramSocket> Client<S> {
                 let wake = self.core.poll_timeout().map(|t| self.start + t);
                 tokio::select! {
                     r = self.socket.recv_from(&mut self.buf) => Some(r),
-                    _ = sleep_until(wake) => None,
+                    _ = timer.until(wake) => None,
                 }
             };
             let now = self.start.elapsed();
@@ -976,17 +981,11 @@ impl<S: DatagramSocket> Client<S> {
                 self.send(&t).await;
             }
         }
+        self.timer = Some(timer);
         results
             .into_iter()
             .map(|r| r.unwrap_or(Err(ClientError::NoResult)))
             .collect()
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -238,10 +238,41 @@ impl<S: DatagramSocket> Io<'_, S> {
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// One timer, moved to each new deadline instead of made anew: a fresh `Sleep` per loop
+/// iteration registers with the runtime's timer wheel and deregisters again on every datagram.
+pub(crate) struct Timer {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// Where `sleep` is set; None: parked far away.
+    at: Option<Instant>,
+}
+
+/// Far enough to mean "never" without overflowing the runtime's clock.
+const NEVER: Duration = Duration::from_secs(86_400 * 365);
+
+impl Timer {
+    pub(crate) fn new() -> Self {
+        Timer {
+            sleep: Box::pin(tokio::time::sleep(NEVER)),
+            at: None,
+        }
+    }
+
+    /// Completes at `at`; pending forever when `at` is None. Cancel safe: dropping the
+    /// future leaves the timer set.
+    pub(crate) async fn until(&mut self, at: Option<Instant>) {
+        let Some(at) = at else {
+            if self.at.take().is_some() {
+                // Parked far away, so that a paused clock (the simulation) does not jump to a
+                // deadline nobody waits for any more.
+                self.sleep.as_mut().reset(Instant::now() + NEVER);
+            }
+            return std::future::pending().await;
+        };
+        if self.at != Some(at) {
+            self.sleep.as_mut().reset(at);
+            self.at = Some(at);
+        }
+        self.sleep.as_mut().await
     }
 }
 
@@ -275,6 +306,11 @@ where
         keyring: options.keyring.clone(),
     };
     let mut shutdown_seen = false;
+    // The shutdown watch and the timer live across iterations: made anew for every datagram,
+    // each registered itself with the runtime and deregistered again, a few µs per query.
+    let shutdown_changed = shutdown.changed();
+    tokio::pin!(shutdown_changed);
+    let mut timer = Timer::new();
     let mut lingering: Option<(Instant, H::Exit)> = None;
     let mut outgoing: Vec<Transmit> = Vec::new();
     loop {
@@ -293,7 +329,7 @@ where
         let control = tokio::select! {
             // Fixed order, so that a simulation replays exactly.
             biased;
-            r = shutdown.changed(), if !shutdown_seen => {
+            r = &mut shutdown_changed, if !shutdown_seen => {
                 shutdown_seen = true;
                 if r.is_err() {
                     Control::Continue // the sender is gone: nobody can ask us to stop
@@ -314,7 +350,7 @@ where
                     Control::Continue
                 }
             },
-            _ = sleep_until(wake) => {
+            _ = timer.until(wake) => {
                 if lingering.is_some() {
                     Control::Continue
                 } else {
@@ -427,4 +463,46 @@ fn deliver<M: Machine, H: Shell<M>>(
         shell.close_span(span, &events);
     }
     react(shell, events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+    use std::task::Poll;
+
+    /// Polls `timer.until(at)` once: true when it completed.
+    async fn fired(timer: &mut Timer, at: Option<Instant>) -> bool {
+        let fut = timer.until(at);
+        tokio::pin!(fut);
+        poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx).is_ready())).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timer_fires_at_its_latest_deadline_and_never_without_one() {
+        let mut timer = Timer::new();
+        let t0 = Instant::now();
+        let (soon, later) = (
+            t0 + Duration::from_millis(10),
+            t0 + Duration::from_millis(50),
+        );
+        assert!(!fired(&mut timer, Some(soon)).await);
+        // Moved to a later deadline: the earlier one no longer counts.
+        assert!(!fired(&mut timer, Some(later)).await);
+        tokio::time::advance(Duration::from_millis(20)).await;
+        assert!(!fired(&mut timer, Some(later)).await);
+        tokio::time::advance(Duration::from_millis(30)).await;
+        assert!(fired(&mut timer, Some(later)).await);
+        // Moved back to an earlier deadline, already past: fires at once.
+        assert!(fired(&mut timer, Some(soon)).await);
+        // No deadline: pending, even a year on (the clock is paused, so this takes no time).
+        assert!(!fired(&mut timer, None).await);
+        tokio::time::advance(Duration::from_secs(86_400 * 400)).await;
+        assert!(!fired(&mut timer, None).await);
+        // And it can be set again after that.
+        let again = Instant::now() + Duration::from_millis(5);
+        assert!(!fired(&mut timer, Some(again)).await);
+        tokio::time::advance(Duration::from_millis(5)).await;
+        assert!(fired(&mut timer, Some(again)).await);
+    }
 }
