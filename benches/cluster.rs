@@ -215,24 +215,40 @@ impl Scenario<'_> {
 /// sorted, and the hops in all (peers on each path after the entry peer). Every one must be
 /// found. With an `echo`, the floor's round trips are timed between blocks of queries (as many
 /// as queries, appended to `rtts`): on a machine whose load changes by the second, a floor
-/// measured before the queries is not the floor they ran on.
+/// measured before the queries is not the floor they ran on. With `cpu`, the CPU the queries
+/// took is added to it: this thread's around each call, and that of the processes `pids`
+/// around each block of queries (not during the floor's round trips).
 async fn timed_queries(
     client: &mut Client,
     sc: &Scenario<'_>,
     mut echo: Option<(&floor::Echo, &mut Vec<f64>)>,
+    mut cpu: Option<(&[u32], &mut floor::CpuTally)>,
 ) -> (Vec<f64>, usize) {
     const BLOCK: usize = 50;
     let records = sc.dataset.rows.len() as u64;
     let mut rng = XorShift(0x5eed_cafe_f00d);
     let mut latencies = Vec::with_capacity(QUERIES);
     let mut hops = 0usize;
+    // The others' CPU when the current block of queries began.
+    let mut block_started_ns = 0;
+    let mut client_ns = 0;
     for i in 0..QUERIES {
-        if i % BLOCK == 0
-            && let Some((echo, rtts)) = echo.as_mut()
-        {
-            rtts.extend(echo.round_trips(BLOCK));
+        if i % BLOCK == 0 {
+            if let Some((pids, tally)) = cpu.as_mut()
+                && i > 0
+            {
+                let others = floor::processes_cpu_ns(pids).saturating_sub(block_started_ns);
+                tally.add(std::mem::take(&mut client_ns), others, BLOCK as u64);
+            }
+            if let Some((echo, rtts)) = echo.as_mut() {
+                rtts.extend(echo.round_trips(BLOCK));
+            }
+            if let Some((pids, _)) = cpu.as_ref() {
+                block_started_ns = floor::processes_cpu_ns(pids);
+            }
         }
         let key = sc.dataset.rows[(rng.next() % records) as usize].key;
+        let cpu_before = floor::thread_cpu_ns();
         let t = Instant::now();
         let req = ClientRequest::Query {
             key,
@@ -241,10 +257,16 @@ async fn timed_queries(
         };
         let reply = client.call(req, None).await;
         latencies.push(t.elapsed().as_secs_f64() * 1e6);
+        client_ns += floor::thread_cpu_ns().saturating_sub(cpu_before);
         match reply {
             Ok(ReplyBody::Query(q)) if q.found => hops += q.path.len().saturating_sub(1),
             other => panic!("query {key} failed: {other:?}"),
         }
+    }
+    if let Some((pids, tally)) = cpu.as_mut() {
+        let others = floor::processes_cpu_ns(pids).saturating_sub(block_started_ns);
+        let last_block = QUERIES - (QUERIES - 1) / BLOCK * BLOCK;
+        tally.add(client_ns, others, last_block as u64);
     }
     latencies.sort_by(|a, b| a.total_cmp(b));
     (latencies, hops)
@@ -306,10 +328,11 @@ async fn run(sc: &Scenario<'_>) -> Value {
     // The floor's round trips are timed between blocks of the same queries.
     let echo = floor::Echo::start();
     let (mut ring_rtts, mut owner_rtts) = (Vec::new(), Vec::new());
-    let (latencies, hops) = timed_queries(&mut client, sc, Some((&echo, &mut ring_rtts))).await;
+    let (latencies, hops) =
+        timed_queries(&mut client, sc, Some((&echo, &mut ring_rtts)), None).await;
     client.set_owner_entry(true);
     let (owner_latencies, owner_hops) =
-        timed_queries(&mut client, sc, Some((&echo, &mut owner_rtts))).await;
+        timed_queries(&mut client, sc, Some((&echo, &mut owner_rtts)), None).await;
     client.set_owner_entry(false);
     drop(echo);
     let one_way_us = floor::one_way_of(ring_rtts);
@@ -321,10 +344,22 @@ async fn run(sc: &Scenario<'_>) -> Value {
         // Started pinned: the echo runs on the same CPU.
         let echo = floor::Echo::start();
         let (mut ring_rtts, mut owner_rtts) = (Vec::new(), Vec::new());
-        let (ring, ring_hops) = timed_queries(&mut client, sc, Some((&echo, &mut ring_rtts))).await;
+        let (ring, ring_hops) =
+            timed_queries(&mut client, sc, Some((&echo, &mut ring_rtts)), None).await;
         client.set_owner_entry(true);
-        let (owner, owner_hops) =
-            timed_queries(&mut client, sc, Some((&echo, &mut owner_rtts))).await;
+        // Where the owner-entry time goes: the CPU of a query (the client, the peers) against
+        // that of the floor's round trip (pinger, echo), all on this one CPU.
+        echo.take_cpu();
+        let pids = nodes.pids().unwrap_or_default();
+        let mut query_cpu = floor::CpuTally::default();
+        let (owner, owner_hops) = timed_queries(
+            &mut client,
+            sc,
+            Some((&echo, &mut owner_rtts)),
+            Some((&pids, &mut query_cpu)),
+        )
+        .await;
+        let echo_cpu = echo.take_cpu();
         client.set_owner_entry(false);
         drop(echo);
         drop(pinned);
@@ -343,6 +378,19 @@ async fn run(sc: &Scenario<'_>) -> Value {
             "query_p50_owner_entry_us": round(percentile(&owner, 0.5), 0),
             "p50_owner_entry_over_floor": ratio(&owner, owner_hops, owner_one_way),
         });
+        // Pinned, latency is CPU: a query's CPU against the round trip's says how much of the
+        // ratio is the work of the client and the nodes, and how much waiting.
+        if let (Some((client, nodes)), Some((pinger, echo))) =
+            (query_cpu.per_time_us(), echo_cpu.per_time_us())
+        {
+            same_cpu["owner_entry_cpu_us"] = json!({
+                "client": round(client, 1),
+                "nodes": round(nodes, 1),
+                "floor_pinger": round(pinger, 1),
+                "floor_echo": round(echo, 1),
+                "query_over_round_trip": round((client + nodes) / (pinger + echo), 2),
+            });
+        }
     }
     // Ids above every event id of the file: each must be "not found".
     let top = sc

@@ -1,6 +1,7 @@
 //! The floors a scenario is compared with, measured in the same run right before it: the
 //! project's CSV reader alone (no network), and a bare UDP ping-pong between two processes.
 
+use std::cell::Cell;
 use std::io::{BufRead, BufReader, Write};
 use std::net::UdpSocket;
 use std::path::Path;
@@ -55,6 +56,59 @@ pub struct Echo {
     child: std::process::Child,
     sock: UdpSocket,
     target: String,
+    /// CPU spent on the timed round trips since [`Echo::take_cpu`]: by this thread, by the echo.
+    cpu: Cell<CpuTally>,
+}
+
+/// CPU time spent on some work, ns: on the caller's side and on the other side, and how many
+/// times the work was done.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTally {
+    pub here_ns: u64,
+    pub there_ns: u64,
+    pub times: u64,
+}
+
+impl CpuTally {
+    pub fn add(&mut self, here_ns: u64, there_ns: u64, times: u64) {
+        self.here_ns += here_ns;
+        self.there_ns += there_ns;
+        self.times += times;
+    }
+
+    /// µs per time on each side, (here, there); None before anything was counted.
+    pub fn per_time_us(&self) -> Option<(f64, f64)> {
+        let n = self.times as f64;
+        (self.times > 0).then(|| {
+            (
+                self.here_ns as f64 / n / 1e3,
+                self.there_ns as f64 / n / 1e3,
+            )
+        })
+    }
+}
+
+/// CPU time of the calling thread, ns (CLOCK_THREAD_CPUTIME_ID).
+pub fn thread_cpu_ns() -> u64 {
+    // SAFETY: clock_gettime writes one timespec into the one we own.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// CPU time of every thread of `pids` so far, ns: the first field of each task's
+/// `/proc/<pid>/task/<tid>/schedstat` (the scheduler's own count, to the nanosecond; the
+/// clock ticks of `/proc/<pid>/stat` are 10 ms, a few hundred queries' worth).
+pub fn processes_cpu_ns(pids: &[u32]) -> u64 {
+    pids.iter()
+        .flat_map(|&pid| threads_of(pid).into_iter().map(move |tid| (pid, tid)))
+        .filter_map(|(pid, tid)| {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
+            s.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum()
 }
 
 impl Echo {
@@ -75,8 +129,10 @@ impl Echo {
             child,
             sock,
             target: format!("127.0.0.1:{}", port.trim()),
+            cpu: Cell::new(CpuTally::default()),
         };
         echo.round_trips(WARM_UP);
+        echo.take_cpu();
         echo
     }
 
@@ -85,6 +141,8 @@ impl Echo {
         let payload = [7u8; PAYLOAD];
         let mut buf = [0u8; 2048];
         let mut rtts = Vec::with_capacity(n);
+        let echo_pid = [self.child.id()];
+        let (here, there) = (thread_cpu_ns(), processes_cpu_ns(&echo_pid));
         for _ in 0..n {
             let t = Instant::now();
             if self.sock.send_to(&payload, &self.target).is_ok()
@@ -93,7 +151,19 @@ impl Echo {
                 rtts.push(t.elapsed().as_secs_f64() * 1e6);
             }
         }
+        let mut cpu = self.cpu.get();
+        cpu.add(
+            thread_cpu_ns().saturating_sub(here),
+            processes_cpu_ns(&echo_pid).saturating_sub(there),
+            n as u64,
+        );
+        self.cpu.set(cpu);
         rtts
+    }
+
+    /// The CPU the round trips took since the last call (pinger, echo), and starts again.
+    pub fn take_cpu(&self) -> CpuTally {
+        self.cpu.take()
     }
 }
 
