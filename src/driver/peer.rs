@@ -2,7 +2,7 @@
 //! linger; SIGTERM as a graceful leave.
 
 use super::manager::{NodeError, open_node};
-use super::{Control, Shell, Shutdown, drive, lookup, shared};
+use super::{Control, Shell, Shutdown, Timer, drive, lookup, shared};
 use crate::config::Config;
 use crate::link::Time;
 use crate::peer::{Peer, PeerConfig, PeerEvent};
@@ -30,6 +30,9 @@ pub struct PeerShell {
     /// ring change, a hand-off); None: never (the simulation).
     trim_after: Option<Duration>,
     trim_at: Option<tokio::time::Instant>,
+    /// Made at the first trim (inside the runtime), then reset rather than made anew each
+    /// time the driver's loop polls for local input while a trim is due.
+    trim_timer: Option<Timer>,
 }
 
 /// How long after a ring change or a hand-off the peer gives its free memory back: once per
@@ -42,6 +45,7 @@ impl PeerShell {
         PeerShell {
             trim_after: Some(TRIM_AFTER),
             trim_at: None,
+            trim_timer: None,
         }
     }
 
@@ -188,14 +192,13 @@ impl Shell<Peer> for PeerShell {
     /// is cancel safe: the deadline outlives the future).
     async fn next_local(&mut self) -> Infallible {
         loop {
-            match self.trim_at {
-                Some(at) => {
-                    tokio::time::sleep_until(at).await;
-                    self.trim_at = None;
-                    release_free_memory();
-                }
-                None => std::future::pending::<()>().await,
-            }
+            let Some(at) = self.trim_at else {
+                return std::future::pending().await;
+            };
+            let timer = self.trim_timer.get_or_insert_with(Timer::new);
+            timer.until(Some(at)).await;
+            self.trim_at = None;
+            release_free_memory();
         }
     }
 
@@ -270,5 +273,57 @@ fn release_free_memory() {
     // pointer and is safe to call at any time from any thread.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Polls the shell's local input for `wait` of the paused clock (it never yields a value).
+    async fn local_input_for(shell: &mut PeerShell, wait: Duration) {
+        let polled = tokio::time::timeout(wait, shell.next_local()).await;
+        assert!(polled.is_err(), "a peer has no local input");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trim_is_due_once_per_burst_and_runs_at_its_deadline() {
+        let mut shell = PeerShell::trimming();
+        local_input_for(&mut shell, Duration::from_secs(1)).await;
+        assert!(shell.trim_timer.is_none(), "no work, no timer");
+
+        shell.worked();
+        let due = shell.trim_at.expect("a trim is due after work");
+        // More work in the same burst keeps the first deadline.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        shell.worked();
+        assert_eq!(shell.trim_at, Some(due));
+        // Polled (and dropped) many times before the deadline, as the driver's loop does
+        // on every datagram: still due, one timer.
+        for _ in 0..10 {
+            local_input_for(&mut shell, Duration::from_millis(10)).await;
+        }
+        assert_eq!(shell.trim_at, Some(due));
+        local_input_for(&mut shell, Duration::from_millis(100)).await;
+        assert_eq!(
+            shell.trim_at, None,
+            "trimmed at {TRIM_AFTER:?} after the first work"
+        );
+
+        // The next burst sets a new deadline on the same timer.
+        shell.worked();
+        let next = shell.trim_at.expect("due again");
+        assert!(next > due);
+        local_input_for(&mut shell, TRIM_AFTER + Duration::from_millis(1)).await;
+        assert_eq!(shell.trim_at, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_simulations_shell_never_trims() {
+        let mut shell = PeerShell::default();
+        shell.worked();
+        assert_eq!(shell.trim_at, None);
+        local_input_for(&mut shell, Duration::from_secs(1)).await;
+        assert!(shell.trim_timer.is_none());
     }
 }
