@@ -52,6 +52,22 @@ pub fn status_text(s: &StatusReport) -> String {
             p.share * 100.0
         );
     }
+    // Alive by their heartbeats, but their reports were lost twice over: counts unknown.
+    let unreported = s
+        .peers
+        .iter()
+        .filter(|p| p.records.is_none())
+        .filter(|p| {
+            use crate::wire::PeerState::{Leaving, Registered, Up};
+            matches!(p.state, Up | Leaving | Registered)
+        })
+        .count();
+    if unreported > 0 {
+        let _ = writeln!(
+            out,
+            "{unreported} live peer(s) did not report (counts shown as ?): ask again"
+        );
+    }
     let total: u64 = s.peers.iter().filter_map(|p| p.records).sum();
     let owned: u64 = s.peers.iter().filter_map(|p| p.owned).sum();
     let _ = writeln!(
@@ -344,4 +360,69 @@ pub fn teardown_json(exited: &[ExitedPeer]) -> Value {
             .map(|p| json!({ "id": p.id, "name": p.name, "addr": p.addr.to_string(), "confirmed": p.confirmed }))
             .collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{PeerState, PeerStatus};
+
+    fn peer(id: u32, state: PeerState, records: Option<u64>) -> PeerStatus {
+        PeerStatus {
+            id,
+            name: format!("p{id}"),
+            addr: ([127, 0, 0, 1], 6000 + id as u16).into(),
+            state,
+            records,
+            keys: records,
+            token: Some(u64::from(id)),
+            share: 0.5,
+            counters: None,
+            owned: records,
+            replicas: records.map(|_| 0),
+        }
+    }
+
+    fn report(peers: Vec<PeerStatus>) -> StatusReport {
+        StatusReport {
+            epoch: 3,
+            settled: true,
+            placement: Some(Placement::Consistent),
+            table_size: 0,
+            peers,
+            manager: Default::default(),
+            replication: 1,
+            under_replicated_ranges: 0,
+            under_replicated_rows: 0,
+            repairing: 0,
+        }
+    }
+
+    #[test]
+    fn a_live_peer_without_counts_is_shown_unknown_and_named_in_a_line() {
+        let text = status_text(&report(vec![
+            peer(1, PeerState::Up, Some(10)),
+            peer(2, PeerState::Up, None),
+        ]));
+        let line = text
+            .lines()
+            .find(|l| l.contains(" p2 "))
+            .expect("p2's line");
+        assert!(line.starts_with("UN") && line.contains('?'), "{line}");
+        assert!(
+            text.contains("1 live peer(s) did not report (counts shown as ?): ask again"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unreachable_and_dead_peers_are_not_counted_as_unreported() {
+        let text = status_text(&report(vec![
+            peer(1, PeerState::Up, Some(10)),
+            peer(2, PeerState::Unreachable, None),
+            peer(3, PeerState::Dead, None),
+        ]));
+        assert!(!text.contains("did not report"), "{text}");
+        assert!(text.contains("Total records: 10 held"), "{text}");
+    }
 }

@@ -81,6 +81,12 @@ impl Detector {
         self.next_nonce
     }
 
+    /// Whether any datagram from `id` arrived after `t` (one handled at `t` itself came
+    /// before whatever is being handled at `t` now).
+    pub(super) fn heard_since(&self, id: PeerId, t: Time) -> bool {
+        self.watched.get(&id).is_some_and(|w| w.last_heard > t)
+    }
+
     pub(super) fn is_suspect(&self, id: PeerId) -> bool {
         self.watched
             .get(&id)

@@ -17,7 +17,11 @@ const MAX_STATUS_IN_FLIGHT: usize = 64;
 
 pub(super) struct StatusGather {
     call: ClientCall,
+    /// When the probes went out: a peer heard from since then is alive, whatever its report.
+    started: Time,
     pub(super) deadline: Time,
+    /// Whether the deadline was already pushed back once for peers alive but not reporting.
+    extended: bool,
     waiting: BTreeSet<PeerId>,
     reports: BTreeMap<PeerId, PeerReport>,
     setup: bool,
@@ -40,7 +44,9 @@ impl Manager {
             probe,
             StatusGather {
                 call: call.clone(),
+                started: now,
                 deadline: now + self.cfg.probe_timeout,
+                extended: false,
                 waiting,
                 reports: BTreeMap::new(),
                 setup,
@@ -74,10 +80,19 @@ impl Manager {
         if !ready {
             return;
         }
+        if self.extend_for_the_living(now, probe) {
+            return;
+        }
         let Some(g) = self.probes.remove(&probe) else {
             return;
         };
-        let report = self.status_report(&g.reports, &g.waiting);
+        let alive: BTreeSet<PeerId> = g
+            .waiting
+            .iter()
+            .copied()
+            .filter(|id| self.detector.heard_since(*id, g.started))
+            .collect();
+        let report = self.status_report(&g.reports, &g.waiting, &alive);
         let body = if g.setup {
             ReplyBody::Setup(report)
         } else {
@@ -86,10 +101,51 @@ impl Manager {
         self.reply(now, &g.call, Ok(body));
     }
 
+    /// At a status's first deadline, the peers that did not report but were heard from since
+    /// the probes went out (a heartbeat: they are alive, their probe or report was lost) are
+    /// probed once more and given one more probe timeout. True if the status waits on.
+    fn extend_for_the_living(&mut self, now: Time, probe: u64) -> bool {
+        let Some(g) = self.probes.get(&probe) else {
+            return false;
+        };
+        if g.extended || g.waiting.is_empty() {
+            return false;
+        }
+        let alive: Vec<PeerId> = g
+            .waiting
+            .iter()
+            .copied()
+            .filter(|id| self.detector.heard_since(*id, g.started))
+            .collect();
+        if alive.is_empty() {
+            return false;
+        }
+        let trace = g.call.trace.clone();
+        if let Some(g) = self.probes.get_mut(&probe) {
+            g.extended = true;
+            g.deadline = now + self.cfg.probe_timeout;
+        }
+        for id in alive {
+            if let Some(addr) = self.registry.get(id).map(|p| p.addr) {
+                self.send(
+                    now,
+                    addr,
+                    Body::Probe { probe },
+                    trace.clone(),
+                    ManagerTag::ToPeer(id, PeerMessage::Probe),
+                );
+            }
+        }
+        true
+    }
+
+    /// The `status` table. `silent`: peers that did not report; of them, `alive` were heard
+    /// from meanwhile (shown in their standing, with unknown counts), the others unreachable.
     pub(super) fn status_report(
         &self,
         reports: &BTreeMap<PeerId, PeerReport>,
         silent: &BTreeSet<PeerId>,
+        alive: &BTreeSet<PeerId>,
     ) -> StatusReport {
         let shares: BTreeMap<PeerId, f64> = self
             .ring
@@ -104,7 +160,7 @@ impl Manager {
         let peers = self.registry.iter().map(|(id, p)| {
             let state = match p.standing {
                 _ if self.detector.is_suspect(id) => PeerState::Suspect,
-                _ if silent.contains(&id) => PeerState::Unreachable,
+                _ if silent.contains(&id) && !alive.contains(&id) => PeerState::Unreachable,
                 Standing::Registered => PeerState::Registered,
                 Standing::InRing => PeerState::Up,
                 Standing::Leaving => PeerState::Leaving,
@@ -219,7 +275,7 @@ impl Manager {
 #[cfg(test)]
 mod tests {
     use super::super::testkit::Kit;
-    use crate::wire::{ClientRequest, PeerState, ReplyBody};
+    use crate::wire::{Body, ClientRequest, PeerState, ReplyBody};
     use std::time::Duration;
 
     #[test]
@@ -247,6 +303,92 @@ mod tests {
         );
         assert!(s.settled);
         assert!((s.peers.iter().map(|p| p.share).sum::<f64>() - 1.0).abs() < 1e-6);
+    }
+
+    /// A heartbeat from a peer whose probe went unanswered: alive, so not unreachable.
+    fn heartbeat(kit: &mut Kit, name: &str) {
+        let i = kit.peers.iter().position(|p| p.name == name).unwrap();
+        let (id, epoch) = (kit.peers[i].id, kit.m.ring().map_or(0, |r| r.epoch));
+        kit.send_from_peer(i, crate::wire::UNSEQUENCED, Body::Heartbeat { epoch, id });
+    }
+
+    fn probes_to(kit: &Kit, name: &str) -> usize {
+        let inbox = &kit.peer(name).inbox;
+        inbox
+            .iter()
+            .filter(|b| matches!(b, Body::Probe { .. }))
+            .count()
+    }
+
+    #[test]
+    fn a_peer_heard_from_but_not_reporting_is_probed_again_and_its_late_report_counts() {
+        let mut kit = Kit::with_ring(3);
+        kit.silent.insert("p2".into());
+        let seq = kit.request(ClientRequest::Status);
+        kit.wait(Duration::from_millis(100));
+        heartbeat(&mut kit, "p2");
+        let before = probes_to(&kit, "p2");
+        // The first probe timeout (300 ms) passes: no answer yet, p2 is probed again.
+        kit.wait(Duration::from_millis(250));
+        assert!(
+            !kit.replies.contains_key(&seq),
+            "status waits for a live peer"
+        );
+        assert!(probes_to(&kit, "p2") > before, "p2 is probed again");
+        // Its report gets through this time.
+        kit.silent.remove("p2");
+        kit.wait(Duration::from_millis(100));
+        let s = match kit.reply(seq) {
+            Ok(ReplyBody::Status(s)) => s,
+            other => panic!("{other:?}"),
+        };
+        assert!(s.peers.iter().all(|p| p.state == PeerState::Up));
+        assert!(
+            s.peers.iter().all(|p| p.records == Some(0)),
+            "{:?}",
+            s.peers
+        );
+    }
+
+    #[test]
+    fn a_live_peer_that_never_reports_is_up_with_unknown_counts_not_unreachable() {
+        let mut kit = Kit::with_ring(3);
+        kit.silent.insert("p1".into());
+        kit.silent.insert("p2".into());
+        let seq = kit.request(ClientRequest::Status);
+        // p1 heartbeats throughout; p2 is never heard. The first probe timeout (300 ms)
+        // passes without an answer: status waits one more for p1.
+        for _ in 0..4 {
+            kit.wait(Duration::from_millis(100));
+            heartbeat(&mut kit, "p1");
+        }
+        assert!(
+            !kit.replies.contains_key(&seq),
+            "status waits for a live peer"
+        );
+        for _ in 0..4 {
+            kit.wait(Duration::from_millis(100));
+            heartbeat(&mut kit, "p1");
+        }
+        let s = match kit.reply(seq) {
+            Ok(ReplyBody::Status(s)) => s,
+            other => panic!("{other:?}"),
+        };
+        let states: Vec<(String, PeerState, Option<u64>)> = s
+            .peers
+            .iter()
+            .map(|p| (p.name.clone(), p.state, p.records))
+            .collect();
+        assert_eq!(
+            states,
+            vec![
+                ("p0".into(), PeerState::Up, Some(0)),
+                ("p1".into(), PeerState::Up, None),
+                ("p2".into(), PeerState::Unreachable, None),
+            ]
+        );
+        // Only the live one was probed again.
+        assert!(probes_to(&kit, "p1") > probes_to(&kit, "p2"));
     }
 
     #[test]

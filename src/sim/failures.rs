@@ -202,9 +202,10 @@ fn a_restarted_manager_rebuilds_the_cluster_from_its_peers() {
         assert!(sim.manager().ring().unwrap().epoch > epoch, "epochs go on");
         sim.settle();
         // No setup, no distribute: status and queries work, and every record is there.
-        // At 20% loss one status can find a live peer silent: its probe and every
+        // At 20% loss one status can miss a live peer's report: its probe and every
         // retransmission lost before the probe timeout (soak K = 392: six sends to one peer
-        // lost in a row). It says Unreachable, as it should; the operator asks again.
+        // lost in a row). Heard from meanwhile, the peer is probed once more; if that is lost
+        // too, status shows it up with unknown counts, and the operator asks again.
         let s = (0..5)
             .map(|_| status(&mut sim))
             .find(|s| s.peers.iter().all(|p| p.records.is_some()))
@@ -458,4 +459,90 @@ fn a_peer_whose_teardown_exit_is_late_exits_and_does_not_register_again() {
         sim.advance(Duration::from_secs(10));
         assert_eq!(sim.manager().peer_count(), 0, "seed {seed}");
     }
+}
+
+/// At 10% loss with duplication and reordering, every probe of one status round to a live
+/// peer is lost (its first probe message and all its retransmissions): heard from by its
+/// heartbeats, the peer is probed again and its report counts; a peer killed just before is
+/// not shown up. Before the failure detector was consulted, the live peer was `Unreachable`.
+#[test]
+fn a_status_whose_probes_to_a_live_peer_are_lost_asks_again_and_counts_it() {
+    for seed in 0..6 {
+        let mut sim = cluster(seed + 300, lossy(0.1), 5, Placement::Consistent);
+        setup_and_distribute(&mut sim);
+        sim.settle();
+        let victim = sim.peers.iter().find(|p| p.name == "peer-2").unwrap().addr;
+        // Drops the first probe message to the victim and its retransmissions (same seq).
+        let first_seq = Rc::new(RefCell::new(None::<u64>));
+        let rule = {
+            let first_seq = first_seq.clone();
+            sim.net.drop_where(move |d| {
+                let Ok(env) = Envelope::decode(&d.bytes) else {
+                    return false;
+                };
+                if d.to != victim || !matches!(env.body, Body::Probe { .. }) {
+                    return false;
+                }
+                *first_seq.borrow_mut().get_or_insert(env.seq) == env.seq
+            })
+        };
+        sim.crash("peer-4");
+        let s = status(&mut sim);
+        sim.net.remove_rule(rule);
+        assert!(
+            first_seq.borrow().is_some(),
+            "seed {seed}: no probe went out"
+        );
+        let state = |name: &str| {
+            let p = s.peers.iter().find(|p| p.name == name).unwrap();
+            (p.state, p.records)
+        };
+        let (victim_state, victim_records) = state("peer-2");
+        assert_eq!(victim_state, PeerState::Up, "seed {seed}: {:?}", s.peers);
+        assert!(victim_records.is_some(), "seed {seed}: {:?}", s.peers);
+        let (dead_state, dead_records) = state("peer-4");
+        assert!(
+            matches!(dead_state, PeerState::Unreachable | PeerState::Suspect),
+            "seed {seed}: the killed peer is {dead_state:?}"
+        );
+        assert_eq!(dead_records, None);
+        for name in ["peer-0", "peer-1", "peer-3"] {
+            assert_eq!(state(name).0, PeerState::Up, "seed {seed}: {name}");
+        }
+    }
+}
+
+/// Every probe to a live peer lost, the second round's too: it is still shown up (its
+/// heartbeats arrive), with unknown counts, never unreachable.
+#[test]
+fn a_live_peer_whose_probes_are_all_lost_is_up_with_unknown_counts() {
+    let mut sim = cluster(310, lossy(0.05), 4, Placement::Consistent);
+    setup_and_distribute(&mut sim);
+    sim.settle();
+    let victim = sim.peers.iter().find(|p| p.name == "peer-1").unwrap().addr;
+    let rule = sim.net.drop_where(move |d| {
+        d.to == victim
+            && Envelope::decode(&d.bytes).is_ok_and(|e| matches!(e.body, Body::Probe { .. }))
+    });
+    let s = status(&mut sim);
+    sim.net.remove_rule(rule);
+    let p = s.peers.iter().find(|p| p.name == "peer-1").unwrap();
+    assert_eq!((p.state, p.records), (PeerState::Up, None), "{:?}", s.peers);
+    assert!(
+        s.peers
+            .iter()
+            .filter(|p| p.name != "peer-1")
+            .all(|p| p.state == PeerState::Up && p.records.is_some()),
+        "{:?}",
+        s.peers
+    );
+    // Once the probes get through again, so do the counts.
+    let s = (0..5)
+        .map(|_| status(&mut sim))
+        .find(|s| s.peers.iter().all(|p| p.records.is_some()))
+        .expect("a status with every count once probes pass");
+    assert_eq!(
+        s.peers.iter().filter_map(|p| p.records).sum::<u64>(),
+        2 * default_rows(&sim)
+    );
 }
