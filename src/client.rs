@@ -639,6 +639,10 @@ impl ClientCore {
         if !self.silent.is_empty() {
             self.silent.remove(&from);
         }
+        // A reply too large for one datagram (a status of many peers) comes in fragments.
+        let Some(env) = self.link.reassemble(now, from, env) else {
+            return;
+        };
         if self.link.accept(now, from, &env) == Accepted::New {
             match env.body {
                 Body::Reply(reply) if self.is_ring_request(reply.to) => {

@@ -7,7 +7,10 @@
 //! [`Link::accept`] acknowledges every sequenced datagram, including duplicates (the earlier
 //! ack may have been lost), but reports only the first copy as new, so handlers run once.
 
-use crate::wire::{Body, Counters, Envelope, RejectReason, TraceContext, UNSEQUENCED, WireError};
+use crate::wire::{
+    Body, Counters, Envelope, MAX_MESSAGE, MAX_UDP_PAYLOAD, RejectReason, TraceContext,
+    UNSEQUENCED, WireError,
+};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -97,11 +100,43 @@ pub enum Outcome<T> {
 
 struct Pending<T> {
     dest: SocketAddr,
+    /// The datagram; empty for a message sent in `pieces`.
     bytes: Vec<u8>,
+    /// The fragments of a message too large for one datagram.
+    pieces: Vec<Piece>,
     attempts: u32,
     due: Time,
     policy: RetryPolicy,
     tag: T,
+}
+
+/// One fragment of a message too large for a datagram: its own sequence number and datagram.
+struct Piece {
+    seq: u64,
+    bytes: Vec<u8>,
+    acked: bool,
+}
+
+/// What a fragment's envelope and body take besides its bytes (measured: under 60 bytes).
+const FRAGMENT_OVERHEAD: usize = 128;
+
+/// Bounds on what fragments from others may make this node hold: messages being put
+/// together, and their bytes (the oldest is dropped first; its sender retransmits).
+const PARTIALS_LIMIT: usize = 16;
+const PARTIAL_BYTES_LIMIT: usize = 2 * MAX_MESSAGE;
+/// The most fragments a message may have (the smallest `max_datagram` still fits
+/// [`MAX_MESSAGE`] in fewer).
+const MAX_FRAGMENTS: u32 = 8_192;
+/// A message whose fragments stop coming is forgotten after this (its sender gave up long
+/// before: the default retransmissions end within 10 s).
+const PARTIAL_TTL: Duration = Duration::from_secs(30);
+
+/// A message from another node, arriving in fragments.
+struct Partial {
+    parts: Vec<Option<Vec<u8>>>,
+    received: usize,
+    bytes: usize,
+    started: Time,
 }
 
 /// Which sequence numbers of one sender have been seen: all up to `floor`, plus a set above
@@ -169,6 +204,13 @@ pub struct Link<T> {
     acks: VecDeque<Transmit>,
     outcomes: VecDeque<Outcome<T>>,
     counters: Counters,
+    /// Larger messages leave in fragments of at most this many bytes each.
+    max_datagram: usize,
+    /// A fragment's sequence number → the message it is part of.
+    piece_of: HashMap<u64, u64>,
+    /// Messages from others being put together: (sender's incarnation, message seq).
+    partials: HashMap<(u64, u64), Partial>,
+    partial_bytes: usize,
 }
 
 impl<T> Link<T> {
@@ -183,7 +225,17 @@ impl<T> Link<T> {
             acks: VecDeque::new(),
             outcomes: VecDeque::new(),
             counters: Counters::default(),
+            max_datagram: MAX_UDP_PAYLOAD,
+            piece_of: HashMap::new(),
+            partials: HashMap::new(),
+            partial_bytes: 0,
         }
+    }
+
+    /// Messages larger than `max_datagram` bytes leave in fragments that each fit it.
+    pub fn with_max_datagram(mut self, max_datagram: usize) -> Self {
+        self.max_datagram = max_datagram.clamp(1_024, MAX_UDP_PAYLOAD);
+        self
     }
 
     pub fn incarnation(&self) -> u64 {
@@ -228,17 +280,24 @@ impl<T> Link<T> {
     ) -> Result<u64, WireError> {
         debug_assert!(body.is_sequenced());
         let seq = self.next_seq;
-        let bytes = Envelope::new(self.incarnation, seq, trace, body).encode()?;
+        let bytes = Envelope::new(self.incarnation, seq, trace, body).encode_within(MAX_MESSAGE)?;
         self.next_seq += 1;
-        self.outbox.push_back(Transmit {
-            dest,
-            bytes: bytes.clone(),
-        });
+        let pieces = if bytes.len() <= self.max_datagram {
+            self.outbox.push_back(Transmit {
+                dest,
+                bytes: bytes.clone(),
+            });
+            Vec::new()
+        } else {
+            self.fragment(seq, dest, &bytes)?
+        };
+        let bytes = if pieces.is_empty() { bytes } else { Vec::new() };
         self.pending.insert(
             seq,
             Pending {
                 dest,
                 bytes,
+                pieces,
                 attempts: 1,
                 due: now + policy.delay(1),
                 policy,
@@ -246,6 +305,166 @@ impl<T> Link<T> {
             },
         );
         Ok(seq)
+    }
+
+    /// Cuts the encoded message `seq` into fragments that each fit a datagram, and queues them.
+    fn fragment(
+        &mut self,
+        seq: u64,
+        dest: SocketAddr,
+        bytes: &[u8],
+    ) -> Result<Vec<Piece>, WireError> {
+        let chunk = self.max_datagram.saturating_sub(FRAGMENT_OVERHEAD).max(512);
+        let count = bytes.len().div_ceil(chunk);
+        let mut pieces = Vec::with_capacity(count);
+        for (index, part) in bytes.chunks(chunk).enumerate() {
+            let piece_seq = self.next_seq;
+            let body = Body::Fragment {
+                of: seq,
+                index: index as u32,
+                count: count as u32,
+                bytes: part.to_vec(),
+            };
+            let datagram = Envelope::new(self.incarnation, piece_seq, None, body).encode()?;
+            self.next_seq += 1;
+            self.piece_of.insert(piece_seq, seq);
+            self.outbox.push_back(Transmit {
+                dest,
+                bytes: datagram.clone(),
+            });
+            pieces.push(Piece {
+                seq: piece_seq,
+                bytes: datagram,
+                acked: false,
+            });
+        }
+        Ok(pieces)
+    }
+
+    /// Forgets a pending message (and where its fragments point).
+    fn take_pending(&mut self, seq: u64) -> Option<Pending<T>> {
+        let p = self.pending.remove(&seq)?;
+        for piece in &p.pieces {
+            self.piece_of.remove(&piece.seq);
+        }
+        Some(p)
+    }
+
+    /// A fragment of a message from another node: acknowledged, kept, and once every
+    /// fragment is in, the whole envelope, to be handled as if it had come in one datagram
+    /// (the caller then accepts it as usual). Any other envelope is handed back as it is.
+    pub fn reassemble(
+        &mut self,
+        now: Time,
+        from: SocketAddr,
+        envelope: Envelope,
+    ) -> Option<Envelope> {
+        let Body::Fragment {
+            of,
+            index,
+            count,
+            bytes,
+        } = envelope.body
+        else {
+            return Some(envelope);
+        };
+        let sender = envelope.from;
+        let first = self.mark_seen(now, sender, envelope.seq);
+        self.ack(from, envelope.seq, None);
+        if self.was_seen(sender, of) {
+            // The whole message was handled: its ack may have been lost, so say it again.
+            self.ack(from, of, None);
+            self.counters.duplicates += u64::from(!first);
+            return None;
+        }
+        if !first {
+            self.counters.duplicates += 1;
+            return None;
+        }
+        if count == 0 || count > MAX_FRAGMENTS || index >= count || bytes.len() > MAX_UDP_PAYLOAD {
+            self.counters.bad_datagrams += 1;
+            return None;
+        }
+        self.forget_stale_partials(now);
+        let key = (sender, of);
+        let partial = self.partials.entry(key).or_insert_with(|| Partial {
+            parts: vec![None; count as usize],
+            received: 0,
+            bytes: 0,
+            started: now,
+        });
+        let fits =
+            partial.parts.len() == count as usize && partial.bytes + bytes.len() <= MAX_MESSAGE;
+        if !fits {
+            // Fragments that disagree on their message's size, or add up past the limit.
+            self.drop_partial(key);
+            self.counters.bad_datagrams += 1;
+            return None;
+        }
+        if let Some(slot @ None) = partial.parts.get_mut(index as usize) {
+            partial.bytes += bytes.len();
+            partial.received += 1;
+            self.partial_bytes += bytes.len();
+            *slot = Some(bytes);
+        }
+        if partial.received < partial.parts.len() {
+            self.bound_partials(key);
+            return None;
+        }
+        let partial = self.partials.remove(&key)?;
+        self.partial_bytes -= partial.bytes;
+        let whole: Vec<u8> = partial.parts.into_iter().flatten().flatten().collect();
+        match Envelope::decode_within(&whole, MAX_MESSAGE) {
+            Ok(inner) if inner.from == sender && inner.seq == of && inner.body.is_sequenced() => {
+                Some(inner)
+            }
+            _ => {
+                self.counters.bad_datagrams += 1;
+                None
+            }
+        }
+    }
+
+    fn drop_partial(&mut self, key: (u64, u64)) {
+        if let Some(p) = self.partials.remove(&key) {
+            self.partial_bytes -= p.bytes;
+        }
+    }
+
+    fn forget_stale_partials(&mut self, now: Time) {
+        let stale: Vec<(u64, u64)> = self
+            .partials
+            .iter()
+            .filter(|(_, p)| now.saturating_sub(p.started) > PARTIAL_TTL)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in stale {
+            self.drop_partial(key);
+        }
+    }
+
+    /// Drops the oldest messages being put together (never `keep`) while there are too many
+    /// or they hold too many bytes.
+    fn bound_partials(&mut self, keep: (u64, u64)) {
+        while self.partials.len() > PARTIALS_LIMIT || self.partial_bytes > PARTIAL_BYTES_LIMIT {
+            let oldest = self
+                .partials
+                .iter()
+                .filter(|(k, _)| **k != keep)
+                .min_by_key(|(_, p)| p.started)
+                .map(|(k, _)| *k);
+            match oldest {
+                Some(key) => self.drop_partial(key),
+                None => break,
+            }
+        }
+    }
+
+    /// Whether `seq` of `sender` was seen (without recording anything).
+    fn was_seen(&self, sender: u64, seq: u64) -> bool {
+        self.seen
+            .get(&sender)
+            .is_some_and(|w| seq <= w.floor || w.above.contains(&seq))
     }
 
     /// Sends an unsequenced message (ack or rejection) once.
@@ -279,16 +498,26 @@ impl<T> Link<T> {
     pub fn accept(&mut self, now: Time, from: SocketAddr, envelope: &Envelope) -> Accepted {
         match &envelope.body {
             Body::Ack { seq, new_rows } => {
-                if let Some(p) = self.pending.remove(seq) {
+                if let Some(p) = self.take_pending(*seq) {
                     self.outcomes.push_back(Outcome::Acked {
                         tag: p.tag,
                         new_rows: *new_rows,
                     });
+                } else if let Some(msg) = self.piece_of.get(seq).copied()
+                    && let Some(p) = self.pending.get_mut(&msg)
+                {
+                    // One fragment in; the message is done when its receiver acks it whole.
+                    for piece in p.pieces.iter_mut().filter(|piece| piece.seq == *seq) {
+                        piece.acked = true;
+                    }
                 }
                 Accepted::Control
             }
             Body::Reject { seq, reason } => {
-                if let Some(p) = self.pending.remove(seq) {
+                // A fragment refused refuses its message (a receiver that cannot put it
+                // together would refuse every retransmission too).
+                let seq = self.piece_of.get(seq).copied().unwrap_or(*seq);
+                if let Some(p) = self.take_pending(seq) {
                     self.outcomes.push_back(Outcome::Rejected {
                         tag: p.tag,
                         reason: reason.clone(),
@@ -324,11 +553,7 @@ impl<T> Link<T> {
 
     /// True if `envelope` is a sequenced message already handled (without recording anything).
     pub fn is_duplicate(&self, envelope: &Envelope) -> bool {
-        envelope.body.is_sequenced()
-            && self
-                .seen
-                .get(&envelope.from)
-                .is_some_and(|w| envelope.seq <= w.floor || w.above.contains(&envelope.seq))
+        envelope.body.is_sequenced() && self.was_seen(envelope.from, envelope.seq)
     }
 
     fn mark_seen(&mut self, now: Time, sender: u64, seq: u64) -> bool {
@@ -350,12 +575,20 @@ impl<T> Link<T> {
 
     /// Forgets a pending message without an outcome (e.g. its purpose is gone).
     pub fn cancel(&mut self, seq: u64) -> Option<T> {
-        self.pending.remove(&seq).map(|p| p.tag)
+        self.take_pending(seq).map(|p| p.tag)
     }
 
     /// Forgets every pending message whose tag matches.
     pub fn cancel_where(&mut self, mut f: impl FnMut(&T) -> bool) {
-        self.pending.retain(|_, p| !f(&p.tag));
+        let gone: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| f(&p.tag))
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in gone {
+            self.take_pending(seq);
+        }
     }
 
     pub fn pending_len(&self) -> usize {
@@ -383,7 +616,7 @@ impl<T> Link<T> {
                 continue;
             };
             if p.policy.attempts.is_some_and(|max| p.attempts >= max) {
-                if let Some(p) = self.pending.remove(&seq) {
+                if let Some(p) = self.take_pending(seq) {
                     self.outcomes.push_back(Outcome::GaveUp {
                         tag: p.tag,
                         dest: p.dest,
@@ -394,11 +627,27 @@ impl<T> Link<T> {
             }
             p.attempts += 1;
             p.due = now + p.policy.delay(p.attempts);
-            self.counters.retransmits += 1;
-            self.outbox.push_back(Transmit {
-                dest: p.dest,
-                bytes: p.bytes.clone(),
-            });
+            if p.pieces.is_empty() {
+                self.counters.retransmits += 1;
+                self.outbox.push_back(Transmit {
+                    dest: p.dest,
+                    bytes: p.bytes.clone(),
+                });
+                continue;
+            }
+            // The fragments not acknowledged; if every one was, the last again, whose
+            // duplicate makes the receiver repeat its ack of the whole message.
+            let mut again: Vec<&Piece> = p.pieces.iter().filter(|piece| !piece.acked).collect();
+            if again.is_empty() {
+                again.extend(p.pieces.last());
+            }
+            for piece in again {
+                self.counters.retransmits += 1;
+                self.outbox.push_back(Transmit {
+                    dest: p.dest,
+                    bytes: piece.bytes.clone(),
+                });
+            }
         }
     }
 
@@ -602,5 +851,239 @@ mod tests {
             })
         );
         assert_eq!(a.poll_timeout(), None);
+    }
+
+    /// A body of about `bytes` bytes (a long name: any sequenced body will do).
+    fn large(bytes: usize) -> Body {
+        let name: String = (0..bytes)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        Body::Register { name, rejoin: None }
+    }
+
+    /// One fragment datagram from `from` (incarnation), as a hostile or broken sender might.
+    fn piece(from: u64, seq: u64, of: u64, index: u32, count: u32, bytes: Vec<u8>) -> Envelope {
+        let body = Body::Fragment {
+            of,
+            index,
+            count,
+            bytes,
+        };
+        Envelope::new(from, seq, None, body)
+    }
+
+    /// Runs `a` → `b` until `a` has nothing pending: `a`'s datagrams go through `net` (which
+    /// may drop, duplicate and reorder them), `b`'s acks all come back. Returns what `b`
+    /// handled.
+    fn exchange(
+        a: &mut Link<u8>,
+        b: &mut Link<u8>,
+        mut net: impl FnMut(Vec<Transmit>) -> Vec<Transmit>,
+    ) -> Vec<Envelope> {
+        let mut handled = Vec::new();
+        let mut now = ms(0);
+        for _ in 0..50 {
+            let mut sent = Vec::new();
+            while let Some(t) = a.poll_transmit() {
+                assert!(t.bytes.len() <= a.max_datagram, "{} bytes", t.bytes.len());
+                sent.push(t);
+            }
+            for t in net(sent) {
+                let env = Envelope::decode(&t.bytes).unwrap();
+                if let Some(inner) = b.reassemble(now, addr(1), env)
+                    && b.accept(now, addr(1), &inner) == Accepted::New
+                {
+                    handled.push(inner);
+                }
+            }
+            while let Some(t) = b.poll_transmit() {
+                let env = Envelope::decode(&t.bytes).unwrap();
+                a.accept(now, addr(2), &env);
+            }
+            if a.pending_len() == 0 {
+                return handled;
+            }
+            now += Duration::from_secs(3);
+            a.handle_timeout(now);
+        }
+        panic!("still pending after 50 rounds");
+    }
+
+    #[test]
+    fn a_message_larger_than_a_datagram_arrives_once_whole_through_loss_duplication_and_reordering()
+    {
+        let policy = RetryPolicy::default().forever();
+        let mut a: Link<u8> = Link::new(1, policy).with_max_datagram(1_024);
+        let mut b: Link<u8> = Link::new(2, policy);
+        let body = large(40_000);
+        a.send(ms(0), addr(2), body.clone(), None, 7).unwrap();
+        let mut round = 0u64;
+        let handled = exchange(&mut a, &mut b, |mut sent| {
+            round += 1;
+            assert!(sent.len() > 1, "not in fragments");
+            // Every third datagram lost, every fifth sent twice, the rest backwards.
+            let mut out = Vec::new();
+            for (i, t) in sent.drain(..).enumerate() {
+                if (i as u64 + round).is_multiple_of(3) {
+                    continue;
+                }
+                if i % 5 == 0 {
+                    out.push(t.clone());
+                }
+                out.push(t);
+            }
+            out.reverse();
+            out
+        });
+        assert_eq!(handled.len(), 1);
+        assert_eq!(handled[0].body, body);
+        assert_eq!(
+            a.poll_outcome(),
+            Some(Outcome::Acked {
+                tag: 7,
+                new_rows: None
+            })
+        );
+        assert_eq!(a.poll_outcome(), None);
+        assert!(a.piece_of.is_empty() && b.partials.is_empty() && b.partial_bytes == 0);
+    }
+
+    #[test]
+    fn only_the_fragments_not_acknowledged_are_sent_again() {
+        let mut a: Link<u8> = Link::new(1, RetryPolicy::default()).with_max_datagram(1_024);
+        let mut b: Link<u8> = Link::new(2, RetryPolicy::default());
+        a.send(ms(0), addr(2), large(9_000), None, 1).unwrap();
+        let sent: Vec<Transmit> = std::iter::from_fn(|| a.poll_transmit()).collect();
+        assert!(sent.len() >= 8, "{} fragments", sent.len());
+        for (i, t) in sent.iter().enumerate() {
+            if i != 3 && i != 7 {
+                let env = Envelope::decode(&t.bytes).unwrap();
+                assert!(b.reassemble(ms(1), addr(1), env).is_none());
+            }
+        }
+        while let Some(t) = b.poll_transmit() {
+            a.accept(ms(2), addr(2), &Envelope::decode(&t.bytes).unwrap());
+        }
+        a.handle_timeout(ms(10_000));
+        let again: Vec<Transmit> = std::iter::from_fn(|| a.poll_transmit()).collect();
+        assert_eq!(again.len(), 2);
+        assert_eq!(again[0].bytes, sent[3].bytes);
+        assert_eq!(again[1].bytes, sent[7].bytes);
+        assert_eq!(a.counters().retransmits, 2);
+    }
+
+    #[test]
+    fn a_late_copy_of_a_fragment_repeats_the_ack_of_the_whole_message() {
+        let mut a: Link<u8> = Link::new(1, RetryPolicy::default()).with_max_datagram(1_024);
+        let mut b: Link<u8> = Link::new(2, RetryPolicy::default());
+        let seq = a.send(ms(0), addr(2), large(3_000), None, 1).unwrap();
+        let sent: Vec<Transmit> = std::iter::from_fn(|| a.poll_transmit()).collect();
+        let mut whole = None;
+        for t in &sent {
+            whole = b.reassemble(ms(1), addr(1), Envelope::decode(&t.bytes).unwrap());
+        }
+        let whole = whole.expect("put together");
+        assert_eq!(b.accept(ms(1), addr(1), &whole), Accepted::New);
+        while b.poll_transmit().is_some() {} // every ack lost
+        let late = Envelope::decode(&sent[0].bytes).unwrap();
+        assert!(b.reassemble(ms(2), addr(1), late).is_none());
+        let acked: Vec<u64> = std::iter::from_fn(|| b.poll_transmit())
+            .filter_map(|t| match Envelope::decode(&t.bytes).unwrap().body {
+                Body::Ack { seq, .. } => Some(seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(acked, vec![seq + 1, seq]);
+        assert_eq!(b.counters().duplicates, 1);
+    }
+
+    #[test]
+    fn broken_or_hostile_fragments_are_counted_and_dropped() {
+        let mut b: Link<u8> = Link::new(2, RetryPolicy::default());
+        let cases = [
+            piece(9, 1, 100, 0, 0, vec![1]),                 // no fragments
+            piece(9, 2, 100, 2, 2, vec![1]),                 // index past the count
+            piece(9, 3, 101, 0, MAX_FRAGMENTS + 1, vec![1]), // too many
+        ];
+        for env in cases {
+            assert!(b.reassemble(ms(0), addr(1), env).is_none());
+        }
+        assert_eq!(b.counters().bad_datagrams, 3);
+        // Two fragments that disagree on their message's size.
+        assert!(
+            b.reassemble(ms(0), addr(1), piece(9, 4, 102, 0, 3, vec![1]))
+                .is_none()
+        );
+        assert!(
+            b.reassemble(ms(0), addr(1), piece(9, 5, 102, 1, 2, vec![1]))
+                .is_none()
+        );
+        assert_eq!(b.counters().bad_datagrams, 4);
+        // Complete, but not an envelope.
+        assert!(
+            b.reassemble(ms(0), addr(1), piece(9, 6, 103, 0, 2, vec![0xff; 9]))
+                .is_none()
+        );
+        assert!(
+            b.reassemble(ms(0), addr(1), piece(9, 7, 103, 1, 2, vec![0xff; 9]))
+                .is_none()
+        );
+        assert_eq!(b.counters().bad_datagrams, 5);
+        // Complete, an envelope, but another sender's (or another message's).
+        let other = Envelope::new(8, 104, None, Body::LeaveRequest)
+            .encode()
+            .unwrap();
+        let (one, two) = other.split_at(other.len() / 2);
+        assert!(
+            b.reassemble(ms(0), addr(1), piece(9, 8, 104, 0, 2, one.to_vec()))
+                .is_none()
+        );
+        assert!(
+            b.reassemble(ms(0), addr(1), piece(9, 9, 104, 1, 2, two.to_vec()))
+                .is_none()
+        );
+        assert_eq!(b.counters().bad_datagrams, 6);
+        assert!(b.partials.is_empty() && b.partial_bytes == 0);
+        // Every one of them was acknowledged (the sender stops), none handled.
+        assert_eq!(std::iter::from_fn(|| b.poll_transmit()).count(), 9);
+    }
+
+    #[test]
+    fn messages_being_put_together_are_bounded_in_number_bytes_and_time() {
+        let mut b: Link<u8> = Link::new(2, RetryPolicy::default());
+        // Many half messages of 60 KB fragments, from many senders.
+        for i in 0..200u64 {
+            let env = piece(1_000 + i, 1, 50, 0, 2, vec![0; 60_000]);
+            assert!(b.reassemble(ms(i), addr(1), env).is_none());
+            assert!(b.partials.len() <= PARTIALS_LIMIT);
+            assert!(b.partial_bytes <= PARTIAL_BYTES_LIMIT);
+        }
+        assert_eq!(b.partials.len(), PARTIALS_LIMIT);
+        // The oldest went first: the newest are the ones held.
+        assert!(b.partials.contains_key(&(1_199, 50)));
+        assert!(!b.partials.contains_key(&(1_000, 50)));
+        // Fragments that add up past the largest message are dropped with their message.
+        let count = MAX_FRAGMENTS;
+        let mut dropped = false;
+        for index in 0..100 {
+            let env = piece(7, 10 + u64::from(index), 5, index, count, vec![0; 60_000]);
+            b.reassemble(ms(300), addr(1), env);
+            dropped |= !b.partials.contains_key(&(7, 5));
+        }
+        assert!(dropped, "{} bytes held", b.partial_bytes);
+        assert!(b.partial_bytes <= PARTIAL_BYTES_LIMIT);
+        // A message whose fragments stopped coming is forgotten.
+        let later = ms(300) + PARTIAL_TTL + ms(1);
+        b.reassemble(later, addr(1), piece(5, 1, 70, 0, 2, vec![0; 10]));
+        assert_eq!(b.partials.len(), 1);
+    }
+
+    #[test]
+    fn a_message_too_large_even_in_fragments_is_refused_and_nothing_is_sent() {
+        let mut a: Link<u8> = Link::new(1, RetryPolicy::default());
+        let e = a.send(ms(0), addr(2), large(MAX_MESSAGE + 1), None, 1);
+        assert!(matches!(e, Err(WireError::TooLarge(_))), "{e:?}");
+        assert!(a.poll_transmit().is_none());
+        assert_eq!(a.pending_len(), 0);
     }
 }

@@ -16,6 +16,10 @@ pub const PROTOCOL_VERSION: u16 = 2;
 /// The largest UDP payload over IPv4.
 pub const MAX_UDP_PAYLOAD: usize = 65_507;
 
+/// The largest message the link sends in fragments (a ring view or a status report of
+/// thousands of peers); any one datagram still stays within `max_datagram`.
+pub const MAX_MESSAGE: usize = 4 << 20;
+
 /// A peer's id, unique for the manager's lifetime. The manager itself is not a peer.
 pub type PeerId = u32;
 
@@ -141,6 +145,17 @@ pub enum Body {
     /// `total` rows so far, for the request whose sequence number is `to`. Losing one costs
     /// nothing; each also tells the client the request is alive.
     Progress { to: u64, done: u64, total: u64 },
+    /// Any node → any node: part `index` of `count` of the encoded envelope whose sequence
+    /// number is `of`, too large for one datagram (a ring view or a status report of many
+    /// peers). Each part is sequenced and acknowledged on its own; the receiver's link puts
+    /// the envelope together and hands it on as if it had come in one datagram.
+    Fragment {
+        of: u64,
+        index: u32,
+        count: u32,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
 }
 
 /// What a peer that was in a ring tells a manager it registers with again.
@@ -181,6 +196,7 @@ impl Body {
             Body::Pong { .. } => "pong",
             Body::PingReq { .. } => "ping_req",
             Body::Progress { .. } => "progress",
+            Body::Fragment { .. } => "fragment",
         }
     }
 
@@ -837,10 +853,10 @@ pub enum Refusal {
         id: PeerId,
         addr: SocketAddr,
     },
-    /// One more peer would make the ring view (or the status report) too large for one
-    /// datagram: every member is sent the whole view.
+    /// The cluster has its most peers, or one more would make the ring view (or the status
+    /// report) larger than the manager sends: every member is sent the whole view.
     #[error(
-        "the cluster is full: with {peers} peers at {vnodes} tokens each (vnodes), one more would make the ring view or the status report larger than one UDP datagram; run the manager with fewer vnodes (STORM_VNODES) or start fewer peers"
+        "the cluster is full: {peers} peers at {vnodes} tokens each (vnodes); a cluster holds at most 1,024 peers, and one more must not make the ring view or the status report larger than 1 MiB; run the manager with fewer vnodes (STORM_VNODES) or start fewer peers"
     )]
     ClusterFull { peers: usize, vnodes: u32 },
 }
@@ -936,7 +952,7 @@ pub enum RequestError {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
-    #[error("datagram of {0} bytes exceeds the UDP limit")]
+    #[error("{0} bytes exceed the limit (one datagram, or a message sent in fragments)")]
     TooLarge(usize),
     #[error("not a stormdht envelope: {0}")]
     Malformed(String),
@@ -973,13 +989,20 @@ impl Envelope {
         }
     }
 
+    /// Encodes one datagram.
     pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        self.encode_within(MAX_UDP_PAYLOAD)
+    }
+
+    /// Encodes an envelope of at most `limit` bytes (a message the link may send in
+    /// fragments: up to [`MAX_MESSAGE`]).
+    pub fn encode_within(&self, limit: usize) -> Result<Vec<u8>, WireError> {
         let mut out = Vec::with_capacity(256);
         ciborium::ser::into_writer(self, &mut out).map_err(|e| WireError::Encode {
             kind: self.body.kind(),
             reason: e.to_string(),
         })?;
-        if out.len() > MAX_UDP_PAYLOAD {
+        if out.len() > limit {
             return Err(WireError::TooLarge(out.len()));
         }
         Ok(out)
@@ -988,7 +1011,12 @@ impl Envelope {
     /// Decodes one datagram. The version is checked before the body, so a newer peer gets a
     /// clear "unsupported version" rather than a confusing decode error.
     pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
-        if bytes.len() > MAX_UDP_PAYLOAD {
+        Self::decode_within(bytes, MAX_UDP_PAYLOAD)
+    }
+
+    /// Decodes an envelope of at most `limit` bytes (one put together from fragments).
+    pub fn decode_within(bytes: &[u8], limit: usize) -> Result<Envelope, WireError> {
+        if bytes.len() > limit {
             return Err(WireError::TooLarge(bytes.len()));
         }
         // Declared lengths must fit the datagram before serde sees them (bounded allocation).

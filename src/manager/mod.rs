@@ -223,7 +223,7 @@ pub struct Manager {
 impl Manager {
     pub fn new(cfg: ManagerConfig, incarnation: u64) -> Self {
         Manager {
-            link: Link::new(incarnation, cfg.retry),
+            link: Link::new(incarnation, cfg.retry).with_max_datagram(cfg.max_datagram),
             cfg,
             registry: Registry::default(),
             ring: None,
@@ -311,6 +311,12 @@ impl Manager {
         env: Envelope,
         trace: Option<TraceContext>,
     ) {
+        // A message too large for one datagram comes in fragments: handled once whole.
+        let fragment = matches!(env.body, Body::Fragment { .. });
+        let Some(env) = self.link.reassemble(now, from, env) else {
+            return;
+        };
+        let trace = if fragment { env.trace.clone() } else { trace };
         // A lookup goes to a peer: say so to the client, which retries at one.
         let queries = match &env.body {
             Body::Lookup(find) => vec![find.query],

@@ -6,9 +6,7 @@
 
 use super::{Change, Manager, ManagerEvent, ManagerTag, PeerMessage};
 use crate::link::Time;
-use crate::wire::{
-    Body, MAX_UDP_PAYLOAD, Member, PeerId, PeerState, PeerStatus, Refusal, Rejoin, cbor_len,
-};
+use crate::wire::{Body, Member, PeerId, PeerState, PeerStatus, Refusal, Rejoin, cbor_len};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 
@@ -174,9 +172,13 @@ impl Registry {
     }
 }
 
-/// What the ring view and the status report may take, leaving room in their datagram for
-/// the envelope (header, trace context) and a rejoin's or a reply's own fields.
-pub const VIEW_BUDGET: usize = MAX_UDP_PAYLOAD - 2_048;
+/// What the ring view and the status report may take, leaving room for the envelope (header,
+/// trace context) and a rejoin's or a reply's own fields. Both leave in fragments when they
+/// outgrow a datagram; every member is sent the whole view at each ring change, so the
+/// budget (and [`MAX_PEERS`]) keeps a change to about a gigabyte of loopback traffic.
+pub const VIEW_BUDGET: usize = (1 << 20) - 2_048;
+/// The most peers a cluster registers.
+pub const MAX_PEERS: usize = 1_024;
 /// What their entries (members, peers' lines) may take: the view's and the report's own
 /// fields, generously, are the rest.
 pub const ENTRIES_BUDGET: usize = VIEW_BUDGET - 256;
@@ -222,7 +224,7 @@ impl Registry {
             ring = ring.saturating_add(m);
             status = status.saturating_add(s);
         }
-        if ring > ENTRIES_BUDGET || status > ENTRIES_BUDGET {
+        if self.peers.len() >= MAX_PEERS || ring > ENTRIES_BUDGET || status > ENTRIES_BUDGET {
             return Err(Refusal::ClusterFull {
                 peers: self.peers.len(),
                 vnodes,
@@ -351,55 +353,43 @@ mod tests {
         panic!("2,000 peers and never refused");
     }
 
-    /// With 16 tokens a peer, registrations are refused, naming the limit, once one more
-    /// peer would not fit the ring view in a datagram; the cluster that was accepted forms its
-    /// ring, and its view, a rejoin carrying it and its status all encode. (Before the limit,
-    /// a manager with 340 such peers sent no ring at all.)
+    /// A cluster grows to [`MAX_PEERS`], then refuses registrations, naming the limit. Its
+    /// ring view (67 KB at one token a peer) and its status report are larger than the kit's
+    /// 4,000-byte datagrams: each member still gets the whole view, in fragments, and so
+    /// does the client its status, listing every peer and the 64 remembered dead (before
+    /// fragments, a view had to fit one datagram: 302 peers at 16 tokens, 425 at one).
     #[test]
-    fn a_cluster_grows_only_while_its_ring_view_fits_one_datagram() {
+    fn a_cluster_grows_to_its_most_peers_and_each_gets_the_whole_view_in_fragments() {
         use super::super::testkit::Kit;
-        use crate::wire::{ClientRequest, Envelope, Placement, ReplyBody};
+        use crate::wire::{ClientRequest, Envelope, MAX_MESSAGE, Placement, ReplyBody};
         let mut kit = Kit::new(Placement::Consistent);
-        let n = fill(&mut kit, 16);
-        assert!((256..400).contains(&n), "{n}");
+        let n = fill(&mut kit, 1);
+        assert_eq!(n, MAX_PEERS);
         let setup = kit.request(ClientRequest::Setup);
         assert!(matches!(kit.reply(setup), Ok(ReplyBody::Setup(_))));
-        for p in &kit.peers[..n] {
-            let members = p.ring.as_ref().map(|r| r.members.len());
-            assert_eq!(members, Some(n), "{} has no ring", p.name);
-        }
         let view = kit.m.ring().cloned().expect("a ring");
+        assert!(cbor_len(&view) > 16 * 4_000, "{}", cbor_len(&view));
+        for p in &kit.peers[..n] {
+            assert_eq!(
+                p.ring.as_ref(),
+                Some(&view),
+                "{} has not the whole ring",
+                p.name
+            );
+        }
         let rejoin = Body::Register {
-            name: "peer-0399".into(),
+            name: "peer-2000".into(),
             rejoin: Some(Rejoin {
-                id: 399,
+                id: 2_000,
                 ring: view,
             }),
         };
-        let sealed = Envelope::new(u64::MAX, u64::MAX, None, rejoin).encode();
+        let sealed = Envelope::new(u64::MAX, u64::MAX, None, rejoin).encode_within(MAX_MESSAGE);
         assert!(sealed.is_ok(), "{sealed:?}");
-        let status = kit.request(ClientRequest::Status);
-        assert!(matches!(kit.reply(status), Ok(ReplyBody::Status(s)) if s.peers.len() == n));
-    }
-
-    /// With one token a peer the status report is what fills first: the cluster stops where
-    /// the report, without the datagram counters, would no longer fit. The report then drops
-    /// the counters, and lists the 64 dead a manager remembers only as far as it still fits
-    /// (the newest first), with every living peer.
-    #[test]
-    fn a_full_status_report_keeps_every_living_peer_and_the_newest_dead_that_fit() {
-        use super::super::testkit::Kit;
-        use crate::wire::{ClientRequest, Placement, ReplyBody};
-        let mut kit = Kit::new(Placement::Consistent);
-        let n = fill(&mut kit, 1);
-        assert!(n > 400, "{n}");
-        let setup = kit.request(ClientRequest::Setup);
-        assert!(matches!(kit.reply(setup), Ok(ReplyBody::Setup(_))));
         for i in 0..64u32 {
             kit.m.detector.dead.push(super::super::failure::DeadPeer {
                 id: 10_000 + i,
-                // Long names (a name is the operator's choice): 64 of them do not fit.
-                name: format!("{}-{i:02}", "a-peer-that-died".repeat(12)),
+                name: format!("{}-{i:02}", "a-peer-that-died".repeat(3)),
                 addr: SocketAddr::from(([10, 0, 0, 1], 40_000 + i as u16)),
                 at: kit.now,
             });
@@ -408,17 +398,36 @@ mod tests {
         let Ok(ReplyBody::Status(s)) = kit.reply(status) else {
             panic!("no status");
         };
-        let dead: Vec<u32> = s
-            .peers
+        let dead = s.peers.iter().filter(|p| p.id >= 10_000).count();
+        assert_eq!((s.peers.len() - dead, dead), (n, 64));
+        assert!(s.peers.iter().take(n).all(|p| p.counters.is_some()));
+    }
+
+    /// With 256 tokens a peer (the most), the ring view is what fills first: a peer is refused
+    /// once the view with it would pass [`VIEW_BUDGET`], and the view that was accepted fits.
+    #[test]
+    fn at_many_tokens_a_peer_the_view_budget_is_the_limit() {
+        let mut r = Registry::default();
+        let vnodes = 256;
+        let mut n = 0;
+        while r.room_for(&format!("peer-{n:04}"), addr(1), vnodes).is_ok() {
+            r.register(&format!("peer-{n:04}"), addr(n as u16), n)
+                .unwrap();
+            n += 1;
+        }
+        assert!((300..MAX_PEERS as u64).contains(&n), "{n}");
+        assert_eq!(
+            r.room_for("one-more", addr(1), vnodes),
+            Err(Refusal::ClusterFull {
+                peers: n as usize,
+                vnodes
+            })
+        );
+        let view: usize = r
             .iter()
-            .filter(|p| p.id >= 10_000)
-            .map(|p| p.id)
-            .collect();
-        assert_eq!(s.peers.len() - dead.len(), n);
-        assert!(dead.len() < 64, "all {} dead listed", dead.len());
-        let newest: Vec<u32> = (10_064 - dead.len() as u32..10_064).collect();
-        assert_eq!(dead, newest);
-        assert!(s.peers.iter().all(|p| p.counters.is_none()));
+            .map(|(_, p)| footprint(&p.name, p.addr, vnodes).0)
+            .sum();
+        assert!(view <= ENTRIES_BUDGET, "{view}");
     }
 
     #[test]

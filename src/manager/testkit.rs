@@ -3,7 +3,7 @@
 //! tells one to stay silent or to refuse.
 
 use super::{Manager, ManagerConfig, ManagerEvent, ManagerInput};
-use crate::link::{RetryPolicy, Time};
+use crate::link::{Link, RetryPolicy, Time};
 use crate::machine::Machine;
 use crate::record::{CsvFormat, Dataset, RecordKey, Row};
 use crate::wire::{
@@ -26,6 +26,8 @@ pub struct FakePeer {
     /// The last ring it heard.
     pub ring: Option<RingView>,
     pub exited: bool,
+    /// Puts together what the manager sends in fragments (and acknowledges each).
+    link: Link<()>,
 }
 
 pub struct Kit {
@@ -47,6 +49,8 @@ pub struct Kit {
     pub mute: BTreeSet<String>,
     /// Peers that answer a query with a result about another key (a bug, or a forgery).
     pub wrong_key: BTreeSet<String>,
+    /// The client's side of replies sent in fragments.
+    client_link: Link<()>,
 }
 
 fn addr(port: u16) -> SocketAddr {
@@ -110,6 +114,7 @@ impl Kit {
             mute: BTreeSet::new(),
             refusing: BTreeSet::new(),
             wrong_key: BTreeSet::new(),
+            client_link: Link::new(7, RetryPolicy::default()),
         }
     }
 
@@ -141,6 +146,7 @@ impl Kit {
             keys: BTreeSet::new(),
             ring: None,
             exited: false,
+            link: Link::new(100 + i as u64, RetryPolicy::default()),
         });
         let seq = self.seq();
         self.send_from_peer(
@@ -235,9 +241,39 @@ impl Kit {
                 panic!("the manager sent an undecodable datagram");
             };
             if t.dest == self.client {
-                self.deliver_to_client(env);
+                let (now, from) = (self.now, self.client);
+                if let Some(env) = self.client_link.reassemble(now, from, env) {
+                    self.deliver_to_client(env);
+                }
+                self.acks_from(from, None);
             } else if let Some(i) = self.peers.iter().position(|p| p.addr == t.dest) {
-                self.deliver_to_peer(i, env);
+                let p = &self.peers[i];
+                if self.silent.contains(&p.name) || p.exited {
+                    self.peers[i].inbox.push(env.body);
+                    continue;
+                }
+                let (now, from) = (self.now, p.addr);
+                if let Some(env) = self.peers[i].link.reassemble(now, from, env) {
+                    self.deliver_to_peer(i, env);
+                }
+                self.acks_from(from, Some(i));
+            }
+        }
+    }
+
+    /// Hands the manager what a fake node's reassembly said (acks of fragments).
+    fn acks_from(&mut self, from: SocketAddr, peer: Option<usize>) {
+        loop {
+            let link = match peer {
+                Some(i) => &mut self.peers[i].link,
+                None => &mut self.client_link,
+            };
+            let Some(t) = link.poll_transmit() else {
+                return;
+            };
+            if let Ok(env) = Envelope::decode(&t.bytes) {
+                let events = self.m.handle(self.now, from, env, None);
+                self.events.extend(events);
             }
         }
     }

@@ -201,7 +201,7 @@ pub struct Peer {
 impl Peer {
     /// A new peer; it starts registering at once.
     pub fn new(cfg: PeerConfig, incarnation: u64, now: Time) -> Self {
-        let link = Link::new(incarnation, cfg.retry);
+        let link = Link::new(incarnation, cfg.retry).with_max_datagram(cfg.max_datagram);
         let mut peer = Peer {
             cfg,
             link,
@@ -325,6 +325,12 @@ impl Peer {
             }
             return;
         }
+        // A message too large for one datagram comes in fragments: handled once whole.
+        let fragment = matches!(env.body, Body::Fragment { .. });
+        let Some(env) = self.link.reassemble(now, from, env) else {
+            return;
+        };
+        let trace = if fragment { env.trace.clone() } else { trace };
         // A query straight from a client: walked like the manager's, answered to the client.
         if let Body::Lookup(find) = env.body {
             return self.on_lookup(now, from, find, trace);
