@@ -314,6 +314,7 @@ impl<T> Link<T> {
         dest: SocketAddr,
         bytes: &[u8],
     ) -> Result<Vec<Piece>, WireError> {
+        self.counters.fragmented += 1;
         let chunk = self.max_datagram.saturating_sub(FRAGMENT_OVERHEAD).max(512);
         let count = bytes.len().div_ceil(chunk);
         let mut pieces = Vec::with_capacity(count);
@@ -946,6 +947,7 @@ mod tests {
         );
         assert_eq!(a.poll_outcome(), None);
         assert!(a.piece_of.is_empty() && b.partials.is_empty() && b.partial_bytes == 0);
+        assert_eq!((a.counters().fragmented, b.counters().fragmented), (1, 0));
     }
 
     #[test]

@@ -95,11 +95,12 @@ pub fn status_text(s: &StatusReport) -> String {
         sum.bad_datagrams += c.bad_datagrams;
         sum.duplicates += c.duplicates;
         sum.unauthenticated += c.unauthenticated;
+        sum.fragmented += c.fragmented;
     }
     let _ = write!(
         out,
-        "Datagrams (manager and peers): {} retransmitted, {} duplicates ignored, {} undecodable dropped, {} unauthenticated dropped",
-        sum.retransmits, sum.duplicates, sum.bad_datagrams, sum.unauthenticated
+        "Datagrams (manager and peers): {} retransmitted, {} duplicates ignored, {} undecodable dropped, {} unauthenticated dropped; {} messages sent in fragments",
+        sum.retransmits, sum.duplicates, sum.bad_datagrams, sum.unauthenticated, sum.fragmented
     );
     out
 }
@@ -118,6 +119,7 @@ pub fn status_json(s: &StatusReport) -> Value {
             "bad_datagrams": s.manager.bad_datagrams,
             "duplicates": s.manager.duplicates,
             "unauthenticated": s.manager.unauthenticated,
+            "fragmented": s.manager.fragmented,
         },
         "peers": s.peers.iter().map(|p| json!({
             "id": p.id,
@@ -134,6 +136,7 @@ pub fn status_json(s: &StatusReport) -> Value {
             "bad_datagrams": p.counters.map(|c| c.bad_datagrams),
             "duplicates": p.counters.map(|c| c.duplicates),
             "unauthenticated": p.counters.map(|c| c.unauthenticated),
+            "fragmented": p.counters.map(|c| c.fragmented),
         })).collect::<Vec<_>>(),
     })
 }

@@ -707,6 +707,14 @@ pub struct Counters {
     /// Datagrams without a valid cluster-key tag (dropped unanswered).
     #[serde(default)]
     pub unauthenticated: u64,
+    /// Messages too large for one datagram, sent in fragments (ring views and status
+    /// reports of large clusters, rejoins carrying such a view).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub fragmented: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -175,3 +175,73 @@ fn twenty_percent_loss_answers_every_record_even_with_a_peer_killed() {
     assert_eq!(dead.len(), 1, "{s}");
     assert_all_verified(&cluster, &file, DETAILS_1996_ROWS);
 }
+
+/// Ring views, rejoins and status reports larger than a datagram travel in fragments: 8 peers
+/// at 64 tokens each make a view of about 5 KB against 4,096-byte datagrams, on a network that
+/// loses and duplicates 5% of every process's datagrams. Setup, distribute, a join, and the
+/// manager killed and restarted (the peers' rejoins each carry the view): every record is
+/// found after each, and status shows the fragmented messages.
+#[test]
+fn views_larger_than_a_datagram_travel_in_fragments_through_a_manager_restart() {
+    let file = shared_data("details-1950.csv");
+    let env = [
+        ("STORM_VNODES", "64".to_string()),
+        ("STORM_MAX_DATAGRAM", "4096".to_string()),
+        ("STORM_CHAOS__LOSS", "0.05".to_string()),
+        ("STORM_CHAOS__DUPLICATE", "0.05".to_string()),
+        ("STORM_RETRY__MAX_MS", "400".to_string()),
+        ("STORM_RETRY__ATTEMPTS", "30".to_string()),
+        ("STORM_QUERY_TIMEOUT_MS", "20000".to_string()),
+    ];
+    let mut cluster = Cluster::start_with(8, &env);
+    cluster.ctl_json(&["setup"]);
+    let d = cluster.ctl_json(&["distribute", "--file", file.to_str().unwrap()]);
+    assert_eq!(d["stored"].as_u64(), Some(223), "{d}");
+    assert_eq!(cluster.verify(&file)["found"], 223);
+    cluster.add_peer("late");
+    cluster.wait_for_peers(9);
+    let s = wait_replicated(&cluster, 223, Duration::from_secs(30));
+    let fragmented = |s: &Value| s["manager"]["fragmented"].as_u64().unwrap_or(0);
+    // Each member is sent each view: at least one per member per ring change.
+    assert!(
+        fragmented(&s) >= 9,
+        "the views should travel in fragments: {s}"
+    );
+    assert_eq!(cluster.verify(&file)["found"], 223);
+
+    let addr = cluster.manager.addr;
+    cluster.manager.signal("KILL");
+    assert!(cluster.manager.wait(Duration::from_secs(5)).is_some());
+    let mut manager_env: Vec<(&str, String)> = env.to_vec();
+    manager_env.extend([
+        ("STORM_ROLE", "manager".to_string()),
+        ("STORM_LISTEN", addr.to_string()),
+        ("STORM_PROBE_TIMEOUT_MS", "3000".to_string()),
+    ]);
+    cluster.manager = Daemon::start("manager", &manager_env);
+    let restarted = Instant::now();
+    let s = loop {
+        let s = cluster.status();
+        if s["peers"].as_array().map(Vec::len) == Some(9)
+            && s["settled"] == Value::Bool(true)
+            && copies_total(&s) == 2 * 223
+        {
+            break s;
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(30),
+            "no ring back: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The peers' rejoins carried the view in fragments.
+    let peers_fragmented: u64 = s["peers"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["fragmented"].as_u64()).sum())
+        .unwrap_or(0);
+    assert!(
+        peers_fragmented >= 9,
+        "rejoins should travel in fragments: {s}"
+    );
+    assert_eq!(cluster.verify(&file)["found"], 223);
+}

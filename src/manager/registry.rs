@@ -415,6 +415,7 @@ mod tests {
                 .unwrap();
             n += 1;
         }
+        eprintln!("{n} peers fit at {vnodes} tokens each");
         assert!((300..MAX_PEERS as u64).contains(&n), "{n}");
         assert_eq!(
             r.room_for("one-more", addr(1), vnodes),
@@ -428,6 +429,17 @@ mod tests {
             .map(|(_, p)| footprint(&p.name, p.addr, vnodes).0)
             .sum();
         assert!(view <= ENTRIES_BUDGET, "{view}");
+        // And with 64 tokens a peer, the cluster's own limit comes first.
+        let mut r = Registry::default();
+        for i in 0..MAX_PEERS as u64 {
+            assert!(
+                r.room_for(&format!("peer-{i:04}"), addr(1), 64).is_ok(),
+                "{i}"
+            );
+            r.register(&format!("peer-{i:04}"), addr(i as u16), i)
+                .unwrap();
+        }
+        assert!(r.room_for("one-more", addr(1), 64).is_err());
     }
 
     #[test]

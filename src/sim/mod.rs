@@ -14,6 +14,8 @@ mod direct;
 mod failures;
 #[cfg(test)]
 mod fingers;
+#[cfg(test)]
+mod fragments;
 pub mod net;
 #[cfg(test)]
 mod scenarios;
@@ -136,6 +138,8 @@ pub struct Sim {
     manager: Shared<Manager>,
     pub manager_addr: SocketAddr,
     manager_cfg: ManagerConfig,
+    /// Every node's largest datagram.
+    max_datagram: usize,
     load: LoadFn,
     manager_task: JoinHandle<()>,
     _manager_stop: watch::Sender<bool>,
@@ -217,6 +221,20 @@ impl Sim {
         routing: Routing,
         vnodes: u32,
     ) -> Self {
+        Self::with_datagrams(seed, faults, placement, replication, routing, vnodes, 8_000)
+    }
+
+    /// As [`Sim::with_layout`], every node sending datagrams of at most `max_datagram` bytes
+    /// (larger messages leave in fragments).
+    pub fn with_datagrams(
+        seed: u64,
+        faults: Faults,
+        placement: Placement,
+        replication: u32,
+        routing: Routing,
+        vnodes: u32,
+        max_datagram: usize,
+    ) -> Self {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .start_paused(true)
@@ -236,7 +254,7 @@ impl Sim {
             balance_by_data: true,
             routing,
             retry: test_retry(),
-            max_datagram: 8_000,
+            max_datagram,
             window: 4,
             placement,
             query_timeout: Duration::from_secs(5),
@@ -312,6 +330,7 @@ impl Sim {
             manager,
             manager_addr,
             manager_cfg: cfg,
+            max_datagram,
             load,
             manager_task,
             _manager_stop: manager_stop,
@@ -361,7 +380,7 @@ impl Sim {
             name: name.into(),
             manager: self.manager_addr,
             retry: test_retry(),
-            max_datagram: 8_000,
+            max_datagram: self.max_datagram,
             window: 4,
             heartbeat: Duration::from_millis(250),
             clock_origin_us: 0,
