@@ -318,7 +318,10 @@ fn wrong_config_values_fail_at_start_naming_key_and_source() {
 #[test]
 fn a_taken_name_is_refused() {
     let mut cluster = Cluster::start(2);
-    let env = cluster.peer_env("peer-0");
+    let mut env = cluster.peer_env("peer-0");
+    // The reason is shown even when the log shows only warnings (500 peers started by hand
+    // at `warn` exited 1 without a word).
+    env.push(("RUST_LOG", "warn".to_string()));
     let mut dup = Daemon::start("dup", &env);
     let status = dup
         .wait(Duration::from_secs(10))

@@ -159,7 +159,12 @@ impl Shell<Peer> for PeerShell {
     fn on_event(&mut self, ev: PeerEvent) -> Control<PeerExit> {
         match ev {
             PeerEvent::Exit { code, reason } => {
-                info!(code, %reason, "peer exiting");
+                // A failure (refused, given up) is shown whatever the log filter.
+                if code == 0 {
+                    info!(code, %reason, "peer exiting");
+                } else {
+                    tracing::error!(code, %reason, "peer exiting");
+                }
                 // Linger a moment: if our ack of the Exit is lost, the retransmission gets
                 // acknowledged again instead of leaving the manager waiting for a dead peer.
                 return Control::Linger(EXIT_LINGER, PeerExit { code, reason });
