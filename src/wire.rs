@@ -864,7 +864,7 @@ pub enum Refusal {
     /// The cluster has its most peers, or one more would make the ring view (or the status
     /// report) larger than the manager sends: every member is sent the whole view.
     #[error(
-        "the cluster is full: {peers} peers at {vnodes} tokens each (vnodes); a cluster holds at most 1,024 peers, and one more must not make the ring view or the status report larger than 1 MiB; run the manager with fewer vnodes (STORM_VNODES) or start fewer peers"
+        "the cluster is full: {peers} peers at {vnodes} tokens each (vnodes); a cluster holds at most 1,024 peers, and one more must not make the ring view or the status report larger than 1 MiB, nor a ring change send more than 256 MiB of views to its members; run the manager with fewer vnodes (STORM_VNODES) or start fewer peers"
     )]
     ClusterFull { peers: usize, vnodes: u32 },
 }

@@ -36,13 +36,13 @@ done
 for _ in $(seq 1 120); do
     "${CTL[@]}" status > "$WORK/status.json" 2>/dev/null || true
     registered=$(field "$WORK/status.json" 'len(d["peers"])' 2>/dev/null || echo 0)
-    refused=$(grep -l "cluster is full" "$WORK"/peer-*.log 2>/dev/null | wc -l)
+    refused=$({ grep -l "cluster is full" "$WORK"/peer-*.log 2>/dev/null || true; } | wc -l)
     [ $((registered + refused)) -ge "$N" ] && break
     sleep 1
 done
 echo "registered: $registered, refused: $refused"
-grep -h "cluster is full" "$WORK"/peer-*.log 2>/dev/null | head -1 | sed 's/.*reason=/refusal: /' || true
-t=$(date +%s.%N); "${CTL[@]}" setup > "$WORK/setup.json"; echo "setup: $(secs "$t") s"
+{ grep -h "cluster is full" "$WORK"/peer-*.log 2>/dev/null || true; } | head -1 | sed 's/.*reason=/refusal: /'
+t=$(date +%s.%N); "${CTL[@]}" setup > "$WORK/setup.json" || { echo "setup failed: $(cat "$WORK/setup.json")"; tail -5 "$WORK/manager.log"; exit 1; }; echo "setup: $(secs "$t") s"
 t=$(date +%s.%N); "${CTL[@]}" distribute --file "$FILE" > "$WORK/dist.json"
 echo "distribute: $(secs "$t") s, stored $(field "$WORK/dist.json" 'd["stored"]') of $(field "$WORK/dist.json" 'd["read"]')"
 "${CTL[@]}" verify --file "$FILE" > "$WORK/verify.json"
