@@ -121,22 +121,38 @@ struct Piece {
 const FRAGMENT_OVERHEAD: usize = 128;
 
 /// Bounds on what fragments from others may make this node hold: messages being put
-/// together, and their bytes (the oldest is dropped first; its sender retransmits).
-const PARTIALS_LIMIT: usize = 16;
-const PARTIAL_BYTES_LIMIT: usize = 2 * MAX_MESSAGE;
+/// together (in all, and per sender) and the bytes they may take once whole. A fragment that
+/// would start one more message past them is not acknowledged: its sender sends it again
+/// later, once others are done (admission, not eviction: a message dropped after its
+/// fragments were acknowledged would cost its sender a full resend).
+const PARTIALS_LIMIT: usize = 64;
+const PARTIALS_PER_SENDER: usize = 4;
+const PARTIAL_BYTES_LIMIT: usize = 4 * MAX_MESSAGE;
 /// The most fragments a message may have (the smallest `max_datagram` still fits
 /// [`MAX_MESSAGE`] in fewer).
 const MAX_FRAGMENTS: u32 = 8_192;
-/// A message whose fragments stop coming is forgotten after this (its sender gave up long
-/// before: the default retransmissions end within 10 s).
-const PARTIAL_TTL: Duration = Duration::from_secs(30);
+/// A message none of whose fragments came for this long is forgotten (its sender
+/// retransmits at least every 2 s with the default policy, or has given up).
+const PARTIAL_TTL: Duration = Duration::from_secs(10);
+
+/// What becomes of the first fragment of a message.
+enum Admission {
+    Admitted,
+    /// Not now (too much is being put together): not acknowledged, sent again later.
+    Later,
+    /// Never (it contradicts itself).
+    Broken,
+}
 
 /// A message from another node, arriving in fragments.
 struct Partial {
     parts: Vec<Option<Vec<u8>>>,
     received: usize,
-    bytes: usize,
-    started: Time,
+    /// The size of every fragment but the last (all are cut alike).
+    chunk: usize,
+    /// What the whole may take: `chunk` × the fragment count.
+    reserved: usize,
+    touched: Time,
 }
 
 /// Which sequence numbers of one sender have been seen: all up to `floor`, plus a set above
@@ -210,6 +226,7 @@ pub struct Link<T> {
     piece_of: HashMap<u64, u64>,
     /// Messages from others being put together: (sender's incarnation, message seq).
     partials: HashMap<(u64, u64), Partial>,
+    /// The bytes reserved for them.
     partial_bytes: usize,
 }
 
@@ -351,9 +368,10 @@ impl<T> Link<T> {
         Some(p)
     }
 
-    /// A fragment of a message from another node: acknowledged, kept, and once every
-    /// fragment is in, the whole envelope, to be handled as if it had come in one datagram
-    /// (the caller then accepts it as usual). Any other envelope is handed back as it is.
+    /// A fragment of a message from another node: kept and acknowledged (or, past the bounds
+    /// on what this node holds, left for its sender to send again), and once every fragment
+    /// is in, the whole envelope, to be handled as if it had come in one datagram (the caller
+    /// then accepts it as usual). Any other envelope is handed back as it is.
     pub fn reassemble(
         &mut self,
         now: Time,
@@ -369,51 +387,61 @@ impl<T> Link<T> {
         else {
             return Some(envelope);
         };
-        let sender = envelope.from;
-        let first = self.mark_seen(now, sender, envelope.seq);
-        self.ack(from, envelope.seq, None);
+        let (sender, seq) = (envelope.from, envelope.seq);
         if self.was_seen(sender, of) {
             // The whole message was handled: its ack may have been lost, so say it again.
+            self.ack(from, seq, None);
             self.ack(from, of, None);
-            self.counters.duplicates += u64::from(!first);
-            return None;
-        }
-        if !first {
             self.counters.duplicates += 1;
             return None;
         }
-        if count == 0 || count > MAX_FRAGMENTS || index >= count || bytes.len() > MAX_UDP_PAYLOAD {
-            self.counters.bad_datagrams += 1;
-            return None;
-        }
-        self.forget_stale_partials(now);
         let key = (sender, of);
-        let partial = self.partials.entry(key).or_insert_with(|| Partial {
-            parts: vec![None; count as usize],
-            received: 0,
-            bytes: 0,
-            started: now,
+        self.forget_stale_partials(now);
+        if !self.partials.contains_key(&key) {
+            match self.admit(key, index, count, bytes.len(), now) {
+                Admission::Admitted => {}
+                Admission::Later => return None,
+                Admission::Broken => {
+                    // Never to be put together: acknowledged, so its sender stops.
+                    self.counters.bad_datagrams += 1;
+                    self.ack(from, seq, None);
+                    return None;
+                }
+            }
+        }
+        let consistent = self.partials.get(&key).is_some_and(|partial| {
+            let last = index as usize + 1 == partial.parts.len();
+            partial.parts.len() == count as usize
+                && if last {
+                    bytes.len() <= partial.chunk
+                } else {
+                    bytes.len() == partial.chunk
+                }
         });
-        let fits =
-            partial.parts.len() == count as usize && partial.bytes + bytes.len() <= MAX_MESSAGE;
-        if !fits {
-            // Fragments that disagree on their message's size, or add up past the limit.
+        self.ack(from, seq, None);
+        if !consistent {
+            // Fragments that disagree on their message's count or cut.
             self.drop_partial(key);
             self.counters.bad_datagrams += 1;
             return None;
         }
-        if let Some(slot @ None) = partial.parts.get_mut(index as usize) {
-            partial.bytes += bytes.len();
-            partial.received += 1;
-            self.partial_bytes += bytes.len();
-            *slot = Some(bytes);
+        let partial = self.partials.get_mut(&key)?;
+        partial.touched = now;
+        match partial.parts.get_mut(index as usize) {
+            Some(slot @ None) => {
+                *slot = Some(bytes);
+                partial.received += 1;
+            }
+            _ => {
+                self.counters.duplicates += 1;
+                return None;
+            }
         }
         if partial.received < partial.parts.len() {
-            self.bound_partials(key);
             return None;
         }
         let partial = self.partials.remove(&key)?;
-        self.partial_bytes -= partial.bytes;
+        self.partial_bytes -= partial.reserved;
         let whole: Vec<u8> = partial.parts.into_iter().flatten().flatten().collect();
         match Envelope::decode_within(&whole, MAX_MESSAGE) {
             Ok(inner) if inner.from == sender && inner.seq == of && inner.body.is_sequenced() => {
@@ -426,9 +454,54 @@ impl<T> Link<T> {
         }
     }
 
+    /// Whether the first fragment to arrive of message `key` may start putting it together.
+    fn admit(
+        &mut self,
+        key: (u64, u64),
+        index: u32,
+        count: u32,
+        len: usize,
+        now: Time,
+    ) -> Admission {
+        let reserved = (count as usize).saturating_mul(len);
+        if count == 0
+            || count > MAX_FRAGMENTS
+            || index >= count
+            || len == 0
+            || len > MAX_UDP_PAYLOAD
+            || reserved > MAX_MESSAGE + len
+        {
+            return Admission::Broken;
+        }
+        // Only a fragment cut like the others says how large the whole is; the last may be
+        // shorter, so it waits (not acknowledged) for another to open the message.
+        if index + 1 == count && count > 1 {
+            return Admission::Later;
+        }
+        let of_sender = self.partials.keys().filter(|(s, _)| *s == key.0).count();
+        if self.partials.len() >= PARTIALS_LIMIT
+            || of_sender >= PARTIALS_PER_SENDER
+            || self.partial_bytes + reserved > PARTIAL_BYTES_LIMIT
+        {
+            return Admission::Later;
+        }
+        self.partial_bytes += reserved;
+        self.partials.insert(
+            key,
+            Partial {
+                parts: vec![None; count as usize],
+                received: 0,
+                chunk: len,
+                reserved,
+                touched: now,
+            },
+        );
+        Admission::Admitted
+    }
+
     fn drop_partial(&mut self, key: (u64, u64)) {
         if let Some(p) = self.partials.remove(&key) {
-            self.partial_bytes -= p.bytes;
+            self.partial_bytes -= p.reserved;
         }
     }
 
@@ -436,28 +509,11 @@ impl<T> Link<T> {
         let stale: Vec<(u64, u64)> = self
             .partials
             .iter()
-            .filter(|(_, p)| now.saturating_sub(p.started) > PARTIAL_TTL)
+            .filter(|(_, p)| now.saturating_sub(p.touched) > PARTIAL_TTL)
             .map(|(k, _)| *k)
             .collect();
         for key in stale {
             self.drop_partial(key);
-        }
-    }
-
-    /// Drops the oldest messages being put together (never `keep`) while there are too many
-    /// or they hold too many bytes.
-    fn bound_partials(&mut self, keep: (u64, u64)) {
-        while self.partials.len() > PARTIALS_LIMIT || self.partial_bytes > PARTIAL_BYTES_LIMIT {
-            let oldest = self
-                .partials
-                .iter()
-                .filter(|(k, _)| **k != keep)
-                .min_by_key(|(_, p)| p.started)
-                .map(|(k, _)| *k);
-            match oldest {
-                Some(key) => self.drop_partial(key),
-                None => break,
-            }
         }
     }
 
@@ -636,11 +692,12 @@ impl<T> Link<T> {
                 });
                 continue;
             }
-            // The fragments not acknowledged; if every one was, the last again, whose
-            // duplicate makes the receiver repeat its ack of the whole message.
+            // The fragments not acknowledged; if every one was, all of them again: the
+            // receiver either handled the message (a copy makes it repeat its ack of the
+            // whole) or forgot it half done (it was silent for long).
             let mut again: Vec<&Piece> = p.pieces.iter().filter(|piece| !piece.acked).collect();
             if again.is_empty() {
-                again.extend(p.pieces.last());
+                again.extend(p.pieces.iter());
             }
             for piece in again {
                 self.counters.retransmits += 1;
@@ -1011,7 +1068,7 @@ mod tests {
             assert!(b.reassemble(ms(0), addr(1), env).is_none());
         }
         assert_eq!(b.counters().bad_datagrams, 3);
-        // Two fragments that disagree on their message's size.
+        // Two fragments that disagree on their message's count.
         assert!(
             b.reassemble(ms(0), addr(1), piece(9, 4, 102, 0, 3, vec![1]))
                 .is_none()
@@ -1035,7 +1092,7 @@ mod tests {
         let other = Envelope::new(8, 104, None, Body::LeaveRequest)
             .encode()
             .unwrap();
-        let (one, two) = other.split_at(other.len() / 2);
+        let (one, two) = other.split_at(other.len() - other.len() / 2);
         assert!(
             b.reassemble(ms(0), addr(1), piece(9, 8, 104, 0, 2, one.to_vec()))
                 .is_none()
@@ -1051,33 +1108,118 @@ mod tests {
     }
 
     #[test]
-    fn messages_being_put_together_are_bounded_in_number_bytes_and_time() {
+    fn what_is_being_put_together_is_bounded_and_the_rest_waits_unacknowledged() {
         let mut b: Link<u8> = Link::new(2, RetryPolicy::default());
-        // Many half messages of 60 KB fragments, from many senders.
+        let acks = |b: &mut Link<u8>| std::iter::from_fn(|| b.poll_transmit()).count();
+        // Half messages of 60 KB fragments from 200 senders: 64 are taken, the rest are
+        // not acknowledged (their senders send them again later).
         for i in 0..200u64 {
-            let env = piece(1_000 + i, 1, 50, 0, 2, vec![0; 60_000]);
+            let env = piece(1_000 + i, 2, 1, 0, 2, vec![0; 60_000]);
             assert!(b.reassemble(ms(i), addr(1), env).is_none());
-            assert!(b.partials.len() <= PARTIALS_LIMIT);
-            assert!(b.partial_bytes <= PARTIAL_BYTES_LIMIT);
         }
+        assert_eq!(acks(&mut b), PARTIALS_LIMIT);
         assert_eq!(b.partials.len(), PARTIALS_LIMIT);
-        // The oldest went first: the newest are the ones held.
-        assert!(b.partials.contains_key(&(1_199, 50)));
-        assert!(!b.partials.contains_key(&(1_000, 50)));
-        // Fragments that add up past the largest message are dropped with their message.
-        let count = MAX_FRAGMENTS;
-        let mut dropped = false;
-        for index in 0..100 {
-            let env = piece(7, 10 + u64::from(index), 5, index, count, vec![0; 60_000]);
-            b.reassemble(ms(300), addr(1), env);
-            dropped |= !b.partials.contains_key(&(7, 5));
-        }
-        assert!(dropped, "{} bytes held", b.partial_bytes);
         assert!(b.partial_bytes <= PARTIAL_BYTES_LIMIT);
-        // A message whose fragments stopped coming is forgotten.
-        let later = ms(300) + PARTIAL_TTL + ms(1);
-        b.reassemble(later, addr(1), piece(5, 1, 70, 0, 2, vec![0; 10]));
-        assert_eq!(b.partials.len(), 1);
+        // One finishes; a waiting sender's retransmission is taken in its place.
+        let whole = Envelope::new(1_000, 1, None, large(60_000))
+            .encode()
+            .unwrap();
+        let (head, tail) = whole.split_at(60_000);
+        let mut b2: Link<u8> = Link::new(2, RetryPolicy::default());
+        assert!(
+            b2.reassemble(ms(0), addr(1), piece(1_000, 2, 1, 0, 2, head.to_vec()))
+                .is_none()
+        );
+        let done = b2.reassemble(ms(0), addr(1), piece(1_000, 3, 1, 1, 2, tail.to_vec()));
+        assert_eq!(done.map(|e| e.body), Some(large(60_000)));
+        b.drop_partial((1_000, 1));
+        assert!(
+            b.reassemble(ms(300), addr(1), piece(1_150, 2, 1, 0, 2, vec![0; 60_000]))
+                .is_none()
+        );
+        assert!(b.partials.contains_key(&(1_150, 1)));
+        // One sender may not hold more than a few messages open.
+        let mut c: Link<u8> = Link::new(3, RetryPolicy::default());
+        for of in 0..10u64 {
+            c.reassemble(ms(0), addr(1), piece(7, 100 + of, of, 0, 3, vec![0; 100]));
+        }
+        assert_eq!(c.partials.len(), PARTIALS_PER_SENDER);
+        // The last fragment, shorter than the others, cannot say how large the whole is:
+        // alone it waits, unacknowledged.
+        let mut d: Link<u8> = Link::new(4, RetryPolicy::default());
+        assert!(
+            d.reassemble(ms(0), addr(1), piece(5, 9, 1, 2, 3, vec![0; 10]))
+                .is_none()
+        );
+        assert!(d.partials.is_empty() && acks(&mut d) == 0);
+        // A message none of whose fragments came for long is forgotten.
+        d.reassemble(ms(0), addr(1), piece(5, 7, 1, 0, 3, vec![0; 100]));
+        assert_eq!(d.partials.len(), 1);
+        d.reassemble(
+            ms(1) + PARTIAL_TTL * 2,
+            addr(1),
+            piece(6, 1, 1, 0, 2, vec![0; 10]),
+        );
+        assert!(!d.partials.contains_key(&(5, 1)));
+        assert_eq!(d.partial_bytes, 20);
+    }
+
+    /// A restarted manager hears a rejoin (a view in several fragments) from every peer at
+    /// once: far more than it puts together at a time. Each arrives, once, in the end (when
+    /// the receiver evicted half-done messages whose fragments it had acknowledged, their
+    /// senders only retransmitted a last fragment, and those messages never completed).
+    #[test]
+    fn a_storm_of_fragmented_messages_all_arrive_once() {
+        let policy = RetryPolicy::default().forever();
+        let mut senders: Vec<Link<u8>> = (0..150)
+            .map(|i| Link::new(10 + i, policy).with_max_datagram(1_024))
+            .collect();
+        let mut b: Link<u8> = Link::new(2, policy);
+        for (i, a) in senders.iter_mut().enumerate() {
+            a.send(ms(0), addr(2), large(6_000 + i), None, 0).unwrap();
+        }
+        let mut handled = std::collections::BTreeMap::new();
+        let mut now = ms(0);
+        let mut lost = 0u64;
+        for _ in 0..200 {
+            for (i, a) in senders.iter_mut().enumerate() {
+                while let Some(t) = a.poll_transmit() {
+                    lost += 1;
+                    if lost.is_multiple_of(7) {
+                        continue; // some loss too
+                    }
+                    let env = Envelope::decode(&t.bytes).unwrap();
+                    if let Some(inner) = b.reassemble(now, addr(1), env)
+                        && b.accept(now, addr(1), &inner) == Accepted::New
+                    {
+                        *handled.entry(i).or_insert(0) += 1;
+                    }
+                }
+                while let Some(t) = b.poll_transmit() {
+                    let env = Envelope::decode(&t.bytes).unwrap();
+                    if let Body::Ack { .. } = env.body {
+                        a.accept(now, addr(2), &env);
+                    }
+                }
+            }
+            if senders.iter().all(|a| a.pending_len() == 0) {
+                break;
+            }
+            now += Duration::from_millis(500);
+            for a in &mut senders {
+                a.handle_timeout(now);
+            }
+        }
+        assert_eq!(
+            handled.len(),
+            senders.len(),
+            "{} of {}",
+            handled.len(),
+            senders.len()
+        );
+        assert!(handled.values().all(|n| *n == 1));
+        assert!(senders.iter().all(|a| a.pending_len() == 0));
+        assert!(b.partials.is_empty());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Many real peer processes on loopback: N peers at V tokens each register (past 1,024 the
 # manager refuses them, naming the limit), then setup, distribute a file, verify every record,
-# SIGKILL one peer, wait until every row has its two copies again, verify again.
+# SIGKILL one peer, wait until every row has its two copies again, verify again; then SIGKILL
+# the manager, restart it, and wait for the peers to bring the ring back.
 #   bash tools/many_peers.sh [N=1030] [V=16] [FILE=../shared/data/details-1996.csv]
 # Needs `cargo build --release`. Every process it starts is ended by its id on exit.
 set -euo pipefail
@@ -63,4 +64,23 @@ echo "SIGKILL of $victim: $live peers up, every row twice again: $ok after $(sec
 "${CTL[@]}" verify --file "$FILE" > "$WORK/verify.json"
 echo "verify: found $(field "$WORK/verify.json" 'd["found"]') of $(field "$WORK/verify.json" 'd["keys"]') keys"
 echo "manager: $(field "$WORK/status.json" 'd["manager"].get("fragmented", 0)') messages sent in fragments, $(field "$WORK/status.json" 'd["manager"]["retransmits"]') retransmissions"
+[ "$ok" = True ] && [ "$(field "$WORK/verify.json" 'd["found"] == d["keys"]')" = True ]
+
+# The manager killed and restarted on its address: the peers rejoin, each with its view.
+kill -9 "${PIDS[0]}"
+sleep 1
+STORM_ROLE=manager STORM_LISTEN=127.0.0.1:$PORT STORM_VNODES=$V STORM_TELEMETRY__LOG=warn \
+    "$BIN/stormd" > "$WORK/manager-2.log" 2>&1 &
+PIDS+=($!)
+t=$(date +%s.%N)
+ok=False
+for _ in $(seq 1 180); do
+    "${CTL[@]}" status > "$WORK/status.json" 2>/dev/null || true
+    ok=$(field "$WORK/status.json" "sum(p['state'] == 'up' for p in d['peers']) == $live and d['settled'] and d['under_replicated_ranges'] == 0 and sum(p['records'] or 0 for p in d['peers']) == 2 * $rows" 2>/dev/null || echo False)
+    [ "$ok" = True ] && break
+    sleep 1
+done
+echo "manager restarted: $live peers up, every row twice: $ok after $(secs "$t") s ($(field "$WORK/status.json" 'sum(p["state"] == "dead" for p in d["peers"])' 2>/dev/null || echo '?') declared dead)"
+"${CTL[@]}" verify --file "$FILE" > "$WORK/verify.json"
+echo "verify: found $(field "$WORK/verify.json" 'd["found"]') of $(field "$WORK/verify.json" 'd["keys"]') keys"
 [ "$ok" = True ] && [ "$(field "$WORK/verify.json" 'd["found"] == d["keys"]')" = True ]

@@ -3,7 +3,8 @@
 //! The manager keeps nothing on disk. When it restarts, the peers notice (their heartbeats are
 //! answered "unknown" by a new incarnation) and register again with their id and the ring
 //! view they hold. The manager takes back each peer under its id, adopts the newest view any
-//! of them holds, and, once every member of that view is back (or `rejoin_grace` has passed),
+//! of them holds, and, once every member of that view is back (or `rejoin_grace` has passed
+//! since the last one came back),
 //! republishes it under a new epoch as a change of its own: members that did not come back
 //! are left out and their ranges repaired by the survivors, a leave that was under way ends.
 //! Epochs go on from the highest any peer held, so no peer ever takes the new views for old.
@@ -69,7 +70,11 @@ impl Manager {
         if rejoin.ring.epoch > rec.view.epoch {
             rec.view = rejoin.ring;
         }
-        rec.rejoined.insert(id);
+        // The grace runs from the last member back, not the first: a thousand rejoins,
+        // each a view in fragments, take the manager longer than one grace to hear.
+        if rec.rejoined.insert(id) {
+            rec.deadline = rec.deadline.max(now + grace);
+        }
         let complete = rec
             .view
             .members
