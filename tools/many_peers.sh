@@ -22,6 +22,18 @@ cleanup() {
 trap cleanup EXIT
 secs() { python3 -c "import time,sys; print(round(time.time() - float(sys.argv[1]), 2))" "$1"; }
 field() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$@"; }
+# Waits up to $1 s until $live peers are up, the ring settled and every row held twice; prints
+# True or False. The last status is left in $WORK/status.json.
+replicated() {
+    local ok=False
+    for _ in $(seq 1 "$1"); do
+        "${CTL[@]}" status > "$WORK/status.json" 2>/dev/null || true
+        ok=$(field "$WORK/status.json" "sum(p['state'] == 'up' for p in d['peers']) == $live and d['settled'] and d['under_replicated_ranges'] == 0 and sum(p['records'] or 0 for p in d['peers']) == 2 * $rows" 2>/dev/null || echo False)
+        [ "$ok" = True ] && break
+        sleep 1
+    done
+    echo "$ok"
+}
 
 ulimit -n 65536 2>/dev/null || true
 STORM_ROLE=manager STORM_LISTEN=127.0.0.1:$PORT STORM_VNODES=$V STORM_TELEMETRY__LOG=warn \
@@ -53,13 +65,7 @@ victim=$(field "$WORK/setup.json" 'd["peers"][len(d["peers"]) // 2]["name"]')
 kill -9 "$(cat "$WORK/peer-${victim#p}.pid")"
 t=$(date +%s.%N)
 live=$((registered - 1))
-ok=False
-for _ in $(seq 1 120); do
-    "${CTL[@]}" status > "$WORK/status.json" 2>/dev/null || true
-    ok=$(field "$WORK/status.json" "sum(p['state'] == 'up' for p in d['peers']) == $live and d['settled'] and d['under_replicated_ranges'] == 0 and sum(p['records'] or 0 for p in d['peers']) == 2 * $rows" 2>/dev/null || echo False)
-    [ "$ok" = True ] && break
-    sleep 1
-done
+ok=$(replicated 120)
 echo "SIGKILL of $victim: $live peers up, every row twice again: $ok after $(secs "$t") s"
 "${CTL[@]}" verify --file "$FILE" > "$WORK/verify.json"
 echo "verify: found $(field "$WORK/verify.json" 'd["found"]') of $(field "$WORK/verify.json" 'd["keys"]') keys"
@@ -73,13 +79,7 @@ STORM_ROLE=manager STORM_LISTEN=127.0.0.1:$PORT STORM_VNODES=$V STORM_TELEMETRY_
     "$BIN/stormd" > "$WORK/manager-2.log" 2>&1 &
 PIDS+=($!)
 t=$(date +%s.%N)
-ok=False
-for _ in $(seq 1 180); do
-    "${CTL[@]}" status > "$WORK/status.json" 2>/dev/null || true
-    ok=$(field "$WORK/status.json" "sum(p['state'] == 'up' for p in d['peers']) == $live and d['settled'] and d['under_replicated_ranges'] == 0 and sum(p['records'] or 0 for p in d['peers']) == 2 * $rows" 2>/dev/null || echo False)
-    [ "$ok" = True ] && break
-    sleep 1
-done
+ok=$(replicated 180)
 echo "manager restarted: $live peers up, every row twice: $ok after $(secs "$t") s ($(field "$WORK/status.json" 'sum(p["state"] == "dead" for p in d["peers"])' 2>/dev/null || echo '?') declared dead)"
 "${CTL[@]}" verify --file "$FILE" > "$WORK/verify.json"
 echo "verify: found $(field "$WORK/verify.json" 'd["found"]') of $(field "$WORK/verify.json" 'd["keys"]') keys"

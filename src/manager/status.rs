@@ -275,7 +275,7 @@ impl Manager {
 #[cfg(test)]
 mod tests {
     use super::super::testkit::Kit;
-    use crate::wire::{Body, ClientRequest, PeerState, ReplyBody};
+    use crate::wire::{Body, ClientRequest, PeerState, ReplyBody, StatusReport};
     use std::time::Duration;
 
     #[test]
@@ -284,17 +284,9 @@ mod tests {
         kit.silent.insert("p2".into());
         let seq = kit.request(ClientRequest::Status);
         kit.wait(Duration::from_secs(1));
-        let s = match kit.reply(seq) {
-            Ok(ReplyBody::Status(s)) => s,
-            other => panic!("{other:?}"),
-        };
-        let states: Vec<(String, PeerState, Option<u64>)> = s
-            .peers
-            .iter()
-            .map(|p| (p.name.clone(), p.state, p.records))
-            .collect();
+        let s = status_reply(&mut kit, seq);
         assert_eq!(
-            states,
+            states(&s),
             vec![
                 ("p0".into(), PeerState::Up, Some(0)),
                 ("p1".into(), PeerState::Up, Some(0)),
@@ -303,6 +295,21 @@ mod tests {
         );
         assert!(s.settled);
         assert!((s.peers.iter().map(|p| p.share).sum::<f64>() - 1.0).abs() < 1e-6);
+    }
+
+    fn status_reply(kit: &mut Kit, seq: u64) -> StatusReport {
+        match kit.reply(seq) {
+            Ok(ReplyBody::Status(s)) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Each peer's name, state and record count.
+    fn states(s: &StatusReport) -> Vec<(String, PeerState, Option<u64>)> {
+        s.peers
+            .iter()
+            .map(|p| (p.name.clone(), p.state, p.records))
+            .collect()
     }
 
     /// A heartbeat from a peer whose probe went unanswered: alive, so not unreachable.
@@ -338,10 +345,7 @@ mod tests {
         // Its report gets through this time.
         kit.silent.remove("p2");
         kit.wait(Duration::from_millis(100));
-        let s = match kit.reply(seq) {
-            Ok(ReplyBody::Status(s)) => s,
-            other => panic!("{other:?}"),
-        };
+        let s = status_reply(&mut kit, seq);
         assert!(s.peers.iter().all(|p| p.state == PeerState::Up));
         assert!(
             s.peers.iter().all(|p| p.records == Some(0)),
@@ -370,17 +374,9 @@ mod tests {
             kit.wait(Duration::from_millis(100));
             heartbeat(&mut kit, "p1");
         }
-        let s = match kit.reply(seq) {
-            Ok(ReplyBody::Status(s)) => s,
-            other => panic!("{other:?}"),
-        };
-        let states: Vec<(String, PeerState, Option<u64>)> = s
-            .peers
-            .iter()
-            .map(|p| (p.name.clone(), p.state, p.records))
-            .collect();
+        let s = status_reply(&mut kit, seq);
         assert_eq!(
-            states,
+            states(&s),
             vec![
                 ("p0".into(), PeerState::Up, Some(0)),
                 ("p1".into(), PeerState::Up, None),
