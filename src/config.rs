@@ -270,10 +270,13 @@ impl Config {
                 return Err(bad("name", "at most 64 printable characters".into()));
             }
         }
-        if !(1024..=crate::wire::MAX_UDP_PAYLOAD).contains(&self.max_datagram) {
+        // Room is left for the cluster key's header and tag, which seal every datagram: a
+        // sealed datagram past the UDP limit could never be sent.
+        let largest = crate::wire::MAX_UDP_PAYLOAD - crate::auth::OVERHEAD;
+        if !(1024..=largest).contains(&self.max_datagram) {
             let reason = format!(
-                "must be between 1024 and {} bytes",
-                crate::wire::MAX_UDP_PAYLOAD
+                "must be between 1024 and {largest} bytes (the UDP limit, less {} for the cluster key's tag)",
+                crate::auth::OVERHEAD
             );
             return Err(bad("max_datagram", reason));
         }
@@ -582,6 +585,15 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("`max_datagram`") && e.contains("c.toml"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            // The UDP limit itself leaves no room for a sealed datagram's tag.
+            jail.set_env("STORM_MAX_DATAGRAM", "65507");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("`max_datagram`") && e.contains("tag"), "{e}");
+            jail.set_env("STORM_MAX_DATAGRAM", "65000");
+            assert!(Config::load(None).is_ok());
             Ok(())
         });
         Jail::expect_with(|jail| {

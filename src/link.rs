@@ -251,7 +251,7 @@ impl<T> Link<T> {
 
     /// Messages larger than `max_datagram` bytes leave in fragments that each fit it.
     pub fn with_max_datagram(mut self, max_datagram: usize) -> Self {
-        self.max_datagram = max_datagram.clamp(1_024, MAX_UDP_PAYLOAD);
+        self.max_datagram = max_datagram.clamp(1_024, MAX_UDP_PAYLOAD - crate::auth::OVERHEAD);
         self
     }
 
