@@ -486,6 +486,16 @@ impl ClientCore {
         let Some(lookup) = self.lookups.remove(&result.query) else {
             return;
         };
+        // More rows than one datagram holds: the manager's answer carries them all (it
+        // travels acknowledged, in fragments).
+        if result.found && result.truncated {
+            let req = ClientRequest::Query {
+                key: lookup.key,
+                via: lookup.via,
+                routing: lookup.routing,
+            };
+            return self.send_request(now, lookup.index, req, lookup.trace);
+        }
         let view = match &self.ring {
             RingState::Known { view, .. } => Some(view),
             _ => None,

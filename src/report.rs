@@ -264,7 +264,7 @@ pub fn query_text(q: &QueryOutcome, elapsed_ms: f64) -> String {
             }
         }
         if q.truncated {
-            let _ = writeln!(out, "  (more rows exist than fit in one datagram)");
+            let _ = writeln!(out, "  (more rows exist than fit in an answer)");
         }
     } else {
         let _ = writeln!(out, "event {}: not found", q.key);

@@ -773,3 +773,37 @@ fn a_generated_file_is_distributed_and_verified_whole() {
     assert_eq!(v["found"], 20_000, "{v}");
     let _ = std::fs::remove_file(&out);
 }
+
+/// An event with more rows than one datagram holds (300 rows against 4,096-byte datagrams):
+/// the peer's direct answer carries the rows that fit and says so, and stormctl asks the
+/// manager, whose answer travels acknowledged, in fragments, with every row. `verify` finds
+/// every key exact.
+#[test]
+fn an_event_with_more_rows_than_a_datagram_is_answered_whole() {
+    let dir = std::env::temp_dir().join(format!("stormd-heavy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("heavy.csv");
+    let mut csv = String::from("EVENT_ID,STATE,NARRATIVE\n");
+    for r in 0..300 {
+        csv.push_str(&format!("777,OHIO,row {r:03} {}\n", "x".repeat(40)));
+    }
+    for id in 1_000..1_050 {
+        csv.push_str(&format!("{id},IOWA,one row\n"));
+    }
+    std::fs::write(&file, csv).unwrap();
+    let cluster = Cluster::start_with(3, &[("STORM_MAX_DATAGRAM", "4096".to_string())]);
+    cluster.ctl_json(&["setup"]);
+    let d = cluster.ctl_json(&["distribute", "--file", file.to_str().unwrap()]);
+    assert_eq!(d["stored"].as_u64(), Some(350), "{d}");
+    let q = cluster.ctl_json(&["query", "777"]);
+    assert_eq!(q["found"], true, "{q}");
+    assert_eq!(q["records"].as_array().map(Vec::len), Some(300), "{q}");
+    assert_eq!(q["truncated"], false, "{q}");
+    let v = cluster.verify(&file);
+    assert_eq!(
+        (v["found"].as_u64(), v["mismatched"].as_u64()),
+        (Some(51), Some(0)),
+        "{v}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -33,6 +33,9 @@ use std::time::Duration;
 /// Sends of a query hop (the first included) before the next member is tried instead.
 const FORWARD_ATTEMPTS: u32 = 3;
 
+/// The rows a result for the manager may carry (it leaves in fragments when it must).
+const FOUND_BUDGET: usize = 1 << 20;
+
 #[derive(Debug, Clone)]
 pub struct PeerConfig {
     pub name: String,
@@ -1055,9 +1058,15 @@ impl Peer {
         } else {
             Vec::new()
         };
-        // Keep the answer inside one datagram: drop rows from the end until it fits.
+        // A client's answer goes unacknowledged in one datagram: rows are dropped from the end
+        // until it fits, and the client asks the manager for the rest. One for the manager
+        // is sequenced, so it may leave in fragments: it carries every row, up to 1 MiB.
         let mut truncated = false;
-        let budget = self.cfg.max_datagram.saturating_sub(1024);
+        let budget = if find.reply_to.is_some() {
+            self.cfg.max_datagram.saturating_sub(1024)
+        } else {
+            FOUND_BUDGET
+        };
         while !records.is_empty()
             && records.iter().map(RecordOut::encoded_size).sum::<usize>() > budget
         {
