@@ -100,9 +100,7 @@ pub enum Outcome<T> {
 
 struct Pending<T> {
     dest: SocketAddr,
-    /// The datagram; empty for a message sent in `pieces`.
-    bytes: Vec<u8>,
-    /// The fragments of a message too large for one datagram.
+    /// The datagram, or the fragments of a message too large for one.
     pieces: Vec<Piece>,
     attempts: u32,
     due: Time,
@@ -110,7 +108,8 @@ struct Pending<T> {
     tag: T,
 }
 
-/// One fragment of a message too large for a datagram: its own sequence number and datagram.
+/// One datagram of a pending message: the whole message under its own sequence number, or one
+/// fragment of it under the fragment's.
 struct Piece {
     seq: u64,
     bytes: Vec<u8>,
@@ -304,16 +303,18 @@ impl<T> Link<T> {
                 dest,
                 bytes: bytes.clone(),
             });
-            Vec::new()
+            vec![Piece {
+                seq,
+                bytes,
+                acked: false,
+            }]
         } else {
             self.fragment(seq, dest, &bytes)?
         };
-        let bytes = if pieces.is_empty() { bytes } else { Vec::new() };
         self.pending.insert(
             seq,
             Pending {
                 dest,
-                bytes,
                 pieces,
                 attempts: 1,
                 due: now + policy.delay(1),
@@ -497,6 +498,23 @@ impl<T> Link<T> {
             },
         );
         Admission::Admitted
+    }
+
+    /// [`Link::reassemble`] for a node whose driver opened a span for the datagram: a message
+    /// put together from fragments carries its own trace context (a fragment has none).
+    pub fn reassemble_traced(
+        &mut self,
+        now: Time,
+        from: SocketAddr,
+        envelope: Envelope,
+        trace: Option<TraceContext>,
+    ) -> Option<(Envelope, Option<TraceContext>)> {
+        if !matches!(envelope.body, Body::Fragment { .. }) {
+            return Some((envelope, trace));
+        }
+        let whole = self.reassemble(now, from, envelope)?;
+        let trace = whole.trace.clone();
+        Some((whole, trace))
     }
 
     fn drop_partial(&mut self, key: (u64, u64)) {
@@ -684,15 +702,7 @@ impl<T> Link<T> {
             }
             p.attempts += 1;
             p.due = now + p.policy.delay(p.attempts);
-            if p.pieces.is_empty() {
-                self.counters.retransmits += 1;
-                self.outbox.push_back(Transmit {
-                    dest: p.dest,
-                    bytes: p.bytes.clone(),
-                });
-                continue;
-            }
-            // The fragments not acknowledged; if every one was, all of them again: the
+            // The datagrams not acknowledged; if every fragment was, all of them again: the
             // receiver either handled the message (a copy makes it repeat its ack of the
             // whole) or forgot it half done (it was silent for long).
             let mut again: Vec<&Piece> = p.pieces.iter().filter(|piece| !piece.acked).collect();

@@ -52,6 +52,44 @@ fn wait_state(cluster: &Cluster, name: &str, state: &str, limit: Duration) -> Du
     }
 }
 
+/// SIGKILLs the manager, runs `while_down`, and starts it again on its address with `extra`
+/// settings besides; returns when it was started.
+fn restart_manager(
+    cluster: &mut Cluster,
+    extra: &[(&str, String)],
+    while_down: impl FnOnce(&mut Cluster),
+) -> Instant {
+    let addr = cluster.manager.addr;
+    cluster.manager.signal("KILL");
+    assert!(cluster.manager.wait(Duration::from_secs(5)).is_some());
+    while_down(cluster);
+    let mut env: Vec<(&str, String)> = extra.to_vec();
+    env.extend([
+        ("STORM_ROLE", "manager".to_string()),
+        ("STORM_LISTEN", addr.to_string()),
+        ("STORM_PROBE_TIMEOUT_MS", "3000".to_string()),
+    ]);
+    cluster.manager = Daemon::start("manager", &env);
+    Instant::now()
+}
+
+/// Asks for status until `done` holds of it (within `limit` of `since`); returns it.
+fn wait_status(
+    cluster: &Cluster,
+    since: Instant,
+    limit: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    loop {
+        let s = cluster.status();
+        if done(&s) {
+            return s;
+        }
+        assert!(since.elapsed() < limit, "not there after {limit:?}: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn sigkill_of_one_peer_then_another_loses_nothing() {
     let file = shared_data("details-1996.csv");
@@ -105,42 +143,23 @@ fn the_manager_killed_and_restarted_rebuilds_from_its_peers() {
     let mut cluster = Cluster::start(5);
     setup_and_distribute(&cluster, &file);
     let before = wait_replicated(&cluster, DETAILS_1996_ROWS, Duration::from_secs(10));
-    let addr = cluster.manager.addr;
-    cluster.manager.signal("KILL");
-    assert!(cluster.manager.wait(Duration::from_secs(5)).is_some());
-    // While it is down, the peers keep running (and keep their records).
-    std::thread::sleep(Duration::from_secs(3));
-    for p in cluster.peers.iter_mut() {
-        assert!(
-            p.is_running(),
-            "{} exited while the manager was down",
-            p.name
-        );
-    }
-    let restarted = Instant::now();
-    cluster.manager = Daemon::start(
-        "manager",
-        &[
-            ("STORM_ROLE", "manager".to_string()),
-            ("STORM_LISTEN", addr.to_string()),
-            ("STORM_PROBE_TIMEOUT_MS", "3000".to_string()),
-        ],
-    );
-    // No setup, no distribute: the peers bring the ring back.
-    let s = loop {
-        let s = cluster.status();
-        if s["peers"].as_array().map(Vec::len) == Some(5)
-            && records_total(&s) == DETAILS_1996_ROWS
-            && s["settled"] == Value::Bool(true)
-        {
-            break s;
+    let restarted = restart_manager(&mut cluster, &[], |cluster| {
+        // While it is down, the peers keep running (and keep their records).
+        std::thread::sleep(Duration::from_secs(3));
+        for p in cluster.peers.iter_mut() {
+            assert!(
+                p.is_running(),
+                "{} exited while the manager was down",
+                p.name
+            );
         }
-        assert!(
-            restarted.elapsed() < Duration::from_secs(15),
-            "no ring back: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    });
+    // No setup, no distribute: the peers bring the ring back.
+    let s = wait_status(&cluster, restarted, Duration::from_secs(15), |s| {
+        s["peers"].as_array().map(Vec::len) == Some(5)
+            && records_total(s) == DETAILS_1996_ROWS
+            && s["settled"] == Value::Bool(true)
+    });
     eprintln!(
         "status answered with the whole ring {:?} after the restart",
         restarted.elapsed()
@@ -209,31 +228,12 @@ fn views_larger_than_a_datagram_travel_in_fragments_through_a_manager_restart() 
     );
     assert_eq!(cluster.verify(&file)["found"], 223);
 
-    let addr = cluster.manager.addr;
-    cluster.manager.signal("KILL");
-    assert!(cluster.manager.wait(Duration::from_secs(5)).is_some());
-    let mut manager_env: Vec<(&str, String)> = env.to_vec();
-    manager_env.extend([
-        ("STORM_ROLE", "manager".to_string()),
-        ("STORM_LISTEN", addr.to_string()),
-        ("STORM_PROBE_TIMEOUT_MS", "3000".to_string()),
-    ]);
-    cluster.manager = Daemon::start("manager", &manager_env);
-    let restarted = Instant::now();
-    let s = loop {
-        let s = cluster.status();
-        if s["peers"].as_array().map(Vec::len) == Some(9)
+    let restarted = restart_manager(&mut cluster, &env, |_| {});
+    let s = wait_status(&cluster, restarted, Duration::from_secs(30), |s| {
+        s["peers"].as_array().map(Vec::len) == Some(9)
             && s["settled"] == Value::Bool(true)
-            && copies_total(&s) == 2 * 223
-        {
-            break s;
-        }
-        assert!(
-            restarted.elapsed() < Duration::from_secs(30),
-            "no ring back: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+            && copies_total(s) == 2 * 223
+    });
     // The peers' rejoins carried the view in fragments.
     let peers_fragmented: u64 = s["peers"]
         .as_array()

@@ -312,11 +312,9 @@ impl Manager {
         trace: Option<TraceContext>,
     ) {
         // A message too large for one datagram comes in fragments: handled once whole.
-        let fragment = matches!(env.body, Body::Fragment { .. });
-        let Some(env) = self.link.reassemble(now, from, env) else {
+        let Some((env, trace)) = self.link.reassemble_traced(now, from, env, trace) else {
             return;
         };
-        let trace = if fragment { env.trace.clone() } else { trace };
         // A lookup goes to a peer: say so to the client, which retries at one.
         let queries = match &env.body {
             Body::Lookup(find) => vec![find.query],

@@ -7,7 +7,7 @@ use crate::link::Time;
 use crate::ring::{Placer, RingExt};
 use crate::wire::{
     Body, PeerId, PeerReport, PeerState, PeerStatus, ReplyBody, RequestError, StatusReport,
-    cbor_len,
+    TraceContext, cbor_len,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -53,15 +53,21 @@ impl Manager {
             },
         );
         for (id, addr) in targets {
-            self.send(
-                now,
-                addr,
-                Body::Probe { probe },
-                call.trace.clone(),
-                ManagerTag::ToPeer(id, PeerMessage::Probe),
-            );
+            self.send_probe(now, probe, id, addr, call.trace.clone());
         }
         self.maybe_finish_status(now, probe, false);
+    }
+
+    fn send_probe(
+        &mut self,
+        now: Time,
+        probe: u64,
+        id: PeerId,
+        addr: SocketAddr,
+        trace: Option<TraceContext>,
+    ) {
+        let tag = ManagerTag::ToPeer(id, PeerMessage::Probe);
+        self.send(now, addr, Body::Probe { probe }, trace, tag);
     }
 
     pub(super) fn on_report(&mut self, now: Time, probe: u64, id: PeerId, report: PeerReport) {
@@ -86,13 +92,15 @@ impl Manager {
         let Some(g) = self.probes.remove(&probe) else {
             return;
         };
-        let alive: BTreeSet<PeerId> = g
+        // Silent and not heard from since the probes went out; one heard from is alive, its
+        // counts unknown.
+        let unreachable: BTreeSet<PeerId> = g
             .waiting
             .iter()
             .copied()
-            .filter(|id| self.detector.heard_since(*id, g.started))
+            .filter(|id| !self.detector.heard_since(*id, g.started))
             .collect();
-        let report = self.status_report(&g.reports, &g.waiting, &alive);
+        let report = self.status_report(&g.reports, &unreachable);
         let body = if g.setup {
             ReplyBody::Setup(report)
         } else {
@@ -132,25 +140,18 @@ impl Manager {
         }
         for id in alive {
             if let Some(addr) = self.registry.get(id).map(|p| p.addr) {
-                self.send(
-                    now,
-                    addr,
-                    Body::Probe { probe },
-                    trace.clone(),
-                    ManagerTag::ToPeer(id, PeerMessage::Probe),
-                );
+                self.send_probe(now, probe, id, addr, trace.clone());
             }
         }
         true
     }
 
-    /// The `status` table. `silent`: peers that did not report; of them, `alive` were heard
-    /// from meanwhile (shown in their standing, with unknown counts), the others unreachable.
+    /// The `status` table. A peer without a report but not `unreachable` is shown in its
+    /// standing, with unknown counts.
     pub(super) fn status_report(
         &self,
         reports: &BTreeMap<PeerId, PeerReport>,
-        silent: &BTreeSet<PeerId>,
-        alive: &BTreeSet<PeerId>,
+        unreachable: &BTreeSet<PeerId>,
     ) -> StatusReport {
         let shares: BTreeMap<PeerId, f64> = self
             .ring
@@ -165,7 +166,7 @@ impl Manager {
         let peers = self.registry.iter().map(|(id, p)| {
             let state = match p.standing {
                 _ if self.detector.is_suspect(id) => PeerState::Suspect,
-                _ if silent.contains(&id) && !alive.contains(&id) => PeerState::Unreachable,
+                _ if unreachable.contains(&id) => PeerState::Unreachable,
                 Standing::Registered => PeerState::Registered,
                 Standing::InRing => PeerState::Up,
                 Standing::Leaving => PeerState::Leaving,

@@ -329,11 +329,9 @@ impl Peer {
             return;
         }
         // A message too large for one datagram comes in fragments: handled once whole.
-        let fragment = matches!(env.body, Body::Fragment { .. });
-        let Some(env) = self.link.reassemble(now, from, env) else {
+        let Some((env, trace)) = self.link.reassemble_traced(now, from, env, trace) else {
             return;
         };
-        let trace = if fragment { env.trace.clone() } else { trace };
         // A query straight from a client: walked like the manager's, answered to the client.
         if let Body::Lookup(find) = env.body {
             return self.on_lookup(now, from, find, trace);
