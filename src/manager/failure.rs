@@ -87,6 +87,14 @@ impl Detector {
         self.watched.get(&id).is_some_and(|w| w.last_heard > t)
     }
 
+    /// Whether `id` is still watched and either heard from after `t` or not suspected: a
+    /// peer that may well be alive. One declared dead (or gone) is not watched.
+    pub(super) fn may_be_alive(&self, id: PeerId, t: Time) -> bool {
+        self.watched
+            .get(&id)
+            .is_some_and(|w| w.last_heard > t || w.suspect_since.is_none())
+    }
+
     pub(super) fn is_suspect(&self, id: PeerId) -> bool {
         self.watched
             .get(&id)
