@@ -35,6 +35,7 @@ pub mod peer;
 pub mod record;
 pub mod report;
 pub mod ring;
+pub mod ring_delta;
 #[cfg(test)]
 pub mod sim;
 pub mod store;

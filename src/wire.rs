@@ -7,6 +7,7 @@
 //! never a panic, and allocation is bounded by the datagram's own size.
 
 use crate::record::RecordKey;
+pub use crate::ring_delta::RingDelta;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
@@ -84,6 +85,9 @@ pub enum Body {
     Refused { reason: Refusal },
     /// manager → peers: the ring as of `epoch`.
     Ring(RingView),
+    /// manager → a member that holds the previous view: the ring as of `epoch`, as what
+    /// changed since that view (see [`crate::ring_delta`]).
+    RingDelta(RingDelta),
     /// peer → manager: every record I no longer own under `epoch` has been handed over
     /// (`handed_over` rows since that view arrived).
     RebalanceDone { epoch: u64, handed_over: u64 },
@@ -177,6 +181,7 @@ impl Body {
             Body::Registered { .. } => "registered",
             Body::Refused { .. } => "refused",
             Body::Ring(_) => "ring",
+            Body::RingDelta(_) => "ring_delta",
             Body::RebalanceDone { .. } => "rebalance_done",
             Body::LeaveRequest => "leave_request",
             Body::Exit { .. } => "exit",

@@ -112,6 +112,17 @@ impl Shell<Peer> for PeerShell {
                 peer.id = id,
                 peer.name = peer.name(),
             ),
+            Body::RingDelta(delta) => tracing::info_span!(
+                target: TARGET,
+                "ring_update",
+                epoch = delta.epoch,
+                settled = delta.settled,
+                delta.base = delta.base,
+                delta.changed = delta.changed.len(),
+                delta.removed = delta.removed.len(),
+                peer.id = id,
+                peer.name = peer.name(),
+            ),
             _ => return None,
         };
         set_remote_parent(&span, env.trace.as_ref());

@@ -13,9 +13,9 @@ use crate::ring::{
     RingExt, first_prime_above, release_tokens, tokens_for_joiner, vnode_tokens, vnode_tokens_by,
 };
 use crate::wire::{
-    Body, ExitReason, Member, PeerId, ReplyBody, RequestError, RingView, TraceContext,
+    Body, ExitReason, Member, PeerId, ReplyBody, RequestError, RingDelta, RingView, TraceContext,
 };
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -188,6 +188,7 @@ impl Manager {
             members: 0,
         });
         self.ring = None;
+        self.last_published = None;
     }
 
     /// Makes `view` current and sends it to every member, naming the newest settled view.
@@ -201,15 +202,30 @@ impl Manager {
             settled: view.settled,
             members: view.members.len(),
         });
+        // Members of the view this process published last hold it (or will: it is
+        // retransmitted until acknowledged): they are sent only what changed.
+        let delta = self
+            .ring
+            .as_ref()
+            .filter(|prev| self.last_published == Some(prev.epoch))
+            .map(|prev| {
+                let had: HashSet<PeerId> = prev.members.iter().map(|m| m.id).collect();
+                (RingDelta::between(prev, &view), had)
+            });
         for m in &view.members {
+            let body = match &delta {
+                Some((delta, had)) if had.contains(&m.id) => Body::RingDelta(delta.clone()),
+                _ => Body::Ring(view.clone()),
+            };
             self.send(
                 now,
                 m.addr,
-                Body::Ring(view.clone()),
+                body,
                 trace.clone(),
                 ManagerTag::ToPeer(m.id, PeerMessage::Ring),
             );
         }
+        self.last_published = Some(view.epoch);
         self.ring = Some(view);
     }
 
@@ -514,7 +530,9 @@ impl Manager {
 mod tests {
     use super::super::testkit::Kit;
     use crate::ring::RingExt;
-    use crate::wire::{Body, ClientRequest, ExitReason, Placement, ReplyBody, RequestError};
+    use crate::wire::{
+        Body, ClientRequest, ExitReason, Placement, ReplyBody, RequestError, UNSEQUENCED,
+    };
     use std::time::Duration;
 
     #[test]
@@ -545,16 +563,64 @@ mod tests {
     fn a_join_is_published_unsettled_then_settled_with_new_epochs() {
         let mut kit = Kit::with_ring(3);
         kit.add_peer("late");
-        let epochs: Vec<(u64, bool, usize)> = kit
-            .peer("late")
-            .inbox
-            .iter()
+        let epochs = |name: &str| -> Vec<(u64, bool, usize, bool)> {
+            let views = kit.peer(name).views().into_iter();
+            views
+                .map(|(v, delta)| (v.epoch, v.settled, v.members.len(), delta))
+                .collect()
+        };
+        // The joiner holds no view: it is sent them whole, then what changed.
+        assert_eq!(
+            epochs("late"),
+            vec![(2, false, 4, false), (3, true, 4, true)]
+        );
+        // The members were sent the setup whole, then only what changed.
+        assert_eq!(
+            epochs("p0"),
+            vec![(1, true, 3, false), (2, false, 4, true), (3, true, 4, true)]
+        );
+        let ring = kit.m.ring().cloned();
+        assert!(kit.peers.iter().all(|p| p.ring == ring));
+        // The settling delta carries no member at all; the join's, the joiner alone.
+        let deltas: Vec<(usize, usize)> = (kit.peer("p0").inbox.iter())
             .filter_map(|b| match b {
-                Body::Ring(v) => Some((v.epoch, v.settled, v.members.len())),
+                Body::RingDelta(d) => Some((d.changed.len(), d.removed.len())),
                 _ => None,
             })
             .collect();
-        assert_eq!(epochs, vec![(2, false, 4), (3, true, 4)]);
+        assert_eq!(deltas, vec![(1, 0), (0, 0)]);
+    }
+
+    /// A member whose heartbeat names an older view than the ring's (it missed one, or
+    /// dropped a delta it could not apply) is sent the whole current view: a delta would name
+    /// a base it may not hold. A restarted manager, which does not know what its members
+    /// hold, publishes whole views too.
+    #[test]
+    fn a_member_behind_the_ring_or_a_new_manager_sends_the_whole_view() {
+        let mut kit = Kit::with_ring(3);
+        kit.add_peer("late");
+        let p0 = kit.peer("p0").id;
+        let before = kit.peer("p0").inbox.len();
+        kit.send_from_peer(0, UNSEQUENCED, Body::Heartbeat { epoch: 1, id: p0 });
+        kit.run();
+        let views = |kit: &Kit, from: usize| -> Vec<Body> {
+            let inbox = kit.peer("p0").inbox[from..].iter();
+            inbox
+                .filter(|b| matches!(b, Body::Ring(_) | Body::RingDelta(_)))
+                .cloned()
+                .collect()
+        };
+        let sent = views(&kit, before);
+        assert!(
+            matches!(sent.as_slice(), [Body::Ring(v)] if v.epoch == 3 && v.settled),
+            "{sent:?}"
+        );
+        assert!(kit.peers.iter().all(|p| p.deltas_refused == 0));
+        // Heartbeats at the ring's epoch change nothing.
+        let before = kit.peer("p0").inbox.len();
+        kit.send_from_peer(0, UNSEQUENCED, Body::Heartbeat { epoch: 3, id: p0 });
+        kit.run();
+        assert_eq!(views(&kit, before), vec![]);
     }
 
     #[test]
@@ -566,18 +632,13 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let leaver = kit.peer("p1");
-        let views: Vec<(bool, bool)> = leaver
-            .inbox
-            .iter()
-            .filter_map(|b| match b {
-                Body::Ring(v) => Some((
-                    v.settled,
-                    v.members.iter().any(|m| m.name == "p1" && m.leaving),
-                )),
-                _ => None,
+        let views: Vec<(bool, bool, bool)> = (leaver.views().into_iter())
+            .map(|(v, delta)| {
+                let leaving = v.members.iter().any(|m| m.name == "p1" && m.leaving);
+                (v.settled, leaving, delta)
             })
             .collect();
-        assert_eq!(views, vec![(true, false), (false, true)]);
+        assert_eq!(views, vec![(true, false, false), (false, true, true)]);
         assert!(leaver.inbox.contains(&Body::Exit {
             reason: ExitReason::Left
         }));

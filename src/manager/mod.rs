@@ -188,6 +188,10 @@ pub struct Manager {
     link: Link<ManagerTag>,
     registry: Registry,
     ring: Option<RingView>,
+    /// The epoch of the last view this process sent to every member: the next view goes to
+    /// them as a delta from it. None after a restart (the rebuilt view is not what the
+    /// members hold) and once the ring is gone.
+    last_published: Option<u64>,
     last_epoch: u64,
     /// The newest settled view's epoch, named in every view published (see
     /// [`RingView::settled_epoch`]).
@@ -227,6 +231,7 @@ impl Manager {
             cfg,
             registry: Registry::default(),
             ring: None,
+            last_published: None,
             last_epoch: 0,
             settled_epoch: 0,
             transition: None,

@@ -127,6 +127,7 @@ impl Manager {
             return self.release_early_setups(now);
         }
         self.ring = Some(view);
+        self.last_published = None;
         self.changes.push_front(Change::Recover);
         let joiners: Vec<PeerId> = self
             .registry

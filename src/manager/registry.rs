@@ -364,9 +364,10 @@ mod tests {
 
     /// A cluster grows to [`MAX_PEERS`], then refuses registrations, naming the limit. Its
     /// ring view (67 KB at one token a peer) and its status report are larger than the kit's
-    /// 4,000-byte datagrams: each member still gets the whole view, in fragments, and so
-    /// does the client its status, listing every peer and the 64 remembered dead (before
-    /// fragments, a view had to fit one datagram: 302 peers at 16 tokens, 425 at one).
+    /// 4,000-byte datagrams: each member still gets the whole view, in fragments, then a
+    /// leave as deltas, and the client its status, listing every peer and the 64 remembered
+    /// dead (before fragments, a view had to fit one datagram: 302 peers at 16 tokens, 425
+    /// at one).
     #[test]
     fn a_cluster_grows_to_its_most_peers_and_each_gets_the_whole_view_in_fragments() {
         use super::super::testkit::Kit;
@@ -386,6 +387,31 @@ mod tests {
                 p.name
             );
         }
+        // A change after that goes to each member as what changed: a leave's two views (the
+        // leaver marked, then gone) to 1,023 members, not 2 × 1,023 whole views.
+        let leaver = kit.peers[5].name.clone();
+        let leave = kit.request(ClientRequest::Leave {
+            name: leaver.clone(),
+        });
+        assert!(matches!(kit.reply(leave), Ok(ReplyBody::Leave { .. })));
+        let after = kit.m.ring().cloned().expect("a ring");
+        let (mut delta_bytes, mut whole) = (0, 0);
+        for p in kit.peers[..n].iter().filter(|p| p.name != leaver) {
+            assert_eq!(p.ring.as_ref(), Some(&after), "{} is behind", p.name);
+            for body in &p.inbox {
+                match body {
+                    Body::RingDelta(d) => delta_bytes += cbor_len(d),
+                    Body::Ring(v) if v.epoch > view.epoch => whole += 1,
+                    _ => {}
+                }
+            }
+        }
+        assert_eq!(whole, 0);
+        let views_bytes = 2 * (n - 1) * cbor_len(&view);
+        assert!(
+            delta_bytes * 100 < views_bytes,
+            "{delta_bytes} against {views_bytes}"
+        );
         let rejoin = Body::Register {
             name: "peer-2000".into(),
             rejoin: Some(Rejoin {
@@ -408,8 +434,8 @@ mod tests {
             panic!("no status");
         };
         let dead = s.peers.iter().filter(|p| p.id >= 10_000).count();
-        assert_eq!((s.peers.len() - dead, dead), (n, 64));
-        assert!(s.peers.iter().take(n).all(|p| p.counters.is_some()));
+        assert_eq!((s.peers.len() - dead, dead), (n - 1, 64));
+        assert!(s.peers.iter().take(n - 1).all(|p| p.counters.is_some()));
     }
 
     /// Registers peers until one is refused; returns how many fit at `vnodes` tokens each.

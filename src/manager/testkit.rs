@@ -25,9 +25,33 @@ pub struct FakePeer {
     pub keys: BTreeSet<RecordKey>,
     /// The last ring it heard.
     pub ring: Option<RingView>,
+    /// Ring deltas it could not apply (none held the view they name).
+    pub deltas_refused: u32,
     pub exited: bool,
     /// Puts together what the manager sends in fragments (and acknowledges each).
     link: Link<()>,
+}
+
+impl FakePeer {
+    /// The views the manager sent it, in order, whole or as deltas (then applied to the
+    /// view before), each with whether it came as a delta.
+    pub fn views(&self) -> Vec<(RingView, bool)> {
+        let mut views: Vec<(RingView, bool)> = Vec::new();
+        for body in &self.inbox {
+            match body {
+                Body::Ring(v) => views.push((v.clone(), false)),
+                Body::RingDelta(d) => {
+                    let base = views.last().map(|(v, _)| v).expect("a delta after a view");
+                    let v = d
+                        .apply(base)
+                        .expect("a delta applies to the view before it");
+                    views.push((v, true));
+                }
+                _ => {}
+            }
+        }
+        views
+    }
 }
 
 pub struct Kit {
@@ -145,6 +169,7 @@ impl Kit {
             inbox: Vec::new(),
             keys: BTreeSet::new(),
             ring: None,
+            deltas_refused: 0,
             exited: false,
             link: Link::new(100 + i as u64, RetryPolicy::default()),
         });
@@ -295,6 +320,16 @@ impl Kit {
         self.events.extend(events);
     }
 
+    /// A fake peer takes `view` and, when it is unsettled, reports its hand-off done.
+    fn adopt(&mut self, i: usize, view: RingView) -> Option<Body> {
+        let unsettled = (!view.settled).then_some(view.epoch);
+        self.peers[i].ring = Some(view);
+        unsettled.map(|epoch| Body::RebalanceDone {
+            epoch,
+            handed_over: 0,
+        })
+    }
+
     fn deliver_to_peer(&mut self, i: usize, env: Envelope) {
         let (silent, refusing) = {
             let p = &self.peers[i];
@@ -338,13 +373,17 @@ impl Kit {
                 self.peers[i].id = Some(id);
                 None
             }
-            Body::Ring(view) => {
-                let unsettled = (!view.settled).then_some(view.epoch);
-                self.peers[i].ring = Some(view);
-                unsettled.map(|epoch| Body::RebalanceDone {
-                    epoch,
-                    handed_over: 0,
-                })
+            Body::Ring(view) => self.adopt(i, view),
+            // One it cannot apply is left, as a real peer leaves it (and waits for the whole
+            // view), and counted.
+            Body::RingDelta(delta) => {
+                match self.peers[i].ring.as_ref().map(|base| delta.apply(base)) {
+                    Some(Ok(view)) => self.adopt(i, view),
+                    _ => {
+                        self.peers[i].deltas_refused += 1;
+                        None
+                    }
+                }
             }
             Body::Probe { probe } => Some(Body::Report {
                 probe,

@@ -23,7 +23,7 @@ use crate::ring::RingExt;
 use crate::store::{Store, StoredRow, answer_size, batch_budget, make_batches, row_size};
 use crate::wire::{
     Body, Envelope, ExitReason, FindEvent, FindResult, PeerId, PeerReport, RecordOut, RejectReason,
-    Rejoin, RingView, Routing, StoreBatch, TraceContext, WireRow,
+    Rejoin, RingDelta, RingView, Routing, StoreBatch, TraceContext, WireRow,
 };
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
@@ -137,6 +137,9 @@ const HANDOFF_RETRY: Duration = Duration::from_secs(1);
 
 /// Store acks remembered for duplicates: far more than the batches that can be in flight.
 const STORE_ACKS_REMEMBERED: usize = 4096;
+/// Ring deltas kept while the view they apply to has not arrived: a few views' worth of
+/// reordering; a member further behind is sent the whole view.
+const WAITING_DELTAS: usize = 8;
 
 /// How a walk ends at this peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +167,9 @@ pub struct Peer {
     /// The newest epoch this peer has seen, even of a ring it has since dropped: no view at
     /// or below it is taken again.
     seen_epoch: u64,
+    /// Ring deltas that came before the view they apply to (reordered), at most
+    /// [`WAITING_DELTAS`]; applied once it is here.
+    deltas_waiting: Vec<RingDelta>,
     /// Keys received from a sender whose view was older than ours: their placement is
     /// unknown, so they go to every holder.
     unplaced: HashSet<RecordKey>,
@@ -213,6 +219,7 @@ impl Peer {
             points: None,
             base: None,
             seen_epoch: 0,
+            deltas_waiting: Vec::new(),
             unplaced: HashSet::new(),
             ahead: HashMap::new(),
             store: Store::default(),
@@ -380,7 +387,11 @@ impl Peer {
             Body::Refused { reason } => {
                 self.exit(1, format!("the manager refused registration: {reason}"))
             }
-            Body::Ring(view) => self.on_ring(now, view, trace),
+            Body::Ring(view) => {
+                self.on_ring(now, view, trace);
+                self.apply_waiting_deltas(now);
+            }
+            Body::RingDelta(delta) => self.on_ring_delta(now, delta, trace),
             Body::Store(batch) => self.on_store(now, from, env.from, env.seq, batch, trace),
             // A client's query walked on by a member; from anyone else an answer address
             // could aim answers at a third party.
@@ -613,6 +624,59 @@ impl Peer {
         if self.leave_once_in_ring && self.in_ring() {
             self.leave_once_in_ring = false;
             self.send_leave_request(now);
+        }
+    }
+
+    /// A view as what changed since the previous one: applied to the view it names as its
+    /// base, kept a while if that view has not arrived yet (deltas can overtake each other),
+    /// dropped if it makes a view other than the manager's. A member left behind reports its
+    /// older epoch in its next heartbeat and is sent the whole view.
+    fn on_ring_delta(&mut self, now: Time, delta: RingDelta, trace: Option<TraceContext>) {
+        let current = self.ring.as_ref().map(|r| r.epoch);
+        if current == Some(delta.epoch) {
+            // The manager asks again: our report may have been lost.
+            self.done_reported = None;
+            return self.report_if_settled(now);
+        }
+        if current.is_some_and(|e| e > delta.epoch)
+            || (current.is_none() && delta.epoch <= self.seen_epoch)
+        {
+            return; // reordered behind a newer view, or of a ring dropped
+        }
+        let Some(ring) = self.ring.as_ref().filter(|r| r.epoch == delta.base) else {
+            if !self.deltas_waiting.contains(&delta) {
+                self.deltas_waiting.push(delta);
+                self.deltas_waiting.sort_by_key(|d| d.epoch);
+                let excess = self.deltas_waiting.len().saturating_sub(WAITING_DELTAS);
+                self.deltas_waiting.drain(..excess);
+            }
+            return;
+        };
+        match delta.apply(ring) {
+            Ok(view) => {
+                self.on_ring(now, view, trace);
+                self.apply_waiting_deltas(now);
+            }
+            Err(e) => self.events.push(PeerEvent::Warning(format!(
+                "ring delta dropped: {e}; the manager sends the whole view after the next heartbeat"
+            ))),
+        }
+    }
+
+    /// Applies the waiting deltas that now follow on from the current view, in order.
+    fn apply_waiting_deltas(&mut self, now: Time) {
+        loop {
+            let current = self.ring.as_ref().map_or(0, |r| r.epoch);
+            self.deltas_waiting.retain(|d| d.epoch > current);
+            let Some(i) = self.deltas_waiting.iter().position(|d| d.base == current) else {
+                return;
+            };
+            let delta = self.deltas_waiting.remove(i);
+            let before = self.ring.as_ref().map(|r| r.epoch);
+            self.on_ring_delta(now, delta, None);
+            if self.ring.as_ref().map(|r| r.epoch) == before {
+                return; // it did not apply (its digest differed): nothing more follows
+            }
         }
     }
 
@@ -1402,5 +1466,87 @@ mod tests {
         from_manager(&mut peer, 0, not_known(2));
         assert_eq!(peer.id(), None);
         assert_eq!(registers(&mut peer), 1);
+    }
+
+    /// Ring views of members p (id 1) and q (id 2), and more as the epochs go on.
+    fn view_at(epoch: u64, members: u32) -> RingView {
+        let members = (1..=members)
+            .map(|id| crate::wire::Member {
+                id,
+                name: if id == 1 {
+                    "p".into()
+                } else {
+                    format!("m{id}")
+                },
+                addr: SocketAddr::from(([127, 0, 0, 1], 6000 + id as u16)),
+                token: u64::from(id) << 56,
+                leaving: false,
+                vnodes: Vec::new(),
+            })
+            .collect();
+        RingView {
+            epoch,
+            settled: true,
+            placement: crate::wire::Placement::Consistent,
+            table_size: 0,
+            replication: 2,
+            settled_epoch: epoch,
+            members,
+        }
+    }
+
+    /// Deltas overtaking each other are applied in order once their base is here; one that
+    /// makes a view other than the manager's is dropped with a warning, and the peer keeps
+    /// the view it had (its heartbeat then reports that epoch, and the manager sends the
+    /// whole view).
+    #[test]
+    fn ring_deltas_wait_for_their_base_and_a_wrong_one_changes_nothing() {
+        let manager: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mut peer = Peer::new(config(manager), 1, Duration::ZERO);
+        let now = Duration::from_millis(10);
+        let mut seq = 0;
+        let mut from_manager = |peer: &mut Peer, body: Body| {
+            seq += 1;
+            peer.handle(now, manager, Envelope::new(9, seq, None, body), None)
+        };
+        from_manager(&mut peer, Body::Registered { id: 1 });
+        from_manager(&mut peer, Body::Ring(view_at(1, 2)));
+        let (v2, v3) = (view_at(2, 3), view_at(3, 4));
+        let d2 = RingDelta::between(&view_at(1, 2), &v2);
+        let d3 = RingDelta::between(&v2, &v3);
+        from_manager(&mut peer, Body::RingDelta(d3.clone()));
+        assert_eq!(
+            peer.ring().map(|r| r.epoch),
+            Some(1),
+            "applied without its base"
+        );
+        from_manager(&mut peer, Body::RingDelta(d2));
+        assert_eq!(peer.ring(), Some(&v3));
+        // Again (the manager asking for a lost report): nothing changes.
+        from_manager(&mut peer, Body::RingDelta(d3));
+        assert_eq!(peer.ring(), Some(&v3));
+        // A delta whose result differs from the manager's view.
+        let mut wrong = RingDelta::between(&v3, &view_at(4, 5));
+        wrong.digest ^= 1;
+        let events = from_manager(&mut peer, Body::RingDelta(wrong));
+        assert_eq!(peer.ring(), Some(&v3));
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, PeerEvent::Warning(w) if w.contains("ring delta dropped"))),
+            "{events:?}"
+        );
+        // The whole view still comes in.
+        from_manager(&mut peer, Body::Ring(view_at(4, 5)));
+        assert_eq!(peer.ring(), Some(&view_at(4, 5)));
+        // Waiting deltas are bounded: far ahead of the view held, only the newest are kept.
+        let mut base = view_at(5, 5);
+        for epoch in 6..30 {
+            let next = view_at(epoch, 5);
+            from_manager(&mut peer, Body::RingDelta(RingDelta::between(&base, &next)));
+            base = next;
+        }
+        assert_eq!(peer.deltas_waiting.len(), WAITING_DELTAS);
+        assert_eq!(peer.ring().map(|r| r.epoch), Some(4));
     }
 }

@@ -9,6 +9,7 @@
 //! those calls nothing runs, so a test may look into (or poke) any node's state machine.
 
 #[cfg(test)]
+mod deltas;
 mod direct;
 #[cfg(test)]
 mod failures;

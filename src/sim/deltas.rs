@@ -1,0 +1,169 @@
+//! Ring changes as deltas ([`crate::ring_delta`]): a member that holds the previous view is
+//! sent only what changed. On a network that loses, duplicates and reorders, deltas overtake
+//! each other and their retransmissions; through joins, a leave, a crash, a frozen member and
+//! a manager restart, every member ends on the manager's view and every record is found. A
+//! member that never receives a delta catches up with whole views (its heartbeat names its
+//! older epoch).
+
+use super::scenarios::{assert_all_found, populated, setup_and_distribute};
+use super::*;
+use crate::wire::{Body, Envelope};
+
+fn bad_network() -> Faults {
+    Faults {
+        loss: 0.1,
+        duplicate: 0.1,
+        max_delay: Duration::from_millis(5),
+    }
+}
+
+/// Counts the ring views the network carries, (whole, as deltas), dropping those to `cut`.
+fn count_views(sim: &Sim, cut: Option<SocketAddr>) -> Rc<RefCell<(u64, u64)>> {
+    let seen = Rc::new(RefCell::new((0u64, 0u64)));
+    let counter = seen.clone();
+    sim.net
+        .drop_where(move |d| match Envelope::decode(&d.bytes).map(|e| e.body) {
+            Ok(Body::Ring(_)) => {
+                counter.borrow_mut().0 += 1;
+                false
+            }
+            Ok(Body::RingDelta(_)) => {
+                counter.borrow_mut().1 += 1;
+                Some(d.to) == cut
+            }
+            _ => false,
+        });
+    seen
+}
+
+fn settled_with(sim: &Sim, members: usize) -> bool {
+    sim.manager()
+        .ring()
+        .is_some_and(|r| r.settled && r.members.len() == members)
+}
+
+/// Every live peer holds the manager's view.
+fn assert_views_agree(sim: &Sim, seed: u64) {
+    let view = sim.manager().ring().cloned();
+    for p in sim.peers.iter().filter(|p| p.exit().is_none()) {
+        assert_eq!(
+            p.peer().ring().cloned(),
+            view,
+            "seed {seed}: {} holds another view",
+            p.name
+        );
+    }
+}
+
+#[test]
+fn ring_changes_travel_as_deltas_through_churn_and_a_manager_restart_on_a_bad_network() {
+    for seed in 0..4 {
+        let sim = Sim::with_layout(
+            seed + 500,
+            bad_network(),
+            Placement::Consistent,
+            2,
+            Routing::Fingers,
+            8,
+        );
+        let views = count_views(&sim, None);
+        let mut sim = populated(sim, 6);
+        setup_and_distribute(&mut sim);
+        assert_views_agree(&sim, seed);
+        let after_setup = *views.borrow();
+
+        // Two joins while a member is frozen (its deltas wait, are retransmitted, and come
+        // in together when it thaws), then a leave, then a crash.
+        sim.add_peer("joiner-a");
+        sim.freeze("peer-4");
+        sim.advance(Duration::from_millis(300));
+        sim.add_peer("joiner-b");
+        sim.advance(Duration::from_millis(300));
+        sim.thaw("peer-4");
+        assert!(
+            sim.run_until(Duration::from_secs(60), |s| settled_with(s, 8)),
+            "seed {seed}: no ring after the joins"
+        );
+        sim.terminate("peer-2");
+        assert!(
+            sim.run_until(Duration::from_secs(60), |s| settled_with(s, 7)),
+            "seed {seed}: no ring after the leave"
+        );
+        sim.crash("peer-1");
+        assert!(
+            sim.run_until(Duration::from_secs(60), |s| settled_with(s, 6)),
+            "seed {seed}: no ring after the crash"
+        );
+        sim.settle();
+        assert_views_agree(&sim, seed);
+        assert_all_found(&mut sim);
+        let (whole, deltas) = *views.borrow();
+        assert!(
+            deltas > 0 && deltas - after_setup.1 > whole - after_setup.0,
+            "seed {seed}: {whole} whole views, {deltas} deltas"
+        );
+
+        // A restarted manager sends its first view whole (it does not know what its
+        // members hold), then deltas again.
+        let epoch = sim.manager().ring().unwrap().epoch;
+        sim.crash_manager();
+        sim.advance(Duration::from_secs(1));
+        sim.restart_manager();
+        assert!(
+            sim.run_until(Duration::from_secs(60), |s| settled_with(s, 6)
+                && s.manager().ring().is_some_and(|r| r.epoch > epoch)),
+            "seed {seed}: no ring after the manager's restart"
+        );
+        sim.add_peer("joiner-c");
+        assert!(
+            sim.run_until(Duration::from_secs(60), |s| settled_with(s, 7)),
+            "seed {seed}: no ring after a join under the new manager"
+        );
+        sim.settle();
+        assert_views_agree(&sim, seed);
+        assert_all_found(&mut sim);
+    }
+}
+
+#[test]
+fn a_member_that_never_gets_a_delta_catches_up_with_whole_views() {
+    for seed in 0..3 {
+        let sim = Sim::with_layout(
+            seed + 520,
+            bad_network(),
+            Placement::Consistent,
+            2,
+            Routing::Walk,
+            4,
+        );
+        let mut sim = populated(sim, 5);
+        let cut = sim.peer_named("peer-3").map(|p| p.addr);
+        let views = count_views(&sim, cut);
+        setup_and_distribute(&mut sim);
+        sim.add_peer("joiner-a");
+        assert!(
+            sim.run_until(Duration::from_secs(60), |s| settled_with(s, 6)),
+            "seed {seed}: no ring after the join"
+        );
+        sim.terminate("peer-0");
+        assert!(
+            sim.run_until(Duration::from_secs(60), |s| settled_with(s, 5)),
+            "seed {seed}: no ring after the leave"
+        );
+        sim.settle();
+        // Its deltas are never delivered: once the manager gives up retransmitting them,
+        // the member's heartbeat names its old epoch, and it is sent the whole view.
+        let caught_up = |s: &Sim| {
+            let view = s.manager().ring().cloned();
+            s.peer_named("peer-3")
+                .is_some_and(|p| p.peer().ring().cloned() == view)
+        };
+        assert!(
+            sim.run_until(Duration::from_secs(30), caught_up),
+            "seed {seed}: peer-3 never caught up"
+        );
+        assert_views_agree(&sim, seed);
+        assert_all_found(&mut sim);
+        assert!(views.borrow().1 > 0, "seed {seed}: no deltas sent");
+    }
+}
