@@ -439,3 +439,80 @@ fn a_peer_that_exports_nothing_leaves_a_gap_not_a_broken_trace() {
         parent = hop.span_id.clone();
     }
 }
+
+/// A join after setup reaches the members as ring deltas and the joiner as whole views: each
+/// peer's `ring_update` spans say which (a delta names its base epoch). Every record is found
+/// after the join, through the views the deltas made.
+#[test]
+fn members_get_ring_changes_as_deltas_and_a_joiner_whole_views() {
+    let receiver = OtlpReceiver::start();
+    let env = traced_env(&receiver.endpoint);
+    let mut cluster = Cluster::start_with(4, &env);
+    let file = shared_data("details-1950.csv");
+    let setup = cluster.ctl_json(&["setup"]);
+    let setup_epoch = setup["epoch"].as_u64().expect("an epoch");
+    cluster.ctl_json(&["distribute", "--file", file.to_str().unwrap()]);
+    cluster.add_peer("late");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let s = cluster.status();
+        let members = s["peers"]
+            .as_array()
+            .map_or(0, |p| p.iter().filter(|p| p["token"].is_string()).count());
+        if members == 5 && s["settled"] == true {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the joiner is not in a settled ring: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let epoch = status["epoch"].as_u64().expect("an epoch");
+    assert!(epoch >= setup_epoch + 2, "{setup_epoch} → {epoch}");
+    let verified = cluster.verify(&file);
+    assert_eq!(verified["found"], verified["keys"], "{verified}");
+
+    cluster.ctl_json(&["teardown"]);
+    for p in cluster.peers.iter_mut() {
+        assert_eq!(
+            p.wait(Duration::from_secs(10)).and_then(|s| s.code()),
+            Some(0)
+        );
+    }
+    assert_eq!(cluster.manager.stop("TERM"), Some(0));
+    let updates_of = |spans: &[SpanRecord], peer: &str| -> Vec<SpanRecord> {
+        let mut updates: Vec<SpanRecord> = spans
+            .iter()
+            .filter(|s| s.name == "ring_update" && s.attr("peer.name") == Some(peer))
+            .cloned()
+            .collect();
+        updates.sort_by_key(|s| s.attr("epoch").and_then(|e| e.parse::<u64>().ok()));
+        updates
+    };
+    let spans = receiver.wait_for(Duration::from_secs(10), |all| {
+        (0..4).all(|i| updates_of(all, &format!("peer-{i}")).len() >= 3)
+            && !updates_of(all, "late").is_empty()
+    });
+    for i in 0..4 {
+        let name = format!("peer-{i}");
+        let updates = updates_of(&spans, &name);
+        // Setup's view whole; the join's two (unsettled, settled) as deltas from the one before.
+        let first = updates.first().expect("a ring update");
+        assert_eq!(first.attr("delta.base"), None, "{name}: {first:?}");
+        assert!(first.attr("members").is_some(), "{name}: {first:?}");
+        let later: Vec<&SpanRecord> = (updates.iter())
+            .filter(|s| s.attr("epoch").and_then(|e| e.parse::<u64>().ok()) > Some(setup_epoch))
+            .collect();
+        assert!(later.len() >= 2, "{name}: {updates:#?}");
+        for s in later {
+            let epoch: u64 = s.attr("epoch").and_then(|e| e.parse().ok()).unwrap_or(0);
+            let base = epoch.saturating_sub(1).to_string();
+            assert_eq!(s.attr("delta.base"), Some(base.as_str()), "{name}: {s:?}");
+        }
+    }
+    // The joiner held no view: it was sent the first one whole.
+    let late = updates_of(&spans, "late");
+    assert_eq!(late[0].attr("delta.base"), None, "{late:#?}");
+    assert_eq!(late[0].attr("members"), Some("5"), "{late:#?}");
+}
