@@ -85,6 +85,11 @@ pub enum Body {
     Refused { reason: Refusal },
     /// manager → peers: the ring as of `epoch`.
     Ring(RingView),
+    /// a restarted manager → a peer whose rejoin named the view of `epoch` without carrying
+    /// it: send it whole ([`Body::HeldView`]).
+    ViewWanted { epoch: u64 },
+    /// peer → a restarted manager: the view it holds, asked for by [`Body::ViewWanted`].
+    HeldView(RingView),
     /// manager → a member that holds the previous view: the ring as of `epoch`, as what
     /// changed since that view (see [`crate::ring_delta`]).
     RingDelta(RingDelta),
@@ -166,7 +171,43 @@ pub enum Body {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rejoin {
     pub id: PeerId,
+    /// The view the peer holds: whole, or (with `digest`) cut down to its header and this
+    /// peer's own entry. Every member of a ring holds the same view, so a manager that
+    /// restarts among a thousand peers needs it once, not a thousand times (215 KB each at
+    /// 1,024 peers of 16 vnodes): it asks one holder for it ([`Body::ViewWanted`]).
     pub ring: RingView,
+    /// Set when `ring` is cut down: the digest ([`crate::ring_delta::digest`]) of the whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<u64>,
+}
+
+impl Rejoin {
+    /// A rejoin that names `ring` by its digest and carries only the header and member `id`.
+    pub fn naming(id: PeerId, ring: &RingView) -> Rejoin {
+        let mut own = ring.clone_header();
+        own.members
+            .extend(ring.members.iter().filter(|m| m.id == id).cloned());
+        Rejoin {
+            id,
+            ring: own,
+            digest: Some(crate::ring_delta::digest(ring)),
+        }
+    }
+}
+
+impl RingView {
+    /// This view without its members.
+    pub fn clone_header(&self) -> RingView {
+        RingView {
+            epoch: self.epoch,
+            settled: self.settled,
+            placement: self.placement,
+            table_size: self.table_size,
+            replication: self.replication,
+            settled_epoch: self.settled_epoch,
+            members: Vec::new(),
+        }
+    }
 }
 
 impl Body {
@@ -182,6 +223,8 @@ impl Body {
             Body::Refused { .. } => "refused",
             Body::Ring(_) => "ring",
             Body::RingDelta(_) => "ring_delta",
+            Body::ViewWanted { .. } => "view_wanted",
+            Body::HeldView(_) => "held_view",
             Body::RebalanceDone { .. } => "rebalance_done",
             Body::LeaveRequest => "leave_request",
             Body::Exit { .. } => "exit",

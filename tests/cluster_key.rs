@@ -49,6 +49,7 @@ fn forged_bodies(victim: SocketAddr) -> Vec<Body> {
                     settled_epoch: 0,
                     members: vec![member.clone()],
                 },
+                digest: None,
             }),
         },
         Body::Heartbeat {

@@ -198,8 +198,8 @@ fn twenty_percent_loss_answers_every_record_even_with_a_peer_killed() {
 /// Ring views, rejoins and status reports larger than a datagram travel in fragments: 8 peers
 /// at 64 tokens each make a view of about 5 KB against 4,096-byte datagrams, on a network that
 /// loses and duplicates 5% of every process's datagrams. Setup, distribute, a join, and the
-/// manager killed and restarted (the peers' rejoins each carry the view): every record is
-/// found after each, and status shows the fragmented messages.
+/// manager killed and restarted (the peers' rejoins name the view, and one holder sends it
+/// whole): every record is found after each, and status shows the fragmented messages.
 #[test]
 fn views_larger_than_a_datagram_travel_in_fragments_through_a_manager_restart() {
     let file = shared_data("details-1950.csv");
@@ -221,7 +221,8 @@ fn views_larger_than_a_datagram_travel_in_fragments_through_a_manager_restart() 
     cluster.wait_for_peers(9);
     let s = wait_replicated(&cluster, 223, Duration::from_secs(30));
     let fragmented = |s: &Value| s["manager"]["fragmented"].as_u64().unwrap_or(0);
-    // Each member is sent each view: at least one per member per ring change.
+    // Setup's view goes whole to each of the 8 members, the join's views whole to the joiner
+    // (the members get them as deltas, a datagram each).
     assert!(
         fragmented(&s) >= 9,
         "the views should travel in fragments: {s}"
@@ -234,14 +235,15 @@ fn views_larger_than_a_datagram_travel_in_fragments_through_a_manager_restart() 
             && s["settled"] == Value::Bool(true)
             && copies_total(s) == 2 * 223
     });
-    // The peers' rejoins carried the view in fragments.
+    // The rejoins named the view; the holder asked sent it whole, in fragments: once, or a
+    // few times if asks went unanswered, never once per peer.
     let peers_fragmented: u64 = s["peers"]
         .as_array()
         .map(|a| a.iter().filter_map(|p| p["fragmented"].as_u64()).sum())
         .unwrap_or(0);
     assert!(
-        peers_fragmented >= 9,
-        "rejoins should travel in fragments: {s}"
+        (1..9).contains(&peers_fragmented),
+        "one holder should send the view, in fragments: {s}"
     );
     assert_eq!(cluster.verify(&file)["found"], 223);
 }

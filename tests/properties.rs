@@ -12,7 +12,7 @@ use stormdht::peer::{Peer, PeerConfig};
 use stormdht::record::RecordKey;
 use stormdht::wire::{
     Body, ClientRequest, Envelope, ExitReason, FindEvent, FindResult, Member, PackedRow,
-    PeerReport, Placement, RejectReason, Rejoin, RingView, StoreBatch, WireRow,
+    PeerReport, Placement, RejectReason, Rejoin, RingDelta, RingView, StoreBatch, WireRow,
 };
 
 fn addr(port: u16) -> SocketAddr {
@@ -121,8 +121,26 @@ fn body() -> impl Strategy<Value = Body> {
         "p[0-5]|".prop_map(|name| Body::Register { name, rejoin: None }),
         (0u32..6, ring()).prop_map(|(id, ring)| Body::Register {
             name: format!("p{id}"),
-            rejoin: Some(Rejoin { id, ring })
+            rejoin: Some(Rejoin {
+                id,
+                ring,
+                digest: None
+            })
         }),
+        // A rejoin naming its view (by a digest that may be wrong) instead of carrying it.
+        (0u32..6, ring(), any::<bool>()).prop_map(|(id, ring, right)| {
+            let mut rejoin = Rejoin::naming(id, &ring);
+            if !right {
+                rejoin.digest = rejoin.digest.map(|d| d ^ 1);
+            }
+            Body::Register {
+                name: format!("p{id}"),
+                rejoin: Some(rejoin),
+            }
+        }),
+        (0u64..8).prop_map(|epoch| Body::ViewWanted { epoch }),
+        ring().prop_map(Body::HeldView),
+        (ring(), ring()).prop_map(|(a, b)| Body::RingDelta(RingDelta::between(&a, &b))),
         ((0u64..8), proptest::option::of(0u32..8))
             .prop_map(|(epoch, id)| Body::Heartbeat { epoch, id }),
         (any::<bool>(), proptest::option::of(0u32..8))

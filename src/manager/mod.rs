@@ -78,6 +78,8 @@ pub enum PeerMessage {
     Registered,
     Ring,
     Probe,
+    /// A restarted manager asking for the view a rejoin named.
+    ViewWanted,
 }
 
 /// What a pending message was for, so that its outcome (acked, rejected, given up) can be acted on.
@@ -267,6 +269,11 @@ impl Manager {
         &self.registry
     }
 
+    /// A restarted manager still gathering its peers' rejoins.
+    pub fn is_recovering(&self) -> bool {
+        self.recovery.is_some()
+    }
+
     /// Nothing under way: no message unacknowledged, no change, request or recovery pending
     /// (heartbeats and the failure detector's checks go on regardless).
     pub fn is_quiet(&self) -> bool {
@@ -346,6 +353,7 @@ impl Manager {
                 | Body::RebalanceDone { .. }
                 | Body::LeaveRequest
                 | Body::Found(_)
+                | Body::HeldView(_)
                 | Body::Report { .. }
                 | Body::Heartbeat { .. }
                 | Body::Ping { .. }
@@ -388,6 +396,9 @@ impl Manager {
                 None => self.link.reject(from, env.seq, RejectReason::NotRegistered),
             },
             Body::Found(result) => self.on_found(now, result),
+            Body::HeldView(view) if self.registry.by_incarnation(env.from).is_some() => {
+                self.on_held_view(now, view);
+            }
             Body::Report { probe, report } => {
                 if let Some(id) = self.registry.by_incarnation(env.from) {
                     self.on_report(now, probe, id, report);
@@ -587,6 +598,7 @@ impl Machine for Manager {
             .chain(self.transition.as_ref().map(|t| t.nudge_at))
             .chain(self.detector.check_at)
             .chain(self.recovery.as_ref().map(|r| r.deadline))
+            .chain(self.recovery.as_ref().and_then(|r| r.next_ask()))
             .chain(self.early_setup_due());
         deadlines.chain(self.link.poll_timeout()).min()
     }

@@ -8,20 +8,94 @@
 //! republishes it under a new epoch as a change of its own: members that did not come back
 //! are left out and their ranges repaired by the survivors, a leave that was under way ends.
 //! Epochs go on from the highest any peer held, so no peer ever takes the new views for old.
+//!
+//! A rejoin names its view by epoch and digest and carries only its own entry: the manager
+//! asks one holder of the newest view named for the whole of it ([`Body::ViewWanted`]), the
+//! next holder if that one does not answer in [`ASK_AGAIN`], and gives up on a view after
+//! [`ASKS_PER_VIEW`] asks (then the newest view before it is wanted). With no whole view at
+//! all, the ring is rebuilt from the rejoins themselves: the newest header named and each
+//! member's own entry. Recovery ends only once the
+//! newest view still wanted is here.
 
 use super::membership::Change;
 use super::registry::{PeerEntry, Standing};
 use super::{ClientCall, Manager, ManagerEvent, ManagerTag, PeerMessage};
 use crate::link::Time;
 use crate::ring::{RingExt, is_well_formed};
-use crate::wire::{Body, PeerId, Rejoin, RequestError, RingView};
-use std::collections::BTreeSet;
+use crate::wire::{Body, Member, PeerId, Rejoin, RequestError, RingView};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::time::Duration;
+
+/// How long a holder asked for the whole view has to send it before the next one is asked.
+const ASK_AGAIN: Duration = Duration::from_secs(1);
+/// Asks for one view (each of the next holder, retransmitted by the link until it is
+/// acknowledged) before that view is given up on.
+const ASKS_PER_VIEW: u32 = 6;
 
 pub(super) struct Recovery {
-    view: RingView,
+    /// The newest whole view so far (carried by a rejoin, or sent by a holder).
+    view: Option<RingView>,
+    /// Views the rejoins named, by (epoch, digest): the members that hold each.
+    named: BTreeMap<(u64, u64), Vec<PeerId>>,
+    /// The newest named view being asked for.
+    asking: Option<Asking>,
     rejoined: BTreeSet<PeerId>,
+    /// The newest epoch any rejoin held: the new views' epochs go on from it.
+    highest_epoch: u64,
+    /// The header of that newest view, and each rejoined member's own entry: what the ring
+    /// is rebuilt from when no holder sends a whole view.
+    newest_header: Option<RingView>,
+    entries: BTreeMap<PeerId, Member>,
     pub(super) deadline: Time,
+}
+
+struct Asking {
+    view: (u64, u64),
+    asks: u32,
+    pub(super) again_at: Time,
+}
+
+impl Recovery {
+    /// The newest view named and not had whole (nor given up on).
+    fn wanted(&self) -> Option<(u64, u64)> {
+        let had = self.view.as_ref().map_or(0, |v| v.epoch);
+        let newest = self.named.keys().next_back().copied()?;
+        (newest.0 > had).then_some(newest)
+    }
+
+    /// Every member of the newest view is back, and no newer view is wanted.
+    fn complete(&self) -> bool {
+        self.wanted().is_none()
+            && self
+                .view
+                .as_ref()
+                .is_some_and(|v| v.members.iter().all(|m| self.rejoined.contains(&m.id)))
+    }
+
+    pub(super) fn next_ask(&self) -> Option<Time> {
+        self.asking.as_ref().map(|a| a.again_at)
+    }
+}
+
+impl Recovery {
+    /// A view made of the newest header a rejoin named and every rejoined member's own
+    /// entry, when no whole view could be had: what the members that came back hold of the
+    /// ring. Republished as a change like any recovered view, so every member plans its
+    /// hand-off against the settled view it holds.
+    fn rebuilt(&self) -> Option<RingView> {
+        let mut view = self.newest_header.clone()?;
+        view.members = self.entries.values().cloned().collect();
+        view.members.sort_by_key(|m| (m.token, m.id));
+        is_well_formed(&view).then_some(view)
+    }
+
+    /// Keeps `view` if it is newer than the whole view had.
+    fn adopt(&mut self, view: RingView) {
+        if self.view.as_ref().is_none_or(|v| view.epoch > v.epoch) {
+            self.view = Some(view);
+        }
+    }
 }
 
 impl Manager {
@@ -39,7 +113,12 @@ impl Manager {
             .ring
             .member(rejoin.id)
             .is_some_and(|m| m.name == name);
-        if self.ring.is_some() || self.teardown.is_some() || !mine || !is_well_formed(&rejoin.ring)
+        let cut_down = rejoin.digest.is_some() && rejoin.ring.members.len() != 1;
+        if self.ring.is_some()
+            || self.teardown.is_some()
+            || !mine
+            || cut_down
+            || !is_well_formed(&rejoin.ring)
         {
             return false;
         }
@@ -63,40 +142,152 @@ impl Manager {
         self.send(now, addr, Body::Registered { id }, None, tag);
         let grace = self.cfg.detection.rejoin_grace;
         let rec = self.recovery.get_or_insert_with(|| Recovery {
-            view: rejoin.ring.clone(),
+            view: None,
+            named: BTreeMap::new(),
+            asking: None,
             rejoined: BTreeSet::new(),
+            highest_epoch: 0,
+            newest_header: None,
+            entries: BTreeMap::new(),
             deadline: now + grace,
         });
-        if rejoin.ring.epoch > rec.view.epoch {
-            rec.view = rejoin.ring;
+        if rejoin.ring.epoch >= rec.highest_epoch {
+            rec.highest_epoch = rejoin.ring.epoch;
+            rec.newest_header = Some(rejoin.ring.clone_header());
         }
-        // The grace runs from the last member back, not the first: a thousand rejoins,
-        // each a view in fragments, take the manager longer than one grace to hear.
+        if let Some(own) = rejoin.ring.member(id) {
+            rec.entries.insert(id, own.clone());
+        }
+        match rejoin.digest {
+            Some(digest) => {
+                let holders = rec.named.entry((rejoin.ring.epoch, digest)).or_default();
+                if !holders.contains(&id) {
+                    holders.push(id);
+                }
+            }
+            None => rec.adopt(rejoin.ring),
+        }
+        // The grace runs from the last member back, not the first: a thousand rejoins take
+        // the manager longer than one grace to hear.
         if rec.rejoined.insert(id) {
             rec.deadline = rec.deadline.max(now + grace);
         }
-        let complete = rec
-            .view
-            .members
-            .iter()
-            .all(|m| rec.rejoined.contains(&m.id));
-        if complete {
+        self.ask_for_view(now);
+        if self.recovery.as_ref().is_some_and(Recovery::complete) {
             self.finish_recovery(now);
         }
         true
     }
 
-    pub(super) fn recovery_due(&mut self, now: Time) {
-        if self.recovery.as_ref().is_some_and(|r| r.deadline <= now) {
+    /// Asks a holder of the newest view wanted for the whole of it, unless one was asked
+    /// for that view less than [`ASK_AGAIN`] ago; gives up on a view after
+    /// [`ASKS_PER_VIEW`] asks.
+    fn ask_for_view(&mut self, now: Time) {
+        loop {
+            let Some(rec) = self.recovery.as_mut() else {
+                return;
+            };
+            let Some(wanted) = rec.wanted() else {
+                rec.asking = None;
+                return;
+            };
+            let holders = rec.named.get(&wanted).cloned().unwrap_or_default();
+            let asking = match rec.asking.take() {
+                Some(a) if a.view == wanted && a.again_at > now => {
+                    rec.asking = Some(a);
+                    return;
+                }
+                Some(a) if a.view == wanted => a,
+                _ => Asking {
+                    view: wanted,
+                    asks: 0,
+                    again_at: now,
+                },
+            };
+            if asking.asks >= ASKS_PER_VIEW || holders.is_empty() {
+                rec.named.remove(&wanted);
+                self.events.push(ManagerEvent::Warning(format!(
+                    "no holder sent the ring view of epoch {} that rejoins named; \
+                     going on without it (from an older view, or the members' own entries)",
+                    wanted.0
+                )));
+                continue;
+            }
+            let holder = holders[asking.asks as usize % holders.len()];
+            rec.asking = Some(Asking {
+                view: wanted,
+                asks: asking.asks + 1,
+                again_at: now + ASK_AGAIN,
+            });
+            if let Some(addr) = self.registry.get(holder).map(|p| p.addr) {
+                let tag = ManagerTag::ToPeer(holder, PeerMessage::ViewWanted);
+                self.send(now, addr, Body::ViewWanted { epoch: wanted.0 }, None, tag);
+            }
+            return;
+        }
+    }
+
+    /// A holder's answer to [`Body::ViewWanted`]: taken if it is a view the rejoins named.
+    pub(super) fn on_held_view(&mut self, now: Time, view: RingView) {
+        let Some(rec) = self.recovery.as_mut() else {
+            return;
+        };
+        let key = (view.epoch, crate::ring_delta::digest(&view));
+        if !rec.named.contains_key(&key) || !is_well_formed(&view) {
+            return;
+        }
+        rec.adopt(view);
+        self.ask_for_view(now);
+        if self.recovery.as_ref().is_some_and(Recovery::complete) {
             self.finish_recovery(now);
         }
     }
 
-    fn finish_recovery(&mut self, now: Time) {
-        let Some(rec) = self.recovery.take() else {
+    pub(super) fn recovery_due(&mut self, now: Time) {
+        if self
+            .recovery
+            .as_ref()
+            .and_then(Recovery::next_ask)
+            .is_some_and(|at| at <= now)
+        {
+            self.ask_for_view(now);
+        }
+        let Some(rec) = self.recovery.as_mut() else {
             return;
         };
-        let mut view = rec.view;
+        if rec.deadline > now {
+            return;
+        }
+        if rec.wanted().is_none() {
+            return self.finish_recovery(now);
+        }
+        // The grace is over, but a newer view than the one had is on its way: wait for it
+        // (or for it to be given up on), looking again at the next ask.
+        rec.deadline = rec
+            .next_ask()
+            .unwrap_or(now + ASK_AGAIN)
+            .max(now + Duration::from_millis(1));
+    }
+
+    fn finish_recovery(&mut self, now: Time) {
+        let Some(mut rec) = self.recovery.take() else {
+            return;
+        };
+        self.last_epoch = self.last_epoch.max(rec.highest_epoch);
+        let Some(mut view) = rec.view.take().or_else(|| rec.rebuilt()) else {
+            // No rejoin's view could be had: the peers are registered, with no ring until
+            // the next `setup` (their rows are placed anew then).
+            let ids: Vec<PeerId> = self.registry.iter().map(|(id, _)| id).collect();
+            for id in ids {
+                self.registry.set_standing(id, Standing::Registered);
+            }
+            self.events.push(ManagerEvent::Recovered {
+                epoch: 0,
+                members: 0,
+                missing: rec.rejoined.len(),
+            });
+            return self.release_early_setups(now);
+        };
         self.last_epoch = self.last_epoch.max(view.epoch);
         // The members' plans compare against that settled view; they still hold it.
         self.settled_epoch = self.settled_epoch.max(view.settled_epoch);

@@ -412,14 +412,16 @@ mod tests {
             delta_bytes * 100 < views_bytes,
             "{delta_bytes} against {views_bytes}"
         );
+        // A rejoin names the view and carries its own entry: one datagram. The holder asked
+        // for the whole view sends it in fragments.
         let rejoin = Body::Register {
-            name: "peer-2000".into(),
-            rejoin: Some(Rejoin {
-                id: 2_000,
-                ring: view,
-            }),
+            name: view.members[7].name.clone(),
+            rejoin: Some(Rejoin::naming(view.members[7].id, &view)),
         };
-        let sealed = Envelope::new(u64::MAX, u64::MAX, None, rejoin).encode_within(MAX_MESSAGE);
+        let rejoin = Envelope::new(u64::MAX, u64::MAX, None, rejoin).encode();
+        assert!(rejoin.is_ok_and(|b| b.len() < 4_000));
+        let held = Body::HeldView(view);
+        let sealed = Envelope::new(u64::MAX, u64::MAX, None, held).encode_within(MAX_MESSAGE);
         assert!(sealed.is_ok(), "{sealed:?}");
         for i in 0..64u32 {
             kit.m.detector.dead.push(super::super::failure::DeadPeer {

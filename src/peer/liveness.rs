@@ -79,7 +79,8 @@ impl Peer {
             );
         } else {
             // A manager that restarted: give it what it needs to rebuild the ring.
-            let rejoin = self.ring.clone().map(|ring| Rejoin { id, ring });
+            // It names the view held; the manager asks one holder for the whole of it.
+            let rejoin = self.ring.as_ref().map(|ring| Rejoin::naming(id, ring));
             self.events.push(PeerEvent::Warning(format!(
                 "the manager restarted; registering again as peer {id}"
             )));

@@ -55,6 +55,7 @@ pub struct PeerConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ManagerMessage {
     Report,
+    HeldView,
     RebalanceDone,
     Found,
 }
@@ -392,6 +393,15 @@ impl Peer {
                 self.apply_waiting_deltas(now);
             }
             Body::RingDelta(delta) => self.on_ring_delta(now, delta, trace),
+            // A restarted manager wants the view this peer's rejoin named: the one held now
+            // (it checks the epoch and the digest).
+            Body::ViewWanted { .. } => {
+                if let Some(view) = self.ring.clone() {
+                    let manager = self.cfg.manager;
+                    let tag = PeerTag::ToManager(ManagerMessage::HeldView);
+                    self.send(now, manager, Body::HeldView(view), None, tag);
+                }
+            }
             Body::Store(batch) => self.on_store(now, from, env.from, env.seq, batch, trace),
             // A client's query walked on by a member; from anyone else an answer address
             // could aim answers at a third party.
@@ -491,6 +501,7 @@ impl Peer {
             | Body::LeaveRequest
             | Body::Report { .. }
             | Body::Found(_)
+            | Body::HeldView(_)
             | Body::Answer(_)
             | Body::Answers(_)
             | Body::LookupRefused { .. }

@@ -167,3 +167,134 @@ fn a_member_that_never_gets_a_delta_catches_up_with_whole_views() {
         assert!(views.borrow().1 > 0, "seed {seed}: no deltas sent");
     }
 }
+
+/// Counts, on the network, rejoins that carry a whole view, the manager's asks for a view and
+/// the holders' answers; drops the asks sent to `deaf`.
+#[derive(Default)]
+struct RecoveryTraffic {
+    whole_rejoins: u64,
+    named_rejoins: u64,
+    asks: u64,
+    held_views: u64,
+}
+
+fn watch_recovery(sim: &Sim, deaf: Vec<SocketAddr>) -> Rc<RefCell<RecoveryTraffic>> {
+    let seen = Rc::new(RefCell::new(RecoveryTraffic::default()));
+    let counter = seen.clone();
+    sim.net.drop_where(move |d| {
+        let mut c = counter.borrow_mut();
+        match Envelope::decode(&d.bytes).map(|e| e.body) {
+            Ok(Body::Register {
+                rejoin: Some(r), ..
+            }) => {
+                if r.digest.is_some() {
+                    c.named_rejoins += 1;
+                } else {
+                    c.whole_rejoins += 1;
+                }
+                false
+            }
+            Ok(Body::ViewWanted { .. }) => {
+                c.asks += 1;
+                deaf.contains(&d.to)
+            }
+            Ok(Body::HeldView(_)) => {
+                c.held_views += 1;
+                false
+            }
+            _ => false,
+        }
+    });
+    seen
+}
+
+/// A restarted manager hears rejoins that name the view instead of carrying it, and asks one
+/// holder for the whole view; when the holders asked first never hear the ask, it asks the
+/// next. The ring comes back with every member, every record found.
+#[test]
+fn a_restarted_manager_asks_one_holder_for_the_view_and_the_next_when_it_does_not_answer() {
+    for seed in 0..4 {
+        let sim = Sim::with_layout(
+            seed + 540,
+            bad_network(),
+            Placement::Consistent,
+            2,
+            Routing::Walk,
+            8,
+        );
+        let mut sim = populated(sim, 6);
+        setup_and_distribute(&mut sim);
+        let deaf: Vec<SocketAddr> = ["peer-0", "peer-1", "peer-2"]
+            .iter()
+            .filter_map(|n| sim.peer_named(n).map(|p| p.addr))
+            .collect();
+        let traffic = watch_recovery(&sim, deaf);
+        let epoch = sim.manager().ring().unwrap().epoch;
+        sim.crash_manager();
+        sim.advance(Duration::from_secs(1));
+        sim.restart_manager();
+        assert!(
+            sim.run_until(Duration::from_secs(60), |s| settled_with(s, 6)
+                && s.manager().ring().is_some_and(|r| r.epoch > epoch)),
+            "seed {seed}: no ring after the manager's restart"
+        );
+        sim.settle();
+        assert_views_agree(&sim, seed);
+        assert_all_found(&mut sim);
+        let t = traffic.borrow();
+        assert_eq!(t.whole_rejoins, 0, "seed {seed}");
+        assert!(
+            t.named_rejoins >= 6,
+            "seed {seed}: {} rejoins",
+            t.named_rejoins
+        );
+        // One holder sent it (a few copies at most: duplicates, retransmissions), not each.
+        assert!(
+            t.asks >= 1 && t.held_views >= 1 && t.held_views < 6 * 3,
+            "seed {seed}: {} asks, {} views sent",
+            t.asks,
+            t.held_views
+        );
+    }
+}
+
+/// No holder ever hears an ask: the manager gives the view up and rebuilds the ring from the
+/// rejoins themselves (the newest header named, each member's own entry), republished as a
+/// change (epochs going on from the highest held); every record is found, with no setup and
+/// no distribute again.
+#[test]
+fn a_view_no_holder_sends_is_given_up_and_the_ring_rebuilt_from_the_rejoins() {
+    for seed in 0..3 {
+        let sim = Sim::with_layout(
+            seed + 560,
+            bad_network(),
+            Placement::Consistent,
+            2,
+            Routing::Walk,
+            4,
+        );
+        let mut sim = populated(sim, 5);
+        setup_and_distribute(&mut sim);
+        let everyone: Vec<SocketAddr> = sim.peers.iter().map(|p| p.addr).collect();
+        let traffic = watch_recovery(&sim, everyone);
+        let epoch = sim.manager().ring().unwrap().epoch;
+        sim.crash_manager();
+        sim.advance(Duration::from_secs(1));
+        sim.restart_manager();
+        assert!(
+            sim.run_until(Duration::from_secs(60), |s| settled_with(s, 5)
+                && s.manager().ring().is_some_and(|r| r.epoch > epoch)),
+            "seed {seed}: no ring after the manager's restart"
+        );
+        let t = traffic.borrow();
+        assert!(
+            t.asks >= 6 && t.held_views == 0,
+            "seed {seed}: {} asks",
+            t.asks
+        );
+        drop(t);
+        sim.settle();
+        assert_views_agree(&sim, seed);
+        assert_all_found(&mut sim);
+    }
+}
