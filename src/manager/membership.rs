@@ -15,7 +15,7 @@ use crate::ring::{
 use crate::wire::{
     Body, ExitReason, Member, PeerId, ReplyBody, RequestError, RingDelta, RingView, TraceContext,
 };
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -188,7 +188,7 @@ impl Manager {
             members: 0,
         });
         self.ring = None;
-        self.last_published = None;
+        self.delta_base = None;
     }
 
     /// Makes `view` current and sends it to every member, naming the newest settled view.
@@ -202,16 +202,12 @@ impl Manager {
             settled: view.settled,
             members: view.members.len(),
         });
-        // Members of the view this process published last hold it (or will: it is
-        // retransmitted until acknowledged): they are sent only what changed.
+        // Members that hold the base view (or will: it is retransmitted until acknowledged)
+        // are sent only what changed.
         let delta = self
-            .ring
-            .as_ref()
-            .filter(|prev| self.last_published == Some(prev.epoch))
-            .map(|prev| {
-                let had: HashSet<PeerId> = prev.members.iter().map(|m| m.id).collect();
-                (RingDelta::between(prev, &view), had)
-            });
+            .delta_base
+            .take()
+            .map(|(base, had)| (RingDelta::between(&base, &view), had));
         for m in &view.members {
             let body = match &delta {
                 Some((delta, had)) if had.contains(&m.id) => Body::RingDelta(delta.clone()),
@@ -225,7 +221,8 @@ impl Manager {
                 ManagerTag::ToPeer(m.id, PeerMessage::Ring),
             );
         }
-        self.last_published = Some(view.epoch);
+        let members = view.members.iter().map(|m| m.id).collect();
+        self.delta_base = Some((view.clone(), members));
         self.ring = Some(view);
     }
 

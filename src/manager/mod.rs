@@ -31,7 +31,7 @@ use membership::{Change, Transition};
 use query::PendingQuery;
 use registry::Registry;
 use status::StatusGather;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 use teardown::TeardownJob;
@@ -190,10 +190,10 @@ pub struct Manager {
     link: Link<ManagerTag>,
     registry: Registry,
     ring: Option<RingView>,
-    /// The epoch of the last view this process sent to every member: the next view goes to
-    /// them as a delta from it. None after a restart (the rebuilt view is not what the
-    /// members hold) and once the ring is gone.
-    last_published: Option<u64>,
+    /// The view the members named hold (the last one published to them all, or after a
+    /// restart the one their rejoins named): the next view goes to them as a delta from it,
+    /// to everyone else whole. None once the ring is gone.
+    delta_base: Option<(RingView, HashSet<PeerId>)>,
     last_epoch: u64,
     /// The newest settled view's epoch, named in every view published (see
     /// [`RingView::settled_epoch`]).
@@ -233,7 +233,7 @@ impl Manager {
             cfg,
             registry: Registry::default(),
             ring: None,
-            last_published: None,
+            delta_base: None,
             last_epoch: 0,
             settled_epoch: 0,
             transition: None,

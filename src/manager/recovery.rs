@@ -23,7 +23,7 @@ use super::{ClientCall, Manager, ManagerEvent, ManagerTag, PeerMessage};
 use crate::link::Time;
 use crate::ring::{RingExt, is_well_formed};
 use crate::wire::{Body, Member, PeerId, Rejoin, RequestError, RingView};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -289,6 +289,14 @@ impl Manager {
             return self.release_early_setups(now);
         };
         self.last_epoch = self.last_epoch.max(view.epoch);
+        let key = (view.epoch, crate::ring_delta::digest(&view));
+        let holders: HashSet<PeerId> = rec
+            .named
+            .remove(&key)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let base = view.clone();
         // The members' plans compare against that settled view; they still hold it.
         self.settled_epoch = self.settled_epoch.max(view.settled_epoch);
         let before = view.members.len();
@@ -318,7 +326,9 @@ impl Manager {
             return self.release_early_setups(now);
         }
         self.ring = Some(view);
-        self.last_published = None;
+        // The members whose rejoins named the adopted view hold it as it was, before the
+        // missing were left out: the recovered ring goes to them as a delta from it.
+        self.delta_base = Some((base, holders));
         self.changes.push_front(Change::Recover);
         let joiners: Vec<PeerId> = self
             .registry

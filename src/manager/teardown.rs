@@ -83,7 +83,7 @@ impl Manager {
         self.torn_down.extend(incarnations);
         self.registry.clear();
         self.ring = None;
-        self.last_published = None;
+        self.delta_base = None;
         let waiting = targets.iter().map(|(id, _)| *id).collect();
         for (id, addr) in targets {
             self.send(

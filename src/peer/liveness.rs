@@ -63,12 +63,14 @@ impl Peer {
             // obeying it would drop the new id and ring for nothing.
             return;
         }
+        // Leaving (on SIGTERM, or marked leaving in the view: `stormctl leave`), with nothing
+        // held or every row handed over and reported: our leave is done and the manager
+        // forgot us; its `Exit` is late or lost. Joining again here would register a peer
+        // that is about to exit, or (when the late `Exit` is then taken for an earlier
+        // membership's) one that lives on as a member after its leave.
         if self.live.manager == Some(manager)
-            && self.leaving
-            && (self.store.row_count() == 0 || self.leave_reported())
+            && ((self.leaving && self.store.row_count() == 0) || self.leave_reported())
         {
-            // Our leave is done and the manager forgot us; its `Exit` is late or lost. Joining
-            // again here would register a peer that is about to exit (and be declared dead).
             return self.exit(0, "left the ring".into());
         }
         if self.live.manager == Some(manager) {

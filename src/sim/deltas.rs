@@ -176,6 +176,8 @@ struct RecoveryTraffic {
     named_rejoins: u64,
     asks: u64,
     held_views: u64,
+    /// Ring deltas sent, to each address.
+    deltas_to: BTreeMap<SocketAddr, u64>,
 }
 
 fn watch_recovery(sim: &Sim, deaf: Vec<SocketAddr>) -> Rc<RefCell<RecoveryTraffic>> {
@@ -200,6 +202,10 @@ fn watch_recovery(sim: &Sim, deaf: Vec<SocketAddr>) -> Rc<RefCell<RecoveryTraffi
             }
             Ok(Body::HeldView(_)) => {
                 c.held_views += 1;
+                false
+            }
+            Ok(Body::RingDelta(_)) => {
+                *c.deltas_to.entry(d.to).or_default() += 1;
                 false
             }
             _ => false,
@@ -248,6 +254,8 @@ fn a_restarted_manager_asks_one_holder_for_the_view_and_the_next_when_it_does_no
             "seed {seed}: {} rejoins",
             t.named_rejoins
         );
+        // The recovered ring went to the members that named the view as deltas from it.
+        assert_eq!(t.deltas_to.len(), 6, "seed {seed}: {:?}", t.deltas_to);
         // One holder sent it (a few copies at most: duplicates, retransmissions), not each.
         assert!(
             t.asks >= 1 && t.held_views >= 1 && t.held_views < 6 * 3,

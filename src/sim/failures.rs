@@ -461,6 +461,43 @@ fn a_peer_whose_teardown_exit_is_late_exits_and_does_not_register_again() {
     }
 }
 
+/// A leave asked for with `stormctl leave` (not SIGTERM): the leaver hands its rows over and
+/// reports, the manager completes the leave and forgets it, but its `Exit` is lost for 3 s.
+/// Its heartbeats are answered "unknown": it must exit, not register again. Before, only a
+/// peer leaving on SIGTERM knew it was leaving; one asked by the manager registered again,
+/// ignored the late `Exit` as older than its registration, and lived on as a member (a CI
+/// failure under load at 10% loss, tests/cluster.rs `a_lossy_duplicating_network_loses_nothing`).
+#[test]
+fn a_peer_asked_to_leave_whose_exit_is_late_exits_and_does_not_register_again() {
+    for seed in 0..10u64 {
+        let mut sim = cluster(seed + 600, lossy(0.1), 4, Placement::Consistent);
+        setup_and_distribute(&mut sim);
+        sim.settle();
+        let rule = sim.net.drop_where(|d| {
+            Envelope::decode(&d.bytes).is_ok_and(|env| matches!(env.body, Body::Exit { .. }))
+        });
+        let leave = sim.request_in_background(ClientRequest::Leave {
+            name: "peer-1".into(),
+        });
+        sim.advance(Duration::from_secs(3));
+        sim.net.remove_rule(rule);
+        let exited = sim.run_until(Duration::from_secs(30), |s| {
+            s.peer_named("peer-1").is_some_and(|p| p.exit().is_some())
+        });
+        let exit = sim.peer_named("peer-1").and_then(|p| p.exit());
+        assert!(exited, "seed {seed}: peer-1 lives on");
+        assert_eq!(exit.as_ref().map(|e| e.0), Some(0), "seed {seed}: {exit:?}");
+        assert!(
+            matches!(&*leave.borrow(), Some(Ok(ReplyBody::Leave { .. }))),
+            "seed {seed}: {:?}",
+            leave.borrow()
+        );
+        sim.settle();
+        assert_eq!(sim.manager().peer_count(), 3, "seed {seed}");
+        assert_all_found(&mut sim);
+    }
+}
+
 /// At 10% loss with duplication and reordering, every probe of one status round to a live
 /// peer is lost (its first probe message and all its retransmissions): not suspected by the
 /// failure detector, the peer is probed again, is shown up, and its report counts when it
