@@ -591,11 +591,11 @@ impl RingExt for RingView {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    fn member(id: PeerId, token: u64) -> Member {
+    pub(crate) fn member(id: PeerId, token: u64) -> Member {
         Member {
             id,
             name: format!("p{id}"),

@@ -133,14 +133,11 @@ mod tests {
     use super::*;
     use std::net::SocketAddr;
 
+    /// A member with two more tokens, so that views weigh what real ones do.
     fn member(id: PeerId, token: u64) -> Member {
         Member {
-            id,
-            name: format!("p{id}"),
-            addr: SocketAddr::from(([127, 0, 0, 1], 6000 + id as u16)),
-            token,
-            leaving: false,
             vnodes: vec![token ^ 0x5555, token ^ 0xaaaa_0000],
+            ..crate::ring::tests::member(id, token)
         }
     }
 

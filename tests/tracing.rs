@@ -82,6 +82,18 @@ fn hop_spans(spans: &[SpanRecord]) -> Vec<SpanRecord> {
     hops
 }
 
+/// Teardown, then SIGTERM to the manager: every process exits 0, flushing what it buffered.
+fn teardown_and_flush(cluster: &mut Cluster) {
+    cluster.ctl_json(&["teardown"]);
+    for p in cluster.peers.iter_mut() {
+        assert_eq!(
+            p.wait(Duration::from_secs(10)).and_then(|s| s.code()),
+            Some(0)
+        );
+    }
+    assert_eq!(cluster.manager.stop("TERM"), Some(0));
+}
+
 #[test]
 fn a_query_is_one_trace_with_one_span_per_hop() {
     let receiver = OtlpReceiver::start();
@@ -154,15 +166,7 @@ fn a_query_is_one_trace_with_one_span_per_hop() {
     let relayed_trace = relayed["trace_id"].as_str().unwrap().to_string();
     let relayed_path = relayed["path"].as_array().unwrap().len();
 
-    // Teardown and shutdown flush what is buffered.
-    cluster.ctl_json(&["teardown"]);
-    for p in cluster.peers.iter_mut() {
-        assert_eq!(
-            p.wait(Duration::from_secs(10)).and_then(|s| s.code()),
-            Some(0)
-        );
-    }
-    assert_eq!(cluster.manager.stop("TERM"), Some(0));
+    teardown_and_flush(&mut cluster);
 
     let spans = receiver.wait_for(Duration::from_secs(10), |all| {
         let n = |t: &str| all.iter().filter(|s| s.trace_id == t).count();
@@ -472,15 +476,7 @@ fn members_get_ring_changes_as_deltas_and_a_joiner_whole_views() {
     assert!(epoch >= setup_epoch + 2, "{setup_epoch} → {epoch}");
     let verified = cluster.verify(&file);
     assert_eq!(verified["found"], verified["keys"], "{verified}");
-
-    cluster.ctl_json(&["teardown"]);
-    for p in cluster.peers.iter_mut() {
-        assert_eq!(
-            p.wait(Duration::from_secs(10)).and_then(|s| s.code()),
-            Some(0)
-        );
-    }
-    assert_eq!(cluster.manager.stop("TERM"), Some(0));
+    teardown_and_flush(&mut cluster);
     let updates_of = |spans: &[SpanRecord], peer: &str| -> Vec<SpanRecord> {
         let mut updates: Vec<SpanRecord> = spans
             .iter()
