@@ -11,8 +11,10 @@ pub use crate::ring_delta::RingDelta;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
-/// Bumped whenever a change to [`Envelope`] or [`Body`] is not backwards compatible.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Bumped whenever a change to [`Envelope`] or [`Body`] is not backwards compatible. 3: ring
+/// views as deltas, rejoins that name their view (an older peer could not apply the one nor
+/// answer for the other; a node of another version is refused with its version named).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The largest UDP payload over IPv4.
 pub const MAX_UDP_PAYLOAD: usize = 65_507;
