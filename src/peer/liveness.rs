@@ -7,7 +7,7 @@
 //! declared dead (it was frozen, or cut off): it drops its ring, whose epoch has long passed,
 //! and joins again. The peer also answers pings and relays the manager's indirect probes.
 
-use super::{Peer, PeerEvent};
+use super::{Peer, PeerEvent, PeerTag};
 use crate::link::Time;
 use crate::wire::{Body, PeerId, Rejoin};
 use std::collections::VecDeque;
@@ -100,6 +100,9 @@ impl Peer {
         self.base = None;
         self.id = None;
         self.reset_handoff();
+        // A registration still in flight may already have been answered (its ack is late):
+        // its answer came before this and will not come again, so send a new one.
+        self.link.cancel_where(|t| matches!(t, PeerTag::Register));
         self.register(now, None);
     }
 
