@@ -129,21 +129,28 @@ pub enum Body {
     /// a peer → a client, unsequenced: the answers of several of its lookups in one datagram.
     Answers(Vec<FindResult>),
     /// peer → manager, unsequenced, every heartbeat interval: I am alive, at this epoch, as
-    /// member `id` (absent from older peers).
+    /// member `id` (absent from older peers). `beat` numbers the peer's heartbeats (absent
+    /// from older peers); the answer echoes it.
     Heartbeat {
         epoch: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<PeerId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        beat: Option<u64>,
     },
     /// manager → peer, unsequenced: the answer to a heartbeat. `known` is false when this
     /// manager has no such peer (it restarted, or declared the peer dead); the envelope's
     /// sender tells the peer which manager process answered. `id` is the heartbeat's own: an
     /// answer to a heartbeat sent before the peer registered again (delayed, reordered) is
-    /// about its earlier membership, and must not send it to register once more.
+    /// about its earlier membership, and must not send it to register once more. `beat` is
+    /// the heartbeat's number: an answer to one sent before the peer's current registration
+    /// was accepted (a rejoin keeps its id, so `id` cannot tell) is stale the same way.
     HeartbeatAck {
         known: bool,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<PeerId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        beat: Option<u64>,
     },
     /// manager → peer, or peer → peer for an indirect probe, unsequenced: are you there?
     Ping { nonce: u64 },
@@ -1170,6 +1177,7 @@ mod tests {
             Body::Heartbeat {
                 epoch: 4,
                 id: Some(2),
+                beat: Some(17),
             },
             Body::PingReq {
                 nonce: 3,

@@ -55,10 +55,12 @@ fn forged_bodies(victim: SocketAddr) -> Vec<Body> {
         Body::Heartbeat {
             epoch: 1,
             id: Some(1),
+            beat: Some(1),
         },
         Body::HeartbeatAck {
             known: false,
             id: None,
+            beat: Some(1),
         },
         Body::Ping { nonce: 1 },
         Body::Progress {

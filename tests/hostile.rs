@@ -152,10 +152,12 @@ fn forged(n: u64) -> Vec<u8> {
         15 => Body::Heartbeat {
             epoch: n,
             id: Some(n as u32),
+            beat: Some(n),
         },
         16 => Body::HeartbeatAck {
             known: false,
             id: None,
+            beat: n.is_multiple_of(2).then_some(n),
         },
         17 => Body::Ping { nonce: n },
         18 => Body::Pong { nonce: n },

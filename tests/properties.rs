@@ -141,10 +141,18 @@ fn body() -> impl Strategy<Value = Body> {
         (0u64..8).prop_map(|epoch| Body::ViewWanted { epoch }),
         ring().prop_map(Body::HeldView),
         (ring(), ring()).prop_map(|(a, b)| Body::RingDelta(RingDelta::between(&a, &b))),
-        ((0u64..8), proptest::option::of(0u32..8))
-            .prop_map(|(epoch, id)| Body::Heartbeat { epoch, id }),
-        (any::<bool>(), proptest::option::of(0u32..8))
-            .prop_map(|(known, id)| Body::HeartbeatAck { known, id }),
+        (
+            (0u64..8),
+            proptest::option::of(0u32..8),
+            proptest::option::of(0u64..8)
+        )
+            .prop_map(|(epoch, id, beat)| Body::Heartbeat { epoch, id, beat }),
+        (
+            any::<bool>(),
+            proptest::option::of(0u32..8),
+            proptest::option::of(0u64..8)
+        )
+            .prop_map(|(known, id, beat)| Body::HeartbeatAck { known, id, beat }),
         (0u64..8).prop_map(|nonce| Body::Ping { nonce }),
         (0u64..8).prop_map(|nonce| Body::Pong { nonce }),
         (0u64..8, 0u64..100).prop_map(|(to, done)| Body::Progress {

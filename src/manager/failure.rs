@@ -140,6 +140,7 @@ impl Manager {
         incarnation: u64,
         epoch: u64,
         named: Option<PeerId>,
+        beat: Option<u64>,
     ) {
         let Some(id) = self.registry.by_incarnation(incarnation) else {
             if self.exit_again_if_torn_down(now, from, incarnation) {
@@ -151,6 +152,7 @@ impl Manager {
                 Body::HeartbeatAck {
                     known: false,
                     id: named,
+                    beat,
                 },
             );
         };
@@ -160,6 +162,7 @@ impl Manager {
             Body::HeartbeatAck {
                 known: true,
                 id: named,
+                beat,
             },
         );
         // A member behind the ring (a view it never acknowledged, e.g. while it was frozen)

@@ -598,7 +598,15 @@ mod tests {
         kit.add_peer("late");
         let p0 = kit.peer("p0").id;
         let before = kit.peer("p0").inbox.len();
-        kit.send_from_peer(0, UNSEQUENCED, Body::Heartbeat { epoch: 1, id: p0 });
+        kit.send_from_peer(
+            0,
+            UNSEQUENCED,
+            Body::Heartbeat {
+                epoch: 1,
+                id: p0,
+                beat: Some(1),
+            },
+        );
         kit.run();
         let views = |kit: &Kit, from: usize| -> Vec<Body> {
             let inbox = kit.peer("p0").inbox[from..].iter();
@@ -613,9 +621,29 @@ mod tests {
             "{sent:?}"
         );
         assert!(kit.peers.iter().all(|p| p.deltas_refused == 0));
+        // The answer echoes the heartbeat's number (the peer tells a stale answer by it).
+        assert!(
+            kit.peer("p0").inbox[before..].iter().any(|b| matches!(
+                b,
+                Body::HeartbeatAck {
+                    known: true,
+                    beat: Some(1),
+                    ..
+                }
+            )),
+            "no answer echoing heartbeat 1"
+        );
         // Heartbeats at the ring's epoch change nothing.
         let before = kit.peer("p0").inbox.len();
-        kit.send_from_peer(0, UNSEQUENCED, Body::Heartbeat { epoch: 3, id: p0 });
+        kit.send_from_peer(
+            0,
+            UNSEQUENCED,
+            Body::Heartbeat {
+                epoch: 3,
+                id: p0,
+                beat: Some(2),
+            },
+        );
         kit.run();
         assert_eq!(views(&kit, before), vec![]);
     }

@@ -383,7 +383,9 @@ impl Manager {
         match env.body {
             Body::Request(req) => self.on_request(now, call, req),
             Body::Register { name, rejoin } => self.on_register(now, from, env.from, name, rejoin),
-            Body::Heartbeat { epoch, id } => self.on_heartbeat(now, from, env.from, epoch, id),
+            Body::Heartbeat { epoch, id, beat } => {
+                self.on_heartbeat(now, from, env.from, epoch, id, beat)
+            }
             Body::Pong { nonce } => self.on_pong(now, nonce),
             // A health check (`stormd health`): answering says this process is running.
             Body::Ping { nonce } => self.link.send_unsequenced(from, Body::Pong { nonce }),

@@ -322,7 +322,15 @@ mod tests {
     fn heartbeat(kit: &mut Kit, name: &str) {
         let i = kit.peers.iter().position(|p| p.name == name).unwrap();
         let (id, epoch) = (kit.peers[i].id, kit.m.ring().map_or(0, |r| r.epoch));
-        kit.send_from_peer(i, crate::wire::UNSEQUENCED, Body::Heartbeat { epoch, id });
+        kit.send_from_peer(
+            i,
+            crate::wire::UNSEQUENCED,
+            Body::Heartbeat {
+                epoch,
+                id,
+                beat: None,
+            },
+        );
     }
 
     fn probes_to(kit: &Kit, name: &str) -> usize {

@@ -186,7 +186,15 @@ mod tests {
                 .any(|b| matches!(b, Body::HeartbeatAck { known: false, .. }))
         };
         let sent = exits(&kit);
-        kit.send_from_peer(1, UNSEQUENCED, Body::Heartbeat { epoch: 1, id: None });
+        kit.send_from_peer(
+            1,
+            UNSEQUENCED,
+            Body::Heartbeat {
+                epoch: 1,
+                id: None,
+                beat: None,
+            },
+        );
         kit.run();
         assert!(
             !unknown(&kit),
@@ -199,7 +207,15 @@ mod tests {
             Ok(ReplyBody::Teardown { .. })
         ));
         let given_up = exits(&kit);
-        kit.send_from_peer(1, UNSEQUENCED, Body::Heartbeat { epoch: 1, id: None });
+        kit.send_from_peer(
+            1,
+            UNSEQUENCED,
+            Body::Heartbeat {
+                epoch: 1,
+                id: None,
+                beat: None,
+            },
+        );
         kit.run();
         assert!(!unknown(&kit));
         assert_eq!(

@@ -21,6 +21,11 @@ pub(super) struct Liveness {
     pub(super) heartbeat_at: Option<Time>,
     /// The incarnation of the manager that registered this peer.
     pub(super) manager: Option<u64>,
+    /// Heartbeats sent so far (the last one's number).
+    pub(super) beats: u64,
+    /// `beats` when the current registration was accepted: a "not known" answer to a
+    /// heartbeat numbered at most this is about the peer before it (re)registered.
+    pub(super) registered_beat: u64,
     /// Indirect probes being relayed: (the manager's nonce, whom to tell).
     relays: VecDeque<(u64, SocketAddr)>,
 }
@@ -42,7 +47,12 @@ impl Peer {
         }
         let epoch = self.ring.as_ref().map_or(0, |r| r.epoch);
         let manager = self.cfg.manager;
-        let body = Body::Heartbeat { epoch, id: self.id };
+        self.live.beats += 1;
+        let body = Body::Heartbeat {
+            epoch,
+            id: self.id,
+            beat: Some(self.live.beats),
+        };
         self.link.send_unsequenced(manager, body);
     }
 
@@ -52,15 +62,19 @@ impl Peer {
         manager: u64,
         known: bool,
         named: Option<PeerId>,
+        beat: Option<u64>,
     ) {
         if known {
             self.live.manager.get_or_insert(manager);
             return;
         }
         let Some(id) = self.id else { return };
-        if named.is_some_and(|named| named != id) {
-            // About a heartbeat of an earlier membership, overtaken by this registration:
-            // obeying it would drop the new id and ring for nothing.
+        // About a heartbeat of an earlier membership, overtaken by this registration (a new
+        // id, or a rejoin under the same one, sent before it was accepted): obeying it would
+        // drop the id and ring for nothing.
+        if named.is_some_and(|named| named != id)
+            || beat.is_some_and(|beat| beat <= self.live.registered_beat)
+        {
             return;
         }
         // Leaving (on SIGTERM, or marked leaving in the view: `stormctl leave`), with nothing

@@ -433,7 +433,9 @@ impl Peer {
                 );
             }
             Body::Exit { reason } => self.exit(0, reason.to_string()),
-            Body::HeartbeatAck { known, id } => self.on_heartbeat_ack(now, env.from, known, id),
+            Body::HeartbeatAck { known, id, beat } => {
+                self.on_heartbeat_ack(now, env.from, known, id, beat)
+            }
             Body::Ping { nonce } => self.link.send_unsequenced(from, Body::Pong { nonce }),
             Body::PingReq { nonce, target } => self.relay_ping(now, from, nonce, target),
             Body::Pong { nonce } => self.relay_pong(nonce),
@@ -461,6 +463,8 @@ impl Peer {
 
     fn on_registered(&mut self, now: Time, id: PeerId, manager: u64, seq: u64) {
         self.live.manager = Some(manager);
+        // Heartbeats sent so far went out before this registration was accepted.
+        self.live.registered_beat = self.live.beats;
         if self.id == Some(id) {
             return; // registered again after a manager restart, under the same id
         }
@@ -1461,9 +1465,11 @@ mod tests {
             }
             seqs.len()
         };
+        // From a manager of the previous version: no heartbeat numbers, only ids.
         let not_known = |id| Body::HeartbeatAck {
             known: false,
             id: Some(id),
+            beat: None,
         };
         registers(&mut peer);
         from_manager(&mut peer, 3, Body::Registered { id: 1 });
@@ -1477,6 +1483,107 @@ mod tests {
         from_manager(&mut peer, 0, not_known(2));
         assert_eq!(peer.id(), None);
         assert_eq!(registers(&mut peer), 1);
+    }
+
+    /// After a manager restart a peer rejoins under its own id, so an answer's id cannot tell
+    /// a "not known" about the peer before its rejoin was accepted (its heartbeat crossed the
+    /// rejoin) from one about it now; the heartbeat's number can. Before, the stale answer
+    /// made the peer drop its ring and register anew for nothing.
+    #[test]
+    fn a_not_known_answer_to_a_heartbeat_sent_before_a_rejoin_was_accepted_is_ignored() {
+        let manager: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mut peer = Peer::new(config(manager), 1, Duration::ZERO);
+        let mut now = Duration::from_millis(10);
+        let mut seq = 0;
+        let mut from_manager = |peer: &mut Peer, now: Time, incarnation: u64, body: Body| {
+            seq += 1;
+            peer.handle(
+                now,
+                manager,
+                Envelope::new(incarnation, seq, None, body),
+                None,
+            )
+        };
+        // What the peer sent: (heartbeat numbers, registrations, rejoins among them); each
+        // registration is acknowledged at once.
+        let sent = |peer: &mut Peer, now: Time| {
+            let envs: Vec<Envelope> = std::iter::from_fn(|| peer.poll_transmit())
+                .filter_map(|t| Envelope::decode(&t.bytes).ok())
+                .collect();
+            for e in envs
+                .iter()
+                .filter(|e| matches!(e.body, Body::Register { .. }))
+            {
+                let ack = Body::Ack {
+                    seq: e.seq,
+                    new_rows: None,
+                };
+                peer.handle(now, manager, Envelope::new(9, 0, None, ack), None);
+            }
+            let beats: Vec<u64> = envs
+                .iter()
+                .filter_map(|e| match e.body {
+                    Body::Heartbeat { beat, .. } => beat,
+                    _ => None,
+                })
+                .collect();
+            let registers = envs
+                .iter()
+                .filter(|e| matches!(e.body, Body::Register { .. }))
+                .count();
+            let rejoins = envs
+                .iter()
+                .filter(|e| {
+                    matches!(
+                        e.body,
+                        Body::Register {
+                            rejoin: Some(_),
+                            ..
+                        }
+                    )
+                })
+                .count();
+            (beats, registers, rejoins)
+        };
+        let not_known = |beat| Body::HeartbeatAck {
+            known: false,
+            id: Some(1),
+            beat: Some(beat),
+        };
+        sent(&mut peer, now);
+        from_manager(&mut peer, now, 9, Body::Registered { id: 1 });
+        from_manager(&mut peer, now, 9, Body::Ring(view_at(1, 2)));
+        peer.handle_timeout(now);
+        assert_eq!(sent(&mut peer, now).0, vec![1]);
+
+        // The manager restarted (incarnation 11): heartbeat 1 is not known, the peer rejoins.
+        from_manager(&mut peer, now, 11, not_known(1));
+        let (_, registers, rejoins) = sent(&mut peer, now);
+        assert_eq!((registers, rejoins), (1, 1));
+        // Heartbeat 2 leaves while the rejoin is in flight; the manager accepts the rejoin.
+        now += Duration::from_millis(300);
+        peer.handle_timeout(now);
+        assert_eq!(sent(&mut peer, now).0, vec![2]);
+        from_manager(&mut peer, now, 11, Body::Registered { id: 1 });
+        // Then heartbeat 2's answer, from before the rejoin: about the peer before it.
+        from_manager(&mut peer, now, 11, not_known(2));
+        assert_eq!(peer.id(), Some(1));
+        assert_eq!(peer.ring(), Some(&view_at(1, 2)), "the view was dropped");
+        assert_eq!(
+            sent(&mut peer, now).1,
+            0,
+            "registered again for a stale answer"
+        );
+
+        // Heartbeat 3 left after the rejoin was accepted: its "not known" is obeyed (this
+        // manager has since declared the peer dead).
+        now += Duration::from_millis(300);
+        peer.handle_timeout(now);
+        assert_eq!(sent(&mut peer, now).0, vec![3]);
+        from_manager(&mut peer, now, 11, not_known(3));
+        assert_eq!(peer.id(), None);
+        assert_eq!(peer.ring(), None);
+        assert_eq!(sent(&mut peer, now).1, 1);
     }
 
     /// Ring views of members p (id 1) and q (id 2), and more as the epochs go on.

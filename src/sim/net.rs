@@ -46,6 +46,8 @@ struct Inbox {
 }
 
 type DropRule = Box<dyn FnMut(&Datagram) -> bool>;
+/// How much longer a datagram takes, if it is one that a rule slows down.
+type DelayRule = Box<dyn FnMut(&Datagram) -> Option<Duration>>;
 
 struct State {
     faults: Faults,
@@ -58,6 +60,8 @@ struct State {
     cut: BTreeSet<(SocketAddr, SocketAddr)>,
     /// Drops every datagram for which a rule holds, until the rule is removed.
     rules: Vec<(u64, DropRule)>,
+    /// Delays every datagram a rule slows down by what it says, on top of the faults'.
+    delays: Vec<DelayRule>,
     next_rule: u64,
     /// Hosts whose incoming datagrams wait (as in a frozen process's socket buffer) until
     /// released, and what waits for them.
@@ -100,6 +104,7 @@ impl SimNet {
             order: 0,
             cut: BTreeSet::new(),
             rules: Vec::new(),
+            delays: Vec::new(),
             next_rule: 0,
             held: BTreeSet::new(),
             parked: Vec::new(),
@@ -171,6 +176,12 @@ impl SimNet {
         id
     }
 
+    /// Delays, from now on, every datagram `rule` returns a time for by that much more: a
+    /// race that random reordering makes rare, made certain.
+    pub fn delay_where(&self, rule: impl FnMut(&Datagram) -> Option<Duration> + 'static) {
+        self.0.borrow_mut().delays.push(Box::new(rule));
+    }
+
     pub fn remove_rule(&self, id: u64) {
         self.0.borrow_mut().rules.retain(|(r, _)| *r != id);
     }
@@ -208,7 +219,8 @@ impl SimNet {
         } else {
             1
         };
-        let now = Instant::now();
+        let slower = s.delays.iter_mut().find_map(|rule| rule(&d));
+        let now = Instant::now() + slower.unwrap_or_default();
         let earliest = s.in_flight.keys().next().map(|k| k.0);
         for _ in 0..copies {
             let max = s.faults.max_delay.as_micros().max(1) as u64;
