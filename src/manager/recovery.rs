@@ -41,10 +41,9 @@ pub(super) struct Recovery {
     /// The newest named view being asked for.
     asking: Option<Asking>,
     rejoined: BTreeSet<PeerId>,
-    /// The newest epoch any rejoin held: the new views' epochs go on from it.
-    highest_epoch: u64,
-    /// The header of that newest view, and each rejoined member's own entry: what the ring
-    /// is rebuilt from when no holder sends a whole view.
+    /// The header of the newest view any rejoin held (the new views' epochs go on from its),
+    /// and each rejoined member's own entry: what the ring is rebuilt from when no holder
+    /// sends a whole view.
     newest_header: Option<RingView>,
     entries: BTreeMap<PeerId, Member>,
     pub(super) deadline: Time,
@@ -53,7 +52,7 @@ pub(super) struct Recovery {
 struct Asking {
     view: (u64, u64),
     asks: u32,
-    pub(super) again_at: Time,
+    again_at: Time,
 }
 
 impl Recovery {
@@ -76,9 +75,12 @@ impl Recovery {
     pub(super) fn next_ask(&self) -> Option<Time> {
         self.asking.as_ref().map(|a| a.again_at)
     }
-}
 
-impl Recovery {
+    /// The newest epoch any rejoin held.
+    fn highest_epoch(&self) -> u64 {
+        self.newest_header.as_ref().map_or(0, |h| h.epoch)
+    }
+
     /// A view made of the newest header a rejoin named and every rejoined member's own
     /// entry, when no whole view could be had: what the members that came back hold of the
     /// ring. Republished as a change like any recovered view, so every member plans its
@@ -146,13 +148,11 @@ impl Manager {
             named: BTreeMap::new(),
             asking: None,
             rejoined: BTreeSet::new(),
-            highest_epoch: 0,
             newest_header: None,
             entries: BTreeMap::new(),
             deadline: now + grace,
         });
-        if rejoin.ring.epoch >= rec.highest_epoch {
-            rec.highest_epoch = rejoin.ring.epoch;
+        if rejoin.ring.epoch >= rec.highest_epoch() {
             rec.newest_header = Some(rejoin.ring.clone_header());
         }
         if let Some(own) = rejoin.ring.member(id) {
@@ -273,7 +273,7 @@ impl Manager {
         let Some(mut rec) = self.recovery.take() else {
             return;
         };
-        self.last_epoch = self.last_epoch.max(rec.highest_epoch);
+        self.last_epoch = self.last_epoch.max(rec.highest_epoch());
         let Some(mut view) = rec.view.take().or_else(|| rec.rebuilt()) else {
             // No rejoin's view could be had: the peers are registered, with no ring until
             // the next `setup` (their rows are placed anew then).
