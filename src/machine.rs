@@ -18,6 +18,14 @@ pub trait Machine {
         env: Envelope,
         trace: Option<TraceContext>,
     ) -> Vec<Self::Event>;
+    /// Puts a message that comes in fragments together before it is handled, so that the
+    /// driver opens the span of the whole message (a ring view of many members), not of a
+    /// fragment, and the span takes the message's trace context (a fragment has none). None:
+    /// a fragment kept (or dropped) for now. [`Machine::handle`] still takes fragments too.
+    /// By default every envelope is handled as it came.
+    fn reassemble(&mut self, _now: Time, _from: SocketAddr, env: Envelope) -> Option<Envelope> {
+        Some(env)
+    }
     fn handle_timeout(&mut self, now: Time) -> Vec<Self::Event>;
     fn handle_local(&mut self, now: Time, input: Self::Local) -> Vec<Self::Event>;
     fn poll_timeout(&self) -> Option<Time>;

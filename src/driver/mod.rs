@@ -445,6 +445,9 @@ fn deliver<M: Machine, H: Shell<M>>(
     env: Envelope,
 ) -> Control<H::Exit> {
     let mut m = lock(machine);
+    let Some(env) = m.reassemble(now, from, env) else {
+        return Control::Continue;
+    };
     // A span nothing wants (no exporter, no log line) is dropped at once: recording its
     // attributes would format addresses for nobody.
     let span = shell

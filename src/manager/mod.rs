@@ -577,6 +577,10 @@ impl Machine for Manager {
         std::mem::take(&mut self.events)
     }
 
+    fn reassemble(&mut self, now: Time, from: SocketAddr, env: Envelope) -> Option<Envelope> {
+        self.link.reassemble(now, from, env)
+    }
+
     fn handle_timeout(&mut self, now: Time) -> Vec<ManagerEvent> {
         self.on_timeout(now);
         std::mem::take(&mut self.events)

@@ -1331,6 +1331,16 @@ impl Machine for Peer {
         std::mem::take(&mut self.events)
     }
 
+    fn reassemble(&mut self, now: Time, from: SocketAddr, env: Envelope) -> Option<Envelope> {
+        if self.exited {
+            return Some(env); // nothing new is accepted: `handle` says what is acknowledged
+        }
+        if !self.unresponsive.is_empty() {
+            self.unresponsive.remove(&from);
+        }
+        self.link.reassemble(now, from, env)
+    }
+
     fn handle_timeout(&mut self, now: Time) -> Vec<PeerEvent> {
         self.on_timeout(now);
         std::mem::take(&mut self.events)

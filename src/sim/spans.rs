@@ -3,7 +3,7 @@
 
 use super::{Faults, Sim};
 use crate::telemetry::TARGET;
-use crate::wire::{ClientRequest, Placement, ReplyBody};
+use crate::wire::{ClientRequest, Placement, ReplyBody, Routing};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -132,4 +132,62 @@ fn a_query_and_a_status_in_one_burst_each_end_on_their_own_span() {
     }
     // Each hop of the walk had its own span.
     assert!(closed.iter().any(|c| c.name == "find_event"), "{closed:#?}");
+}
+
+/// A ring view too large for one datagram travels in fragments. The peer's `ring_update`
+/// span is opened for the whole view once it is put together, with the view's fields;
+/// before, no span was opened for a fragment, so the setup of a large cluster showed no
+/// ring update at all.
+#[test]
+fn a_view_put_together_from_fragments_has_its_ring_update_span() {
+    let capture = Capture::default();
+    let subscriber = Registry::default().with(capture.clone());
+    tracing::subscriber::with_default(subscriber, || {
+        // 32 tokens a peer: 8 members' view is about 2,800 bytes, two 2,000-byte datagrams.
+        let mut sim = Sim::with_datagrams(
+            42,
+            Faults::none(),
+            Placement::Consistent,
+            2,
+            Routing::Walk,
+            32,
+            2_000,
+        );
+        for i in 0..8 {
+            sim.add_peer(&format!("peer-{i}"));
+        }
+        assert!(sim.run_until(Duration::from_secs(10), |s| s.registered() == 8));
+        sim.request(ClientRequest::Setup).expect("setup");
+        sim.settle();
+        let view = sim.manager().ring().cloned().expect("a ring");
+        assert!(
+            crate::wire::cbor_len(&view) > 2_000,
+            "the view fits a datagram"
+        );
+        assert!(sim.peers.iter().all(|p| p.peer().ring() == Some(&view)));
+        drop(sim);
+    });
+
+    let closed = capture.closed.lock().unwrap().clone();
+    // Setup sends each member the whole view (nobody held one before): in fragments.
+    for i in 0..8 {
+        let name = format!("peer-{i}");
+        let updates: Vec<&Captured> = closed
+            .iter()
+            .filter(|c| {
+                c.name == "ring_update"
+                    && c.fields.get("peer.name") == Some(&name)
+                    && c.fields.get("members").map(String::as_str) == Some("8")
+                    && !c.fields.contains_key("delta.base")
+            })
+            .collect();
+        assert!(
+            updates.iter().all(|c| c.fields.contains_key("epoch")),
+            "{updates:#?}"
+        );
+        assert!(
+            !updates.is_empty(),
+            "{name}: no ring_update span for the whole view: {closed:#?}"
+        );
+    }
 }
