@@ -43,7 +43,14 @@ impl Peer {
         }
         self.live.heartbeat_at = Some(now + self.cfg.heartbeat);
         if self.id.is_none() {
-            return; // registering: the registration itself is retried
+            // Registering. The link retransmits a registration until it is acknowledged; but
+            // one acknowledged by a manager that then died before its answer (`Registered`)
+            // arrived is answered by nobody, and the peer would wait without an id for
+            // ever, sending nothing. So, each interval without an id and with no
+            // registration in flight, it registers again; a manager that did answer
+            // answers again with the same id.
+            self.register(now, None);
+            return;
         }
         let epoch = self.ring.as_ref().map_or(0, |r| r.epoch);
         let manager = self.cfg.manager;

@@ -242,6 +242,8 @@ impl Peer {
             exited: false,
         };
         peer.register(now, None);
+        // The heartbeat's clock also looks after the registration (see `heartbeat_if_due`).
+        peer.live.heartbeat_at = Some(now + peer.cfg.heartbeat);
         peer
     }
 
@@ -1493,6 +1495,51 @@ mod tests {
         from_manager(&mut peer, 0, not_known(2));
         assert_eq!(peer.id(), None);
         assert_eq!(registers(&mut peer), 1);
+    }
+
+    /// A registration acknowledged by a manager that died before its answer arrived: nobody
+    /// will ever send the `Registered` (its retransmissions died with the manager). Found by
+    /// a simulation: the peer waited without an id for ever, sending nothing. Now each
+    /// heartbeat interval without an id and with no registration in flight sends a new one.
+    #[test]
+    fn an_acknowledged_registration_never_answered_is_sent_again() {
+        let manager: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mut peer = Peer::new(config(manager), 1, Duration::ZERO);
+        // The registrations sent, each acknowledged (by the manager about to die).
+        let registers = |peer: &mut Peer, now: Time| {
+            let seqs: Vec<u64> = std::iter::from_fn(|| peer.poll_transmit())
+                .filter_map(|t| Envelope::decode(&t.bytes).ok())
+                .filter(|e| matches!(e.body, Body::Register { .. }))
+                .map(|e| e.seq)
+                .collect();
+            for &seq in &seqs {
+                let ack = Body::Ack {
+                    seq,
+                    new_rows: None,
+                };
+                peer.handle(now, manager, Envelope::new(9, 0, None, ack), None);
+            }
+            seqs.len()
+        };
+        assert_eq!(registers(&mut peer, Duration::ZERO), 1);
+        let mut now = Duration::ZERO;
+        let mut tick = |peer: &mut Peer| {
+            now += Duration::from_millis(300);
+            peer.handle_timeout(now);
+            registers(peer, now)
+        };
+        assert_eq!(tick(&mut peer), 1, "no new registration without an answer");
+        assert_eq!(tick(&mut peer), 1);
+        // The new manager answers: no more registrations, heartbeats instead.
+        peer.handle(
+            Duration::from_secs(1),
+            manager,
+            Envelope::new(11, 1, None, Body::Registered { id: 7 }),
+            None,
+        );
+        assert_eq!(peer.id(), Some(7));
+        assert_eq!(tick(&mut peer), 0);
+        assert_eq!(tick(&mut peer), 0);
     }
 
     /// After a manager restart a peer rejoins under its own id, so an answer's id cannot tell
