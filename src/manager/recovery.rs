@@ -124,6 +124,7 @@ impl Manager {
         {
             return false;
         }
+        self.make_way_for(now, rejoin.id, name);
         let entry = PeerEntry {
             name: name.to_string(),
             addr,
@@ -177,6 +178,37 @@ impl Manager {
             self.finish_recovery(now);
         }
         true
+    }
+
+    /// A member rejoining under `id` comes before a newcomer that this manager, just
+    /// restarted, registered under the same id before the member was back (the newcomer
+    /// registered afresh, its first answer lost with the manager that died): the newcomer,
+    /// in no ring yet, is given another id. Else the member's rejoin was refused, it
+    /// registered as a newcomer in its turn (taking the id of the next member, and so on),
+    /// and each of them left its place in the ring and had its rows placed anew.
+    fn make_way_for(&mut self, now: Time, id: PeerId, name: &str) {
+        let Some(newcomer) = self
+            .registry
+            .get(id)
+            .filter(|p| p.standing == Standing::Registered && p.name != name)
+            .map(|p| (p.name.clone(), p.addr))
+        else {
+            return;
+        };
+        let Some(new) = self.registry.renumber(id, id) else {
+            return;
+        };
+        self.unwatch(id);
+        self.watch(now, new);
+        // Its first answer, if still retransmitted, would name the id it no longer has.
+        self.link
+            .cancel_where(|t| matches!(t, ManagerTag::ToPeer(p, _) if *p == id));
+        self.events.push(ManagerEvent::Warning(format!(
+            "peer {} registered as {id} before member {id} ({name}) rejoined; it is now {new}",
+            newcomer.0
+        )));
+        let tag = ManagerTag::ToPeer(new, PeerMessage::Registered);
+        self.send(now, newcomer.1, Body::Registered { id: new }, None, tag);
     }
 
     /// Asks a holder of the newest view wanted for the whole of it, unless one was asked

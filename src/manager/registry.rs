@@ -133,6 +133,19 @@ impl Registry {
         }
     }
 
+    /// Gives the peer registered as `id` the next free id above `reserved` (and every id
+    /// given so far); returns the new id. For a newcomer that took, from a manager that had
+    /// just restarted, the id of a member not yet back.
+    pub fn renumber(&mut self, id: PeerId, reserved: PeerId) -> Option<PeerId> {
+        let entry = self.peers.remove(&id)?;
+        self.next_id = self.next_id.max(reserved.saturating_add(1));
+        let new = self.next_id;
+        self.next_id += 1;
+        self.incarnations.insert(entry.incarnation, new);
+        self.peers.insert(new, entry);
+        Some(new)
+    }
+
     pub fn remove(&mut self, id: PeerId) -> Option<PeerEntry> {
         let p = self.peers.remove(&id)?;
         self.incarnations.remove(&p.incarnation);
@@ -316,6 +329,23 @@ mod tests {
         r.remove(2);
         assert_eq!(r.register("c", addr(3), 30), Ok(Registration::New(3)));
         assert_eq!(r.ids().collect::<Vec<_>>(), vec![1, 3]);
+    }
+
+    #[test]
+    fn a_renumbered_peer_takes_an_id_above_the_reserved_one_and_keeps_its_process() {
+        let mut r = Registry::default();
+        assert_eq!(r.register("joiner", addr(1), 10), Ok(Registration::New(1)));
+        // A member rejoining as 3 makes way: the joiner moves above it.
+        assert_eq!(r.renumber(1, 3), Some(4));
+        assert!(r.get(1).is_none());
+        assert_eq!(r.by_incarnation(10), Some(4));
+        assert_eq!(r.get(4).map(|p| p.name.as_str()), Some("joiner"));
+        assert_eq!(
+            r.register("joiner", addr(1), 10),
+            Ok(Registration::Again(4))
+        );
+        assert_eq!(r.register("next", addr(2), 20), Ok(Registration::New(5)));
+        assert_eq!(r.renumber(9, 9), None, "no such peer");
     }
 
     #[test]

@@ -464,6 +464,11 @@ impl Peer {
     }
 
     fn on_registered(&mut self, now: Time, id: PeerId, manager: u64, seq: u64) {
+        if self.before_joining(manager, seq) {
+            // An earlier answer of the manager that has since given this peer another id
+            // (it made way for a member rejoining under the first).
+            return;
+        }
         self.live.manager = Some(manager);
         // Heartbeats sent so far went out before this registration was accepted.
         self.live.registered_beat = self.live.beats;
@@ -1495,6 +1500,27 @@ mod tests {
         from_manager(&mut peer, 0, not_known(2));
         assert_eq!(peer.id(), None);
         assert_eq!(registers(&mut peer), 1);
+    }
+
+    /// A restarted manager that gave this newcomer the id of a member not yet back gives it
+    /// another when the member rejoins; its first answer, overtaken on the way, is older
+    /// than the one that gave the current id and changes nothing.
+    #[test]
+    fn an_answer_overtaken_by_a_later_registered_is_ignored() {
+        let manager: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mut peer = Peer::new(config(manager), 1, Duration::ZERO);
+        let now = Duration::from_millis(10);
+        let registered = |peer: &mut Peer, seq: u64, id: PeerId| {
+            let env = Envelope::new(11, seq, None, Body::Registered { id });
+            peer.handle(now, manager, env, None)
+        };
+        registered(&mut peer, 8, 6);
+        assert_eq!(peer.id(), Some(6));
+        registered(&mut peer, 3, 1);
+        assert_eq!(peer.id(), Some(6), "taken back by an older answer");
+        // A later answer of the same manager still counts.
+        registered(&mut peer, 12, 9);
+        assert_eq!(peer.id(), Some(9));
     }
 
     /// A registration acknowledged by a manager that died before its answer arrived: nobody
