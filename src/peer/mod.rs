@@ -1452,6 +1452,33 @@ mod tests {
         assert!(exited(&from_manager(&mut other, 11, 2, exit())));
     }
 
+    /// Everything `peer` sent, decoded; each registration among it is acknowledged at once
+    /// by the manager `manager` (incarnation 9).
+    fn sent_acking_registrations(peer: &mut Peer, manager: SocketAddr, now: Time) -> Vec<Envelope> {
+        let sent: Vec<Envelope> = std::iter::from_fn(|| peer.poll_transmit())
+            .filter_map(|t| Envelope::decode(&t.bytes).ok())
+            .collect();
+        for e in sent
+            .iter()
+            .filter(|e| matches!(e.body, Body::Register { .. }))
+        {
+            let ack = Body::Ack {
+                seq: e.seq,
+                new_rows: None,
+            };
+            peer.handle(now, manager, Envelope::new(9, 0, None, ack), None);
+        }
+        sent
+    }
+
+    /// How many registrations `peer` sent, each acknowledged at once.
+    fn registrations(peer: &mut Peer, manager: SocketAddr, now: Time) -> usize {
+        let sent = sent_acking_registrations(peer, manager, now);
+        sent.iter()
+            .filter(|e| matches!(e.body, Body::Register { .. }))
+            .count()
+    }
+
     /// Declared dead as member 1, the peer registers again and becomes 2. A "not known"
     /// answer to a heartbeat it sent as 1, arriving after that (delayed, reordered), is about
     /// membership 1: it must not register once more (found by a soak of the simulations, where
@@ -1467,21 +1494,7 @@ mod tests {
         };
         // The registrations sent, each acknowledged at once (one still unacknowledged is
         // retransmitted, not sent anew).
-        let registers = |peer: &mut Peer| {
-            let seqs: Vec<u64> = std::iter::from_fn(|| peer.poll_transmit())
-                .filter_map(|t| Envelope::decode(&t.bytes).ok())
-                .filter(|e| matches!(e.body, Body::Register { .. }))
-                .map(|e| e.seq)
-                .collect();
-            for &seq in &seqs {
-                let ack = Body::Ack {
-                    seq,
-                    new_rows: None,
-                };
-                peer.handle(now, manager, Envelope::new(9, 0, None, ack), None);
-            }
-            seqs.len()
-        };
+        let registers = |peer: &mut Peer| registrations(peer, manager, now);
         // From a manager of the previous version: no heartbeat numbers, only ids.
         let not_known = |id| Body::HeartbeatAck {
             known: false,
@@ -1532,21 +1545,7 @@ mod tests {
         let manager: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         let mut peer = Peer::new(config(manager), 1, Duration::ZERO);
         // The registrations sent, each acknowledged (by the manager about to die).
-        let registers = |peer: &mut Peer, now: Time| {
-            let seqs: Vec<u64> = std::iter::from_fn(|| peer.poll_transmit())
-                .filter_map(|t| Envelope::decode(&t.bytes).ok())
-                .filter(|e| matches!(e.body, Body::Register { .. }))
-                .map(|e| e.seq)
-                .collect();
-            for &seq in &seqs {
-                let ack = Body::Ack {
-                    seq,
-                    new_rows: None,
-                };
-                peer.handle(now, manager, Envelope::new(9, 0, None, ack), None);
-            }
-            seqs.len()
-        };
+        let registers = |peer: &mut Peer, now: Time| registrations(peer, manager, now);
         assert_eq!(registers(&mut peer, Duration::ZERO), 1);
         let mut now = Duration::ZERO;
         let mut tick = |peer: &mut Peer| {
@@ -1590,19 +1589,7 @@ mod tests {
         // What the peer sent: (heartbeat numbers, registrations, rejoins among them); each
         // registration is acknowledged at once.
         let sent = |peer: &mut Peer, now: Time| {
-            let envs: Vec<Envelope> = std::iter::from_fn(|| peer.poll_transmit())
-                .filter_map(|t| Envelope::decode(&t.bytes).ok())
-                .collect();
-            for e in envs
-                .iter()
-                .filter(|e| matches!(e.body, Body::Register { .. }))
-            {
-                let ack = Body::Ack {
-                    seq: e.seq,
-                    new_rows: None,
-                };
-                peer.handle(now, manager, Envelope::new(9, 0, None, ack), None);
-            }
+            let envs = sent_acking_registrations(peer, manager, now);
             let beats: Vec<u64> = envs
                 .iter()
                 .filter_map(|e| match e.body {

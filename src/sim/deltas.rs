@@ -59,16 +59,10 @@ fn restart_manager_and_wait(sim: &mut Sim, members: usize, seed: u64) {
     sim.advance(Duration::from_secs(1));
     sim.restart_manager();
     assert!(
-        sim.run_until(Duration::from_secs(60), |s| settled_with(s, members)
+        sim.run_until(Duration::from_secs(60), |s| s.settled_with(members)
             && s.manager().ring().is_some_and(|r| r.epoch > epoch)),
         "seed {seed}: no ring after the manager's restart"
     );
-}
-
-fn settled_with(sim: &Sim, members: usize) -> bool {
-    sim.manager()
-        .ring()
-        .is_some_and(|r| r.settled && r.members.len() == members)
 }
 
 /// Every live peer holds the manager's view, within a few heartbeats (a member behind is sent
@@ -92,6 +86,13 @@ fn assert_views_agree(sim: &mut Sim, seed: u64) {
     }
 }
 
+/// Once settled, every live peer holds the manager's view and every record is found.
+fn settle_and_check(sim: &mut Sim, seed: u64) {
+    sim.settle();
+    assert_views_agree(sim, seed);
+    assert_all_found(sim);
+}
+
 #[test]
 fn ring_changes_travel_as_deltas_through_churn_and_a_manager_restart_on_a_bad_network() {
     for seed in 0..4 {
@@ -108,22 +109,20 @@ fn ring_changes_travel_as_deltas_through_churn_and_a_manager_restart_on_a_bad_ne
         sim.advance(Duration::from_millis(300));
         sim.thaw("peer-4");
         assert!(
-            sim.run_until(Duration::from_secs(60), |s| settled_with(s, 8)),
+            sim.run_until(Duration::from_secs(60), |s| s.settled_with(8)),
             "seed {seed}: no ring after the joins"
         );
         sim.terminate("peer-2");
         assert!(
-            sim.run_until(Duration::from_secs(60), |s| settled_with(s, 7)),
+            sim.run_until(Duration::from_secs(60), |s| s.settled_with(7)),
             "seed {seed}: no ring after the leave"
         );
         sim.crash("peer-1");
         assert!(
-            sim.run_until(Duration::from_secs(60), |s| settled_with(s, 6)),
+            sim.run_until(Duration::from_secs(60), |s| s.settled_with(6)),
             "seed {seed}: no ring after the crash"
         );
-        sim.settle();
-        assert_views_agree(&mut sim, seed);
-        assert_all_found(&mut sim);
+        settle_and_check(&mut sim, seed);
         let (whole, deltas) = *views.borrow();
         assert!(
             deltas > whole,
@@ -135,12 +134,10 @@ fn ring_changes_travel_as_deltas_through_churn_and_a_manager_restart_on_a_bad_ne
         restart_manager_and_wait(&mut sim, 6, seed);
         sim.add_peer("joiner-c");
         assert!(
-            sim.run_until(Duration::from_secs(60), |s| settled_with(s, 7)),
+            sim.run_until(Duration::from_secs(60), |s| s.settled_with(7)),
             "seed {seed}: no ring after a join under the new manager"
         );
-        sim.settle();
-        assert_views_agree(&mut sim, seed);
-        assert_all_found(&mut sim);
+        settle_and_check(&mut sim, seed);
     }
 }
 
@@ -152,12 +149,12 @@ fn a_member_that_never_gets_a_delta_catches_up_with_whole_views() {
         let views = count_views(&sim, cut);
         sim.add_peer("joiner-a");
         assert!(
-            sim.run_until(Duration::from_secs(60), |s| settled_with(s, 6)),
+            sim.run_until(Duration::from_secs(60), |s| s.settled_with(6)),
             "seed {seed}: no ring after the join"
         );
         sim.terminate("peer-0");
         assert!(
-            sim.run_until(Duration::from_secs(60), |s| settled_with(s, 5)),
+            sim.run_until(Duration::from_secs(60), |s| s.settled_with(5)),
             "seed {seed}: no ring after the leave"
         );
         sim.settle();
@@ -237,9 +234,7 @@ fn a_restarted_manager_asks_one_holder_for_the_view_and_the_next_when_it_does_no
             .collect();
         let traffic = watch_recovery(&sim, deaf);
         restart_manager_and_wait(&mut sim, 6, seed);
-        sim.settle();
-        assert_views_agree(&mut sim, seed);
-        assert_all_found(&mut sim);
+        settle_and_check(&mut sim, seed);
         let t = traffic.borrow();
         assert_eq!(t.whole_rejoins, 0, "seed {seed}");
         assert!(
@@ -277,9 +272,7 @@ fn a_view_no_holder_sends_is_given_up_and_the_ring_rebuilt_from_the_rejoins() {
             t.asks
         );
         drop(t);
-        sim.settle();
-        assert_views_agree(&mut sim, seed);
-        assert_all_found(&mut sim);
+        settle_and_check(&mut sim, seed);
     }
 }
 
@@ -337,9 +330,7 @@ fn a_ring_rebuilt_from_rejoins_at_different_epochs_loses_nothing() {
             t.asks
         );
         drop(t);
-        sim.settle();
-        assert_views_agree(&mut sim, seed);
-        assert_all_found(&mut sim);
+        settle_and_check(&mut sim, seed);
         // The members came back under their ids, whoever registered first.
         assert_eq!(ids(&sim), members, "seed {seed}");
     }

@@ -191,10 +191,7 @@ fn a_restarted_manager_rebuilds_the_cluster_from_its_peers() {
         sim.restart_manager();
         let restarted = sim.now();
         assert!(
-            sim.run_until(Duration::from_secs(30), |s| s
-                .manager()
-                .ring()
-                .is_some_and(|r| r.settled && r.members.len() == 5)),
+            sim.run_until(Duration::from_secs(30), |s| s.settled_with(5)),
             "seed {seed}: no ring after the restart"
         );
         let took = sim.now() - restarted;
@@ -255,10 +252,7 @@ fn a_not_known_answer_that_crossed_a_rejoin_is_ignored() {
         sim.advance(Duration::from_secs(1));
         sim.restart_manager();
         assert!(
-            sim.run_until(Duration::from_secs(30), |s| s
-                .manager()
-                .ring()
-                .is_some_and(|r| r.settled && r.members.len() == 5)),
+            sim.run_until(Duration::from_secs(30), |s| s.settled_with(5)),
             "seed {seed}: no ring after the restart"
         );
         // Long enough for every slowed answer to arrive.

@@ -28,12 +28,6 @@ fn count_fragments(sim: &Sim) -> Rc<RefCell<u64>> {
     seen
 }
 
-fn settled_with(sim: &Sim, members: usize) -> bool {
-    sim.manager()
-        .ring()
-        .is_some_and(|r| r.settled && r.members.len() == members)
-}
-
 #[test]
 fn views_in_fragments_survive_churn_a_crash_and_a_manager_restart_on_a_bad_network() {
     for seed in 0..4 {
@@ -67,7 +61,7 @@ fn views_in_fragments_survive_churn_a_crash_and_a_manager_restart_on_a_bad_netwo
         sim.terminate("peer-2");
         sim.crash("peer-5");
         assert!(
-            sim.run_until(Duration::from_secs(60), |s| settled_with(s, 7)),
+            sim.run_until(Duration::from_secs(60), |s| s.settled_with(7)),
             "seed {seed}: no ring after the churn"
         );
         sim.settle();
@@ -81,7 +75,7 @@ fn views_in_fragments_survive_churn_a_crash_and_a_manager_restart_on_a_bad_netwo
         sim.advance(Duration::from_secs(1));
         sim.restart_manager();
         assert!(
-            sim.run_until(Duration::from_secs(60), |s| settled_with(s, 7)
+            sim.run_until(Duration::from_secs(60), |s| s.settled_with(7)
                 && s.manager().ring().is_some_and(|r| r.epoch > epoch)),
             "seed {seed}: no ring after the manager's restart"
         );

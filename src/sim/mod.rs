@@ -505,6 +505,13 @@ impl Sim {
         });
     }
 
+    /// The manager holds a settled ring of `members`.
+    pub fn settled_with(&self, members: usize) -> bool {
+        self.manager()
+            .ring()
+            .is_some_and(|r| r.settled && r.members.len() == members)
+    }
+
     pub fn registered(&self) -> usize {
         self.peers
             .iter()
