@@ -512,3 +512,56 @@ fn members_get_ring_changes_as_deltas_and_a_joiner_whole_views() {
     assert_eq!(late[0].attr("delta.base"), None, "{late:#?}");
     assert_eq!(late[0].attr("members"), Some("5"), "{late:#?}");
 }
+
+/// A ring view larger than a datagram (8 members × 64 tokens, 4,096-byte datagrams) reaches
+/// each peer in fragments; each peer still exports a `ring_update` span for it, with the
+/// view's fields, in the trace of the setup that published it.
+#[test]
+fn a_view_that_came_in_fragments_has_its_ring_update_span_in_the_setup_trace() {
+    let receiver = OtlpReceiver::start();
+    let mut env = traced_env(&receiver.endpoint);
+    env.push(("STORM_VNODES", "64".to_string()));
+    env.push(("STORM_MAX_DATAGRAM", "4096".to_string()));
+    let mut cluster = Cluster::start_with(8, &env);
+    let out = ctl_traced(&cluster, &receiver.endpoint, &["--json", "setup"]);
+    assert!(out.status.success(), "{out:?}");
+    let status = cluster.status();
+    let fragmented = status["manager"]["fragmented"].as_u64().unwrap_or(0);
+    assert!(
+        fragmented >= 8,
+        "the views did not go in fragments: {status}"
+    );
+    teardown_and_flush(&mut cluster);
+    let whole_updates = |spans: &[SpanRecord], peer: &str| -> Vec<SpanRecord> {
+        spans
+            .iter()
+            .filter(|s| {
+                s.name == "ring_update"
+                    && s.attr("peer.name") == Some(peer)
+                    && s.attr("members") == Some("8")
+                    && s.attr("delta.base").is_none()
+            })
+            .cloned()
+            .collect()
+    };
+    let spans = receiver.wait_for(Duration::from_secs(10), |all| {
+        (0..8).all(|i| !whole_updates(all, &format!("peer-{i}")).is_empty())
+    });
+    let setup_trace = spans
+        .iter()
+        .find(|s| s.name == "stormctl setup")
+        .map(|s| s.trace_id.clone())
+        .unwrap_or_else(|| panic!("no stormctl setup span: {spans:#?}"));
+    for i in 0..8 {
+        let name = format!("peer-{i}");
+        let updates = whole_updates(&spans, &name);
+        assert!(
+            !updates.is_empty(),
+            "{name}: no ring_update span: {spans:#?}"
+        );
+        assert!(
+            updates.iter().any(|u| u.trace_id == setup_trace),
+            "{name}: no ring_update in the setup's trace {setup_trace}: {updates:#?}"
+        );
+    }
+}
