@@ -472,6 +472,10 @@ impl Peer {
         self.live.manager = Some(manager);
         // Heartbeats sent so far went out before this registration was accepted.
         self.live.registered_beat = self.live.beats;
+        // Answered: a registration still retransmitted (its ack lost) is done with. Left
+        // pending, it outlived a manager that died, reached the next one as a newcomer's
+        // registration, and kept the peer's rejoin from being sent (soak K = 1,782).
+        self.link.cancel_where(|t| matches!(t, PeerTag::Register));
         if self.id == Some(id) {
             return; // registered again after a manager restart, under the same id
         }
@@ -1513,6 +1517,63 @@ mod tests {
         from_manager(&mut peer, 0, not_known(2));
         assert_eq!(peer.id(), None);
         assert_eq!(registers(&mut peer), 1);
+    }
+
+    /// A registration answered (`Registered`) but whose ack was lost is done with: left
+    /// pending, it was retransmitted to the next manager after a restart, registering the
+    /// peer there as a newcomer (it dropped its view for a new id), and the rejoin that should
+    /// have named the peer's view was never sent (soak K = 1,782: rows left one copy short).
+    #[test]
+    fn an_answered_registration_whose_ack_was_lost_is_not_sent_again() {
+        let manager: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mut peer = Peer::new(config(manager), 1, Duration::ZERO);
+        let bodies = |peer: &mut Peer| -> Vec<Body> {
+            std::iter::from_fn(|| peer.poll_transmit())
+                .filter_map(|t| Envelope::decode(&t.bytes).ok())
+                .map(|e| e.body)
+                .collect()
+        };
+        let first = bodies(&mut peer);
+        assert!(matches!(
+            first.as_slice(),
+            [Body::Register { rejoin: None, .. }]
+        ));
+        // Answered, its ack lost.
+        let mut now = Duration::from_millis(10);
+        let from_manager = |peer: &mut Peer, now: Time, incarnation: u64, seq: u64, body: Body| {
+            peer.handle(
+                now,
+                manager,
+                Envelope::new(incarnation, seq, None, body),
+                None,
+            )
+        };
+        from_manager(&mut peer, now, 9, 1, Body::Registered { id: 6 });
+        from_manager(&mut peer, now, 9, 2, Body::Ring(view_at(3, 6)));
+        // The manager dies; the registration is not retransmitted to the next one.
+        let mut sent = Vec::new();
+        for _ in 0..20 {
+            now += Duration::from_millis(300);
+            peer.handle_timeout(now);
+            sent.extend(bodies(&mut peer));
+        }
+        assert!(
+            !sent.iter().any(|b| matches!(b, Body::Register { .. })),
+            "{sent:?}"
+        );
+        // The next manager does not know it: it rejoins, naming its view.
+        let not_known = Body::HeartbeatAck {
+            known: false,
+            id: Some(6),
+            beat: Some(peer.live.beats),
+        };
+        from_manager(&mut peer, now, 11, 0, not_known);
+        let sent = bodies(&mut peer);
+        assert!(
+            sent.iter()
+                .any(|b| matches!(b, Body::Register { rejoin: Some(r), .. } if r.id == 6)),
+            "{sent:?}"
+        );
     }
 
     /// A restarted manager that gave this newcomer the id of a member not yet back gives it
