@@ -187,7 +187,7 @@ impl Manager {
     /// registered as a newcomer in its turn (taking the id of the next member, and so on),
     /// and each of them left its place in the ring and had its rows placed anew.
     fn make_way_for(&mut self, now: Time, id: PeerId, name: &str) {
-        let Some(newcomer) = self
+        let Some((newcomer, addr)) = self
             .registry
             .get(id)
             .filter(|p| p.standing == Standing::Registered && p.name != name)
@@ -204,11 +204,10 @@ impl Manager {
         self.link
             .cancel_where(|t| matches!(t, ManagerTag::ToPeer(p, _) if *p == id));
         self.events.push(ManagerEvent::Warning(format!(
-            "peer {} registered as {id} before member {id} ({name}) rejoined; it is now {new}",
-            newcomer.0
+            "peer {newcomer} registered as {id} before member {id} ({name}) rejoined; it is now {new}"
         )));
         let tag = ManagerTag::ToPeer(new, PeerMessage::Registered);
-        self.send(now, newcomer.1, Body::Registered { id: new }, None, tag);
+        self.send(now, addr, Body::Registered { id: new }, None, tag);
     }
 
     /// Asks a holder of the newest view wanted for the whole of it, unless one was asked

@@ -121,8 +121,8 @@ impl Peer {
         self.base = None;
         self.id = None;
         self.reset_handoff();
-        // A registration still in flight may already have been answered (its ack is late):
-        // its answer came before this and will not come again, so send a new one.
+        // A registration still in flight (a rejoin) names the id and ring just dropped: it
+        // is replaced by a new one. (One already answered was cancelled by its answer.)
         self.link.cancel_where(|t| matches!(t, PeerTag::Register));
         self.register(now, None);
     }
