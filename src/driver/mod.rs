@@ -10,6 +10,7 @@
 //! Role-specific work — opening and closing spans, loading files, how an exit ends the process
 //! — lives in a [`Shell`]: [`manager`] and [`peer`].
 
+pub mod blocking;
 pub mod manager;
 pub mod peer;
 pub mod socket;
@@ -180,14 +181,89 @@ fn reject_undecodable(bytes: &[u8], err: &WireError, incarnation: u64) -> Option
 /// and timers still run between floods.
 const RECV_BURST: usize = 64;
 
-/// The driver's own parts: clock, buffer, counters, chaos.
-struct Io<'s, S> {
-    socket: &'s S,
-    start: Instant,
+/// The driver's own parts that never touch the socket or the clock: the receive buffer, the
+/// counters, chaos and the key. Both loops (this module's [`drive`] and
+/// [`blocking::drive_blocking`]) send and receive through it, so that they differ only in how
+/// they wait.
+struct Gate {
     buf: Vec<u8>,
     dropped: DroppedLog,
     chaos: Option<Chaos>,
     keyring: Option<Keyring>,
+    incarnation: u64,
+}
+
+/// What became of a received datagram.
+enum Admitted {
+    Envelope(Envelope),
+    /// Undecodable but from a key holder: this rejection goes back.
+    Reject(Transmit),
+    /// Counted and dropped.
+    Dropped,
+}
+
+impl Gate {
+    fn new(options: &DriveOptions, incarnation: u64) -> Gate {
+        Gate {
+            // Filled, not zeroed: a zeroed allocation's pages stay unmapped until the first
+            // large datagram, which then pays the page faults, and its 64 KiB show up as if
+            // the datagram's rows took them. Touched now, they are part of the idle footprint.
+            buf: vec![0xa5; 65_536],
+            dropped: DroppedLog::default(),
+            chaos: Chaos::new(&options.chaos),
+            keyring: options.keyring.clone(),
+            incarnation,
+        }
+    }
+
+    /// The bytes that go out for `t` (sealed when keyed) and how many times: 0, 1 or 2 under
+    /// chaos, else 1.
+    fn outgoing<'t>(&mut self, t: &'t Transmit) -> (std::borrow::Cow<'t, [u8]>, usize) {
+        let copies = self.chaos.as_mut().map_or(1, Chaos::copies);
+        if copies == 0 {
+            return (std::borrow::Cow::Borrowed(&[]), 0);
+        }
+        (seal_if_keyed(self.keyring.as_ref(), &t.bytes), copies)
+    }
+
+    /// Checks and decodes the datagram in `buf[..len]`, or counts it. An undecodable datagram
+    /// from a sender that holds the key is answered with a rejection; one without a valid tag
+    /// gets no answer at all (an answer would tell a stranger something).
+    fn admit(&mut self, len: usize, from: SocketAddr) -> Admitted {
+        let payload = match open_if_keyed(self.keyring.as_ref(), &self.buf[..len]) {
+            Ok(payload) => payload,
+            Err(e) => {
+                self.dropped.unauthenticated(from, len, &e);
+                return Admitted::Dropped;
+            }
+        };
+        match Envelope::decode(payload) {
+            Ok(env) => Admitted::Envelope(env),
+            Err(e) => {
+                let reply = reject_undecodable(payload, &e, self.incarnation);
+                self.dropped.undecodable(from, len, &e);
+                match reply {
+                    Some(bytes) => Admitted::Reject(Transmit { dest: from, bytes }),
+                    None => Admitted::Dropped,
+                }
+            }
+        }
+    }
+
+    /// Tells the machine what was dropped since it was last told.
+    fn report_dropped<M: Machine>(&mut self, machine: &Shared<M>) {
+        let dropped = std::mem::take(&mut self.dropped.unreported);
+        if !dropped.is_empty() {
+            lock(machine).note_dropped(dropped);
+        }
+    }
+}
+
+/// The async loop's socket and clock around its [`Gate`].
+struct Io<'s, S> {
+    socket: &'s S,
+    start: Instant,
+    gate: Gate,
 }
 
 impl<S: DatagramSocket> Io<'_, S> {
@@ -200,11 +276,7 @@ impl<S: DatagramSocket> Io<'_, S> {
     }
 
     async fn send(&mut self, t: &Transmit) {
-        let copies = self.chaos.as_mut().map_or(1, Chaos::copies);
-        if copies == 0 {
-            return;
-        }
-        let bytes = seal_if_keyed(self.keyring.as_ref(), &t.bytes);
+        let (bytes, copies) = self.gate.outgoing(t);
         for _ in 0..copies {
             if let Err(e) = self.socket.send_to(&bytes, t.dest).await {
                 // Loss is handled by retransmission; a send error is just another loss.
@@ -213,27 +285,14 @@ impl<S: DatagramSocket> Io<'_, S> {
         }
     }
 
-    /// Checks and decodes one received datagram, or counts it. An undecodable datagram from a
-    /// sender that holds the key is answered with a rejection; one without a valid tag gets
-    /// no answer at all (an answer would tell a stranger something).
-    async fn decode(&mut self, len: usize, from: SocketAddr, incarnation: u64) -> Option<Envelope> {
-        let payload = match open_if_keyed(self.keyring.as_ref(), &self.buf[..len]) {
-            Ok(payload) => payload,
-            Err(e) => {
-                self.dropped.unauthenticated(from, len, &e);
-                return None;
-            }
-        };
-        match Envelope::decode(payload) {
-            Ok(env) => Some(env),
-            Err(e) => {
-                let reply = reject_undecodable(payload, &e, incarnation);
-                self.dropped.undecodable(from, len, &e);
-                if let Some(bytes) = reply {
-                    self.send(&Transmit { dest: from, bytes }).await;
-                }
+    async fn decode(&mut self, len: usize, from: SocketAddr) -> Option<Envelope> {
+        match self.gate.admit(len, from) {
+            Admitted::Envelope(env) => Some(env),
+            Admitted::Reject(t) => {
+                self.send(&t).await;
                 None
             }
+            Admitted::Dropped => None,
         }
     }
 }
@@ -297,13 +356,7 @@ where
     let mut io = Io {
         socket,
         start,
-        // Filled, not zeroed: a zeroed allocation's pages stay unmapped until the first large
-        // datagram, which then pays the page faults, and its 64 KiB show up as if the
-        // datagram's rows took them. Touched now, they are part of the idle footprint.
-        buf: vec![0xa5; 65_536],
-        dropped: DroppedLog::default(),
-        chaos: Chaos::new(&options.chaos),
-        keyring: options.keyring.clone(),
+        gate: Gate::new(options, incarnation),
     };
     let mut shutdown_seen = false;
     // The shutdown watch and the timer live across iterations: made anew for every datagram,
@@ -342,8 +395,8 @@ where
                     }
                 }
             }
-            r = socket.recv_from(&mut io.buf) => match r {
-                Ok(first) => receive_burst(&mut io, machine, shell, first, incarnation).await,
+            r = socket.recv_from(&mut io.gate.buf) => match r {
+                Ok(first) => receive_burst(&mut io, machine, shell, first).await,
                 Err(e) => {
                     // ICMP errors surface here on some systems; the next datagram is unaffected.
                     tracing::debug!("receive failed: {e}");
@@ -400,7 +453,6 @@ async fn receive_burst<S, M, H>(
     machine: &Shared<M>,
     shell: &mut H,
     first: (usize, SocketAddr),
-    incarnation: u64,
 ) -> Control<H::Exit>
 where
     S: DatagramSocket,
@@ -413,7 +465,7 @@ where
     let mut outgoing: Vec<Transmit> = Vec::new();
     while let Some((len, from)) = next.take() {
         taken += 1;
-        if let Some(env) = io.decode(len, from, incarnation).await {
+        if let Some(env) = io.decode(len, from).await {
             let c = deliver(io.now(), machine, shell, from, env);
             if matches!(control, Control::Continue) {
                 control = c;
@@ -426,13 +478,10 @@ where
             }
         }
         if taken < RECV_BURST {
-            next = io.socket.try_recv_from(&mut io.buf).ok();
+            next = io.socket.try_recv_from(&mut io.gate.buf).ok();
         }
     }
-    let dropped = std::mem::take(&mut io.dropped.unreported);
-    if !dropped.is_empty() {
-        lock(machine).note_dropped(dropped);
-    }
+    io.gate.report_dropped(machine);
     control
 }
 

@@ -1,8 +1,9 @@
 //! The peer's shell: a span per query hop, stored batch and ring update; exit after a short
 //! linger; SIGTERM as a graceful leave.
 
+use super::blocking::{BlockingShell, drive_blocking};
 use super::manager::{NodeError, open_node};
-use super::{Control, Shell, Shutdown, Timer, drive, lookup, shared};
+use super::{Control, Shell, Shutdown, Timer, lookup, shared};
 use crate::config::Config;
 use crate::link::Time;
 use crate::peer::{Peer, PeerConfig, PeerEvent};
@@ -274,7 +275,45 @@ pub async fn run_peer(
         let _ = tx.send(local);
     }
     let mut shell = PeerShell::trimming();
-    Ok(drive(&socket, &peer, &mut shell, shutdown, &options).await)
+    // The peer's loop runs on a thread of its own over a blocking socket (see
+    // [`drive_blocking`]); the runtime keeps the signals and the span exporter.
+    let socket = socket
+        .into_std()
+        .and_then(|s| s.set_nonblocking(false).map(|()| s))
+        .map_err(|source| NodeError::LocalAddr {
+            addr: cfg.listen.clone(),
+            source,
+        })?;
+    let looped = tokio::task::spawn_blocking(move || {
+        drive_blocking(&socket, &peer, &mut shell, shutdown, &options)
+    });
+    match looped.await {
+        Ok(exit) => Ok(exit),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Ok(PeerExit {
+            code: 1,
+            reason: format!("the peer's loop was stopped: {e}"),
+        }),
+    }
+}
+
+impl BlockingShell<Peer> for PeerShell {
+    fn housekeeping(&mut self, now: std::time::Instant) -> Option<std::time::Instant> {
+        let at = self.trim_at?.into_std();
+        if now < at {
+            return Some(at);
+        }
+        self.trim_at = None;
+        release_free_memory();
+        None
+    }
+
+    fn abandoned(&mut self) -> PeerExit {
+        PeerExit {
+            code: 1,
+            reason: "stopped: whoever started this peer is gone".into(),
+        }
+    }
 }
 
 /// Hands the allocator's free pages back to the kernel. Adopting a view allocates and frees

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::time::Duration;
 use tokio::net::UdpSocket;
 
 /// A datagram socket as the driver uses it. Every method is cancel safe: a `recv_from` dropped
@@ -82,9 +83,88 @@ fn bind_addr(addr: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
+/// The shortest receive timeout (a socket takes no zero).
+const MIN_WAIT: Duration = Duration::from_millis(1);
+/// How late a wake-up may be rather than set the socket's timeout again: the machines' timers
+/// are tens of milliseconds and more.
+const SLACK: Duration = Duration::from_millis(1);
+
+/// A blocking socket's receive timeout, set only when it must change (one system call each
+/// time): a receive started now must return by the next deadline (within [`SLACK`]), and
+/// should not wake much earlier than it. Never above `max`, so that a loop still looks at
+/// whatever it polls (a shutdown signal) that often.
+pub(crate) struct ReadTimeout {
+    current: Option<Duration>,
+    max: Duration,
+}
+
+impl ReadTimeout {
+    pub(crate) fn new(max: Duration) -> Self {
+        ReadTimeout { current: None, max }
+    }
+
+    /// The timeout to set for a wait of `want`, if it changes.
+    fn change_for(&self, want: Duration) -> Option<Duration> {
+        let want = want.clamp(MIN_WAIT, self.max.max(MIN_WAIT));
+        match self.current {
+            Some(cur) if cur <= want + SLACK && cur * 2 >= want => None,
+            _ => Some(want),
+        }
+    }
+
+    /// Makes the next receive on `socket` wait at most about `want`.
+    pub(crate) fn set(&mut self, socket: &std::net::UdpSocket, want: Duration) {
+        if let Some(t) = self.change_for(want) {
+            match socket.set_read_timeout(Some(t)) {
+                Ok(()) => self.current = Some(t),
+                Err(e) => tracing::warn!("could not set the receive timeout: {e}"),
+            }
+        }
+    }
+}
+
+/// True for the errors a receive with a timeout returns when the time is up.
+pub(crate) fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_receive_timeout_changes_only_when_it_would_oversleep_or_wake_far_too_early() {
+        let ms = Duration::from_millis;
+        let mut t = ReadTimeout::new(ms(100));
+        // Nothing set yet: set, never above the maximum nor below the minimum.
+        assert_eq!(t.change_for(ms(5_000)), Some(ms(100)));
+        assert_eq!(t.change_for(Duration::ZERO), Some(MIN_WAIT));
+        t.current = Some(ms(100));
+        // A later deadline: waking at the maximum is as before.
+        assert_eq!(t.change_for(ms(5_000)), None);
+        // A deadline within the slack of the current timeout: kept.
+        assert_eq!(t.change_for(ms(99)), None);
+        // One that the current timeout would oversleep: lowered to it.
+        assert_eq!(t.change_for(ms(40)), Some(ms(40)));
+        t.current = Some(ms(40));
+        // Somewhat later: kept (an early wake-up is harmless); much later: raised.
+        assert_eq!(t.change_for(ms(60)), None);
+        assert_eq!(t.change_for(ms(90)), Some(ms(90)));
+    }
+
+    #[test]
+    fn a_blocking_receive_returns_by_its_timeout_and_says_so() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut t = ReadTimeout::new(Duration::from_millis(100));
+        t.set(&socket, Duration::from_millis(20));
+        let started = std::time::Instant::now();
+        let err = socket.recv_from(&mut [0u8; 8]).unwrap_err();
+        assert!(timed_out(&err), "{err}");
+        assert!(started.elapsed() >= Duration::from_millis(15));
+    }
 
     #[tokio::test]
     async fn lookup_prefers_ipv4_and_names_the_bad_address() {
