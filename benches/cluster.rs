@@ -41,7 +41,7 @@ use serde_json::{Value, json};
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use stormdht::client::{Client, verify};
+use stormdht::client::{BlockingClient, Client, verify};
 use stormdht::config::Config;
 use stormdht::record::{self, Dataset, RecordKey};
 use stormdht::wire::{ClientRequest, ReplyBody, Routing};
@@ -225,8 +225,8 @@ impl Scenario<'_> {
 /// measured before the queries is not the floor they ran on. With `cpu`, the CPU the queries
 /// took is added to it: this thread's around each call, and that of the processes `pids`
 /// around each block of queries (not during the floor's round trips).
-async fn timed_queries(
-    client: &mut Client,
+fn timed_queries(
+    client: &mut BlockingClient,
     sc: &Scenario<'_>,
     mut echo: Option<(&floor::Echo, &mut Vec<f64>)>,
     mut cpu: Option<(&[u32], &mut floor::CpuTally)>,
@@ -262,7 +262,7 @@ async fn timed_queries(
             via: None,
             routing: Some(sc.routing),
         };
-        let reply = client.call(req, None).await;
+        let reply = client.call(req, None);
         latencies.push(t.elapsed().as_secs_f64() * 1e6);
         client_ns += floor::thread_cpu_ns().saturating_sub(cpu_before);
         match reply {
@@ -333,15 +333,23 @@ async fn run(sc: &Scenario<'_>) -> Value {
     // Seeded random keys, one query at a time: the same 1,000 queries on every run, entering
     // at the next member round the ring, then the same keys entering at their owner (by the
     // client's view): no hop but the answer.
-    // The floor's round trips are timed between blocks of the same queries.
+    // The floor's round trips are timed between blocks of the same queries. The queries go
+    // through the blocking client (`stormctl query`'s), on this thread.
+    let mut querier = nodes
+        .manager()
+        .parse()
+        .map_err(|e| format!("{e}"))
+        .and_then(|addr| {
+            BlockingClient::connect(addr, Duration::from_secs(600)).map_err(|e| e.to_string())
+        })
+        .expect("blocking client");
     let echo = floor::Echo::start();
     let (mut ring_rtts, mut owner_rtts) = (Vec::new(), Vec::new());
-    let (latencies, hops) =
-        timed_queries(&mut client, sc, Some((&echo, &mut ring_rtts)), None).await;
-    client.set_owner_entry(true);
+    let (latencies, hops) = timed_queries(&mut querier, sc, Some((&echo, &mut ring_rtts)), None);
+    querier.set_owner_entry(true);
     let (owner_latencies, owner_hops) =
-        timed_queries(&mut client, sc, Some((&echo, &mut owner_rtts)), None).await;
-    client.set_owner_entry(false);
+        timed_queries(&mut querier, sc, Some((&echo, &mut owner_rtts)), None);
+    querier.set_owner_entry(false);
     drop(echo);
     let one_way_us = floor::one_way_of(ring_rtts);
     let one_way_owner_us = floor::one_way_of(owner_rtts);
@@ -353,22 +361,21 @@ async fn run(sc: &Scenario<'_>) -> Value {
         let echo = floor::Echo::start();
         let (mut ring_rtts, mut owner_rtts) = (Vec::new(), Vec::new());
         let (ring, ring_hops) =
-            timed_queries(&mut client, sc, Some((&echo, &mut ring_rtts)), None).await;
-        client.set_owner_entry(true);
+            timed_queries(&mut querier, sc, Some((&echo, &mut ring_rtts)), None);
+        querier.set_owner_entry(true);
         // Where the owner-entry time goes: the CPU of a query (the client, the peers) against
         // that of the floor's round trip (pinger, echo), all on this one CPU.
         echo.take_cpu();
         let pids = nodes.pids().unwrap_or_default();
         let mut query_cpu = floor::CpuTally::default();
         let (owner, owner_hops) = timed_queries(
-            &mut client,
+            &mut querier,
             sc,
             Some((&echo, &mut owner_rtts)),
             Some((&pids, &mut query_cpu)),
-        )
-        .await;
+        );
         let echo_cpu = echo.take_cpu();
-        client.set_owner_entry(false);
+        querier.set_owner_entry(false);
         drop(echo);
         drop(pinned);
         let (ring_one_way, owner_one_way) =

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use stormdht::auth::Keyring;
-use stormdht::client::{Client, verify_with};
+use stormdht::client::{BlockingClient, Client, verify_with};
 use stormdht::config::TelemetryConfig;
 use stormdht::record::{self, RecordKey};
 use stormdht::report;
@@ -486,10 +486,21 @@ async fn query(
     );
     let trace_id = telemetry::trace_id_of(&span);
     let trace = telemetry::context_of(&span);
+    // One query, on the blocking client: no runtime between it and its socket.
     let started = Instant::now();
-    let result = client
-        .call(ClientRequest::Query { key, via, routing }, trace)
-        .await;
+    let mut blocking = match BlockingClient::like(client) {
+        Ok(b) => b,
+        Err(e) => return fail(cli.json, e),
+    };
+    let manager = blocking.manager();
+    let asked = tokio::task::spawn_blocking(move || {
+        blocking.call(ClientRequest::Query { key, via, routing }, trace)
+    })
+    .await;
+    let result = match asked {
+        Ok(result) => result,
+        Err(e) => return fail(cli.json, format!("the query stopped: {e}")),
+    };
     let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
     let trace_url = match (&cli.jaeger_ui, &trace_id) {
         (Some(ui), Some(id)) => Some(format!("{}/trace/{id}", ui.trim_end_matches('/'))),
@@ -500,7 +511,7 @@ async fn query(
             span.record("found", q.found);
             // Where the query entered: the first hop, or the manager that relayed it.
             let entry = q.hops.first().and_then(|h| h.addr);
-            let entry = entry.unwrap_or(client.manager());
+            let entry = entry.unwrap_or(manager);
             span.record("network.peer.address", entry.ip().to_string());
             span.record("network.peer.port", entry.port());
             if cli.json {
