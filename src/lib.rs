@@ -32,7 +32,7 @@ pub mod machine;
 pub mod manager;
 pub mod measure;
 pub mod peer;
-mod quick_decode;
+mod quick_codec;
 pub mod record;
 pub mod report;
 pub mod ring;

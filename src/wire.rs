@@ -1096,11 +1096,14 @@ impl Envelope {
                 Ok(buffer) => buffer,
                 Err(_) => &mut fresh,
             };
-            out.clear();
-            ciborium::ser::into_writer(self, &mut *out).map_err(|e| WireError::Encode {
-                kind: self.body.kind(),
-                reason: e.to_string(),
-            })?;
+            // A query's messages without serde (the same bytes), the rest through it.
+            if !crate::quick_codec::encode_into(self, out) {
+                out.clear();
+                ciborium::ser::into_writer(self, &mut *out).map_err(|e| WireError::Encode {
+                    kind: self.body.kind(),
+                    reason: e.to_string(),
+                })?;
+            }
             if out.len() > limit {
                 return Err(WireError::TooLarge(out.len()));
             }
@@ -1126,7 +1129,7 @@ impl Envelope {
         }
         // A query's messages first, read without serde (a third of a query's CPU went to
         // decoding); anything else, or any doubt, goes the general way.
-        if let Some(env) = crate::quick_decode::envelope(bytes) {
+        if let Some(env) = crate::quick_codec::envelope(bytes) {
             if env.v != PROTOCOL_VERSION {
                 return Err(WireError::Version { got: env.v });
             }

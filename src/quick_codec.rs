@@ -1,6 +1,6 @@
-//! A decoder for the messages on a query's path (`Lookup`, `Find`, `Answer`, `Found`, and a
-//! verify's `Lookups` and `Answers`), in
-//! the exact shape ciborium gives them, tried before the general serde decoder.
+//! A decoder and an encoder for the messages on a query's path (`Lookup`, `Find`, `Answer`,
+//! `Found`, and a verify's `Lookups` and `Answers`), in the exact shape ciborium gives them,
+//! tried before serde.
 //!
 //! Decoding was the largest part of a query's own work: a 85-byte lookup took 1.1 µs through
 //! the guard's walk and serde's visitors, a 386-byte answer 2.3 µs (each field name read,
@@ -13,6 +13,9 @@
 //! gives `None`, and the datagram goes to the general decoder, which accepts or refuses it as
 //! before. So where this reader answers, it answers what serde would (tested below on
 //! arbitrary messages and on their corruptions).
+//!
+//! The encoder writes the same messages byte for byte as ciborium does (tested below), without
+//! serde's calls per field: encoding a lookup was a seventh of a client's CPU per query.
 
 use crate::record::RecordKey;
 use crate::wire::{
@@ -269,6 +272,197 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Writes CBOR items as ciborium does: every head in its shortest form, definite lengths.
+struct Writer {
+    out: Vec<u8>,
+}
+
+impl Writer {
+    fn head(&mut self, major: u8, arg: u64) {
+        let major = major << 5;
+        match arg {
+            0..=23 => self.out.push(major | arg as u8),
+            24..=0xff => self.out.extend_from_slice(&[major | 24, arg as u8]),
+            0x100..=0xffff => {
+                self.out.push(major | 25);
+                self.out.extend_from_slice(&(arg as u16).to_be_bytes());
+            }
+            0x1_0000..=0xffff_ffff => {
+                self.out.push(major | 26);
+                self.out.extend_from_slice(&(arg as u32).to_be_bytes());
+            }
+            _ => {
+                self.out.push(major | 27);
+                self.out.extend_from_slice(&arg.to_be_bytes());
+            }
+        }
+    }
+
+    fn uint(&mut self, n: u64) {
+        self.head(0, n);
+    }
+
+    fn string(&mut self, major: u8, bytes: &[u8]) {
+        self.head(major, bytes.len() as u64);
+        self.out.extend_from_slice(bytes);
+    }
+
+    fn text(&mut self, s: &str) {
+        self.string(3, s.as_bytes());
+    }
+
+    fn boolean(&mut self, b: bool) {
+        self.out.push(if b { 0xf5 } else { 0xf4 });
+    }
+
+    fn record_key(&mut self, key: RecordKey) {
+        self.head(5, 1);
+        match key {
+            RecordKey::Event(_) => self.text("Event"),
+            RecordKey::Fallback(_) => self.text("Fallback"),
+        }
+        self.uint(key.as_u64());
+    }
+
+    fn path(&mut self, path: &[PeerId]) {
+        self.head(4, path.len() as u64);
+        for id in path {
+            self.uint(u64::from(*id));
+        }
+    }
+
+    fn hops(&mut self, hops: &[HopTiming]) {
+        self.head(4, hops.len() as u64);
+        for h in hops {
+            self.head(5, 2);
+            self.text("peer");
+            self.uint(u64::from(h.peer));
+            self.text("at_us");
+            self.uint(h.at_us);
+        }
+    }
+
+    /// `None` when `reply_to` is set (left to serde).
+    fn find_event(&mut self, f: &FindEvent) -> Option<()> {
+        if f.reply_to.is_some() {
+            return None;
+        }
+        self.head(5, 5);
+        self.text("query");
+        self.uint(f.query);
+        self.text("key");
+        self.record_key(f.key);
+        self.text("path");
+        self.path(&f.path);
+        self.text("hops");
+        self.hops(&f.hops);
+        self.text("routing");
+        self.text(match f.routing {
+            Routing::Walk => "walk",
+            Routing::Fingers => "fingers",
+        });
+        Some(())
+    }
+
+    fn find_result(&mut self, r: &FindResult) -> Option<()> {
+        self.head(5, 8);
+        self.text("query");
+        self.uint(r.query);
+        self.text("key");
+        self.record_key(r.key);
+        self.text("found");
+        self.boolean(r.found);
+        self.text("records");
+        self.head(4, r.records.len() as u64);
+        for rec in &r.records {
+            self.head(5, 2);
+            self.text("columns");
+            self.string(2, rec.columns.as_bytes());
+            self.text("values");
+            self.string(2, rec.values.as_bytes());
+        }
+        self.text("path");
+        self.path(&r.path);
+        self.text("truncated");
+        self.boolean(r.truncated);
+        self.text("hops");
+        self.hops(&r.hops);
+        self.text("unreached");
+        self.boolean(r.unreached);
+        Some(())
+    }
+
+    fn many<T>(&mut self, items: &[T], item: fn(&mut Self, &T) -> Option<()>) -> Option<()> {
+        self.head(4, items.len() as u64);
+        items.iter().try_for_each(|i| item(self, i))
+    }
+
+    fn body(&mut self, body: &Body) -> Option<()> {
+        self.head(5, 1);
+        match body {
+            Body::Lookup(f) => {
+                self.text("Lookup");
+                self.find_event(f)
+            }
+            Body::Find(f) => {
+                self.text("Find");
+                self.find_event(f)
+            }
+            Body::Answer(r) => {
+                self.text("Answer");
+                self.find_result(r)
+            }
+            Body::Found(r) => {
+                self.text("Found");
+                self.find_result(r)
+            }
+            Body::Lookups(finds) => {
+                self.text("Lookups");
+                self.many(finds, Self::find_event)
+            }
+            Body::Answers(results) => {
+                self.text("Answers");
+                self.many(results, Self::find_result)
+            }
+            _ => None,
+        }
+    }
+
+    fn envelope(&mut self, env: &Envelope) -> Option<()> {
+        self.head(5, if env.trace.is_some() { 5 } else { 4 });
+        self.text("v");
+        self.uint(u64::from(env.v));
+        self.text("from");
+        self.uint(env.from);
+        self.text("seq");
+        self.uint(env.seq);
+        if let Some(trace) = &env.trace {
+            self.text("trace");
+            self.head(5, if trace.tracestate.is_some() { 2 } else { 1 });
+            self.text("traceparent");
+            self.text(&trace.traceparent);
+            if let Some(state) = &trace.tracestate {
+                self.text("tracestate");
+                self.text(state);
+            }
+        }
+        self.text("body");
+        self.body(&env.body)
+    }
+}
+
+/// Encodes `env` into `out` (cleared first) as ciborium would, if it is one of a query's
+/// messages; false, with `out` to be discarded, for anything else (serde encodes it).
+pub fn encode_into(env: &Envelope, out: &mut Vec<u8>) -> bool {
+    out.clear();
+    let mut writer = Writer {
+        out: std::mem::take(out),
+    };
+    let done = writer.envelope(env).is_some();
+    *out = writer.out;
+    done
+}
+
 /// The envelope in `bytes` if it is one of a query's messages in ciborium's exact shape, with
 /// nothing after it; `None` for anything else (the general decoder decides).
 pub fn envelope(bytes: &[u8]) -> Option<Envelope> {
@@ -390,6 +584,25 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        /// A query's message is written byte for byte as ciborium writes it; anything else
+        /// is left to serde.
+        #[test]
+        fn writes_a_querys_messages_as_ciborium_does(env in envelope_strategy()) {
+            let mut out = vec![0xff; 3];
+            let done = encode_into(&env, &mut out);
+            let ours = matches!(
+                &env.body,
+                Body::Lookup(f) | Body::Find(f) if f.reply_to.is_none()
+            ) || matches!(
+                &env.body,
+                Body::Lookups(finds) if finds.iter().all(|f| f.reply_to.is_none())
+            ) || matches!(env.body, Body::Answer(_) | Body::Found(_) | Body::Answers(_));
+            prop_assert_eq!(done, ours);
+            if done {
+                prop_assert_eq!(out, encode(&env));
+            }
+        }
 
         /// A query's message as ciborium writes it is read back whole; anything else is left
         /// to the general decoder.
