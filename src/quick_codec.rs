@@ -1,6 +1,6 @@
 //! A decoder and an encoder for the messages on a query's path (`Lookup`, `Find`, `Answer`,
-//! `Found`, and a verify's `Lookups` and `Answers`), in the exact shape ciborium gives them,
-//! tried before serde.
+//! `Found`, the hop's `Ack`, and a verify's `Lookups` and `Answers`), in the exact shape
+//! ciborium gives them, tried before serde.
 //!
 //! Decoding was the largest part of a query's own work: a 85-byte lookup took 1.1 µs through
 //! the guard's walk and serde's visitors, a 386-byte answer 2.3 µs (each field name read,
@@ -238,6 +238,20 @@ impl<'a> Reader<'a> {
             b"Find" => Some(Body::Find(self.find_event()?)),
             b"Answer" => Some(Body::Answer(self.find_result()?)),
             b"Found" => Some(Body::Found(self.find_result()?)),
+            b"Ack" => {
+                let fields = self.container(5)?;
+                self.key("seq")?;
+                let seq = self.uint()?;
+                let new_rows = match fields {
+                    1 => None,
+                    2 => {
+                        self.key("new_rows")?;
+                        Some(u32::try_from(self.uint()?).ok()?)
+                    }
+                    _ => return None,
+                };
+                Some(Body::Ack { seq, new_rows })
+            }
             b"Lookups" => Some(Body::Lookups(self.many(Self::find_event)?)),
             b"Answers" => Some(Body::Answers(self.many(Self::find_result)?)),
             _ => None,
@@ -416,6 +430,17 @@ impl Writer {
                 self.text("Found");
                 self.find_result(r)
             }
+            Body::Ack { seq, new_rows } => {
+                self.text("Ack");
+                self.head(5, if new_rows.is_some() { 2 } else { 1 });
+                self.text("seq");
+                self.uint(*seq);
+                if let Some(n) = new_rows {
+                    self.text("new_rows");
+                    self.uint(u64::from(*n));
+                }
+                Some(())
+            }
             Body::Lookups(finds) => {
                 self.text("Lookups");
                 self.many(finds, Self::find_event)
@@ -560,6 +585,8 @@ mod tests {
             find_result().prop_map(Body::Found),
             prop::collection::vec(find_event(), 0..3).prop_map(Body::Lookups),
             prop::collection::vec(find_result(), 0..3).prop_map(Body::Answers),
+            (any::<u64>(), prop::option::of(any::<u32>()))
+                .prop_map(|(seq, new_rows)| Body::Ack { seq, new_rows }),
             Just(Body::LeaveRequest),
             any::<u64>().prop_map(|probe| Body::Probe { probe }),
         ];
@@ -597,7 +624,10 @@ mod tests {
             ) || matches!(
                 &env.body,
                 Body::Lookups(finds) if finds.iter().all(|f| f.reply_to.is_none())
-            ) || matches!(env.body, Body::Answer(_) | Body::Found(_) | Body::Answers(_));
+            ) || matches!(
+                env.body,
+                Body::Answer(_) | Body::Found(_) | Body::Answers(_) | Body::Ack { .. }
+            );
             prop_assert_eq!(done, ours);
             if done {
                 prop_assert_eq!(out, encode(&env));
@@ -616,7 +646,10 @@ mod tests {
             ) || matches!(
                 &env.body,
                 Body::Lookups(finds) if finds.iter().all(|f| f.reply_to.is_none())
-            ) || matches!(env.body, Body::Answer(_) | Body::Found(_) | Body::Answers(_));
+            ) || matches!(
+                env.body,
+                Body::Answer(_) | Body::Found(_) | Body::Answers(_) | Body::Ack { .. }
+            );
             if on_path {
                 prop_assert_eq!(quick, Some(env));
             } else {
