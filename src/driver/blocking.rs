@@ -173,3 +173,72 @@ fn receive<M: Machine, H: Shell<M>>(
     gate.report_dropped(machine);
     control
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::peer::{PeerShell, peer_config};
+    use crate::driver::shared;
+    use crate::peer::Peer;
+    use crate::wire::{Body, Envelope};
+    use tokio::sync::watch;
+
+    #[test]
+    fn the_shutdown_signal_is_read_as_asked_quiet_or_abandoned() {
+        let (tx, mut rx) = watch::channel(false);
+        assert!(matches!(signal(&mut rx), Signal::Quiet));
+        tx.send(true).unwrap();
+        assert!(matches!(signal(&mut rx), Signal::Stop));
+        // Asked, then the sender gone at once (stormd's signal task): still a stop.
+        let (tx, mut rx) = watch::channel(false);
+        tx.send(true).unwrap();
+        drop(tx);
+        assert!(matches!(signal(&mut rx), Signal::Stop));
+        // Gone without asking: nobody can stop the thread any more.
+        let (tx, mut rx) = watch::channel(false);
+        drop(tx);
+        assert!(matches!(signal(&mut rx), Signal::Abandoned));
+    }
+
+    /// A peer on a blocking loop, its manager a bare socket: it registers (the loop sends
+    /// what the machine queues, and again at the machine's retransmission deadline), and it
+    /// stops by itself once its shutdown sender is gone.
+    #[test]
+    fn a_blocking_peer_registers_again_at_its_deadline_and_stops_when_abandoned() {
+        let manager = UdpSocket::bind("127.0.0.1:0").unwrap();
+        manager
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut cfg = crate::config::Config::default();
+        cfg.name = "blocking-peer".into();
+        let peer = shared(Peer::new(
+            peer_config(&cfg, manager.local_addr().unwrap()),
+            7,
+            Duration::ZERO,
+        ));
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (tx, rx) = watch::channel(false);
+        let looped = std::thread::spawn(move || {
+            let mut shell = PeerShell::default();
+            drive_blocking(&socket, &peer, &mut shell, rx, &DriveOptions::default())
+        });
+        let mut buf = [0u8; 2048];
+        let mut registrations = Vec::new();
+        while registrations.len() < 2 {
+            let (len, _) = manager.recv_from(&mut buf).expect("a registration");
+            let env = Envelope::decode(&buf[..len]).unwrap();
+            if matches!(env.body, Body::Register { .. }) {
+                registrations.push((Instant::now(), env.seq));
+            }
+        }
+        // Unanswered, the same registration again after the retry policy's first interval.
+        assert_eq!(registrations[0].1, registrations[1].1);
+        assert!(registrations[1].0 - registrations[0].0 >= Duration::from_millis(100));
+        let stopped_at = Instant::now();
+        drop(tx);
+        let exit = looped.join().unwrap();
+        assert_eq!(exit.code, 1, "{exit:?}");
+        assert!(exit.reason.contains("gone"), "{exit:?}");
+        assert!(stopped_at.elapsed() < Duration::from_secs(2));
+    }
+}
