@@ -218,9 +218,11 @@ mod tests {
         ));
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         let (tx, rx) = watch::channel(false);
-        let looped = std::thread::spawn(move || {
+        let (exit_tx, exit_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
             let mut shell = PeerShell::default();
-            drive_blocking(&socket, &peer, &mut shell, rx, &DriveOptions::default())
+            let exit = drive_blocking(&socket, &peer, &mut shell, rx, &DriveOptions::default());
+            let _ = exit_tx.send(exit);
         });
         let mut buf = [0u8; 2048];
         let mut registrations = Vec::new();
@@ -234,11 +236,12 @@ mod tests {
         // Unanswered, the same registration again after the retry policy's first interval.
         assert_eq!(registrations[0].1, registrations[1].1);
         assert!(registrations[1].0 - registrations[0].0 >= Duration::from_millis(100));
-        let stopped_at = Instant::now();
         drop(tx);
-        let exit = looped.join().unwrap();
+        // Within the loop's shutdown poll (100 ms), with room for a busy machine.
+        let exit = exit_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the loop stops once nobody can ask it to");
         assert_eq!(exit.code, 1, "{exit:?}");
         assert!(exit.reason.contains("gone"), "{exit:?}");
-        assert!(stopped_at.elapsed() < Duration::from_secs(2));
     }
 }
