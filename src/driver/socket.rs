@@ -103,11 +103,16 @@ impl ReadTimeout {
         ReadTimeout { current: None, max }
     }
 
-    /// The timeout to set for a wait of `want`, if it changes.
+    /// The timeout to set for a wait of `want`, if it changes. Lowered for a deadline that
+    /// comes closer, it is set to half the wait: as the deadline approaches, each wait is a
+    /// little shorter, and a timeout set to the exact wait would be set again every
+    /// millisecond (a system call every few queries in the last 100 ms before each of the
+    /// machine's deadlines); halving, it is set about log2(wait / 1 ms) times.
     fn change_for(&self, want: Duration) -> Option<Duration> {
         let want = want.clamp(MIN_WAIT, self.max.max(MIN_WAIT));
         match self.current {
             Some(cur) if cur <= want + SLACK && cur * 2 >= want => None,
+            Some(cur) if cur > want + SLACK => Some((want / 2).max(MIN_WAIT)),
             _ => Some(want),
         }
     }
@@ -147,12 +152,19 @@ mod tests {
         assert_eq!(t.change_for(ms(5_000)), None);
         // A deadline within the slack of the current timeout: kept.
         assert_eq!(t.change_for(ms(99)), None);
-        // One that the current timeout would oversleep: lowered to it.
-        assert_eq!(t.change_for(ms(40)), Some(ms(40)));
-        t.current = Some(ms(40));
-        // Somewhat later: kept (an early wake-up is harmless); much later: raised.
-        assert_eq!(t.change_for(ms(60)), None);
+        // One that the current timeout would oversleep: lowered to half of it.
+        assert_eq!(t.change_for(ms(40)), Some(ms(20)));
+        t.current = Some(ms(20));
+        // As that deadline comes closer: kept until the timeout would oversleep it again.
+        assert_eq!(t.change_for(ms(30)), None);
+        assert_eq!(t.change_for(ms(21)), None);
+        assert_eq!(t.change_for(ms(18)), Some(ms(9)));
+        t.current = Some(ms(9));
+        // Much later (the deadline passed, the next is far): raised to the whole wait.
         assert_eq!(t.change_for(ms(90)), Some(ms(90)));
+        // Down to the minimum, never below.
+        t.current = Some(ms(3));
+        assert_eq!(t.change_for(ms(1)), Some(MIN_WAIT));
     }
 
     #[test]
