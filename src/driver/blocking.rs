@@ -209,8 +209,10 @@ mod tests {
         manager
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
-        let mut cfg = crate::config::Config::default();
-        cfg.name = "blocking-peer".into();
+        let cfg = crate::config::Config {
+            name: "blocking-peer".into(),
+            ..Default::default()
+        };
         let peer = shared(Peer::new(
             peer_config(&cfg, manager.local_addr().unwrap()),
             7,
