@@ -129,6 +129,25 @@ impl<'a> Reader<'a> {
         Some(hops)
     }
 
+    /// A struct's last field when serde skips it if empty: there in a map of `with` fields,
+    /// absent in one of `with - 1`; any other count is not the shape.
+    fn optional<T>(
+        &mut self,
+        fields: usize,
+        with: usize,
+        name: &str,
+        read: impl FnOnce(&mut Self) -> Option<T>,
+    ) -> Option<Option<T>> {
+        match fields {
+            n if n + 1 == with => Some(None),
+            n if n == with => {
+                self.key(name)?;
+                read(self).map(Some)
+            }
+            _ => None,
+        }
+    }
+
     fn owned_text(&mut self) -> Option<String> {
         String::from_utf8(self.text()?.to_vec()).ok()
     }
@@ -137,27 +156,25 @@ impl<'a> Reader<'a> {
         let fields = self.container(5)?;
         self.key("traceparent")?;
         let traceparent = self.owned_text()?;
-        let tracestate = match fields {
-            1 => None,
-            2 => {
-                self.key("tracestate")?;
-                Some(self.owned_text()?)
-            }
-            _ => return None,
-        };
+        let tracestate = self.optional(fields, 2, "tracestate", Self::owned_text)?;
         Some(TraceContext {
             traceparent,
             tracestate,
         })
     }
 
-    fn find_event(&mut self) -> Option<FindEvent> {
-        // `reply_to` is left to the general decoder (a client never sends it).
-        (self.container(5)? == 5).then_some(())?;
+    /// The first two fields of a query's messages, both ways.
+    fn query_and_key(&mut self) -> Option<(u64, RecordKey)> {
         self.key("query")?;
         let query = self.uint()?;
         self.key("key")?;
-        let key = self.record_key()?;
+        Some((query, self.record_key()?))
+    }
+
+    fn find_event(&mut self) -> Option<FindEvent> {
+        // `reply_to` is left to the general decoder (a client never sends it).
+        (self.container(5)? == 5).then_some(())?;
+        let (query, key) = self.query_and_key()?;
         self.key("path")?;
         let path = self.path()?;
         self.key("hops")?;
@@ -184,10 +201,7 @@ impl<'a> Reader<'a> {
 
     fn find_result(&mut self) -> Option<FindResult> {
         (self.container(5)? == 8).then_some(())?;
-        self.key("query")?;
-        let query = self.uint()?;
-        self.key("key")?;
-        let key = self.record_key()?;
+        let (query, key) = self.query_and_key()?;
         self.key("found")?;
         let found = self.boolean()?;
         self.key("records")?;
@@ -242,14 +256,8 @@ impl<'a> Reader<'a> {
                 let fields = self.container(5)?;
                 self.key("seq")?;
                 let seq = self.uint()?;
-                let new_rows = match fields {
-                    1 => None,
-                    2 => {
-                        self.key("new_rows")?;
-                        Some(u32::try_from(self.uint()?).ok()?)
-                    }
-                    _ => return None,
-                };
+                let new_rows =
+                    self.optional(fields, 2, "new_rows", |r| u32::try_from(r.uint()?).ok())?;
                 Some(Body::Ack { seq, new_rows })
             }
             b"Lookups" => Some(Body::Lookups(self.many(Self::find_event)?)),
@@ -266,14 +274,7 @@ impl<'a> Reader<'a> {
         let from = self.uint()?;
         self.key("seq")?;
         let seq = self.uint()?;
-        let trace = match fields {
-            4 => None,
-            5 => {
-                self.key("trace")?;
-                Some(self.trace()?)
-            }
-            _ => return None,
-        };
+        let trace = self.optional(fields, 5, "trace", Self::trace)?;
         self.key("body")?;
         let body = self.body()?;
         Some(Envelope {
@@ -356,16 +357,20 @@ impl Writer {
         }
     }
 
+    fn query_and_key(&mut self, query: u64, key: RecordKey) {
+        self.text("query");
+        self.uint(query);
+        self.text("key");
+        self.record_key(key);
+    }
+
     /// `None` when `reply_to` is set (left to serde).
     fn find_event(&mut self, f: &FindEvent) -> Option<()> {
         if f.reply_to.is_some() {
             return None;
         }
         self.head(5, 5);
-        self.text("query");
-        self.uint(f.query);
-        self.text("key");
-        self.record_key(f.key);
+        self.query_and_key(f.query, f.key);
         self.text("path");
         self.path(&f.path);
         self.text("hops");
@@ -380,10 +385,7 @@ impl Writer {
 
     fn find_result(&mut self, r: &FindResult) -> Option<()> {
         self.head(5, 8);
-        self.text("query");
-        self.uint(r.query);
-        self.text("key");
-        self.record_key(r.key);
+        self.query_and_key(r.query, r.key);
         self.text("found");
         self.boolean(r.found);
         self.text("records");
@@ -609,6 +611,16 @@ mod tests {
         )
     }
 
+    /// The messages the quick codec takes (a `find_event` with `reply_to` is left to serde).
+    fn on_the_quick_path(body: &Body) -> bool {
+        match body {
+            Body::Lookup(f) | Body::Find(f) => f.reply_to.is_none(),
+            Body::Lookups(finds) => finds.iter().all(|f| f.reply_to.is_none()),
+            Body::Answer(_) | Body::Found(_) | Body::Answers(_) | Body::Ack { .. } => true,
+            _ => false,
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2_000))]
 
@@ -618,16 +630,7 @@ mod tests {
         fn writes_a_querys_messages_as_ciborium_does(env in envelope_strategy()) {
             let mut out = vec![0xff; 3];
             let done = encode_into(&env, &mut out);
-            let ours = matches!(
-                &env.body,
-                Body::Lookup(f) | Body::Find(f) if f.reply_to.is_none()
-            ) || matches!(
-                &env.body,
-                Body::Lookups(finds) if finds.iter().all(|f| f.reply_to.is_none())
-            ) || matches!(
-                env.body,
-                Body::Answer(_) | Body::Found(_) | Body::Answers(_) | Body::Ack { .. }
-            );
+            let ours = on_the_quick_path(&env.body);
             prop_assert_eq!(done, ours);
             if done {
                 prop_assert_eq!(out, encode(&env));
@@ -640,16 +643,7 @@ mod tests {
         fn reads_back_a_querys_messages_and_leaves_the_rest(env in envelope_strategy()) {
             let bytes = encode(&env);
             let quick = envelope(&bytes);
-            let on_path = matches!(
-                &env.body,
-                Body::Lookup(f) | Body::Find(f) if f.reply_to.is_none()
-            ) || matches!(
-                &env.body,
-                Body::Lookups(finds) if finds.iter().all(|f| f.reply_to.is_none())
-            ) || matches!(
-                env.body,
-                Body::Answer(_) | Body::Found(_) | Body::Answers(_) | Body::Ack { .. }
-            );
+            let on_path = on_the_quick_path(&env.body);
             if on_path {
                 prop_assert_eq!(quick, Some(env));
             } else {
