@@ -470,12 +470,7 @@ impl Peer {
             return;
         }
         self.live.manager = Some(manager);
-        // Heartbeats sent so far went out before this registration was accepted.
-        self.live.registered_beat = self.live.beats;
-        // Answered: a registration still retransmitted (its ack lost) is done with. Left
-        // pending, it outlived a manager that died, reached the next one as a newcomer's
-        // registration, and kept the peer's rejoin from being sent (soak K = 1,782).
-        self.link.cancel_where(|t| matches!(t, PeerTag::Register));
+        self.registration_answered();
         if self.id == Some(id) {
             return; // registered again after a manager restart, under the same id
         }
@@ -490,6 +485,16 @@ impl Peer {
         self.id = Some(id);
         self.live.heartbeat_at = Some(now);
         self.events.push(PeerEvent::Registered { id });
+    }
+
+    /// What any answer to the registration settles: heartbeats sent so far went out before it
+    /// was accepted, and a registration still retransmitted (its ack lost, or its answer
+    /// overtaken by a view) is done with. Left pending, it outlived a manager that died,
+    /// reached the next one as a newcomer's registration, and kept the peer's rejoin from
+    /// being sent (soak K = 1,782 with the ack lost, K = 2,148 with the view first).
+    fn registration_answered(&mut self) {
+        self.live.registered_beat = self.live.beats;
+        self.link.cancel_where(|t| matches!(t, PeerTag::Register));
     }
 
     /// Whether the manager's message `seq` (of its incarnation `manager`) was sent before the
@@ -627,6 +632,7 @@ impl Peer {
             && let Some(me) = view.members.iter().find(|m| m.name == self.cfg.name)
         {
             self.id = Some(me.id);
+            self.registration_answered();
             self.live.heartbeat_at = Some(now);
             self.events.push(PeerEvent::Registered { id: me.id });
         }
@@ -1574,6 +1580,33 @@ mod tests {
                 .any(|b| matches!(b, Body::Register { rejoin: Some(r), .. } if r.id == 6)),
             "{sent:?}"
         );
+    }
+
+    /// The view overtook the `Registered` (lost with a manager that then died): it names the
+    /// peer, which takes its id from it and sends the registration no more (soak K = 2,148:
+    /// still pending, it reached the restarted manager as a newcomer's registration).
+    #[test]
+    fn a_view_that_overtook_the_registered_ends_the_registration() {
+        let manager: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mut peer = Peer::new(config(manager), 1, Duration::ZERO);
+        let registers = |peer: &mut Peer| {
+            std::iter::from_fn(|| peer.poll_transmit())
+                .filter_map(|t| Envelope::decode(&t.bytes).ok())
+                .filter(|e| matches!(e.body, Body::Register { .. }))
+                .count()
+        };
+        assert_eq!(registers(&mut peer), 1);
+        let mut now = Duration::from_millis(10);
+        let view = Envelope::new(9, 2, None, Body::Ring(view_at(3, 4)));
+        peer.handle(now, manager, view, None);
+        assert_eq!(peer.id(), Some(1), "the view names it");
+        let mut again = 0;
+        for _ in 0..20 {
+            now += Duration::from_millis(300);
+            peer.handle_timeout(now);
+            again += registers(&mut peer);
+        }
+        assert_eq!(again, 0, "the registration was sent again");
     }
 
     /// A restarted manager that gave this newcomer the id of a member not yet back gives it
