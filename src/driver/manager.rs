@@ -348,6 +348,11 @@ pub enum NodeError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("could not make the socket bound to {addr} blocking: {source}")]
+    Blocking {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 /// What every node starts with: its driver options (the keyring read), its socket bound to

@@ -280,7 +280,7 @@ pub async fn run_peer(
     let socket = socket
         .into_std()
         .and_then(|s| s.set_nonblocking(false).map(|()| s))
-        .map_err(|source| NodeError::LocalAddr {
+        .map_err(|source| NodeError::Blocking {
             addr: cfg.listen.clone(),
             source,
         })?;
