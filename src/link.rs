@@ -11,7 +11,7 @@ use crate::wire::{
     Body, Counters, Envelope, MAX_MESSAGE, MAX_UDP_PAYLOAD, RejectReason, TraceContext,
     UNSEQUENCED, WireError,
 };
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -116,6 +116,15 @@ struct Piece {
     acked: bool,
 }
 
+/// The longest the ack of a query hop waits for others to the same node (see
+/// [`Link::accept`]); an eighth of the link's first retransmission delay when that is shorter,
+/// so that a hop's sender never retransmits a hop whose ack is only waiting.
+const ACK_DELAY_MAX: Duration = Duration::from_millis(5);
+
+/// Held-back acks that leave at once, together, rather than wait longer: one datagram of
+/// them stays a few KB.
+const HELD_ACKS_LIMIT: usize = 256;
+
 /// What a fragment's envelope and body take besides its bytes (measured: under 60 bytes).
 const FRAGMENT_OVERHEAD: usize = 128;
 
@@ -211,12 +220,19 @@ pub struct Link<T> {
     next_seq: u64,
     policy: RetryPolicy,
     pending: BTreeMap<u64, Pending<T>>,
+    /// When each pending message is due, earliest first: the next deadline without a scan of
+    /// everything pending (a busy peer has hundreds of hops in flight).
+    dues: BTreeSet<(Time, u64)>,
     seen: HashMap<u64, SeenWindow>,
     outbox: VecDeque<Transmit>,
     /// Acks leave after everything else an input produced: a forwarded query's answer goes
     /// to the client before the ack goes back to the forwarder (on one CPU, sending the ack
     /// first woke the forwarder, which then ran before the answer was sent).
     acks: VecDeque<Transmit>,
+    /// Acks of query hops held back, by the node they go to, and when they must leave.
+    held_acks: Vec<(SocketAddr, Vec<u64>)>,
+    held_count: usize,
+    held_due: Option<Time>,
     outcomes: VecDeque<Outcome<T>>,
     counters: Counters,
     /// Larger messages leave in fragments of at most this many bytes each.
@@ -236,9 +252,13 @@ impl<T> Link<T> {
             next_seq: 1,
             policy,
             pending: BTreeMap::new(),
+            dues: BTreeSet::new(),
             seen: HashMap::new(),
             outbox: VecDeque::new(),
             acks: VecDeque::new(),
+            held_acks: Vec::new(),
+            held_count: 0,
+            held_due: None,
             outcomes: VecDeque::new(),
             counters: Counters::default(),
             max_datagram: MAX_UDP_PAYLOAD,
@@ -311,13 +331,15 @@ impl<T> Link<T> {
         } else {
             self.fragment(seq, dest, &bytes)?
         };
+        let due = now + policy.delay(1);
+        self.dues.insert((due, seq));
         self.pending.insert(
             seq,
             Pending {
                 dest,
                 pieces,
                 attempts: 1,
-                due: now + policy.delay(1),
+                due,
                 policy,
                 tag,
             },
@@ -363,6 +385,7 @@ impl<T> Link<T> {
     /// Forgets a pending message (and where its fragments point).
     fn take_pending(&mut self, seq: u64) -> Option<Pending<T>> {
         let p = self.pending.remove(&seq)?;
+        self.dues.remove(&(p.due, seq));
         for piece in &p.pieces {
             self.piece_of.remove(&piece.seq);
         }
@@ -570,21 +593,20 @@ impl<T> Link<T> {
     /// Applies acks and rejections; acknowledges and deduplicates everything else. A `Store` is
     /// the exception: the caller acknowledges it with [`Link::ack`], with how many of its rows
     /// were new (for a duplicate: the count it gave the first time).
+    ///
+    /// The ack of a query hop (`Find`) is held back for up to [`ACK_DELAY_MAX`] and leaves with
+    /// the others to the same node as one `Acks`: its sender only needs it to know, long before
+    /// its first retransmission, that the hop was not lost, and sent at once it cost every hop
+    /// a datagram beside the query, on the machine's CPU while the query was still walking.
     pub fn accept(&mut self, now: Time, from: SocketAddr, envelope: &Envelope) -> Accepted {
         match &envelope.body {
             Body::Ack { seq, new_rows } => {
-                if let Some(p) = self.take_pending(*seq) {
-                    self.outcomes.push_back(Outcome::Acked {
-                        tag: p.tag,
-                        new_rows: *new_rows,
-                    });
-                } else if let Some(msg) = self.piece_of.get(seq).copied()
-                    && let Some(p) = self.pending.get_mut(&msg)
-                {
-                    // One fragment in; the message is done when its receiver acks it whole.
-                    for piece in p.pieces.iter_mut().filter(|piece| piece.seq == *seq) {
-                        piece.acked = true;
-                    }
+                self.acked(*seq, *new_rows);
+                Accepted::Control
+            }
+            Body::Acks { seqs } => {
+                for seq in seqs {
+                    self.acked(*seq, None);
                 }
                 Accepted::Control
             }
@@ -604,8 +626,10 @@ impl<T> Link<T> {
             body if !body.is_sequenced() => Accepted::New,
             _ => {
                 let first = self.mark_seen(now, envelope.from, envelope.seq);
-                if !matches!(envelope.body, Body::Store(_)) {
-                    self.ack(from, envelope.seq, None);
+                match envelope.body {
+                    Body::Store(_) => {}
+                    Body::Find(_) => self.hold_ack(now, from, envelope.seq),
+                    _ => self.ack(from, envelope.seq, None),
                 }
                 if first {
                     Accepted::New
@@ -615,6 +639,56 @@ impl<T> Link<T> {
                 }
             }
         }
+    }
+
+    /// `seq` arrived: its message, or one fragment of it, is done.
+    fn acked(&mut self, seq: u64, new_rows: Option<u32>) {
+        if let Some(p) = self.take_pending(seq) {
+            self.outcomes.push_back(Outcome::Acked {
+                tag: p.tag,
+                new_rows,
+            });
+        } else if let Some(msg) = self.piece_of.get(&seq).copied()
+            && let Some(p) = self.pending.get_mut(&msg)
+        {
+            // One fragment in; the message is done when its receiver acks it whole.
+            for piece in p.pieces.iter_mut().filter(|piece| piece.seq == seq) {
+                piece.acked = true;
+            }
+        }
+    }
+
+    /// Keeps the ack of `seq` for `dest` until the held acks are due (or too many).
+    fn hold_ack(&mut self, now: Time, dest: SocketAddr, seq: u64) {
+        match self.held_acks.iter_mut().find(|(d, _)| *d == dest) {
+            Some((_, seqs)) => seqs.push(seq),
+            None => self.held_acks.push((dest, vec![seq])),
+        }
+        self.held_count += 1;
+        let delay = ACK_DELAY_MAX.min(self.policy.initial / 8);
+        self.held_due.get_or_insert(now + delay);
+        if self.held_count >= HELD_ACKS_LIMIT {
+            self.flush_acks();
+        }
+    }
+
+    /// Sends every held ack now: one datagram per node (a lone one as a plain `Ack`).
+    pub fn flush_acks(&mut self) {
+        for (dest, seqs) in std::mem::take(&mut self.held_acks) {
+            let body = match seqs[..] {
+                [seq] => Body::Ack {
+                    seq,
+                    new_rows: None,
+                },
+                _ => Body::Acks { seqs },
+            };
+            // At most HELD_ACKS_LIMIT numbers: a few KB, within any limit.
+            if let Ok(bytes) = Envelope::new(self.incarnation, UNSEQUENCED, None, body).encode() {
+                self.acks.push_back(Transmit { dest, bytes });
+            }
+        }
+        self.held_count = 0;
+        self.held_due = None;
     }
 
     /// Acknowledges `seq` (used for `Store`, whose ack carries how many rows were new).
@@ -675,16 +749,21 @@ impl<T> Link<T> {
     }
 
     pub fn poll_timeout(&self) -> Option<Time> {
-        self.pending.values().map(|p| p.due).min()
+        let pending = self.dues.first().map(|(due, _)| *due);
+        [pending, self.held_due].into_iter().flatten().min()
     }
 
-    /// Retransmits what is due; gives up on what has used all its attempts.
+    /// Sends the held acks if due; retransmits what is due; gives up on what has used all its
+    /// attempts.
     pub fn handle_timeout(&mut self, now: Time) {
+        if self.held_due.is_some_and(|due| due <= now) {
+            self.flush_acks();
+        }
         let due: Vec<u64> = self
-            .pending
+            .dues
             .iter()
-            .filter(|(_, p)| p.due <= now)
-            .map(|(s, _)| *s)
+            .take_while(|(due, _)| *due <= now)
+            .map(|(_, seq)| *seq)
             .collect();
         for seq in due {
             let Some(p) = self.pending.get_mut(&seq) else {
@@ -701,7 +780,9 @@ impl<T> Link<T> {
                 continue;
             }
             p.attempts += 1;
+            self.dues.remove(&(p.due, seq));
             p.due = now + p.policy.delay(p.attempts);
+            self.dues.insert((p.due, seq));
             // The datagrams not acknowledged; if every fragment was, all of them again: the
             // receiver either handled the message (a copy makes it repeat its ack of the
             // whole) or forgot it half done (it was silent for long).
@@ -814,6 +895,162 @@ mod tests {
                 attempts: 4
             })
         );
+    }
+
+    fn find(query: u64) -> Body {
+        Body::Find(crate::wire::FindEvent {
+            query,
+            key: crate::record::RecordKey::Event(query),
+            path: Vec::new(),
+            hops: Vec::new(),
+            routing: crate::wire::Routing::Walk,
+            reply_to: None,
+        })
+    }
+
+    /// The bodies of what `link` sends now, decoded.
+    fn sent(link: &mut Link<u8>) -> Vec<(SocketAddr, Body)> {
+        std::iter::from_fn(|| link.poll_transmit())
+            .map(|t| (t.dest, Envelope::decode(&t.bytes).unwrap().body))
+            .collect()
+    }
+
+    #[test]
+    fn query_hops_are_acknowledged_together_a_few_milliseconds_later() {
+        let mut a: Link<u8> = Link::new(1, RetryPolicy::default());
+        let mut b: Link<u8> = Link::new(2, RetryPolicy::default());
+        for q in 0..3 {
+            a.send(ms(0), addr(2), find(q), None, q as u8).unwrap();
+        }
+        let delivered = deliver(&mut a, &mut b, ms(1));
+        assert!(delivered.iter().all(|(_, acc)| *acc == Accepted::New));
+        // Nothing goes back yet: the acks wait, well before `a` would send the hops again.
+        assert!(sent(&mut b).is_empty());
+        assert_eq!(b.poll_timeout(), Some(ms(1) + ACK_DELAY_MAX));
+        b.handle_timeout(ms(5));
+        assert!(sent(&mut b).is_empty());
+        b.handle_timeout(ms(6));
+        let acks = sent(&mut b);
+        assert_eq!(
+            acks,
+            vec![(
+                addr(1),
+                Body::Acks {
+                    seqs: vec![1, 2, 3]
+                }
+            )]
+        );
+        assert_eq!(b.poll_timeout(), None);
+        // One datagram ends all three hops.
+        let env = Envelope::new(2, UNSEQUENCED, None, acks[0].1.clone());
+        assert_eq!(a.accept(ms(6), addr(2), &env), Accepted::Control);
+        assert_eq!(a.pending_len(), 0);
+        let mut tags: Vec<u8> = std::iter::from_fn(|| a.poll_outcome())
+            .map(|o| match o {
+                Outcome::Acked { tag, .. } => tag,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        tags.sort();
+        assert_eq!(tags, vec![0, 1, 2]);
+        assert_eq!(a.poll_timeout(), None);
+    }
+
+    #[test]
+    fn held_acks_leave_per_sender_a_lone_one_plainly_and_never_after_retransmission() {
+        // A link whose first retransmission comes after 16 ms holds acks 2 ms at most.
+        let policy = RetryPolicy {
+            initial: ms(16),
+            ..RetryPolicy::default()
+        };
+        let mut b: Link<u8> = Link::new(2, policy);
+        let hop = |from: u64, seq: u64| Envelope::new(from, seq, None, find(seq));
+        assert_eq!(b.accept(ms(0), addr(10), &hop(10, 4)), Accepted::New);
+        assert_eq!(b.accept(ms(1), addr(11), &hop(11, 8)), Accepted::New);
+        assert_eq!(b.accept(ms(1), addr(11), &hop(11, 9)), Accepted::New);
+        // A copy is acknowledged again (its first ack may be what was lost), handled once.
+        assert_eq!(b.accept(ms(1), addr(11), &hop(11, 9)), Accepted::Duplicate);
+        assert_eq!(b.poll_timeout(), Some(ms(2)));
+        // Anything else is acknowledged at once, ahead of the held acks.
+        let leave = Envelope::new(10, 5, None, Body::LeaveRequest);
+        assert_eq!(b.accept(ms(1), addr(10), &leave), Accepted::New);
+        assert_eq!(
+            sent(&mut b),
+            vec![(
+                addr(10),
+                Body::Ack {
+                    seq: 5,
+                    new_rows: None
+                }
+            )]
+        );
+        b.handle_timeout(ms(2));
+        assert_eq!(
+            sent(&mut b),
+            vec![
+                (
+                    addr(10),
+                    Body::Ack {
+                        seq: 4,
+                        new_rows: None
+                    }
+                ),
+                (
+                    addr(11),
+                    Body::Acks {
+                        seqs: vec![8, 9, 9]
+                    }
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn held_acks_leave_at_once_when_they_are_many() {
+        let mut b: Link<u8> = Link::new(2, RetryPolicy::default());
+        for seq in 1..HELD_ACKS_LIMIT as u64 {
+            let env = Envelope::new(10, seq, None, find(seq));
+            b.accept(ms(0), addr(10), &env);
+        }
+        assert!(sent(&mut b).is_empty());
+        let last = HELD_ACKS_LIMIT as u64;
+        b.accept(ms(0), addr(10), &Envelope::new(10, last, None, find(last)));
+        let acks = sent(&mut b);
+        assert_eq!(acks.len(), 1);
+        let Body::Acks { seqs } = &acks[0].1 else {
+            panic!("{acks:?}");
+        };
+        assert_eq!(seqs.len(), HELD_ACKS_LIMIT);
+        let bytes = Envelope::new(2, UNSEQUENCED, None, acks[0].1.clone())
+            .encode()
+            .unwrap();
+        assert!(bytes.len() < 4_096, "{} bytes", bytes.len());
+        assert_eq!(b.poll_timeout(), None);
+    }
+
+    #[test]
+    fn the_next_deadline_follows_what_is_still_pending() {
+        let mut a: Link<u8> = Link::new(1, RetryPolicy::default());
+        a.send(ms(0), addr(2), Body::LeaveRequest, None, 0).unwrap();
+        a.send(ms(50), addr(2), Body::LeaveRequest, None, 1)
+            .unwrap();
+        assert_eq!(a.poll_timeout(), Some(ms(200)));
+        let ack = Envelope::new(
+            2,
+            UNSEQUENCED,
+            None,
+            Body::Ack {
+                seq: 1,
+                new_rows: None,
+            },
+        );
+        a.accept(ms(60), addr(2), &ack);
+        assert_eq!(a.poll_timeout(), Some(ms(250)));
+        // Retransmitted at 250, due again 400 ms later.
+        a.handle_timeout(ms(250));
+        assert_eq!(a.poll_timeout(), Some(ms(650)));
+        a.cancel(2);
+        assert_eq!(a.poll_timeout(), None);
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::wire::{
     Body, Envelope, FindEvent, FindResult, HopTiming, PackedRow, PeerId, RecordOut, Routing,
     TraceContext,
 };
+use std::net::{Ipv6Addr, SocketAddr};
 
 struct Reader<'a> {
     bytes: &'a [u8],
@@ -171,9 +172,31 @@ impl<'a> Reader<'a> {
         Some((query, self.record_key()?))
     }
 
+    /// serde's `SocketAddr` where it is not human-readable: `{"V4": [[4 octets], port]}` or
+    /// `{"V6": [[16 octets], port]}`.
+    fn socket_addr(&mut self) -> Option<SocketAddr> {
+        (self.container(5)? == 1).then_some(())?;
+        let octets = match self.text()? {
+            b"V4" => 4,
+            b"V6" => 16,
+            _ => return None,
+        };
+        (self.container(4)? == 2).then_some(())?;
+        (self.container(4)? == octets).then_some(())?;
+        let mut ip = [0u8; 16];
+        for octet in ip.iter_mut().take(octets) {
+            *octet = u8::try_from(self.uint()?).ok()?;
+        }
+        let port = u16::try_from(self.uint()?).ok()?;
+        Some(match octets {
+            4 => SocketAddr::from(([ip[0], ip[1], ip[2], ip[3]], port)),
+            _ => SocketAddr::from((Ipv6Addr::from(ip), port)),
+        })
+    }
+
     fn find_event(&mut self) -> Option<FindEvent> {
-        // `reply_to` is left to the general decoder (a client never sends it).
-        (self.container(5)? == 5).then_some(())?;
+        // Five fields, or six with `reply_to` (set by the entry peer of a client's lookup).
+        let fields = self.container(5)?;
         let (query, key) = self.query_and_key()?;
         self.key("path")?;
         let path = self.path()?;
@@ -185,13 +208,14 @@ impl<'a> Reader<'a> {
             b"fingers" => Routing::Fingers,
             _ => return None,
         };
+        let reply_to = self.optional(fields, 6, "reply_to", Self::socket_addr)?;
         Some(FindEvent {
             query,
             key,
             path,
             hops,
             routing,
-            reply_to: None,
+            reply_to,
         })
     }
 
@@ -364,12 +388,24 @@ impl Writer {
         self.record_key(key);
     }
 
-    /// `None` when `reply_to` is set (left to serde).
-    fn find_event(&mut self, f: &FindEvent) -> Option<()> {
-        if f.reply_to.is_some() {
-            return None;
+    fn socket_addr(&mut self, addr: SocketAddr) {
+        self.head(5, 1);
+        self.text(if addr.is_ipv4() { "V4" } else { "V6" });
+        self.head(4, 2);
+        // serde writes a V6 address's octets and port only (not its flow and scope).
+        let octets: Vec<u8> = match addr {
+            SocketAddr::V4(a) => a.ip().octets().to_vec(),
+            SocketAddr::V6(a) => a.ip().octets().to_vec(),
+        };
+        self.head(4, octets.len() as u64);
+        for octet in octets {
+            self.uint(u64::from(octet));
         }
-        self.head(5, 5);
+        self.uint(u64::from(addr.port()));
+    }
+
+    fn find_event(&mut self, f: &FindEvent) -> Option<()> {
+        self.head(5, if f.reply_to.is_some() { 6 } else { 5 });
         self.query_and_key(f.query, f.key);
         self.text("path");
         self.path(&f.path);
@@ -380,6 +416,10 @@ impl Writer {
             Routing::Walk => "walk",
             Routing::Fingers => "fingers",
         });
+        if let Some(addr) = f.reply_to {
+            self.text("reply_to");
+            self.socket_addr(addr);
+        }
         Some(())
     }
 
@@ -537,7 +577,14 @@ mod tests {
             prop::collection::vec(any::<u32>(), 0..5),
             hops(),
             any::<bool>(),
-            prop::option::weighted(0.2, Just("127.0.0.1:4000".parse().unwrap())),
+            prop::option::weighted(
+                0.3,
+                prop_oneof![
+                    (any::<[u8; 4]>(), any::<u16>()).prop_map(SocketAddr::from),
+                    (any::<[u8; 16]>(), any::<u16>())
+                        .prop_map(|(ip, port)| SocketAddr::from((Ipv6Addr::from(ip), port))),
+                ],
+            ),
         )
             .prop_map(|(query, key, path, hops, fingers, reply_to)| FindEvent {
                 query,
@@ -589,6 +636,7 @@ mod tests {
             prop::collection::vec(find_result(), 0..3).prop_map(Body::Answers),
             (any::<u64>(), prop::option::of(any::<u32>()))
                 .prop_map(|(seq, new_rows)| Body::Ack { seq, new_rows }),
+            prop::collection::vec(any::<u64>(), 0..4).prop_map(|seqs| Body::Acks { seqs }),
             Just(Body::LeaveRequest),
             any::<u64>().prop_map(|probe| Body::Probe { probe }),
         ];
@@ -611,14 +659,18 @@ mod tests {
         )
     }
 
-    /// The messages the quick codec takes (a `find_event` with `reply_to` is left to serde).
+    /// The messages the quick codec takes.
     fn on_the_quick_path(body: &Body) -> bool {
-        match body {
-            Body::Lookup(f) | Body::Find(f) => f.reply_to.is_none(),
-            Body::Lookups(finds) => finds.iter().all(|f| f.reply_to.is_none()),
-            Body::Answer(_) | Body::Found(_) | Body::Answers(_) | Body::Ack { .. } => true,
-            _ => false,
-        }
+        matches!(
+            body,
+            Body::Lookup(_)
+                | Body::Find(_)
+                | Body::Lookups(_)
+                | Body::Answer(_)
+                | Body::Found(_)
+                | Body::Answers(_)
+                | Body::Ack { .. }
+        )
     }
 
     proptest! {

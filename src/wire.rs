@@ -13,8 +13,10 @@ use std::net::SocketAddr;
 
 /// Bumped whenever a change to [`Envelope`] or [`Body`] is not backwards compatible. 3: ring
 /// views as deltas, rejoins that name their view (an older peer could not apply the one nor
-/// answer for the other; a node of another version is refused with its version named).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// answer for the other; a node of another version is refused with its version named). 4:
+/// query hops acknowledged together ([`Body::Acks`]): an older peer could not read them and
+/// would route around every neighbour.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The largest UDP payload over IPv4.
 pub const MAX_UDP_PAYLOAD: usize = 65_507;
@@ -66,6 +68,9 @@ pub enum Body {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         new_rows: Option<u32>,
     },
+    /// Any node → the sender of every one of `seqs`: they arrived. The acks of query hops,
+    /// held back a few milliseconds and sent together (see [`crate::link::Link::accept`]).
+    Acks { seqs: Vec<u64> },
     /// Any node → the sender of `seq`: it arrived but will never be handled (unknown command,
     /// a message for another role). Also ends the sender's retransmission.
     Reject { seq: u64, reason: RejectReason },
@@ -114,8 +119,8 @@ pub enum Body {
     /// the peer that ends the walk → manager.
     Found(FindResult),
     /// stormctl → any peer, unsequenced: a query sent straight into the ring. The entry peer
-    /// walks it on (peer to peer as `Find`, acknowledged hop by hop) with the sender's
-    /// address as where the answer goes; the client retries a lost one itself.
+    /// walks it on (peer to peer as `Find`, acknowledged hop by hop, see `Acks`) with the
+    /// sender's address as where the answer goes; the client retries a lost one itself.
     Lookup(FindEvent),
     /// the peer that ends a lookup's walk → the client that sent it, unsequenced.
     Answer(FindResult),
@@ -224,6 +229,7 @@ impl Body {
     pub fn kind(&self) -> &'static str {
         match self {
             Body::Ack { .. } => "ack",
+            Body::Acks { .. } => "acks",
             Body::Reject { .. } => "reject",
             Body::Request(_) => "request",
             Body::Reply(_) => "reply",
@@ -264,6 +270,7 @@ impl Body {
         !matches!(
             self,
             Body::Ack { .. }
+                | Body::Acks { .. }
                 | Body::Reject { .. }
                 | Body::Heartbeat { .. }
                 | Body::HeartbeatAck { .. }
@@ -1212,6 +1219,9 @@ mod tests {
             Body::Ack {
                 seq: 7,
                 new_rows: Some(3),
+            },
+            Body::Acks {
+                seqs: vec![3, 4, 70_000],
             },
             Body::Reject {
                 seq: 2,

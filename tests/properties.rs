@@ -113,6 +113,7 @@ fn body() -> impl Strategy<Value = Body> {
     prop_oneof![
         (0u64..30, prop::option::of(0u32..10))
             .prop_map(|(seq, new_rows)| Body::Ack { seq, new_rows }),
+        prop::collection::vec(0u64..30, 0..4).prop_map(|seqs| Body::Acks { seqs }),
         (0u64..30).prop_map(|seq| Body::Reject {
             seq,
             reason: RejectReason::NotRegistered

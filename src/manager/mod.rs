@@ -347,6 +347,7 @@ impl Manager {
         if !matches!(
             env.body,
             Body::Ack { .. }
+                | Body::Acks { .. }
                 | Body::Reject { .. }
                 | Body::Request(_)
                 | Body::Register { .. }

@@ -610,6 +610,8 @@ impl Peer {
     fn exit(&mut self, code: i32, reason: String) {
         if !self.exited {
             self.exited = true;
+            // The hops walked here are not lost: their senders need not route around them.
+            self.link.flush_acks();
             self.events.push(PeerEvent::Exit { code, reason });
         }
     }
@@ -1607,6 +1609,50 @@ mod tests {
             again += registers(&mut peer);
         }
         assert_eq!(again, 0, "the registration was sent again");
+    }
+
+    /// A query hop's ack waits to leave with others; a peer that exits sends it first, so
+    /// that the member that passed the hop on does not route around a peer that walked it.
+    #[test]
+    fn an_exiting_peer_sends_the_acks_it_held() {
+        let manager: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let member: SocketAddr = "127.0.0.1:6002".parse().unwrap();
+        let mut peer = Peer::new(config(manager), 1, Duration::ZERO);
+        let now = Duration::from_millis(10);
+        let view = Envelope::new(9, 2, None, Body::Ring(view_at(3, 4)));
+        peer.handle(now, manager, view, None);
+        std::iter::from_fn(|| peer.poll_transmit()).for_each(drop);
+        let find = FindEvent {
+            query: 77,
+            key: crate::record::RecordKey::Event(5),
+            path: vec![2],
+            hops: Vec::new(),
+            routing: crate::wire::Routing::Walk,
+            reply_to: Some("127.0.0.1:7000".parse().unwrap()),
+        };
+        peer.handle(now, member, Envelope::new(22, 5, None, Body::Find(find)), None);
+        let acked = |sent: &[Envelope]| {
+            sent.iter().any(|e| match &e.body {
+                Body::Ack { seq, .. } => *seq == 5,
+                Body::Acks { seqs } => seqs.contains(&5),
+                _ => false,
+            })
+        };
+        let to_member: Vec<Envelope> = std::iter::from_fn(|| peer.poll_transmit())
+            .filter(|t| t.dest == member)
+            .filter_map(|t| Envelope::decode(&t.bytes).ok())
+            .collect();
+        assert!(!acked(&to_member), "the hop's ack left at once: {to_member:?}");
+        let exit = Body::Exit {
+            reason: ExitReason::Left,
+        };
+        let events = peer.handle(now, manager, Envelope::new(9, 3, None, exit), None);
+        assert!(exited(&events), "{events:?}");
+        let to_member: Vec<Envelope> = std::iter::from_fn(|| peer.poll_transmit())
+            .filter(|t| t.dest == member)
+            .filter_map(|t| Envelope::decode(&t.bytes).ok())
+            .collect();
+        assert!(acked(&to_member), "the held ack was not sent: {to_member:?}");
     }
 
     /// A restarted manager that gave this newcomer the id of a member not yet back gives it

@@ -81,6 +81,7 @@ fn trace_datagram(since: Duration, from: SocketAddr, to: SocketAddr, bytes: &[u8
     let what = match crate::wire::Envelope::decode(bytes) {
         Ok(env) => match &env.body {
             crate::wire::Body::Ack { seq, .. } => format!("seq {} ack of {seq}", env.seq),
+            crate::wire::Body::Acks { seqs } => format!("seq {} acks of {seqs:?}", env.seq),
             body => format!("seq {} {}", env.seq, body.kind()),
         },
         Err(e) => format!("undecodable ({e})"),
