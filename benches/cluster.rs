@@ -360,13 +360,19 @@ async fn run(sc: &Scenario<'_>) -> Value {
         // Started pinned: the echo runs on the same CPU.
         let echo = floor::Echo::start();
         let (mut ring_rtts, mut owner_rtts) = (Vec::new(), Vec::new());
-        let (ring, ring_hops) =
-            timed_queries(&mut querier, sc, Some((&echo, &mut ring_rtts)), None);
-        querier.set_owner_entry(true);
-        // Where the owner-entry time goes: the CPU of a query (the client, the peers) against
-        // that of the floor's round trip (pinger, echo), all on this one CPU.
-        echo.take_cpu();
+        // Where the time goes: the CPU of a query (the client, the peers) against that of the
+        // floor's round trip (pinger, echo), all on this one CPU.
         let pids = nodes.pids().unwrap_or_default();
+        echo.take_cpu();
+        let mut ring_cpu = floor::CpuTally::default();
+        let (ring, ring_hops) = timed_queries(
+            &mut querier,
+            sc,
+            Some((&echo, &mut ring_rtts)),
+            Some((&pids, &mut ring_cpu)),
+        );
+        let ring_echo_cpu = echo.take_cpu();
+        querier.set_owner_entry(true);
         let mut query_cpu = floor::CpuTally::default();
         let (owner, owner_hops) = timed_queries(
             &mut querier,
@@ -394,17 +400,24 @@ async fn run(sc: &Scenario<'_>) -> Value {
             "p50_owner_entry_over_floor": ratio(&owner, owner_hops, owner_one_way),
         });
         // Pinned, latency is CPU: a query's CPU against the round trip's says how much of the
-        // ratio is the work of the client and the nodes, and how much waiting.
-        if let (Some((client, nodes)), Some((pinger, echo))) =
-            (query_cpu.per_time_us(), echo_cpu.per_time_us())
-        {
-            same_cpu["owner_entry_cpu_us"] = json!({
+        // ratio is the work of the client and the nodes, and how much waiting. Round the ring
+        // the floor is (hops + 2) one-way trips: the round trip's CPU × (hops + 2) / 2.
+        let split = |query: &floor::CpuTally, echo: &floor::CpuTally, hops: usize| {
+            let trips = (hops as f64 / QUERIES as f64 + 2.0) / 2.0;
+            let ((client, nodes), (pinger, echo)) = (query.per_time_us()?, echo.per_time_us()?);
+            Some(json!({
                 "client": round(client, 1),
                 "nodes": round(nodes, 1),
                 "floor_pinger": round(pinger, 1),
                 "floor_echo": round(echo, 1),
-                "query_over_round_trip": round((client + nodes) / (pinger + echo), 2),
-            });
+                "query_over_round_trip": round((client + nodes) / ((pinger + echo) * trips), 2),
+            }))
+        };
+        if let Some(cpu) = split(&query_cpu, &echo_cpu, owner_hops) {
+            same_cpu["owner_entry_cpu_us"] = cpu;
+        }
+        if let Some(cpu) = split(&ring_cpu, &ring_echo_cpu, ring_hops) {
+            same_cpu["ring_cpu_us"] = cpu;
         }
     }
     // Ids above every event id of the file: each must be "not found".

@@ -89,6 +89,13 @@ ROWS = [
         f"{num(get(r, 'same_cpu.owner_entry_cpu_us.query_over_round_trip'), 2)}",
     ),
     (
+        "one CPU: CPU µs of a query round the ring, client + nodes; over (hops + 2) / 2 of "
+        "the floor's round trips",
+        lambda r: f"{num(get(r, 'same_cpu.ring_cpu_us.client'), 1)} + "
+        f"{num(get(r, 'same_cpu.ring_cpu_us.nodes'), 1)}; "
+        f"{num(get(r, 'same_cpu.ring_cpu_us.query_over_round_trip'), 2)}",
+    ),
+    (
         "unpinned: p50 / floor round the ring; at the owner",
         lambda r: f"{num(r.get('p50_over_floor'), 2)}; "
         f"{num(r.get('p50_owner_entry_over_floor'), 2)}",
