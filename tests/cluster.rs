@@ -705,6 +705,47 @@ fn finger_routing_finds_every_record_in_few_hops() {
     assert_eq!(v["found"], DETAILS_1996_ROWS, "{v}");
 }
 
+/// A query hop's ack is held back and sent with others (stop 26): walks round a ring of six
+/// peer processes are still acknowledged long before a hop would be sent again, so no peer
+/// retransmits hops or routes around a live neighbour. Were the held acks never sent, or sent
+/// late, every hop would be retransmitted at least twice.
+#[test]
+fn walked_hops_are_acknowledged_in_time_though_their_acks_wait() {
+    let cluster = Cluster::start(6);
+    let file = shared_data("details-1996.csv");
+    cluster.ctl_json(&["setup"]);
+    cluster.ctl_json(&["distribute", "--file", file.to_str().unwrap()]);
+    cluster.wait_settled();
+    let counts = |status: &Value, field: &str| -> u64 {
+        status["peers"]
+            .as_array()
+            .map_or(0, |ps| ps.iter().filter_map(|p| p[field].as_u64()).sum())
+    };
+    let before = cluster.status();
+    let mut hops = 0;
+    for key in [
+        "5570068", "5556561", "5557188", "5554947", "5572688", "5573218", "5537890", "5572628",
+        "5555166", "5555929", "5573079", "5581775",
+    ] {
+        for via in ["peer-0", "peer-3"] {
+            let q = cluster.ctl_json(&["query", key, "--via", via, "--routing", "walk"]);
+            assert_eq!(q["found"], true, "{q}");
+            hops += q["path"].as_array().map_or(0, |p| p.len()) as u64 - 1;
+        }
+    }
+    // Held acks leave within 5 ms; let the last of them arrive.
+    std::thread::sleep(Duration::from_millis(200));
+    let after = cluster.status();
+    let resent = counts(&after, "retransmits") - counts(&before, "retransmits");
+    let repeated = counts(&after, "duplicates") - counts(&before, "duplicates");
+    assert!(hops >= 24, "the walks took {hops} hops");
+    // A stall of the machine may cost a retransmission now and then, never one per hop.
+    assert!(
+        resent * 4 <= hops && repeated * 4 <= hops,
+        "{hops} hops: {resent} retransmitted, {repeated} duplicates received"
+    );
+}
+
 /// `vnodes = 32` on real processes: even shares of details-1996 after setup, a join that takes
 /// a little from every peer, every record found, with finger routing.
 #[test]

@@ -1630,7 +1630,12 @@ mod tests {
             routing: crate::wire::Routing::Walk,
             reply_to: Some("127.0.0.1:7000".parse().unwrap()),
         };
-        peer.handle(now, member, Envelope::new(22, 5, None, Body::Find(find)), None);
+        peer.handle(
+            now,
+            member,
+            Envelope::new(22, 5, None, Body::Find(find)),
+            None,
+        );
         let acked = |sent: &[Envelope]| {
             sent.iter().any(|e| match &e.body {
                 Body::Ack { seq, .. } => *seq == 5,
@@ -1642,7 +1647,10 @@ mod tests {
             .filter(|t| t.dest == member)
             .filter_map(|t| Envelope::decode(&t.bytes).ok())
             .collect();
-        assert!(!acked(&to_member), "the hop's ack left at once: {to_member:?}");
+        assert!(
+            !acked(&to_member),
+            "the hop's ack left at once: {to_member:?}"
+        );
         let exit = Body::Exit {
             reason: ExitReason::Left,
         };
@@ -1652,7 +1660,10 @@ mod tests {
             .filter(|t| t.dest == member)
             .filter_map(|t| Envelope::decode(&t.bytes).ok())
             .collect();
-        assert!(acked(&to_member), "the held ack was not sent: {to_member:?}");
+        assert!(
+            acked(&to_member),
+            "the held ack was not sent: {to_member:?}"
+        );
     }
 
     /// A restarted manager that gave this newcomer the id of a member not yet back gives it
