@@ -372,6 +372,15 @@ async fn run(sc: &Scenario<'_>) -> Value {
             Some((&pids, &mut ring_cpu)),
         );
         let ring_echo_cpu = echo.take_cpu();
+        // A bare loop through three processes, as many as a hop's path has (client, entry,
+        // next): what the two-process floor leaves out.
+        let relay = floor::Relay::start();
+        let relay_one_way = {
+            let mut loops = relay.loops(QUERIES);
+            loops.sort_by(|a, b| a.total_cmp(b));
+            percentile(&loops, 0.5) / 3.0
+        };
+        drop(relay);
         querier.set_owner_entry(true);
         let mut query_cpu = floor::CpuTally::default();
         let (owner, owner_hops) = timed_queries(
@@ -396,6 +405,8 @@ async fn run(sc: &Scenario<'_>) -> Value {
             "query_p50_us": round(percentile(&ring, 0.5), 0),
             "query_p99_us": round(percentile(&ring, 0.99), 0),
             "p50_over_floor": ratio(&ring, ring_hops, ring_one_way),
+            "relay_one_way_us": round(relay_one_way, 1),
+            "p50_over_relay_floor": ratio(&ring, ring_hops, relay_one_way),
             "query_p50_owner_entry_us": round(percentile(&owner, 0.5), 0),
             "p50_owner_entry_over_floor": ratio(&owner, owner_hops, owner_one_way),
         });
@@ -695,7 +706,13 @@ fn generated_file(source: &Path, records: u64) -> Result<(std::path::PathBuf, Da
 
 fn main() {
     if std::env::var_os(floor::ECHO_ENV).is_some() {
-        return floor::echo_server();
+        return floor::echo_server(None);
+    }
+    if let Some(to) = std::env::var(floor::FORWARD_ENV)
+        .ok()
+        .and_then(|to| to.parse().ok())
+    {
+        return floor::echo_server(Some(to));
     }
     // `cargo bench` passes --bench; arguments are ignored.
     let bench_started = Instant::now();

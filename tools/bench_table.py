@@ -89,6 +89,13 @@ ROWS = [
         f"{num(get(r, 'same_cpu.owner_entry_cpu_us.query_over_round_trip'), 2)}",
     ),
     (
+        "one CPU: a bare loop through three processes, µs per datagram (against one-way); p50 "
+        "round the ring over (hops + 2) of it",
+        lambda r: f"{num(get(r, 'same_cpu.relay_one_way_us'), 1)} "
+        f"({num(get(r, 'same_cpu.one_way_us'), 1)}); "
+        f"{num(get(r, 'same_cpu.p50_over_relay_floor'), 2)}",
+    ),
+    (
         "one CPU: CPU µs of a query round the ring, client + nodes; over (hops + 2) / 2 of "
         "the floor's round trips",
         lambda r: f"{num(get(r, 'same_cpu.ring_cpu_us.client'), 1)} + "

@@ -1,5 +1,6 @@
 //! The floors a scenario is compared with, measured in the same run right before it: the
-//! project's CSV reader alone (no network), and a bare UDP ping-pong between two processes.
+//! project's CSV reader alone (no network), a bare UDP ping-pong between two processes, and
+//! (to explain a hop's cost, not as a target) a bare loop through three.
 
 use std::cell::Cell;
 use std::io::{BufRead, BufReader, Write};
@@ -13,6 +14,8 @@ use stormdht::record;
 
 /// Set in the environment of the child process that the bench binary re-execs as its echo.
 pub const ECHO_ENV: &str = "STORM_BENCH_ECHO";
+/// Set, to an address, in the environment of a child that passes every datagram on to it.
+pub const FORWARD_ENV: &str = "STORM_BENCH_FORWARD";
 /// Untimed round trips when the echo starts.
 const WARM_UP: usize = 100;
 /// About the size of a query datagram.
@@ -27,8 +30,9 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// The echo side of the UDP floor (run in the child): bind, print the port, echo every
-/// datagram to its sender until stdin closes, then return (and the process exits).
-pub fn echo_server() {
+/// datagram to its sender (or, with `forward`, pass it on there) until stdin closes, then
+/// return (and the process exits).
+pub fn echo_server(forward: Option<std::net::SocketAddr>) {
     let sock = UdpSocket::bind("127.0.0.1:0").expect("echo socket");
     println!("{}", sock.local_addr().expect("echo address").port());
     let _ = std::io::stdout().flush();
@@ -44,7 +48,7 @@ pub fn echo_server() {
     let mut buf = [0u8; 2048];
     while !stdin_closed.load(Ordering::Relaxed) {
         if let Ok((n, from)) = sock.recv_from(&mut buf) {
-            let _ = sock.send_to(&buf[..n], from);
+            let _ = sock.send_to(&buf[..n], forward.unwrap_or(from));
         }
     }
 }
@@ -113,22 +117,13 @@ pub fn processes_cpu_ns(pids: &[u32]) -> u64 {
 
 impl Echo {
     pub fn start() -> Echo {
-        let mut child = Command::new(std::env::current_exe().expect("this bench binary"))
-            .env(ECHO_ENV, "1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn the echo process");
-        let mut port = String::new();
-        BufReader::new(child.stdout.take().expect("echo stdout"))
-            .read_line(&mut port)
-            .expect("echo port");
+        let (child, port) = spawn_echo(None);
         let sock = UdpSocket::bind("127.0.0.1:0").expect("ping socket");
         sock.set_read_timeout(Some(Duration::from_millis(500))).ok();
         let echo = Echo {
             child,
             sock,
-            target: format!("127.0.0.1:{}", port.trim()),
+            target: format!("127.0.0.1:{port}"),
             cpu: Cell::new(CpuTally::default()),
         };
         echo.round_trips(WARM_UP);
@@ -171,6 +166,75 @@ impl Drop for Echo {
     fn drop(&mut self) {
         drop(self.child.stdin.take()); // the echo ends when its stdin closes
         let _ = self.child.wait();
+    }
+}
+
+/// This binary again in a child process that echoes, or passes datagrams on to `forward`;
+/// its port.
+fn spawn_echo(forward: Option<std::net::SocketAddr>) -> (std::process::Child, u16) {
+    let mut command = Command::new(std::env::current_exe().expect("this bench binary"));
+    match forward {
+        Some(to) => command.env(FORWARD_ENV, to.to_string()),
+        None => command.env(ECHO_ENV, "1"),
+    };
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn the echo process");
+    let mut port = String::new();
+    BufReader::new(child.stdout.take().expect("echo stdout"))
+        .read_line(&mut port)
+        .expect("echo port");
+    (child, port.trim().parse().expect("echo port"))
+}
+
+/// A bare loop through three processes: this one sends to a relay, which passes the datagram
+/// on to a second child, which sends it back here. What a query's hop stands on (client,
+/// entry peer, next peer), where the ping-pong of [`Echo`] has two processes.
+pub struct Relay {
+    children: Vec<std::process::Child>,
+    sock: UdpSocket,
+    relay: std::net::SocketAddr,
+}
+
+impl Relay {
+    pub fn start() -> Relay {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("relay pinger socket");
+        sock.set_read_timeout(Some(Duration::from_millis(500))).ok();
+        let here = sock.local_addr().expect("pinger address");
+        let (last, last_port) = spawn_echo(Some(here));
+        let (first, first_port) = spawn_echo(Some(([127, 0, 0, 1], last_port).into()));
+        let relay = Relay {
+            children: vec![first, last],
+            sock,
+            relay: ([127, 0, 0, 1], first_port).into(),
+        };
+        relay.loops(WARM_UP);
+        relay
+    }
+
+    /// `n` loops, one datagram at a time, in µs (a lost one is left out).
+    pub fn loops(&self, n: usize) -> Vec<f64> {
+        let payload = [7u8; PAYLOAD];
+        let mut buf = [0u8; 2048];
+        (0..n)
+            .filter_map(|_| {
+                let t = Instant::now();
+                (self.sock.send_to(&payload, self.relay).is_ok()
+                    && self.sock.recv_from(&mut buf).is_ok())
+                .then(|| t.elapsed().as_secs_f64() * 1e6)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            drop(child.stdin.take());
+            let _ = child.wait();
+        }
     }
 }
 
