@@ -858,18 +858,33 @@ impl Client<UdpSocket> {
             addr: manager.to_string(),
             reason: e.to_string(),
         })?;
-        let bind: SocketAddr = if addr.is_ipv4() {
-            ([0, 0, 0, 0], 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        };
-        let socket = bind_udp(&bind.to_string(), 4 << 20)
+        let socket = bind_udp(&bind_addr_for(addr).to_string(), 4 << 20)
             .await
             .map_err(|e| ClientError::Io(e.to_string()))?;
-        let mut core = ClientCore::new(addr, rand::random(), client_retry(), reply_timeout);
+        Ok(Client::over(
+            socket,
+            ClientCore::for_manager(addr, reply_timeout),
+        ))
+    }
+}
+
+/// Where a client of `manager` binds: the unspecified address of its family, any port.
+fn bind_addr_for(manager: SocketAddr) -> SocketAddr {
+    if manager.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    }
+}
+
+impl ClientCore {
+    /// A client's core as `connect` makes it, async or blocking: a fresh incarnation, queries
+    /// straight to the peers, hop timings on this machine's wall clock.
+    fn for_manager(manager: SocketAddr, reply_timeout: Duration) -> ClientCore {
+        let mut core = ClientCore::new(manager, rand::random(), client_retry(), reply_timeout);
         core.set_direct(true);
         core.set_clock_origin(crate::config::unix_micros_now());
-        Ok(Client::over(socket, core))
+        core
     }
 }
 
@@ -1045,18 +1060,11 @@ const BLOCKING_WAIT_MAX: Duration = Duration::from_secs(1);
 impl BlockingClient {
     /// A client of the manager at `manager` (resolved already), on a socket of its own.
     pub fn connect(manager: SocketAddr, reply_timeout: Duration) -> Result<Self, ClientError> {
-        let bind: SocketAddr = if manager.is_ipv4() {
-            ([0, 0, 0, 0], 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        };
-        let socket = std::net::UdpSocket::bind(bind).map_err(|e| ClientError::Io(e.to_string()))?;
-        let mut core = ClientCore::new(manager, rand::random(), client_retry(), reply_timeout);
-        core.set_direct(true);
-        core.set_clock_origin(crate::config::unix_micros_now());
+        let socket = std::net::UdpSocket::bind(bind_addr_for(manager))
+            .map_err(|e| ClientError::Io(e.to_string()))?;
         Ok(BlockingClient {
             socket,
-            core,
+            core: ClientCore::for_manager(manager, reply_timeout),
             start: std::time::Instant::now(),
             buf: vec![0; 65_536],
             keyring: None,
