@@ -1148,7 +1148,7 @@ impl BlockingClient {
                             self.core
                                 .receive(now, from, &self.buf[..len], self.keyring.as_ref());
                         }
-                        Err(e) if crate::driver::socket::timed_out(&e) => {}
+                        Err(e) if crate::driver::socket::timed_out(&e) => self.timeout.expired(),
                         Err(e) => tracing::debug!("receive failed: {e}"),
                     }
                 }

@@ -124,7 +124,10 @@ where
                 timeout.set(socket, until.saturating_duration_since(now));
                 control = match socket.recv_from(&mut gate.buf) {
                     Ok((len, from)) => receive(socket, &mut gate, machine, shell, len, from, start),
-                    Err(e) if timed_out(&e) => Control::Continue,
+                    Err(e) if timed_out(&e) => {
+                        timeout.expired();
+                        Control::Continue
+                    }
                     Err(e) => {
                         // ICMP errors surface here on some systems; the next datagram is
                         // unaffected.

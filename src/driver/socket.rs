@@ -96,32 +96,51 @@ const SLACK: Duration = Duration::from_millis(1);
 pub(crate) struct ReadTimeout {
     current: Option<Duration>,
     max: Duration,
+    /// A receive ran out of time since the timeout was last set: a short one is raised again
+    /// only then. A busy loop whose deadlines come and go (a peer's held acks, every 5 ms)
+    /// keeps its short timeout rather than raise and lower it around each one.
+    expired: bool,
 }
 
 impl ReadTimeout {
     pub(crate) fn new(max: Duration) -> Self {
-        ReadTimeout { current: None, max }
+        ReadTimeout {
+            current: None,
+            max,
+            expired: false,
+        }
     }
 
     /// The timeout to set for a wait of `want`, if it changes. Lowered for a deadline that
     /// comes closer, it is set to half the wait: as the deadline approaches, each wait is a
     /// little shorter, and a timeout set to the exact wait would be set again every
     /// millisecond (a system call every few queries in the last 100 ms before each of the
-    /// machine's deadlines); halving, it is set about log2(wait / 1 ms) times.
+    /// machine's deadlines); halving, it is set about log2(wait / 1 ms) times. Raised for a
+    /// later deadline only once a receive has run out of time (an idle loop then sleeps
+    /// long; a busy one, woken by datagrams long before, never pays for the raise).
     fn change_for(&self, want: Duration) -> Option<Duration> {
         let want = want.clamp(MIN_WAIT, self.max.max(MIN_WAIT));
         match self.current {
-            Some(cur) if cur <= want + SLACK && cur * 2 >= want => None,
             Some(cur) if cur > want + SLACK => Some((want / 2).max(MIN_WAIT)),
-            _ => Some(want),
+            Some(cur) if cur * 2 < want && self.expired => Some(want),
+            Some(_) => None,
+            None => Some(want),
         }
+    }
+
+    /// A receive returned because its time was up.
+    pub(crate) fn expired(&mut self) {
+        self.expired = true;
     }
 
     /// Makes the next receive on `socket` wait at most about `want`.
     pub(crate) fn set(&mut self, socket: &std::net::UdpSocket, want: Duration) {
         if let Some(t) = self.change_for(want) {
             match socket.set_read_timeout(Some(t)) {
-                Ok(()) => self.current = Some(t),
+                Ok(()) => {
+                    self.current = Some(t);
+                    self.expired = false;
+                }
                 Err(e) => tracing::warn!("could not set the receive timeout: {e}"),
             }
         }
@@ -160,7 +179,10 @@ mod tests {
         assert_eq!(t.change_for(ms(21)), None);
         assert_eq!(t.change_for(ms(18)), Some(ms(9)));
         t.current = Some(ms(9));
-        // Much later (the deadline passed, the next is far): raised to the whole wait.
+        // Much later (the deadline passed, the next is far): kept while datagrams wake the
+        // loop first; raised to the whole wait once a receive ran out of time.
+        assert_eq!(t.change_for(ms(90)), None);
+        t.expired();
         assert_eq!(t.change_for(ms(90)), Some(ms(90)));
         // Down to the minimum, never below.
         t.current = Some(ms(3));
