@@ -626,10 +626,10 @@ impl<T> Link<T> {
             body if !body.is_sequenced() => Accepted::New,
             _ => {
                 let first = self.mark_seen(now, envelope.from, envelope.seq);
-                match envelope.body {
-                    Body::Store(_) => {}
-                    Body::Find(_) => self.hold_ack(now, from, envelope.seq),
-                    _ => self.ack(from, envelope.seq, None),
+                if envelope.body.ack_may_wait() {
+                    self.hold_ack(now, from, envelope.seq);
+                } else if !matches!(envelope.body, Body::Store(_)) {
+                    self.ack(from, envelope.seq, None);
                 }
                 if first {
                     Accepted::New

@@ -263,6 +263,12 @@ impl Body {
         }
     }
 
+    /// A query hop: its ack may wait a few milliseconds and leave with others (`Acks`); every
+    /// other sequenced message is acknowledged at once (or, a `Store`, with its count).
+    pub fn ack_may_wait(&self) -> bool {
+        matches!(self, Body::Find(_))
+    }
+
     /// Acks, rejections and the failure detector's messages are fire-and-forget (a lost
     /// heartbeat or ping is itself the information); everything else is sequenced and
     /// acknowledged.
