@@ -658,9 +658,12 @@ impl<T> Link<T> {
         }
     }
 
-    /// Keeps the ack of `seq` for `dest` until the held acks are due (or too many).
+    /// Keeps the ack of `seq` for `dest` until the held acks are due (or too many). A copy of
+    /// a hop whose ack is already held (the hop retransmitted meanwhile) adds nothing: the
+    /// one ack answers both.
     fn hold_ack(&mut self, now: Time, dest: SocketAddr, seq: u64) {
         match self.held_acks.iter_mut().find(|(d, _)| *d == dest) {
+            Some((_, seqs)) if seqs.contains(&seq) => return,
             Some((_, seqs)) => seqs.push(seq),
             None => self.held_acks.push((dest, vec![seq])),
         }
@@ -968,7 +971,7 @@ mod tests {
         assert_eq!(b.accept(ms(0), addr(10), &hop(10, 4)), Accepted::New);
         assert_eq!(b.accept(ms(1), addr(11), &hop(11, 8)), Accepted::New);
         assert_eq!(b.accept(ms(1), addr(11), &hop(11, 9)), Accepted::New);
-        // A copy is acknowledged again (its first ack may be what was lost), handled once.
+        // A copy is handled once; its ack is the one already held (nothing is sent twice).
         assert_eq!(b.accept(ms(1), addr(11), &hop(11, 9)), Accepted::Duplicate);
         assert_eq!(b.poll_timeout(), Some(ms(2)));
         // Anything else is acknowledged at once, ahead of the held acks.
@@ -997,11 +1000,24 @@ mod tests {
                 ),
                 (
                     addr(11),
-                    Body::Acks {
-                        seqs: vec![8, 9, 9]
-                    }
+                    // The copy of 9 is acknowledged by the one ack held for it.
+                    Body::Acks { seqs: vec![8, 9] }
                 ),
             ]
+        );
+        // A copy that comes after its ack left (that ack may be what was lost) is
+        // acknowledged again.
+        assert_eq!(b.accept(ms(3), addr(11), &hop(11, 9)), Accepted::Duplicate);
+        b.handle_timeout(ms(5));
+        assert_eq!(
+            sent(&mut b),
+            vec![(
+                addr(11),
+                Body::Ack {
+                    seq: 9,
+                    new_rows: None
+                }
+            )]
         );
     }
 
