@@ -30,11 +30,13 @@ pub trait BlockingShell<M: Machine>: Shell<M> {
 
 /// The longest the loop sleeps without looking at its shutdown signal.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
+/// Sends what the machine queued, one datagram at a time: the lock is taken per datagram and
+/// released before the send (no list of them is built: an allocation per loop turn).
 fn send_all<M: Machine>(socket: &UdpSocket, gate: &mut Gate, machine: &Shared<M>) {
-    let mut outgoing: Vec<Transmit> = Vec::new();
-    outgoing.extend(std::iter::from_fn(|| lock(machine).poll_transmit()));
-    for t in &outgoing {
-        send(socket, gate, t);
+    loop {
+        let next = lock(machine).poll_transmit();
+        let Some(t) = next else { break };
+        send(socket, gate, &t);
     }
 }
 
