@@ -21,6 +21,12 @@
 //!
 //! The binaries are thin: `stormd` (manager, peer, or `demo`) and `stormctl`.
 
+#[cfg(test)]
+mod alloc_count;
+#[cfg(test)]
+#[global_allocator]
+static ALLOCATOR: alloc_count::Counting = alloc_count::Counting;
+
 pub mod auth;
 pub mod cbor_guard;
 pub mod client;

@@ -8,7 +8,7 @@
 //! ack may have been lost), but reports only the first copy as new, so handlers run once.
 
 use crate::wire::{
-    Body, Counters, Envelope, MAX_MESSAGE, MAX_UDP_PAYLOAD, RejectReason, TraceContext,
+    Body, Counters, Envelope, FindEvent, MAX_MESSAGE, MAX_UDP_PAYLOAD, RejectReason, TraceContext,
     UNSEQUENCED, WireError,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -101,7 +101,7 @@ pub enum Outcome<T> {
 struct Pending<T> {
     dest: SocketAddr,
     /// The datagram, or the fragments of a message too large for one.
-    pieces: Vec<Piece>,
+    pieces: Pieces,
     attempts: u32,
     due: Time,
     policy: RetryPolicy,
@@ -114,6 +114,29 @@ struct Piece {
     seq: u64,
     bytes: Vec<u8>,
     acked: bool,
+}
+
+/// A pending message's datagrams: nearly always one, kept without a list of its own (a query
+/// hop's send allocated one).
+enum Pieces {
+    One(Piece),
+    Fragments(Vec<Piece>),
+}
+
+impl Pieces {
+    fn as_slice(&self) -> &[Piece] {
+        match self {
+            Pieces::One(piece) => std::slice::from_ref(piece),
+            Pieces::Fragments(pieces) => pieces,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [Piece] {
+        match self {
+            Pieces::One(piece) => std::slice::from_mut(piece),
+            Pieces::Fragments(pieces) => pieces,
+        }
+    }
 }
 
 /// The longest the ack of a query hop waits for others to the same node (see
@@ -317,19 +340,51 @@ impl<T> Link<T> {
         debug_assert!(body.is_sequenced());
         let seq = self.next_seq;
         let bytes = Envelope::new(self.incarnation, seq, trace, body).encode_within(MAX_MESSAGE)?;
+        self.enqueue(now, dest, seq, bytes, tag, policy)
+    }
+
+    /// Sends a query hop, `Find(find)`, as [`Link::send_with`] sends any message, but encoded
+    /// from `find` itself, which is then handed to `tag_of` for the message's tag: a hop's
+    /// sender keeps the `FindEvent` to route around a next peer that does not answer, and
+    /// sending it costs no copy of it.
+    pub fn send_find(
+        &mut self,
+        now: Time,
+        dest: SocketAddr,
+        find: FindEvent,
+        trace: Option<&TraceContext>,
+        policy: RetryPolicy,
+        tag_of: impl FnOnce(FindEvent) -> T,
+    ) -> Result<u64, WireError> {
+        let seq = self.next_seq;
+        let bytes = Envelope::encode_find(self.incarnation, seq, trace, &find, MAX_MESSAGE)?;
+        self.enqueue(now, dest, seq, bytes, tag_of(find), policy)
+    }
+
+    /// Queues the encoded message `seq` (one datagram, or fragments) and keeps it until it is
+    /// acknowledged or given up.
+    fn enqueue(
+        &mut self,
+        now: Time,
+        dest: SocketAddr,
+        seq: u64,
+        bytes: Vec<u8>,
+        tag: T,
+        policy: RetryPolicy,
+    ) -> Result<u64, WireError> {
         self.next_seq += 1;
         let pieces = if bytes.len() <= self.max_datagram {
             self.outbox.push_back(Transmit {
                 dest,
                 bytes: bytes.clone(),
             });
-            vec![Piece {
+            Pieces::One(Piece {
                 seq,
                 bytes,
                 acked: false,
-            }]
+            })
         } else {
-            self.fragment(seq, dest, &bytes)?
+            Pieces::Fragments(self.fragment(seq, dest, &bytes)?)
         };
         let due = now + policy.delay(1);
         self.dues.insert((due, seq));
@@ -386,7 +441,7 @@ impl<T> Link<T> {
     fn take_pending(&mut self, seq: u64) -> Option<Pending<T>> {
         let p = self.pending.remove(&seq)?;
         self.dues.remove(&(p.due, seq));
-        for piece in &p.pieces {
+        for piece in p.pieces.as_slice() {
             self.piece_of.remove(&piece.seq);
         }
         Some(p)
@@ -652,7 +707,12 @@ impl<T> Link<T> {
             && let Some(p) = self.pending.get_mut(&msg)
         {
             // One fragment in; the message is done when its receiver acks it whole.
-            for piece in p.pieces.iter_mut().filter(|piece| piece.seq == seq) {
+            for piece in p
+                .pieces
+                .as_mut_slice()
+                .iter_mut()
+                .filter(|piece| piece.seq == seq)
+            {
                 piece.acked = true;
             }
         }
@@ -789,9 +849,10 @@ impl<T> Link<T> {
             // The datagrams not acknowledged; if every fragment was, all of them again: the
             // receiver either handled the message (a copy makes it repeat its ack of the
             // whole) or forgot it half done (it was silent for long).
-            let mut again: Vec<&Piece> = p.pieces.iter().filter(|piece| !piece.acked).collect();
+            let pieces = p.pieces.as_slice();
+            let mut again: Vec<&Piece> = pieces.iter().filter(|piece| !piece.acked).collect();
             if again.is_empty() {
-                again.extend(p.pieces.iter());
+                again.extend(pieces.iter());
             }
             for piece in again {
                 self.counters.retransmits += 1;

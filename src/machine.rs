@@ -26,6 +26,10 @@ pub trait Machine {
     fn reassemble(&mut self, _now: Time, _from: SocketAddr, env: Envelope) -> Option<Envelope> {
         Some(env)
     }
+    /// Takes back a list of events the machine returned, emptied by the driver, so that the
+    /// next one reuses its room: otherwise every datagram that makes an event (each query
+    /// hop) allocates a list. By default it is dropped.
+    fn recycle_events(&mut self, _spent: Vec<Self::Event>) {}
     fn handle_timeout(&mut self, now: Time) -> Vec<Self::Event>;
     fn handle_local(&mut self, now: Time, input: Self::Local) -> Vec<Self::Event>;
     fn poll_timeout(&self) -> Option<Time>;

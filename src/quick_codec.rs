@@ -496,14 +496,20 @@ impl Writer {
     }
 
     fn envelope(&mut self, env: &Envelope) -> Option<()> {
-        self.head(5, if env.trace.is_some() { 5 } else { 4 });
+        self.header(env.v, env.from, env.seq, env.trace.as_ref());
+        self.body(&env.body)
+    }
+
+    /// An envelope's fields up to its body's key.
+    fn header(&mut self, v: u16, from: u64, seq: u64, trace: Option<&TraceContext>) {
+        self.head(5, if trace.is_some() { 5 } else { 4 });
         self.text("v");
-        self.uint(u64::from(env.v));
+        self.uint(u64::from(v));
         self.text("from");
-        self.uint(env.from);
+        self.uint(from);
         self.text("seq");
-        self.uint(env.seq);
-        if let Some(trace) = &env.trace {
+        self.uint(seq);
+        if let Some(trace) = trace {
             self.text("trace");
             self.head(5, if trace.tracestate.is_some() { 2 } else { 1 });
             self.text("traceparent");
@@ -514,7 +520,6 @@ impl Writer {
             }
         }
         self.text("body");
-        self.body(&env.body)
     }
 }
 
@@ -526,6 +531,29 @@ pub fn encode_into(env: &Envelope, out: &mut Vec<u8>) -> bool {
         out: std::mem::take(out),
     };
     let done = writer.envelope(env).is_some();
+    *out = writer.out;
+    done
+}
+
+/// Encodes into `out` (cleared first) the envelope of protocol version `v` from `from`,
+/// numbered `seq`, whose body is `Find(find)`, byte for byte as [`encode_into`] encodes that
+/// envelope, but from a borrowed `find`: a hop's sender keeps its `FindEvent` (to route
+/// around a next peer that does not answer) and need not copy it to send it. False, with
+/// `out` to be discarded, if it could not (the caller then encodes the envelope).
+pub fn encode_find_into(
+    (v, from, seq): (u16, u64, u64),
+    trace: Option<&TraceContext>,
+    find: &FindEvent,
+    out: &mut Vec<u8>,
+) -> bool {
+    out.clear();
+    let mut writer = Writer {
+        out: std::mem::take(out),
+    };
+    writer.header(v, from, seq, trace);
+    writer.head(5, 1);
+    writer.text("Find");
+    let done = writer.find_event(find).is_some();
     *out = writer.out;
     done
 }
@@ -687,6 +715,20 @@ mod tests {
             if done {
                 prop_assert_eq!(out, encode(&env));
             }
+        }
+
+        /// A hop written from a borrowed `FindEvent` is the envelope of that hop, byte for
+        /// byte (the envelope's `v`, sender, number and trace, any `FindEvent`).
+        #[test]
+        fn a_hop_written_from_its_find_is_its_envelope(env in envelope_strategy(), find in find_event()) {
+            let hop = Envelope { body: Body::Find(find.clone()), ..env };
+            let mut out = vec![0xff; 3];
+            prop_assert!(encode_find_into((hop.v, hop.from, hop.seq), hop.trace.as_ref(), &find, &mut out));
+            prop_assert_eq!(&out, &encode(&hop));
+            // And as the link sends it (at this version).
+            let sent = Envelope::encode_find(hop.from, hop.seq, hop.trace.as_ref(), &find, crate::wire::MAX_MESSAGE);
+            let hop = Envelope { v: crate::wire::PROTOCOL_VERSION, ..hop };
+            prop_assert_eq!(sent.ok(), Some(encode(&hop)));
         }
 
         /// A query's message as ciborium writes it is read back whole; anything else is left

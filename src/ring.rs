@@ -311,6 +311,8 @@ pub struct Points<'a> {
 pub struct PointIndex {
     epoch: u64,
     members: usize,
+    /// Owning (not leaving) members: counted once, not per hop.
+    owners: usize,
     points: Vec<(u64, usize)>,
 }
 
@@ -327,6 +329,7 @@ impl PointIndex {
         PointIndex {
             epoch: view.epoch,
             members: view.members.len(),
+            owners: owners(view).count(),
             points: points.into_iter().map(|(t, _, i)| (t, i)).collect(),
         }
     }
@@ -358,7 +361,7 @@ impl<'a> Points<'a> {
         Some(Points {
             view,
             points: Cow::Borrowed(&index.points),
-            members: owners(view).count(),
+            members: index.owners,
         })
     }
 
@@ -408,6 +411,39 @@ impl<'a> Points<'a> {
             }
         }
         out
+    }
+
+    /// Whether `pred` holds for every holder of `key` under replication `r` (the members
+    /// [`Points::replicas`] names), without building their list: asked on every query hop.
+    pub fn all_holders(&self, key: RecordKey, r: usize, pred: impl Fn(&Member) -> bool) -> bool {
+        // Distinct members met so far, by index; replication is at most 16 (config), a
+        // larger `r` takes the list.
+        let mut met = [usize::MAX; 16];
+        let want = r.min(self.members);
+        if want > met.len() {
+            return self.replicas(key, r).1.into_iter().all(pred);
+        }
+        if self.points.is_empty() {
+            return true;
+        }
+        let start = self.successor(key_hash(key));
+        let n = self.points.len();
+        let mut found = 0;
+        for step in 0..n {
+            if found >= want {
+                break;
+            }
+            let index = self.points[(start + step) % n].1;
+            if met[..found].contains(&index) {
+                continue;
+            }
+            if !pred(&self.view.members[index]) {
+                return false;
+            }
+            met[found] = index;
+            found += 1;
+        }
+        true
     }
 
     /// The holders of `key` under replication `r`, and the arc (the end token) it is in.
@@ -915,6 +951,33 @@ pub(crate) mod tests {
             println!("vnodes={v}: max/mean after setup {fresh:.3}, after churn {churned:.3}");
             if v >= 16 {
                 assert!(churned <= 1.15, "v={v}: max/mean {churned:.3} after churn");
+            }
+        }
+    }
+
+    /// Whether every holder of a key passes a test is answered as the list of holders would
+    /// answer it, without the list (what a query hop asks): with vnodes, a leaving member,
+    /// and replication both within the fixed room (16) and beyond it.
+    #[test]
+    fn all_holders_answers_as_the_list_of_holders_would() {
+        let mut view = vnode_ring(20, 8);
+        join(&mut view, 77, 8);
+        view.members[3].leaving = true;
+        view.epoch = 9;
+        let index = PointIndex::new(&view);
+        let points = Points::bind(&view, &index).expect("its own view");
+        for k in 0..1_000u64 {
+            let key = RecordKey::Event(k * 7_919);
+            for r in [1, 2, 3, 5, 13, 18] {
+                let ids: Vec<PeerId> = points.replicas(key, r).1.iter().map(|m| m.id).collect();
+                assert_eq!(ids.len(), r, "20 owning members hold {r} copies");
+                assert!(points.all_holders(key, r, |m| ids.contains(&m.id)));
+                // Any one holder not asked: not all.
+                for skip in &ids {
+                    assert!(!points.all_holders(key, r, |m| m.id != *skip && ids.contains(&m.id)));
+                }
+                // Members that hold nothing of it change nothing.
+                assert!(!points.all_holders(key, r, |m| !ids.contains(&m.id)));
             }
         }
     }

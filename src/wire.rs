@@ -1099,16 +1099,7 @@ impl Envelope {
     /// Encodes an envelope of at most `limit` bytes (a message the link may send in
     /// fragments: up to [`MAX_MESSAGE`]).
     pub fn encode_within(&self, limit: usize) -> Result<Vec<u8>, WireError> {
-        // Encoded into this thread's buffer, then copied out at its size: one allocation,
-        // where a vector growing as ciborium writes took up to four, each moving the bytes so
-        // far (a query's answer is 1.5 KB), and a retransmission buffer would keep the slack.
-        ENCODE_BUFFER.with(|cell| {
-            let mut fresh = Vec::new();
-            let mut borrowed = cell.try_borrow_mut();
-            let out = match borrowed.as_deref_mut() {
-                Ok(buffer) => buffer,
-                Err(_) => &mut fresh,
-            };
+        encode_buffered(limit, |out| {
             // A query's messages without serde (the same bytes), the rest through it.
             if !crate::quick_codec::encode_into(self, out) {
                 out.clear();
@@ -1117,18 +1108,61 @@ impl Envelope {
                     reason: e.to_string(),
                 })?;
             }
-            if out.len() > limit {
-                return Err(WireError::TooLarge(out.len()));
-            }
-            let bytes = out.to_vec();
-            // A buffer grown by a large message (a batch, a view) is not kept.
-            if out.capacity() > ENCODE_BUFFER_KEEP {
-                *out = Vec::new();
-            }
-            Ok(bytes)
+            Ok(())
         })
     }
 
+    /// The bytes of `Envelope::new(from, seq, trace, Body::Find(find))` (at most `limit`),
+    /// from a borrowed `find`: what a hop's sender sends while it keeps the `FindEvent`.
+    pub fn encode_find(
+        from: u64,
+        seq: u64,
+        trace: Option<&TraceContext>,
+        find: &FindEvent,
+        limit: usize,
+    ) -> Result<Vec<u8>, WireError> {
+        let header = (PROTOCOL_VERSION, from, seq);
+        if let Ok(bytes) = encode_buffered(limit, |out| {
+            crate::quick_codec::encode_find_into(header, trace, find, out)
+                .then_some(())
+                .ok_or(WireError::TooLarge(0))
+        }) {
+            return Ok(bytes);
+        }
+        // Not a shape the quick codec writes (it writes every one), or too large: as any
+        // envelope, which says why.
+        Envelope::new(from, seq, trace.cloned(), Body::Find(find.clone())).encode_within(limit)
+    }
+}
+
+/// Encodes by `write` into this thread's buffer, then copies the bytes out at their size: one
+/// allocation, where a vector growing as ciborium writes took up to four, each moving the bytes
+/// so far (a query's answer is 1.5 KB), and a retransmission buffer would keep the slack.
+fn encode_buffered(
+    limit: usize,
+    write: impl FnOnce(&mut Vec<u8>) -> Result<(), WireError>,
+) -> Result<Vec<u8>, WireError> {
+    ENCODE_BUFFER.with(|cell| {
+        let mut fresh = Vec::new();
+        let mut borrowed = cell.try_borrow_mut();
+        let out = match borrowed.as_deref_mut() {
+            Ok(buffer) => buffer,
+            Err(_) => &mut fresh,
+        };
+        write(out)?;
+        if out.len() > limit {
+            return Err(WireError::TooLarge(out.len()));
+        }
+        let bytes = out.to_vec();
+        // A buffer grown by a large message (a batch, a view) is not kept.
+        if out.capacity() > ENCODE_BUFFER_KEEP {
+            *out = Vec::new();
+        }
+        Ok(bytes)
+    })
+}
+
+impl Envelope {
     /// Decodes one datagram. The version is checked before the body, so a newer peer gets a
     /// clear "unsupported version" rather than a confusing decode error.
     pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {

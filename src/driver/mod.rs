@@ -436,9 +436,17 @@ where
 }
 
 /// Hands each event to the shell; the first that ends the loop wins, the rest are still seen.
-fn react<M: Machine, H: Shell<M>>(shell: &mut H, events: Vec<M::Event>) -> Control<H::Exit> {
+fn react<M: Machine, H: Shell<M>>(shell: &mut H, mut events: Vec<M::Event>) -> Control<H::Exit> {
+    react_in(shell, &mut events)
+}
+
+/// [`react`], leaving `events` empty (its room kept).
+fn react_in<M: Machine, H: Shell<M>>(
+    shell: &mut H,
+    events: &mut Vec<M::Event>,
+) -> Control<H::Exit> {
     let mut control = Control::Continue;
-    for ev in events {
+    for ev in events.drain(..) {
         let c = shell.on_event(ev);
         if matches!(control, Control::Continue) {
             control = c;
@@ -514,7 +522,11 @@ fn deliver<M: Machine, H: Shell<M>>(
     if let Some(span) = span {
         shell.close_span(span, &events);
     }
-    react(shell, events)
+    let mut events = events;
+    let control = react_in(shell, &mut events);
+    // The list goes back to the machine for the next datagram's events.
+    lock(machine).recycle_events(events);
+    control
 }
 
 #[cfg(test)]

@@ -578,6 +578,13 @@ impl Machine for Manager {
         std::mem::take(&mut self.events)
     }
 
+    fn recycle_events(&mut self, mut spent: Vec<ManagerEvent>) {
+        if self.events.capacity() == 0 {
+            spent.clear();
+            self.events = spent;
+        }
+    }
+
     fn reassemble(&mut self, now: Time, from: SocketAddr, env: Envelope) -> Option<Envelope> {
         self.link.reassemble(now, from, env)
     }
