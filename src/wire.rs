@@ -522,10 +522,16 @@ impl PackedRow {
     /// Checks `bytes` (from the network) and takes them as a row.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<PackedRow, PackedRowError> {
         let row = PackedRow(bytes.into_boxed_slice());
+        // A row all ASCII (NOAA's are, length prefixes included while fields are shorter than
+        // 128 bytes) has every field UTF-8 wherever its bounds fall: one pass over the bytes
+        // instead of a check per field (a hundred per record, on every answer a client reads).
+        let ascii = row.0.is_ascii();
         let mut at = 0;
         while at < row.0.len() {
             let (len, body) = row.field_at(at).ok_or(PackedRowError { at })?;
-            std::str::from_utf8(&row.0[body..body + len]).map_err(|_| PackedRowError { at })?;
+            if !ascii {
+                std::str::from_utf8(&row.0[body..body + len]).map_err(|_| PackedRowError { at })?;
+            }
             at = body + len;
         }
         Ok(row)
@@ -1229,6 +1235,10 @@ mod tests {
         assert!(PackedRow::from_bytes(vec![0x80]).is_err());
         assert!(PackedRow::from_bytes(vec![2, 0xff, 0xfe]).is_err());
         assert!(PackedRow::from_bytes(vec![0xff; 11]).is_err());
+        // All ASCII (checked in one pass), and not: a lone lead byte inside a field.
+        let ascii = PackedRow::pack(&["5570068", "OHIO"]);
+        assert_eq!(PackedRow::from_bytes(ascii.0.to_vec()), Ok(ascii));
+        assert!(PackedRow::from_bytes(vec![1, b'a', 3, b'b', 0xc3, b'c']).is_err());
         // Every truncation of a valid row either is a valid row or an error, never a panic.
         for cut in 0..bytes.len() {
             let _ = PackedRow::from_bytes(bytes[..cut].to_vec());
