@@ -1531,6 +1531,72 @@ mod tests {
         assert_eq!(alone.trace, Some(trace));
     }
 
+    /// A query at its owner, as `BlockingClient::call` runs it (submitted, its lookup sent,
+    /// the owner's answer with one record read, the result taken), allocates a counted
+    /// number of times: what the client spends per query besides its two system calls.
+    #[test]
+    fn a_query_at_its_owner_allocates_a_counted_number_of_times() {
+        let ring = view(5);
+        let (mut core, first) = direct_query(1, ring.clone(), true);
+        let now = Duration::from_millis(1);
+        let answered = |query: u64, key: u64, owner: u32| {
+            let mut body = answer(query, key, vec![owner]).body;
+            if let Body::Answer(r) = &mut body {
+                let columns = crate::wire::PackedRow::pack(&["EVENT_ID", "STATE", "EVENT_TYPE"]);
+                let values = crate::wire::PackedRow::pack(&[&key.to_string(), "OHIO", "Hail"]);
+                r.records.push(crate::wire::RecordOut { columns, values });
+                r.hops.push(crate::wire::HopTiming {
+                    peer: owner,
+                    at_us: 5,
+                });
+            }
+            Envelope::new(7, UNSEQUENCED, None, body).encode().unwrap()
+        };
+        let owner = |key: u64| ring.owner_of(RecordKey::Event(key)).unwrap();
+        core.receive(
+            now,
+            first.dest,
+            &answered(lookup_query(&first), 1, owner(1).id),
+            None,
+        );
+        assert!(core.poll_result().is_some());
+        let mut counts = Vec::new();
+        for key in 2..300u64 {
+            let query = ClientRequest::Query {
+                key: RecordKey::Event(key),
+                via: None,
+                routing: None,
+            };
+            let (n, lookup) = crate::alloc_count::allocations_in(|| {
+                core.submit(0, query, None);
+                core.pump(now);
+                core.poll_transmit()
+            });
+            let lookup = lookup.expect("a lookup");
+            assert_eq!(lookup.dest, owner(key).addr);
+            let reply = answered(lookup_query(&lookup), key, owner(key).id);
+            let (m, result) = crate::alloc_count::allocations_in(|| {
+                core.receive(now, lookup.dest, &reply, None);
+                core.handle_timeout(now);
+                core.poll_result()
+            });
+            match result {
+                Some((0, Ok(ReplyBody::Query(q)))) => assert!(q.found && q.records.len() == 1),
+                other => panic!("{other:?}"),
+            }
+            counts.push(n + m);
+        }
+        let mean = counts[50..].iter().sum::<u64>() as f64 / (counts.len() - 50) as f64;
+        eprintln!("allocations a query at its owner: {mean:.2}");
+        // The lookup's bytes; the answer as read (its record's two rows and their list, the
+        // path, the hop list); the outcome for people (the hops with their peers' names,
+        // the path's names): 10.
+        assert!(
+            mean <= 10.0,
+            "a query at its owner allocates {mean:.2} times"
+        );
+    }
+
     #[test]
     fn with_owner_entry_the_lookup_goes_to_the_keys_owner() {
         let ring = view(8);
