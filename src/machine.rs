@@ -28,7 +28,8 @@ pub trait Machine {
     }
     /// Takes back a list of events the machine returned, emptied by the driver, so that the
     /// next one reuses its room: otherwise every datagram that makes an event (each query
-    /// hop) allocates a list. By default it is dropped.
+    /// hop) allocates a list. By default it is dropped; [`reuse_events`] does it for a machine
+    /// that gathers its events in a list.
     fn recycle_events(&mut self, _spent: Vec<Self::Event>) {}
     fn handle_timeout(&mut self, now: Time) -> Vec<Self::Event>;
     fn handle_local(&mut self, now: Time, input: Self::Local) -> Vec<Self::Event>;
@@ -40,4 +41,14 @@ pub trait Machine {
     /// The wall clock (µs since the Unix epoch) at the machine's time zero, told by the
     /// driver when it starts its clock; only stamps for people (hop timelines) use it.
     fn set_clock_origin(&mut self, _unix_us: u64) {}
+}
+
+/// [`Machine::recycle_events`] for a machine that gathers its events in `events`: it takes
+/// `spent`'s room, unless it has room of its own (events pushed since it handed its list out,
+/// which must not be lost).
+pub fn reuse_events<E>(events: &mut Vec<E>, mut spent: Vec<E>) {
+    if events.capacity() == 0 {
+        spent.clear();
+        *events = spent;
+    }
 }

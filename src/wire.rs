@@ -1107,14 +1107,10 @@ impl Envelope {
     pub fn encode_within(&self, limit: usize) -> Result<Vec<u8>, WireError> {
         encode_buffered(limit, |out| {
             // A query's messages without serde (the same bytes), the rest through it.
-            if !crate::quick_codec::encode_into(self, out) {
-                out.clear();
-                ciborium::ser::into_writer(self, &mut *out).map_err(|e| WireError::Encode {
-                    kind: self.body.kind(),
-                    reason: e.to_string(),
-                })?;
+            if crate::quick_codec::encode_into(self, out) {
+                return Ok(());
             }
-            Ok(())
+            self.encode_general(out)
         })
     }
 
@@ -1127,17 +1123,24 @@ impl Envelope {
         find: &FindEvent,
         limit: usize,
     ) -> Result<Vec<u8>, WireError> {
-        let header = (PROTOCOL_VERSION, from, seq);
-        if let Ok(bytes) = encode_buffered(limit, |out| {
-            crate::quick_codec::encode_find_into(header, trace, find, out)
-                .then_some(())
-                .ok_or(WireError::TooLarge(0))
-        }) {
-            return Ok(bytes);
-        }
-        // Not a shape the quick codec writes (it writes every one), or too large: as any
-        // envelope, which says why.
-        Envelope::new(from, seq, trace.cloned(), Body::Find(find.clone())).encode_within(limit)
+        encode_buffered(limit, |out| {
+            if crate::quick_codec::encode_find_into((PROTOCOL_VERSION, from, seq), trace, find, out)
+            {
+                return Ok(());
+            }
+            // Not a shape the quick codec writes (it writes every one): as any envelope.
+            Envelope::new(from, seq, trace.cloned(), Body::Find(find.clone())).encode_general(out)
+        })
+    }
+
+    /// Encodes into `out` (cleared first) through serde: every message the quick codec does
+    /// not write.
+    fn encode_general(&self, out: &mut Vec<u8>) -> Result<(), WireError> {
+        out.clear();
+        ciborium::ser::into_writer(self, &mut *out).map_err(|e| WireError::Encode {
+            kind: self.body.kind(),
+            reason: e.to_string(),
+        })
     }
 }
 

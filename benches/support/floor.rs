@@ -59,7 +59,7 @@ pub fn echo_server(forward: Option<std::net::SocketAddr>) {
 pub struct Echo {
     child: std::process::Child,
     sock: UdpSocket,
-    target: String,
+    target: std::net::SocketAddr,
     /// CPU spent on the timed round trips since [`Echo::take_cpu`]: by this thread, by the echo.
     cpu: Cell<CpuTally>,
 }
@@ -123,7 +123,7 @@ impl Echo {
         let echo = Echo {
             child,
             sock,
-            target: format!("127.0.0.1:{port}"),
+            target: ([127, 0, 0, 1], port).into(),
             cpu: Cell::new(CpuTally::default()),
         };
         echo.round_trips(WARM_UP);
@@ -133,19 +133,9 @@ impl Echo {
 
     /// `n` round trips, one datagram at a time, in µs (a lost one is left out).
     pub fn round_trips(&self, n: usize) -> Vec<f64> {
-        let payload = [7u8; PAYLOAD];
-        let mut buf = [0u8; 2048];
-        let mut rtts = Vec::with_capacity(n);
         let echo_pid = [self.child.id()];
         let (here, there) = (thread_cpu_ns(), processes_cpu_ns(&echo_pid));
-        for _ in 0..n {
-            let t = Instant::now();
-            if self.sock.send_to(&payload, &self.target).is_ok()
-                && self.sock.recv_from(&mut buf).is_ok()
-            {
-                rtts.push(t.elapsed().as_secs_f64() * 1e6);
-            }
-        }
+        let rtts = timed_loops(&self.sock, self.target, n);
         let mut cpu = self.cpu.get();
         cpu.add(
             thread_cpu_ns().saturating_sub(here),
@@ -164,8 +154,7 @@ impl Echo {
 
 impl Drop for Echo {
     fn drop(&mut self) {
-        drop(self.child.stdin.take()); // the echo ends when its stdin closes
-        let _ = self.child.wait();
+        end_child(&mut self.child);
     }
 }
 
@@ -216,26 +205,34 @@ impl Relay {
 
     /// `n` loops, one datagram at a time, in µs (a lost one is left out).
     pub fn loops(&self, n: usize) -> Vec<f64> {
-        let payload = [7u8; PAYLOAD];
-        let mut buf = [0u8; 2048];
-        (0..n)
-            .filter_map(|_| {
-                let t = Instant::now();
-                (self.sock.send_to(&payload, self.relay).is_ok()
-                    && self.sock.recv_from(&mut buf).is_ok())
-                .then(|| t.elapsed().as_secs_f64() * 1e6)
-            })
-            .collect()
+        timed_loops(&self.sock, self.relay, n)
     }
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        for child in &mut self.children {
-            drop(child.stdin.take());
-            let _ = child.wait();
-        }
+        self.children.iter_mut().for_each(end_child);
     }
+}
+
+/// `n` times: a datagram of [`PAYLOAD`] bytes sent from `sock` to `to`, and one received back;
+/// each time in µs (a lost one is left out).
+fn timed_loops(sock: &UdpSocket, to: std::net::SocketAddr, n: usize) -> Vec<f64> {
+    let payload = [7u8; PAYLOAD];
+    let mut buf = [0u8; 2048];
+    (0..n)
+        .filter_map(|_| {
+            let t = Instant::now();
+            (sock.send_to(&payload, to).is_ok() && sock.recv_from(&mut buf).is_ok())
+                .then(|| t.elapsed().as_secs_f64() * 1e6)
+        })
+        .collect()
+}
+
+/// Ends a child of [`spawn_echo`]: it stops when its stdin closes.
+fn end_child(child: &mut std::process::Child) {
+    drop(child.stdin.take());
+    let _ = child.wait();
 }
 
 /// Half the median of `rtts` (µs, any order).

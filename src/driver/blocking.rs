@@ -96,9 +96,11 @@ where
                 Signal::Quiet => {}
                 Signal::Stop => {
                     shutdown_seen = true;
-                    match shell.on_shutdown(&mut lock(machine), now - start) {
+                    // The machine's lock is let go before its events are dealt with.
+                    let asked = shell.on_shutdown(&mut lock(machine), now - start);
+                    match asked {
                         Err(exit) => return exit,
-                        Ok(events) => control = react(shell, events),
+                        Ok(events) => control = react(shell, machine, events),
                     }
                 }
                 Signal::Abandoned => return shell.abandoned(),
@@ -116,7 +118,7 @@ where
             let housekeeping = shell.housekeeping(now);
             if lingering.is_none() && wake.is_some_and(|at| at <= now) {
                 let events = lock(machine).handle_timeout(now - start);
-                control = react(shell, events);
+                control = react(shell, machine, events);
             } else {
                 let until = [wake, housekeeping, Some(now + SHUTDOWN_POLL)]
                     .into_iter()

@@ -391,7 +391,7 @@ where
                     let asked = shell.on_shutdown(&mut lock(machine), now);
                     match asked {
                         Err(exit) => return exit,
-                        Ok(events) => react(shell, events),
+                        Ok(events) => react(shell, machine, events),
                     }
                 }
             }
@@ -408,12 +408,12 @@ where
                     Control::Continue
                 } else {
                     let events = lock(machine).handle_timeout(io.now());
-                    react(shell, events)
+                    react(shell, machine, events)
                 }
             }
             input = shell.next_local() => {
                 let events = lock(machine).handle_local(io.now(), input);
-                react(shell, events)
+                react(shell, machine, events)
             }
         };
         match control {
@@ -436,14 +436,12 @@ where
 }
 
 /// Hands each event to the shell; the first that ends the loop wins, the rest are still seen.
-fn react<M: Machine, H: Shell<M>>(shell: &mut H, mut events: Vec<M::Event>) -> Control<H::Exit> {
-    react_in(shell, &mut events)
-}
-
-/// [`react`], leaving `events` empty (its room kept).
-fn react_in<M: Machine, H: Shell<M>>(
+/// The emptied list goes back to the machine, which gathers its next events in it (a list per
+/// datagram otherwise).
+fn react<M: Machine, H: Shell<M>>(
     shell: &mut H,
-    events: &mut Vec<M::Event>,
+    machine: &Shared<M>,
+    mut events: Vec<M::Event>,
 ) -> Control<H::Exit> {
     let mut control = Control::Continue;
     for ev in events.drain(..) {
@@ -452,6 +450,7 @@ fn react_in<M: Machine, H: Shell<M>>(
             control = c;
         }
     }
+    lock(machine).recycle_events(events);
     control
 }
 
@@ -522,11 +521,7 @@ fn deliver<M: Machine, H: Shell<M>>(
     if let Some(span) = span {
         shell.close_span(span, &events);
     }
-    let mut events = events;
-    let control = react_in(shell, &mut events);
-    // The list goes back to the machine for the next datagram's events.
-    lock(machine).recycle_events(events);
-    control
+    react(shell, machine, events)
 }
 
 #[cfg(test)]

@@ -578,11 +578,8 @@ impl Machine for Manager {
         std::mem::take(&mut self.events)
     }
 
-    fn recycle_events(&mut self, mut spent: Vec<ManagerEvent>) {
-        if self.events.capacity() == 0 {
-            spent.clear();
-            self.events = spent;
-        }
+    fn recycle_events(&mut self, spent: Vec<ManagerEvent>) {
+        crate::machine::reuse_events(&mut self.events, spent);
     }
 
     fn reassemble(&mut self, now: Time, from: SocketAddr, env: Envelope) -> Option<Envelope> {

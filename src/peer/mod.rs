@@ -1397,11 +1397,8 @@ impl Machine for Peer {
         self.cfg.clock_origin_us = unix_us;
     }
 
-    fn recycle_events(&mut self, mut spent: Vec<PeerEvent>) {
-        if self.events.capacity() == 0 {
-            spent.clear();
-            self.events = spent;
-        }
+    fn recycle_events(&mut self, spent: Vec<PeerEvent>) {
+        crate::machine::reuse_events(&mut self.events, spent);
     }
 }
 
