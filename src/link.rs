@@ -248,14 +248,17 @@ impl SeenWindow {
             return true;
         }
         let mut word = ((seq - self.base) / 64) as usize;
-        if word >= SEEN_SPAN_WORDS {
+        if self.bits.is_empty() || word >= SEEN_SPAN_WORDS + self.bits.len() - 1 {
+            // Nothing in the bitmap, or nothing in it within the span of `seq`: it starts
+            // again at `seq`'s word (a sender first heard at a high number takes one word,
+            // not a span's worth of zeros; numbers below it are new if they ever come).
+            self.bits.clear();
+            self.base = seq - seq % 64;
+            word = 0;
+        } else if word >= SEEN_SPAN_WORDS {
             // The span moves up to `seq`: the oldest words are forgotten.
             let gone = word + 1 - SEEN_SPAN_WORDS;
-            if gone >= self.bits.len() {
-                self.bits.clear();
-            } else {
-                self.bits.drain(..gone);
-            }
+            self.bits.drain(..gone);
             self.base += 64 * gone as u64;
             word -= gone;
         }
@@ -1260,6 +1263,23 @@ mod tests {
         }
         assert!(w.bits.len() <= SEEN_SPAN_WORDS);
         assert!(w.late.len() <= SEEN_LATE_LIMIT);
+        // A sender first heard at a high number (a peer up for hours, heard by a joiner)
+        // takes a word, not the span's 1,024; its memory follows the numbers it uses.
+        let mut w = SeenWindow::default();
+        assert!(w.insert(90_000_000));
+        assert_eq!(w.bits.len(), 1);
+        for seq in (90_000_000..).step_by(7).take(700) {
+            w.insert(seq);
+        }
+        assert_eq!(w.bits.len(), (7 * 699 / 64) + 1);
+        assert!(
+            w.insert(90_000_001),
+            "below what it has seen, never seen: new"
+        );
+        // A jump past everything remembered starts again at the new number.
+        assert!(w.insert(500_000_000));
+        assert_eq!(w.bits.len(), 1);
+        assert!(!w.insert(500_000_000));
     }
 
     /// A receiver sees every fifth number of a sender talking to five peers. A message
