@@ -219,7 +219,8 @@ impl Scenario<'_> {
 }
 
 /// [`QUERIES`] seeded random keys of the scenario's file, one at a time: the latencies in µs,
-/// sorted, and the hops in all (peers on each path after the entry peer). Every one must be
+/// sorted, the hops in all (peers on each path after the entry peer), and each query's
+/// (latency, hops) in the order they ran. Every one must be
 /// found. With an `echo`, the floor's round trips are timed between blocks of queries (as many
 /// as queries, appended to `rtts`): on a machine whose load changes by the second, a floor
 /// measured before the queries is not the floor they ran on. With `cpu`, the CPU the queries
@@ -230,11 +231,12 @@ fn timed_queries(
     sc: &Scenario<'_>,
     mut echo: Option<(&floor::Echo, &mut Vec<f64>)>,
     mut cpu: Option<(&[u32], &mut floor::CpuTally)>,
-) -> (Vec<f64>, usize) {
+) -> (Vec<f64>, usize, Vec<(f64, usize)>) {
     const BLOCK: usize = 50;
     let records = sc.dataset.rows.len() as u64;
     let mut rng = XorShift(0x5eed_cafe_f00d);
     let mut latencies = Vec::with_capacity(QUERIES);
+    let mut each = Vec::with_capacity(QUERIES);
     let mut hops = 0usize;
     // The others' CPU when the current block of queries began.
     let mut block_started_ns = 0;
@@ -263,10 +265,15 @@ fn timed_queries(
             routing: Some(sc.routing),
         };
         let reply = client.call(req, None);
-        latencies.push(t.elapsed().as_secs_f64() * 1e6);
+        let latency = t.elapsed().as_secs_f64() * 1e6;
+        latencies.push(latency);
         client_ns += floor::thread_cpu_ns().saturating_sub(cpu_before);
         match reply {
-            Ok(ReplyBody::Query(q)) if q.found => hops += q.path.len().saturating_sub(1),
+            Ok(ReplyBody::Query(q)) if q.found => {
+                let its_hops = q.path.len().saturating_sub(1);
+                hops += its_hops;
+                each.push((latency, its_hops));
+            }
             other => panic!("query {key} failed: {other:?}"),
         }
     }
@@ -276,7 +283,20 @@ fn timed_queries(
         tally.add(client_ns, others, last_block as u64);
     }
     latencies.sort_by(|a, b| a.total_cmp(b));
-    (latencies, hops)
+    (latencies, hops, each)
+}
+
+/// The median of each query's latency over its own floor, (its hops + 2) one-way trips. With
+/// fingers a query makes 0, 1 or 2 hops, and the p50 latency is that of the median query (one
+/// hop), while (mean hops + 2) counts a floor of 2.6 one-way trips: the p50 over the mean's
+/// floor holds a one-hop query to a shorter floor than its own.
+fn p50_over_own_floor(each: &[(f64, usize)], one_way: f64) -> f64 {
+    let mut ratios: Vec<f64> = each
+        .iter()
+        .map(|&(latency, hops)| latency / ((hops as f64 + 2.0) * one_way))
+        .collect();
+    ratios.sort_by(|a, b| a.total_cmp(b));
+    percentile(&ratios, 0.5)
 }
 
 async fn run(sc: &Scenario<'_>) -> Value {
@@ -345,9 +365,9 @@ async fn run(sc: &Scenario<'_>) -> Value {
         .expect("blocking client");
     let echo = floor::Echo::start();
     let (mut ring_rtts, mut owner_rtts) = (Vec::new(), Vec::new());
-    let (latencies, hops) = timed_queries(&mut querier, sc, Some((&echo, &mut ring_rtts)), None);
+    let (latencies, hops, _) = timed_queries(&mut querier, sc, Some((&echo, &mut ring_rtts)), None);
     querier.set_owner_entry(true);
-    let (owner_latencies, owner_hops) =
+    let (owner_latencies, owner_hops, _) =
         timed_queries(&mut querier, sc, Some((&echo, &mut owner_rtts)), None);
     querier.set_owner_entry(false);
     drop(echo);
@@ -365,7 +385,7 @@ async fn run(sc: &Scenario<'_>) -> Value {
         let pids = nodes.pids().unwrap_or_default();
         echo.take_cpu();
         let mut ring_cpu = floor::CpuTally::default();
-        let (ring, ring_hops) = timed_queries(
+        let (ring, ring_hops, ring_each) = timed_queries(
             &mut querier,
             sc,
             Some((&echo, &mut ring_rtts)),
@@ -383,7 +403,7 @@ async fn run(sc: &Scenario<'_>) -> Value {
         drop(relay);
         querier.set_owner_entry(true);
         let mut query_cpu = floor::CpuTally::default();
-        let (owner, owner_hops) = timed_queries(
+        let (owner, owner_hops, _) = timed_queries(
             &mut querier,
             sc,
             Some((&echo, &mut owner_rtts)),
@@ -405,6 +425,7 @@ async fn run(sc: &Scenario<'_>) -> Value {
             "query_p50_us": round(percentile(&ring, 0.5), 0),
             "query_p99_us": round(percentile(&ring, 0.99), 0),
             "p50_over_floor": ratio(&ring, ring_hops, ring_one_way),
+            "p50_over_own_floor": round(p50_over_own_floor(&ring_each, ring_one_way), 2),
             "relay_one_way_us": round(relay_one_way, 1),
             "p50_over_relay_floor": ratio(&ring, ring_hops, relay_one_way),
             "query_p50_owner_entry_us": round(percentile(&owner, 0.5), 0),
