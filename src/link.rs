@@ -8,8 +8,8 @@
 //! ack may have been lost), but reports only the first copy as new, so handlers run once.
 
 use crate::wire::{
-    Body, Counters, Envelope, FindEvent, MAX_MESSAGE, MAX_UDP_PAYLOAD, RejectReason, TraceContext,
-    UNSEQUENCED, WireError,
+    Body, Counters, Envelope, FindEvent, FindResult, MAX_MESSAGE, MAX_UDP_PAYLOAD, RejectReason,
+    TraceContext, UNSEQUENCED, WireError,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -698,6 +698,19 @@ impl<T> Link<T> {
     ) -> Result<(), WireError> {
         debug_assert!(!body.is_sequenced());
         let bytes = Envelope::new(self.incarnation, UNSEQUENCED, trace, body).encode()?;
+        self.outbox.push_back(Transmit { dest, bytes });
+        Ok(())
+    }
+
+    /// Sends a client its answer once, unsequenced, with `records` (packed column names,
+    /// packed values) borrowed from the store: see [`Envelope::encode_answer`].
+    pub fn send_answer(
+        &mut self,
+        dest: SocketAddr,
+        result: &FindResult,
+        records: &[(&[u8], &[u8])],
+    ) -> Result<(), WireError> {
+        let bytes = Envelope::encode_answer(self.incarnation, result, records)?;
         self.outbox.push_back(Transmit { dest, bytes });
         Ok(())
     }

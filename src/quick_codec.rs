@@ -424,18 +424,31 @@ impl Writer {
     }
 
     fn find_result(&mut self, r: &FindResult) -> Option<()> {
+        let records = r.records.iter();
+        self.find_result_with(
+            r,
+            records.map(|rec| (rec.columns.as_bytes(), rec.values.as_bytes())),
+        )
+    }
+
+    /// `r` with `records` (packed column names, packed values) in place of its own.
+    fn find_result_with<'a>(
+        &mut self,
+        r: &FindResult,
+        records: impl ExactSizeIterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Option<()> {
         self.head(5, 8);
         self.query_and_key(r.query, r.key);
         self.text("found");
         self.boolean(r.found);
         self.text("records");
-        self.head(4, r.records.len() as u64);
-        for rec in &r.records {
+        self.head(4, records.len() as u64);
+        for (columns, values) in records {
             self.head(5, 2);
             self.text("columns");
-            self.string(2, rec.columns.as_bytes());
+            self.string(2, columns);
             self.text("values");
-            self.string(2, rec.values.as_bytes());
+            self.string(2, values);
         }
         self.text("path");
         self.path(&r.path);
@@ -554,6 +567,31 @@ pub fn encode_find_into(
     writer.head(5, 1);
     writer.text("Find");
     let done = writer.find_event(find).is_some();
+    *out = writer.out;
+    done
+}
+
+/// Encodes into `out` (cleared first) the unsequenced envelope from `from` whose body is
+/// `Answer(result)` with `records` (packed column names, packed values) as its records, byte
+/// for byte as [`encode_into`] encodes that envelope with the records owned: the peer that
+/// answers writes its rows straight from its store. False, with `out` to be discarded, if it
+/// could not.
+pub fn encode_answer_into(
+    (v, from): (u16, u64),
+    result: &FindResult,
+    records: &[(&[u8], &[u8])],
+    out: &mut Vec<u8>,
+) -> bool {
+    out.clear();
+    let mut writer = Writer {
+        out: std::mem::take(out),
+    };
+    writer.header(v, from, crate::wire::UNSEQUENCED, None);
+    writer.head(5, 1);
+    writer.text("Answer");
+    let done = writer
+        .find_result_with(result, records.iter().copied())
+        .is_some();
     *out = writer.out;
     done
 }
@@ -729,6 +767,24 @@ mod tests {
             let sent = Envelope::encode_find(hop.from, hop.seq, hop.trace.as_ref(), &find, crate::wire::MAX_MESSAGE);
             let hop = Envelope { v: crate::wire::PROTOCOL_VERSION, ..hop };
             prop_assert_eq!(sent.ok(), Some(encode(&hop)));
+        }
+
+        /// An answer written with its rows borrowed (as a peer writes them from its store) is
+        /// the envelope of that answer with the rows owned, byte for byte; and as the link
+        /// sends it.
+        #[test]
+        fn an_answer_written_from_borrowed_rows_is_its_envelope(from in any::<u64>(), result in find_result()) {
+            let rows: Vec<(&[u8], &[u8])> = result
+                .records
+                .iter()
+                .map(|r| (r.columns.as_bytes(), r.values.as_bytes()))
+                .collect();
+            let bare = FindResult { records: Vec::new(), ..result.clone() };
+            let answer = Envelope::new(from, crate::wire::UNSEQUENCED, None, Body::Answer(result.clone()));
+            let mut out = vec![0xff; 3];
+            prop_assert!(encode_answer_into((answer.v, from), &bare, &rows, &mut out));
+            prop_assert_eq!(&out, &encode(&answer));
+            prop_assert_eq!(Envelope::encode_answer(from, &bare, &rows).ok(), Some(encode(&answer)));
         }
 
         /// A query's message as ciborium writes it is read back whole; anything else is left

@@ -338,6 +338,19 @@ impl Store {
         self.get(key).map(|r| r.to_stored()).collect()
     }
 
+    /// The rows of `key` as (packed column names, packed values), borrowed from the store: an
+    /// answer encodes them without a copy of either (two allocations and a row's bytes per
+    /// record with [`Store::records_out`]).
+    pub fn packed_rows(&self, key: RecordKey) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        let mut at = self.head(key).unwrap_or(END);
+        std::iter::from_fn(move || {
+            let slot = self.slots.get(at as usize)?;
+            at = self.next_of(at);
+            let columns = self.packed_schemas[slot.schema()].as_bytes();
+            Some((columns, self.row_at(slot).bytes))
+        })
+    }
+
     pub fn records_out(&self, key: RecordKey) -> Vec<RecordOut> {
         self.get(key)
             .map(|r| RecordOut {

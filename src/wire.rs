@@ -694,9 +694,23 @@ impl RecordOut {
             && self.values.fields().eq(values.fields())
     }
 
+    /// A record of `columns` and `values`, packed (as a store keeps them: checked when they
+    /// were stored).
+    pub(crate) fn from_packed(columns: &[u8], values: &[u8]) -> RecordOut {
+        RecordOut {
+            columns: PackedRow::from_checked(columns),
+            values: PackedRow::from_checked(values),
+        }
+    }
+
     /// An upper bound on its encoded size.
     pub fn encoded_size(&self) -> usize {
-        32 + self.columns.len() + self.values.len()
+        Self::encoded_size_of(self.columns.as_bytes(), self.values.as_bytes())
+    }
+
+    /// An upper bound on the encoded size of a record of `columns` and `values` (packed).
+    pub fn encoded_size_of(columns: &[u8], values: &[u8]) -> usize {
+        32 + columns.len() + values.len()
     }
 }
 
@@ -1130,6 +1144,33 @@ impl Envelope {
             }
             // Not a shape the quick codec writes (it writes every one): as any envelope.
             Envelope::new(from, seq, trace.cloned(), Body::Find(find.clone())).encode_general(out)
+        })
+    }
+
+    /// The bytes of `Envelope::new(from, UNSEQUENCED, None, Body::Answer(result))` with
+    /// `records` (packed column names, packed values) as the result's records: what a peer
+    /// answers a client with, its rows borrowed from its store.
+    pub fn encode_answer(
+        from: u64,
+        result: &FindResult,
+        records: &[(&[u8], &[u8])],
+    ) -> Result<Vec<u8>, WireError> {
+        encode_buffered(MAX_UDP_PAYLOAD, |out| {
+            if crate::quick_codec::encode_answer_into(
+                (PROTOCOL_VERSION, from),
+                result,
+                records,
+                out,
+            ) {
+                return Ok(());
+            }
+            // Not a shape the quick codec writes (it writes every one): as any envelope.
+            let mut owned = result.clone();
+            owned.records = records
+                .iter()
+                .map(|&(columns, values)| RecordOut::from_packed(columns, values))
+                .collect();
+            Envelope::new(from, UNSEQUENCED, None, Body::Answer(owned)).encode_general(out)
         })
     }
 
