@@ -186,14 +186,6 @@ impl Store {
         self.schemas.push(columns);
     }
 
-    /// `columns` packed, from the store's own copy when it holds that schema.
-    fn packed_columns(&self, columns: &Columns) -> PackedRow {
-        match self.schemas.iter().position(|c| Arc::ptr_eq(c, columns)) {
-            Some(i) => self.packed_schemas[i].clone(),
-            None => PackedRow::pack(columns),
-        }
-    }
-
     fn hash(&self, key: RecordKey) -> u64 {
         self.hasher.hash_one(key)
     }
@@ -340,7 +332,7 @@ impl Store {
 
     /// The rows of `key` as (packed column names, packed values), borrowed from the store: an
     /// answer encodes them without a copy of either (two allocations and a row's bytes per
-    /// record with [`Store::records_out`]).
+    /// record were it copied out into a `RecordOut`).
     pub fn packed_rows(&self, key: RecordKey) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
         let mut at = self.head(key).unwrap_or(END);
         std::iter::from_fn(move || {
@@ -351,12 +343,11 @@ impl Store {
         })
     }
 
+    /// The rows of `key` as owned records (tests compare them with what was stored).
+    #[cfg(test)]
     pub fn records_out(&self, key: RecordKey) -> Vec<RecordOut> {
-        self.get(key)
-            .map(|r| RecordOut {
-                columns: self.packed_columns(r.columns),
-                values: r.packed(),
-            })
+        self.packed_rows(key)
+            .map(|(columns, values)| RecordOut::from_packed(columns, values))
             .collect()
     }
 
