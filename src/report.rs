@@ -1,7 +1,9 @@
 //! Human-readable and JSON renderings of replies, shared by `stormctl` and the demo.
 
 use crate::client::VerifyReport;
-use crate::wire::{DistributeReport, ExitedPeer, Placement, QueryOutcome, RecordOut, StatusReport};
+use crate::wire::{
+    DistributeReport, ExitedPeer, Placement, QueryOutcome, RecordOut, RepairReport, StatusReport,
+};
 use serde_json::{Map, Value, json};
 use std::fmt::Write;
 
@@ -328,6 +330,29 @@ pub fn verify_text(v: &VerifyReport) -> String {
         if !ids.is_empty() {
             let _ = write!(out, "\n  first {label}: {}", ids.join(", "));
         }
+    }
+    out
+}
+
+/// A repair's answer: what was compared, what differed, who was asked to copy.
+pub fn repair_text(r: &RepairReport) -> String {
+    let mut out = format!(
+        "repair of ring epoch {}: {} ranges compared, {} differed",
+        r.epoch, r.checked_ranges, r.diverged_ranges
+    );
+    if r.diverged_ranges > 0 {
+        let _ = write!(
+            out,
+            "; asked {} to copy their rows of them to the other holders (status shows when every range has its copies)",
+            r.peers_asked.join(", ")
+        );
+    }
+    if r.unchecked_ranges > 0 {
+        let _ = write!(
+            out,
+            "\n{} ranges not compared: a holder did not report, or was still handing rows over; run repair again",
+            r.unchecked_ranges
+        );
     }
     out
 }

@@ -167,6 +167,41 @@ impl<'a> Iterator for Rows<'a> {
     }
 }
 
+/// FNV-1a, 64 bits: the same on every peer and every build (a std hasher promises neither),
+/// for digests that peers compare.
+fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// A well-mixed 64-bit value of `x` (splitmix64's finaliser), so that digests of near rows
+/// do not cancel when summed.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The digest of a header, for [`row_digest`].
+pub fn columns_digest(columns: &[String]) -> u64 {
+    columns
+        .iter()
+        .fold(0, |h, c| fnv1a(h, c.as_bytes()).rotate_left(5))
+}
+
+/// The digest of one row: its key, its header's digest and its packed values. A range's
+/// digest is the wrapping sum of its rows' (order-free, and a row held twice would count
+/// twice), so two holders of a range report the same digest exactly when they hold the same
+/// rows, but for a 2^-64 chance.
+pub fn row_digest(key: RecordKey, columns_digest: u64, packed: &[u8]) -> u64 {
+    let kind = match key {
+        RecordKey::Event(_) => 1,
+        RecordKey::Fallback(_) => 2,
+    };
+    mix(fnv1a(mix(key.as_u64() ^ kind) ^ columns_digest, packed))
+}
+
 fn same_key(slot: &Slot, key: RecordKey) -> bool {
     slot.record_key() == key
 }

@@ -112,6 +112,10 @@ pub enum Body {
     Probe { probe: u64 },
     /// peer → manager: the answer to a probe.
     Report { probe: u64, report: PeerReport },
+    /// manager → a holder of `arcs` (`stormctl repair`): the holders of these arcs of the
+    /// settled view of `epoch` do not hold the same rows; send every row of them you hold to
+    /// the arc's other holders (who keep what they lack and ignore what they have).
+    Resync { epoch: u64, arcs: Vec<u64> },
     /// manager → owner, or peer → peer during hand-off: keep these rows.
     Store(StoreBatch),
     /// manager → entry peer, then peer → next peer: who holds `key`?
@@ -245,6 +249,7 @@ impl Body {
             Body::Exit { .. } => "exit",
             Body::Probe { .. } => "probe",
             Body::Report { .. } => "report",
+            Body::Resync { .. } => "resync",
             Body::Store(_) => "store",
             Body::Find(_) => "find_event",
             Body::Found(_) => "found",
@@ -317,6 +322,10 @@ pub enum ClientRequest {
     Teardown,
     /// The current ring view, for a client that sends queries straight to peers.
     Ring,
+    /// Anti-entropy, like `nodetool repair`: compare what the holders of every range hold
+    /// (rows and a digest of them) and have the holders of ranges that differ copy their rows
+    /// to each other.
+    Repair,
 }
 
 impl ClientRequest {
@@ -329,6 +338,7 @@ impl ClientRequest {
             ClientRequest::Status => "status",
             ClientRequest::Teardown => "teardown",
             ClientRequest::Ring => "ring",
+            ClientRequest::Repair => "repair",
         }
     }
 }
@@ -362,6 +372,22 @@ pub enum ReplyBody {
         #[serde(default)]
         exited: Vec<ExitedPeer>,
     },
+    Repair(RepairReport),
+}
+
+/// What a `repair` found and asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairReport {
+    /// The settled view compared.
+    pub epoch: u64,
+    /// Ranges whose every holder reported (the others were not compared).
+    pub checked_ranges: u64,
+    /// Of those, the ranges whose holders do not hold the same rows.
+    pub diverged_ranges: u64,
+    /// Ranges left out: a holder did not report, or reported under another view.
+    pub unchecked_ranges: u64,
+    /// The holders asked to copy their rows of the diverged ranges to the others.
+    pub peers_asked: Vec<String>,
 }
 
 /// A peer a teardown told to exit.
@@ -783,6 +809,11 @@ pub struct PeerReport {
     /// manager counts copies.
     #[serde(default)]
     pub ranges: Vec<(u64, u64)>,
+    /// A digest of the rows of each arc of `ranges`, in the same order ([`crate::store::row_digest`]
+    /// summed): holders of an arc that hold the same rows report the same digest. Empty from
+    /// older peers.
+    #[serde(default)]
+    pub digests: Vec<u64>,
 }
 
 /// What a node has had to cope with since it started.
@@ -1006,6 +1037,10 @@ pub enum RequestError {
     TornDown,
     #[error("a distribute is already running: wait for its report, then try again")]
     DistributeRunning,
+    #[error(
+        "the ring is changing (a join, a leave, or the repair of a dead peer's ranges): try again once status shows it settled"
+    )]
+    Unsettled,
     #[error(
         "no file given and no `data` configured: pass --file PATH (as the manager sees it) or set `data` in the manager's configuration"
     )]

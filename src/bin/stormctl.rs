@@ -95,6 +95,10 @@ enum Command {
     },
     /// End every peer; the manager stays, ready for new peers.
     Teardown,
+    /// Anti-entropy, like `nodetool repair`: compare what the holders of every range hold and
+    /// have those of ranges that differ copy their rows to each other (`status` shows when
+    /// the copies are done).
+    Repair,
     /// Query every key of a local CSV file and compare the answers with the file.
     Verify {
         #[arg(long)]
@@ -312,6 +316,7 @@ async fn command(cli: &Cli) -> ExitCode {
             interval,
         } => watch_status(cli, &mut client, *interval).await,
         Command::Teardown => request(cli, &mut client, ClientRequest::Teardown).await,
+        Command::Repair => request(cli, &mut client, ClientRequest::Repair).await,
         // Handled above, without a manager.
         Command::Completions { .. } | Command::Generate { .. } => ExitCode::SUCCESS,
     }
@@ -446,6 +451,10 @@ fn print_reply(json: bool, reply: &ReplyBody) {
         ReplyBody::Teardown { exited, .. } => {
             (report::teardown_text(exited), report::teardown_json(exited))
         }
+        ReplyBody::Repair(r) => (
+            report::repair_text(r),
+            serde_json::to_value(r).unwrap_or_default(),
+        ),
         ReplyBody::Query(q) => (
             report::query_text(q, 0.0),
             report::query_json(q, 0.0, None, None),

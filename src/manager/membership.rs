@@ -176,7 +176,7 @@ impl Manager {
             return;
         }
         for call in std::mem::take(&mut self.setups) {
-            self.start_status(now, call, true);
+            self.start_status(now, call, super::status::Gathering::Setup);
         }
     }
 

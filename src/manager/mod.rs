@@ -30,7 +30,7 @@ use distribute::DistributeJob;
 use membership::{Change, Transition};
 use query::PendingQuery;
 use registry::Registry;
-use status::StatusGather;
+use status::{Gathering, StatusGather};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -80,6 +80,8 @@ pub enum PeerMessage {
     Probe,
     /// A restarted manager asking for the view a rejoin named.
     ViewWanted,
+    /// A repair asking a holder to copy its rows of diverged ranges to the others.
+    Resync,
 }
 
 /// What a pending message was for, so that its outcome (acked, rejected, given up) can be acted on.
@@ -428,7 +430,8 @@ impl Manager {
                 Some(id) => self.begin_leave(now, id, Some(call)),
                 None => self.reply(now, &call, Err(RequestError::NoSuchPeer { name })),
             },
-            ClientRequest::Status => self.start_status(now, call, false),
+            ClientRequest::Status => self.start_status(now, call, Gathering::Status),
+            ClientRequest::Repair => self.start_repair(now, call),
             ClientRequest::Teardown => self.start_teardown(now, call),
             ClientRequest::Ring => {
                 let routing = self.cfg.routing;

@@ -2,12 +2,12 @@
 //! table; `setup` answers with the same table once every member holds the ring.
 
 use super::registry::Standing;
-use super::{ClientCall, Manager, ManagerTag, PeerMessage};
+use super::{ClientCall, Manager, ManagerEvent, ManagerTag, PeerMessage};
 use crate::link::Time;
 use crate::ring::{Placer, RingExt};
 use crate::wire::{
-    Body, PeerId, PeerReport, PeerState, PeerStatus, ReplyBody, RequestError, StatusReport,
-    TraceContext, cbor_len,
+    Body, PeerId, PeerReport, PeerState, PeerStatus, RepairReport, ReplyBody, RequestError,
+    StatusReport, TraceContext, cbor_len,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -15,8 +15,19 @@ use std::net::SocketAddr;
 /// Status requests (each probing every peer) the manager follows at once.
 const MAX_STATUS_IN_FLIGHT: usize = 64;
 
+/// What a gathering of the peers' reports answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Gathering {
+    Status,
+    /// `setup` answers with the status table.
+    Setup,
+    /// `repair` compares the holders of every range (`stormctl repair`).
+    Repair,
+}
+
 pub(super) struct StatusGather {
     call: ClientCall,
+    kind: Gathering,
     /// When the probes went out: a peer heard from since then is alive, whatever its report.
     started: Time,
     pub(super) deadline: Time,
@@ -24,11 +35,10 @@ pub(super) struct StatusGather {
     extended: bool,
     waiting: BTreeSet<PeerId>,
     reports: BTreeMap<PeerId, PeerReport>,
-    setup: bool,
 }
 
 impl Manager {
-    pub(super) fn start_status(&mut self, now: Time, call: ClientCall, setup: bool) {
+    pub(super) fn start_status(&mut self, now: Time, call: ClientCall, kind: Gathering) {
         // Each status probes every peer: bounded, so a flood of them cannot bury the manager.
         if self.probes.len() >= MAX_STATUS_IN_FLIGHT {
             let busy = RequestError::StatusBusy {
@@ -49,7 +59,7 @@ impl Manager {
                 extended: false,
                 waiting,
                 reports: BTreeMap::new(),
-                setup,
+                kind,
             },
         );
         for (id, addr) in targets {
@@ -100,13 +110,111 @@ impl Manager {
             .copied()
             .filter(|id| !self.detector.heard_since(*id, g.started))
             .collect();
-        let report = self.status_report(&g.reports, &unreachable);
-        let body = if g.setup {
-            ReplyBody::Setup(report)
-        } else {
-            ReplyBody::Status(report)
+        let body = match g.kind {
+            Gathering::Status => Ok(ReplyBody::Status(
+                self.status_report(&g.reports, &unreachable),
+            )),
+            Gathering::Setup => Ok(ReplyBody::Setup(
+                self.status_report(&g.reports, &unreachable),
+            )),
+            Gathering::Repair => self.repair(now, &g.reports, g.call.trace.clone()),
         };
-        self.reply(now, &g.call, Ok(body));
+        self.reply(now, &g.call, body);
+    }
+
+    /// `stormctl repair`: only a settled ring, outside a distribute, is compared (while rows
+    /// move, holders differ for a while by design).
+    pub(super) fn start_repair(&mut self, now: Time, call: ClientCall) {
+        if self.job.is_some() {
+            return self.reply(now, &call, Err(RequestError::DistributeRunning));
+        }
+        match &self.ring {
+            None => self.reply(now, &call, Err(RequestError::NoRing)),
+            Some(r) if !r.settled => self.reply(now, &call, Err(RequestError::Unsettled)),
+            Some(_) => self.start_status(now, call, Gathering::Repair),
+        }
+    }
+
+    /// Compares what the holders of each range of the settled view reported (rows and
+    /// digest) and asks every holder of a range whose holders differ to copy its rows of it
+    /// to the others (`Resync`). A range is compared only when all its holders reported
+    /// under this view with nothing left to hand over; the rest are counted as unchecked.
+    fn repair(
+        &mut self,
+        now: Time,
+        reports: &BTreeMap<PeerId, PeerReport>,
+        trace: Option<TraceContext>,
+    ) -> Result<ReplyBody, RequestError> {
+        let ring = match &self.ring {
+            None => return Err(RequestError::NoRing),
+            Some(r) if !r.settled => return Err(RequestError::Unsettled),
+            Some(r) => r,
+        };
+        if self.job.is_some() {
+            return Err(RequestError::DistributeRunning);
+        }
+        let epoch = ring.epoch;
+        let r = ring.replication.max(1) as usize;
+        // Each holder's (rows, digest) of one arc, if it can be compared.
+        let held = |id: PeerId, arc: u64| -> Option<(u64, u64)> {
+            let rep = reports.get(&id)?;
+            if rep.epoch != epoch || rep.handing_over > 0 || rep.digests.len() != rep.ranges.len() {
+                return None;
+            }
+            let i = rep.ranges.iter().position(|(a, _)| *a == arc);
+            // A holder that reports nothing of an arc holds no row of it.
+            Some(i.map_or((0, 0), |i| (rep.ranges[i].1, rep.digests[i])))
+        };
+        let (mut checked, mut unchecked) = (0, 0);
+        let mut asked: BTreeMap<PeerId, Vec<u64>> = BTreeMap::new();
+        for (arc, holders) in Placer::new(ring).arcs(r) {
+            let Some(each) = holders
+                .iter()
+                .map(|h| held(h.id, arc).map(|d| (h.id, d)))
+                .collect::<Option<Vec<_>>>()
+            else {
+                unchecked += 1;
+                continue;
+            };
+            checked += 1;
+            if each.windows(2).all(|w| w[0].1 == w[1].1) {
+                continue;
+            }
+            // Every holder with rows sends them all: together the others get the union.
+            for (id, (rows, _)) in each {
+                if rows > 0 {
+                    asked.entry(id).or_default().push(arc);
+                }
+            }
+        }
+        let diverged = Placer::new(ring)
+            .arcs(r)
+            .iter()
+            .filter(|(arc, _)| asked.values().any(|arcs| arcs.contains(arc)))
+            .count() as u64;
+        let mut peers_asked = Vec::new();
+        for (id, arcs) in asked {
+            let Some(p) = self.registry.get(id) else {
+                continue;
+            };
+            let (addr, name) = (p.addr, p.name.clone());
+            let tag = ManagerTag::ToPeer(id, PeerMessage::Resync);
+            self.send(now, addr, Body::Resync { epoch, arcs }, trace.clone(), tag);
+            peers_asked.push(name);
+        }
+        if diverged > 0 {
+            self.events.push(ManagerEvent::Warning(format!(
+                "repair: the holders of {diverged} of {checked} ranges differ; asked {} to copy their rows of them to the others",
+                peers_asked.join(", ")
+            )));
+        }
+        Ok(ReplyBody::Repair(RepairReport {
+            epoch,
+            checked_ranges: checked,
+            diverged_ranges: diverged,
+            unchecked_ranges: unchecked,
+            peers_asked,
+        }))
     }
 
     /// At a status's first deadline, the peers that did not report but may well be alive
@@ -246,8 +354,9 @@ impl Manager {
     }
 
     /// Ranges whose holders do not all hold as many rows as the fullest of them (a holder
-    /// that did not answer holds none, as far as anyone can tell), or that have fewer than
-    /// `replication` holders; and the copies missing in them.
+    /// that did not answer holds none, as far as anyone can tell), or not the same rows (by
+    /// their digests), or that have fewer than `replication` holders; and the copies missing
+    /// in them (by count: rows that differ in equal numbers count none).
     fn under_replication(&self, reports: &BTreeMap<PeerId, PeerReport>) -> (u64, u64) {
         let Some(ring) = &self.ring else {
             return (0, 0);
@@ -269,7 +378,18 @@ impl Manager {
             let full = counts.iter().copied().max().unwrap_or(0);
             let missing =
                 counts.iter().map(|c| full - c).sum::<u64>() + full * (r - holders.len()) as u64;
-            if missing > 0 {
+            // As many rows each, but not the same rows: the digests tell (peers that report
+            // them under the current view; `repair` copies them).
+            let digests: Vec<u64> = holders
+                .iter()
+                .filter_map(|h| {
+                    let rep = reports.get(&h.id)?;
+                    let i = rep.ranges.iter().position(|(a, _)| *a == arc)?;
+                    rep.digests.get(i).copied()
+                })
+                .collect();
+            let differ = digests.windows(2).any(|w| w[0] != w[1]);
+            if missing > 0 || differ {
                 ranges += 1;
                 rows += missing;
             }
@@ -301,6 +421,41 @@ mod tests {
         );
         assert!(s.settled);
         assert!((s.peers.iter().map(|p| p.share).sum::<f64>() - 1.0).abs() < 1e-6);
+    }
+
+    /// Holders of a range with as many rows each but different digests hold different rows:
+    /// the range is short of copies (`repair` gives each the other's); equal digests are not.
+    #[test]
+    fn holders_with_equal_counts_but_different_digests_are_under_replicated() {
+        use crate::ring::Placer;
+        use crate::wire::{PeerId, PeerReport};
+        use std::collections::BTreeMap;
+        let mut kit = Kit::with_ring(3);
+        // The kit's ring keeps one copy: two holders per range here.
+        if let Some(r) = kit.m.ring.as_mut() {
+            r.replication = 2;
+        }
+        let ring = kit.m.ring().expect("a ring").clone();
+        let arcs = Placer::new(&ring).arcs(2);
+        let reports = |odd: Option<(u64, PeerId)>| {
+            let mut out: BTreeMap<PeerId, PeerReport> = BTreeMap::new();
+            for (arc, holders) in &arcs {
+                for h in holders {
+                    let rep = out.entry(h.id).or_insert_with(|| PeerReport {
+                        epoch: ring.epoch,
+                        ..Default::default()
+                    });
+                    rep.ranges.push((*arc, 10));
+                    let digest = if odd == Some((*arc, h.id)) { 8 } else { 7 };
+                    rep.digests.push(digest);
+                }
+            }
+            out
+        };
+        assert_eq!(kit.m.under_replication(&reports(None)), (0, 0));
+        let (arc, holders) = &arcs[0];
+        let odd = Some((*arc, holders[1].id));
+        assert_eq!(kit.m.under_replication(&reports(odd)), (1, 0));
     }
 
     fn status_reply(kit: &mut Kit, seq: u64) -> StatusReport {

@@ -279,6 +279,13 @@ impl Peer {
         &self.store
     }
 
+    /// For simulations that take rows away behind the protocol's back (a copy a bug or a
+    /// bit flip lost), as only a repair can find.
+    #[cfg(test)]
+    pub(crate) fn store_mut(&mut self) -> &mut Store {
+        &mut self.store
+    }
+
     pub fn is_exited(&self) -> bool {
         self.exited
     }
@@ -425,6 +432,7 @@ impl Peer {
                     PeerTag::ToManager(ManagerMessage::Report),
                 );
             }
+            Body::Resync { epoch, arcs } => self.on_resync(now, epoch, &arcs, trace),
             Body::Exit {
                 reason: ExitReason::Left,
             } if self.store.row_count() > 0 && !self.leave_reported() => {
@@ -447,9 +455,9 @@ impl Peer {
     }
 
     fn report(&self) -> PeerReport {
-        let (owned, replicas, ranges) = match (&self.ring, self.id) {
+        let held = match (&self.ring, self.id) {
             (Some(ring), Some(me)) => repair::holdings(&self.store, me, ring, self.points.as_ref()),
-            _ => (0, 0, Vec::new()),
+            _ => repair::Holdings::default(),
         };
         PeerReport {
             records: self.store.row_count(),
@@ -457,9 +465,10 @@ impl Peer {
             epoch: self.ring.as_ref().map_or(0, |r| r.epoch),
             handing_over: self.handing_over(),
             counters: self.link.counters(),
-            owned,
-            replicas,
-            ranges,
+            owned: held.owned,
+            replicas: held.replicas,
+            ranges: held.ranges,
+            digests: held.digests,
         }
     }
 
@@ -752,6 +761,27 @@ impl Peer {
         if replan {
             self.rebalance(now, trace);
         }
+    }
+
+    /// A repair found that the holders of `arcs` hold different rows: every row of them held
+    /// here goes to the arcs' other holders, as rows of unknown placement do (they keep what
+    /// they lack, and count and drop what they have). Only under the settled view the
+    /// manager compared; under any other the copies a ring change plans do it.
+    fn on_resync(&mut self, now: Time, epoch: u64, arcs: &[u64], trace: Option<TraceContext>) {
+        let Some(ring) = self.ring.as_ref().filter(|r| r.settled && r.epoch == epoch) else {
+            return;
+        };
+        let keys = repair::keys_in_arcs(&self.store, ring, self.points.as_ref(), arcs);
+        if keys.is_empty() {
+            return;
+        }
+        self.events.push(PeerEvent::Warning(format!(
+            "repair: the holders of {} ranges differ; copying the {} keys held here of them to the others",
+            arcs.len(),
+            keys.len()
+        )));
+        self.unplaced.extend(keys);
+        self.rebalance(now, trace);
     }
 
     fn handing_over(&self) -> u64 {

@@ -153,11 +153,14 @@ pub fn holdings(
     me: PeerId,
     view: &RingView,
     index: Option<&PointIndex>,
-) -> (u64, u64, Vec<(u64, u64)>) {
+) -> Holdings {
     let r = view.replication.max(1) as usize;
     let placer = Placer::bound(view, index);
     let (mut owned, mut replicas) = (0, 0);
-    let mut ranges: BTreeMap<u64, u64> = BTreeMap::new();
+    // Arc → (rows, digest).
+    let mut ranges: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    // Header digests by the interned header (a store holds a handful).
+    let mut headers: Vec<(*const [String], u64)> = Vec::new();
     for (key, rows) in store.iter() {
         let (arc, holders) = placer.replicas(key, r);
         let Some(owner) = holders.first() else {
@@ -166,15 +169,65 @@ pub fn holdings(
         if !holders.iter().any(|m| m.id == me) {
             continue;
         }
-        let n = rows.count() as u64;
+        let range = ranges.entry(arc).or_default();
+        let mut n = 0;
+        for row in rows {
+            let ptr = Arc::as_ptr(row.columns);
+            let header = match headers.iter().find(|(p, _)| std::ptr::eq(*p, ptr)) {
+                Some(&(_, d)) => d,
+                None => {
+                    let d = crate::store::columns_digest(row.columns);
+                    headers.push((ptr, d));
+                    d
+                }
+            };
+            range.1 = range
+                .1
+                .wrapping_add(crate::store::row_digest(key, header, row.bytes));
+            n += 1;
+        }
+        range.0 += n;
         if owner.id == me {
             owned += n;
         } else {
             replicas += n;
         }
-        *ranges.entry(arc).or_default() += n;
     }
-    (owned, replicas, ranges.into_iter().collect())
+    Holdings {
+        owned,
+        replicas,
+        ranges: ranges.iter().map(|(&arc, &(n, _))| (arc, n)).collect(),
+        digests: ranges.values().map(|&(_, d)| d).collect(),
+    }
+}
+
+/// What a peer holds of a view, for its report.
+#[derive(Debug, Default)]
+pub struct Holdings {
+    /// Rows of its own ranges.
+    pub owned: u64,
+    /// Rows it keeps for the ranges before its own.
+    pub replicas: u64,
+    /// (arc, rows) of every arc it holds rows of.
+    pub ranges: Vec<(u64, u64)>,
+    /// The digest of each arc's rows, in the order of `ranges`.
+    pub digests: Vec<u64>,
+}
+
+/// The keys of `store` in `arcs` of `view` (its placement's arcs), for a repair's resend.
+pub fn keys_in_arcs(
+    store: &Store,
+    view: &RingView,
+    index: Option<&PointIndex>,
+    arcs: &[u64],
+) -> Vec<RecordKey> {
+    let r = view.replication.max(1) as usize;
+    let placer = Placer::bound(view, index);
+    store
+        .iter()
+        .map(|(key, _)| key)
+        .filter(|&key| arcs.contains(&placer.replicas(key, r).0))
+        .collect()
 }
 
 #[cfg(test)]
@@ -359,9 +412,83 @@ mod tests {
     fn holdings_split_owned_from_replica_rows() {
         let v = view(&[1, 2, 3], 2);
         let stores = stores(&v, 900);
-        let (owned, replicas, ranges) = holdings(&stores[&1], 1, &v, None);
-        assert_eq!(owned + replicas, stores[&1].row_count());
-        assert_eq!(ranges.len(), 2, "its own range and its predecessor's");
-        assert!(owned > 0 && replicas > 0);
+        let h = holdings(&stores[&1], 1, &v, None);
+        assert_eq!(h.owned + h.replicas, stores[&1].row_count());
+        assert_eq!(h.ranges.len(), 2, "its own range and its predecessor's");
+        assert_eq!(h.digests.len(), 2);
+        assert!(h.owned > 0 && h.replicas > 0);
+    }
+
+    /// The digest a repair compares: the holders of a range report the same one while they
+    /// hold the same rows, whatever order the rows came in; a row missing, changed, or under
+    /// another header changes it.
+    #[test]
+    fn holders_of_a_range_report_one_digest_until_their_rows_differ() {
+        let v = view(&[1, 2, 3], 2);
+        let mut stores = stores(&v, 900);
+        let digest_of = |stores: &BTreeMap<PeerId, Store>, id: PeerId| {
+            let h = holdings(&stores[&id], id, &v, None);
+            h.ranges
+                .iter()
+                .map(|r| r.0)
+                .zip(h.digests)
+                .collect::<BTreeMap<u64, u64>>()
+        };
+        // Peer 2 holds its own range and peer 1's; peer 1 holds its own and peer 3's.
+        let (one, two) = (digest_of(&stores, 1), digest_of(&stores, 2));
+        let shared: Vec<u64> = one
+            .keys()
+            .filter(|a| two.contains_key(a))
+            .copied()
+            .collect();
+        assert_eq!(shared.len(), 1, "one range held by both");
+        let arc = shared[0];
+        assert_eq!(one[&arc], two[&arc]);
+        // The same rows stored in the reverse order: the same digest.
+        let mut reversed = Store::default();
+        let mut keys: Vec<RecordKey> = stores[&2].iter().map(|(k, _)| k).collect();
+        keys.reverse();
+        for key in keys {
+            for row in stores[&2].rows_of(key) {
+                reversed.insert(key, &row.columns, row.row.clone());
+            }
+        }
+        let h = holdings(&reversed, 2, &v, None);
+        let again: BTreeMap<u64, u64> = h.ranges.iter().map(|r| r.0).zip(h.digests).collect();
+        assert_eq!(again, two);
+        // One row of the shared range gone from peer 2: the digests of that range differ.
+        let key = keys_in_arcs(&stores[&2], &v, None, &[arc])[0];
+        let rows = stores[&2].rows_of(key);
+        stores.get_mut(&2).unwrap().remove_rows(key, &rows);
+        assert_ne!(digest_of(&stores, 2)[&arc], one[&arc]);
+        // Back, but with another value: still different; then the same row: equal again.
+        let s = stores.get_mut(&2).unwrap();
+        let cols = s.intern(&["event_id".into()]);
+        s.insert(key, &cols, PackedRow::pack(&["changed"]));
+        assert_ne!(digest_of(&stores, 2)[&arc], one[&arc]);
+        let changed = stores[&2].rows_of(key);
+        let s = stores.get_mut(&2).unwrap();
+        s.remove_rows(key, &changed);
+        s.insert(key, &cols, rows[0].row.clone());
+        assert_eq!(digest_of(&stores, 2)[&arc], one[&arc]);
+        // The same values under another header: different.
+        let s = stores.get_mut(&2).unwrap();
+        s.remove_rows(key, &rows);
+        let other = s.intern(&["EVENT_ID".into()]);
+        s.insert(key, &other, rows[0].row.clone());
+        assert_ne!(digest_of(&stores, 2)[&arc], one[&arc]);
+    }
+
+    #[test]
+    fn keys_in_arcs_are_the_keys_the_placer_puts_there() {
+        let v = view(&[1, 2, 3], 2);
+        let stores = stores(&v, 300);
+        let h = holdings(&stores[&1], 1, &v, None);
+        let arc = h.ranges[0].0;
+        let keys = keys_in_arcs(&stores[&1], &v, None, &[arc]);
+        assert_eq!(keys.len() as u64, h.ranges[0].1, "one row per key here");
+        let placer = Placer::new(&v);
+        assert!(keys.iter().all(|&k| placer.replicas(k, 2).0 == arc));
+        assert!(keys_in_arcs(&stores[&1], &v, None, &[]).is_empty());
     }
 }
