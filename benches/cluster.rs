@@ -349,6 +349,26 @@ async fn run(sc: &Scenario<'_>) -> Value {
     let manager_kib = nodes.manager_rss_kib();
     let peers_private_kib = nodes.peers_private_kib();
     let peers_pss_kib = nodes.peers_pss_kib();
+    // What a status costs, and a repair (the manager's every minute): each peer reports every
+    // range it holds with a digest of its rows. The repair must find every range the same.
+    let t = Instant::now();
+    let reply = client.call(ClientRequest::Status, None).await;
+    let status_ms = t.elapsed().as_secs_f64() * 1e3;
+    assert!(
+        matches!(reply, Ok(ReplyBody::Status(_))),
+        "status: {reply:?}"
+    );
+    let t = Instant::now();
+    let reply = client.call(ClientRequest::Repair, None).await;
+    let repair_ms = t.elapsed().as_secs_f64() * 1e3;
+    let Ok(ReplyBody::Repair(repair)) = reply else {
+        panic!("repair failed: {reply:?}")
+    };
+    assert_eq!(
+        (repair.diverged_ranges, repair.unchecked_ranges),
+        (0, 0),
+        "a repair right after the distribute: {repair:?}"
+    );
 
     // Seeded random keys, one query at a time: the same 1,000 queries on every run, entering
     // at the next member round the ring, then the same keys entering at their owner (by the
@@ -668,6 +688,9 @@ async fn run(sc: &Scenario<'_>) -> Value {
         "rss_mib_total": round(loaded_kib as f64 / 1024.0, 1),
         "rss_mib_idle": round(idle_kib as f64 / 1024.0, 1),
         "manager_rss_mib": manager_kib.map(|k| round(k as f64 / 1024.0, 1)),
+        "status_ms": round(status_ms, 1),
+        "repair_ms": round(repair_ms, 1),
+        "repair_ranges": repair.checked_ranges,
         "startup_s": round(up_s, 1),
         "scenario_s": round(scenario_started.elapsed().as_secs_f64(), 1),
         "failure": failure,

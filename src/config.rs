@@ -85,6 +85,9 @@ pub struct Config {
     pub socket_buffer: usize,
     pub query_timeout_ms: u64,
     pub probe_timeout_ms: u64,
+    /// How often the manager runs a repair on its own (compares the holders of every range,
+    /// has diverged ones copied: `stormctl repair`); 0: only when asked.
+    pub repair_interval_ms: u64,
     /// Copies of every record (manager): its owner and the next `replication - 1` peers.
     pub replication: u32,
     pub failure: FailureConfig,
@@ -156,6 +159,7 @@ impl Default for Config {
             socket_buffer: 4 << 20,
             query_timeout_ms: 5_000,
             probe_timeout_ms: 1_000,
+            repair_interval_ms: 60_000,
             replication: 2,
             failure: FailureConfig::default(),
             retry: RetryConfig {
@@ -295,6 +299,12 @@ impl Config {
         if self.query_timeout_ms == 0 || self.probe_timeout_ms == 0 {
             return Err(bad("query_timeout_ms", "timeouts must be positive".into()));
         }
+        if self.repair_interval_ms != 0 && self.repair_interval_ms < 1_000 {
+            return Err(bad(
+                "repair_interval_ms",
+                "must be 0 (only when asked) or at least 1000: each repair asks every peer for a report".into(),
+            ));
+        }
         if !(1..=16).contains(&self.replication) {
             return Err(bad("replication", "must be between 1 and 16".into()));
         }
@@ -409,6 +419,8 @@ impl Config {
             replication: self.replication,
             detection: self.detection(),
             clock_origin_us: unix_micros_now(),
+            repair_interval: (self.repair_interval_ms > 0)
+                .then(|| Duration::from_millis(self.repair_interval_ms)),
         }
     }
 
@@ -507,6 +519,27 @@ mod tests {
             let e = Config::load(None).unwrap_err().to_string();
             assert!(e.contains("`role`"), "{e}");
             assert!(e.contains("STORM_ROLE"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_repair_interval_is_off_or_at_least_a_second() {
+        Jail::expect_with(|jail| {
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                c.manager_config().repair_interval,
+                Some(std::time::Duration::from_secs(60))
+            );
+            jail.set_env("STORM_REPAIR_INTERVAL_MS", "0");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.manager_config().repair_interval, None);
+            jail.set_env("STORM_REPAIR_INTERVAL_MS", "250");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(
+                e.contains("`repair_interval_ms`") && e.contains("at least 1000"),
+                "{e}"
+            );
             Ok(())
         });
     }

@@ -98,6 +98,7 @@ fn request() -> impl Strategy<Value = ClientRequest> {
         Just(ClientRequest::Setup),
         Just(ClientRequest::Status),
         Just(ClientRequest::Teardown),
+        Just(ClientRequest::Repair),
         Just(ClientRequest::Distribute { path: None }),
         (key(), prop::option::of("p[0-5]")).prop_map(|(key, via)| ClientRequest::Query {
             key,
@@ -174,16 +175,29 @@ fn body() -> impl Strategy<Value = Body> {
             reason: ExitReason::TearDown
         }),
         (0u64..5).prop_map(|probe| Body::Probe { probe }),
-        (0u64..5, 0u64..100, 0u64..8).prop_map(|(probe, records, epoch)| Body::Report {
-            probe,
-            report: PeerReport {
-                records,
-                keys: records,
-                epoch,
-                handing_over: 0,
-                ..Default::default()
-            },
-        }),
+        (
+            0u64..5,
+            0u64..100,
+            0u64..8,
+            prop::collection::vec((any::<u64>(), 0u64..50, any::<u64>()), 0..4),
+            0usize..5,
+        )
+            .prop_map(|(probe, records, epoch, ranges, digests)| Body::Report {
+                probe,
+                report: PeerReport {
+                    records,
+                    keys: records,
+                    epoch,
+                    handing_over: 0,
+                    ranges: ranges.iter().map(|&(arc, n, _)| (arc, n)).collect(),
+                    // Sometimes as many digests as ranges, sometimes not (an older peer,
+                    // or a broken one).
+                    digests: ranges.iter().map(|r| r.2).take(digests).collect(),
+                    ..Default::default()
+                },
+            }),
+        (0u64..8, prop::collection::vec(any::<u64>(), 0..3))
+            .prop_map(|(epoch, arcs)| Body::Resync { epoch, arcs }),
         (0u64..8, prop::collection::vec(key(), 0..6)).prop_map(|(epoch, keys)| Body::Store(
             StoreBatch {
                 epoch,
@@ -332,6 +346,8 @@ proptest! {
             replication: 2,
             detection: Default::default(),
             clock_origin_us: 0,
+            // Often enough that the steps' time passes it: audits among any messages.
+            repair_interval: Some(Duration::from_millis(300)),
         };
         let mut m = Manager::new(cfg, 1);
         let mut last_epoch = 0;

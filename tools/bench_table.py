@@ -136,6 +136,11 @@ ROWS = [
         f"{num(r.get('peers_private_over_raw'), 2)} / {num(r.get('peers_pss_over_raw'), 2)}",
     ),
     ("manager RSS MiB", lambda r: num(r.get("manager_rss_mib"), 1)),
+    (
+        "a status / a repair at rest, ms (ranges compared, none differing)",
+        lambda r: f"{num(r.get('status_ms'), 1)} / {num(r.get('repair_ms'), 1)}"
+        f" ({num(r.get('repair_ranges'))})",
+    ),
 ]
 
 
@@ -188,7 +193,9 @@ def main():
             f"{num(r.get('mean_hops'), 2)}; max/mean {num(r.get('max_over_mean'), 3)} / "
             f"{num(r.get('max_over_mean_churn'), 3)}; peers' PSS "
             f"{num(r.get('peers_pss_over_raw'), 2)} per stored byte; manager "
-            f"{num(r.get('manager_rss_mib'), 1)} MiB."
+            f"{num(r.get('manager_rss_mib'), 1)} MiB; a status {num(r.get('status_ms'), 1)} ms,"
+            f" a repair {num(r.get('repair_ms'), 1)} ms ({num(r.get('repair_ranges'))} ranges,"
+            " none differing)."
         )
     for r in failed:
         print(f"\n{r.get('scenario')}: failed: {r.get('error')}")

@@ -62,6 +62,9 @@ pub struct ManagerConfig {
     /// peers' hop stamps on the query's timeline.
     pub clock_origin_us: u64,
     pub detection: Detection,
+    /// How often the manager compares the holders of every range and has diverged ones
+    /// copied (as `stormctl repair` does); `None`: only when asked.
+    pub repair_interval: Option<Duration>,
 }
 
 /// A client request waiting for its reply.
@@ -208,6 +211,8 @@ pub struct Manager {
     next_query: u64,
     next_entry: usize,
     probes: HashMap<u64, StatusGather>,
+    /// When the next periodic repair is due (with `repair_interval`).
+    audit_at: Time,
     next_probe: u64,
     teardown: Option<TeardownJob>,
     /// The peers told to exit by a teardown, by incarnation (their old ids): one whose `Exit`
@@ -230,6 +235,7 @@ pub struct Manager {
 
 impl Manager {
     pub fn new(cfg: ManagerConfig, incarnation: u64) -> Self {
+        let audit_at = cfg.repair_interval.unwrap_or_default();
         Manager {
             link: Link::new(incarnation, cfg.retry).with_max_datagram(cfg.max_datagram),
             cfg,
@@ -245,6 +251,7 @@ impl Manager {
             queries: HashMap::new(),
             next_query: 1,
             next_entry: 0,
+            audit_at,
             probes: HashMap::new(),
             next_probe: 1,
             teardown: None,
@@ -458,6 +465,7 @@ impl Manager {
         for probe in due(&self.probes, now, |p| p.deadline) {
             self.maybe_finish_status(now, probe, true);
         }
+        self.audit_if_due(now);
         self.drain_outcomes(now);
     }
 
@@ -613,7 +621,8 @@ impl Machine for Manager {
             .chain(self.detector.check_at)
             .chain(self.recovery.as_ref().map(|r| r.deadline))
             .chain(self.recovery.as_ref().and_then(|r| r.next_ask()))
-            .chain(self.early_setup_due());
+            .chain(self.early_setup_due())
+            .chain(self.cfg.repair_interval.map(|_| self.audit_at));
         deadlines.chain(self.link.poll_timeout()).min()
     }
 

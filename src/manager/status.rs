@@ -23,10 +23,14 @@ pub(super) enum Gathering {
     Setup,
     /// `repair` compares the holders of every range (`stormctl repair`).
     Repair,
+    /// The same comparison on the manager's own timer (`repair_interval_ms`): nobody to
+    /// answer.
+    Audit,
 }
 
 pub(super) struct StatusGather {
-    call: ClientCall,
+    /// Who asked; none for an audit.
+    call: Option<ClientCall>,
     kind: Gathering,
     /// When the probes went out: a peer heard from since then is alive, whatever its report.
     started: Time,
@@ -46,6 +50,30 @@ impl Manager {
             };
             return self.reply(now, &call, Err(busy));
         }
+        self.gather(now, Some(call), kind);
+    }
+
+    /// The periodic repair (`repair_interval_ms`): when it is due, in a settled ring outside
+    /// a distribute, a recovery or a teardown, and with no audit still gathering, the same
+    /// comparison as `stormctl repair`.
+    pub(super) fn audit_if_due(&mut self, now: Time) {
+        let Some(every) = self.cfg.repair_interval else {
+            return;
+        };
+        if now < self.audit_at {
+            return;
+        }
+        self.audit_at = now + every;
+        let quiet = self.job.is_none() && self.recovery.is_none() && self.teardown.is_none();
+        let settled = self.ring.as_ref().is_some_and(|r| r.settled);
+        let gathering = self.probes.values().any(|g| g.kind == Gathering::Audit);
+        if quiet && settled && !gathering && self.probes.len() < MAX_STATUS_IN_FLIGHT {
+            self.gather(now, None, Gathering::Audit);
+        }
+    }
+
+    fn gather(&mut self, now: Time, call: Option<ClientCall>, kind: Gathering) {
+        let trace = call.as_ref().and_then(|c| c.trace.clone());
         let probe = self.next_probe;
         self.next_probe += 1;
         let waiting: BTreeSet<PeerId> = self.registry.ids().collect();
@@ -53,7 +81,7 @@ impl Manager {
         self.probes.insert(
             probe,
             StatusGather {
-                call: call.clone(),
+                call,
                 started: now,
                 deadline: now + self.cfg.probe_timeout,
                 extended: false,
@@ -63,7 +91,7 @@ impl Manager {
             },
         );
         for (id, addr) in targets {
-            self.send_probe(now, probe, id, addr, call.trace.clone());
+            self.send_probe(now, probe, id, addr, trace.clone());
         }
         self.maybe_finish_status(now, probe, false);
     }
@@ -117,9 +145,16 @@ impl Manager {
             Gathering::Setup => Ok(ReplyBody::Setup(
                 self.status_report(&g.reports, &unreachable),
             )),
-            Gathering::Repair => self.repair(now, &g.reports, g.call.trace.clone()),
+            Gathering::Repair | Gathering::Audit => {
+                let trace = g.call.as_ref().and_then(|c| c.trace.clone());
+                self.repair(now, &g.reports, trace)
+            }
         };
-        self.reply(now, &g.call, body);
+        // An audit answers nobody; what it found is logged by `repair` (and a ring that
+        // changed meanwhile is simply audited next time).
+        if let Some(call) = &g.call {
+            self.reply(now, call, body);
+        }
     }
 
     /// `stormctl repair`: only a settled ring, outside a distribute, is compared (while rows
@@ -241,7 +276,7 @@ impl Manager {
         if alive.is_empty() {
             return false;
         }
-        let trace = g.call.trace.clone();
+        let trace = g.call.as_ref().and_then(|c| c.trace.clone());
         if let Some(g) = self.probes.get_mut(&probe) {
             g.extended = true;
             g.deadline = now + self.cfg.probe_timeout;

@@ -823,3 +823,33 @@ fn a_repair_needs_a_settled_ring_and_no_distribute() {
     sim.settle();
     assert_eq!(repair(&mut sim).diverged_ranges, 0);
 }
+
+/// Nobody asks: the manager's own audit (`repair_interval_ms`, 60 s by default) finds copies
+/// lost in a settled ring and has them copied back, under loss and duplication.
+#[test]
+fn the_periodic_audit_restores_lost_copies_unasked() {
+    for seed in 4_131..4_134 {
+        let mut sim = cluster(seed, lossy(0.1), 4, Placement::Consistent);
+        setup_and_distribute(&mut sim);
+        sim.settle();
+        let lost = lose_rows(&sim, "peer-2", 15, 1, &[]);
+        assert_eq!(lost.len(), 15);
+        // Checked after every step of the simulation, so by counts alone (cheap); which rows,
+        // and how many copies of each, is checked at the end.
+        let rows = sim.file("default.csv").rows.len() as u64;
+        let restored = move |s: &Sim| s.holdings().values().sum::<u64>() == 2 * rows;
+        assert!(!restored(&sim));
+        // Within one interval and the copies' time.
+        assert!(
+            sim.run_until(Duration::from_secs(75), restored),
+            "seed {seed}: not restored by the audit: {:?}",
+            sim.holdings()
+        );
+        let warned = sim.manager_events().iter().any(
+            |e| matches!(e, ManagerEvent::Warning(w) if w.starts_with("repair: the holders of")),
+        );
+        assert!(warned, "seed {seed}: the audit says what it found");
+        sim.settle();
+        assert_all_found(&mut sim);
+    }
+}

@@ -264,6 +264,8 @@ impl Sim {
             replication,
             detection: crate::manager::Detection::default(),
             clock_origin_us: 0,
+            // As deployed (`repair_interval_ms`' default): every simulation audits too.
+            repair_interval: Some(Duration::from_secs(60)),
         };
         let files: Arc<Mutex<HashMap<String, Dataset>>> = Arc::default();
         let load: LoadFn = {
