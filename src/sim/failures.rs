@@ -647,6 +647,13 @@ fn a_live_peer_whose_probes_are_all_lost_is_up_with_unknown_counts() {
     );
 }
 
+/// Live peers hold two copies' worth of the file's `rows`. Checked after every step of a
+/// simulation, so by counts alone (cheap); which rows, and how many copies of each, the
+/// scenarios check at the end (`assert_all_found`).
+fn holds_every_copy(sim: &Sim, rows: usize) -> bool {
+    sim.holdings().values().sum::<u64>() == 2 * rows as u64
+}
+
 /// What `stormctl repair` answers.
 fn repair(sim: &mut Sim) -> crate::wire::RepairReport {
     match sim.request(crate::wire::ClientRequest::Repair) {
@@ -716,15 +723,10 @@ fn a_repair_restores_copies_lost_in_a_settled_ring() {
         );
         let found = repair(&mut sim);
         assert!(found.diverged_ranges > 0, "seed {seed}: {found:?}");
+        let rows = sim.file("default.csv").rows.len();
         assert!(!found.peers_asked.is_empty());
         assert!(
-            sim.run_until(Duration::from_secs(30), |s| {
-                let data = s.file("default.csv");
-                let copies = s.copies();
-                data.rows
-                    .iter()
-                    .all(|r| copies.get(&(r.key, r.values.values())).copied() == Some(2))
-            }),
+            sim.run_until(Duration::from_secs(30), |s| holds_every_copy(s, rows)),
             "seed {seed}: copies not restored: {:?}; {found:?}; off: {:?}",
             sim.holdings(),
             {
@@ -784,13 +786,8 @@ fn a_holder_dying_during_a_repair_loses_nothing() {
         // still be short; a repair after the rebuild finds and copies it.
         let again = repair(&mut sim);
         assert_eq!(again.unchecked_ranges, 0, "seed {seed}: {again:?}");
-        assert!(sim.run_until(Duration::from_secs(30), |s| {
-            let data = s.file("default.csv");
-            let copies = s.copies();
-            data.rows
-                .iter()
-                .all(|r| copies.get(&(r.key, r.values.values())).copied() == Some(2))
-        }));
+        let rows = sim.file("default.csv").rows.len();
+        assert!(sim.run_until(Duration::from_secs(30), |s| holds_every_copy(s, rows)));
         sim.settle();
         assert_all_found(&mut sim);
         assert_eq!(repair(&mut sim).diverged_ranges, 0, "seed {seed}");
@@ -834,10 +831,8 @@ fn the_periodic_audit_restores_lost_copies_unasked() {
         sim.settle();
         let lost = lose_rows(&sim, "peer-2", 15, 1, &[]);
         assert_eq!(lost.len(), 15);
-        // Checked after every step of the simulation, so by counts alone (cheap); which rows,
-        // and how many copies of each, is checked at the end.
-        let rows = sim.file("default.csv").rows.len() as u64;
-        let restored = move |s: &Sim| s.holdings().values().sum::<u64>() == 2 * rows;
+        let rows = sim.file("default.csv").rows.len();
+        let restored = move |s: &Sim| holds_every_copy(s, rows);
         assert!(!restored(&sim));
         // Within one interval and the copies' time.
         assert!(
