@@ -346,9 +346,10 @@ async fn run(sc: &Scenario<'_>) -> Value {
     let shares = owned(&status);
     // What a status costs, and a repair (the manager's every minute): each peer reports every
     // range it holds with a digest of its rows. The repair must find every range the same.
-    // Before the rest, not right before the queries: a peer gives the memory of its report
-    // back 250 ms later (`malloc_trim`), which in the queries' first block raised their p99
-    // four- to fivefold.
+    // Before the rest, not right before the queries: there, the queries' p99 / p50 unpinned
+    // at n = 5 rose from 2.3–3.1 to 7–11, the slow ones among the first hundred (about 10 ms
+    // after the burst of every peer hashing its rows); peers do not trim after a report, so
+    // it is not their memory. The same rest follows the distribute.
     let t = Instant::now();
     let reply = client.call(ClientRequest::Status, None).await;
     let status_ms = t.elapsed().as_secs_f64() * 1e3;
