@@ -200,7 +200,7 @@ impl Manager {
             // A holder that reports nothing of an arc holds no row of it.
             Some(i.map_or((0, 0), |i| (rep.ranges[i].1, rep.digests[i])))
         };
-        let (mut checked, mut unchecked) = (0, 0);
+        let (mut checked, mut unchecked, mut diverged) = (0, 0, 0);
         let mut asked: BTreeMap<PeerId, Vec<u64>> = BTreeMap::new();
         for (arc, holders) in Placer::new(ring).arcs(r) {
             let Some(each) = holders
@@ -215,6 +215,7 @@ impl Manager {
             if each.windows(2).all(|w| w[0].1 == w[1].1) {
                 continue;
             }
+            diverged += 1;
             // Every holder with rows sends them all: together the others get the union.
             for (id, (rows, _)) in each {
                 if rows > 0 {
@@ -222,11 +223,6 @@ impl Manager {
                 }
             }
         }
-        let diverged = Placer::new(ring)
-            .arcs(r)
-            .iter()
-            .filter(|(arc, _)| asked.values().any(|arcs| arcs.contains(arc)))
-            .count() as u64;
         let mut peers_asked = Vec::new();
         for (id, arcs) in asked {
             let Some(p) = self.registry.get(id) else {
