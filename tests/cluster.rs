@@ -580,6 +580,7 @@ fn the_demo_runs_end_to_end() {
         "path ",
         "left",
         "300 found, 0 missing",
+        "ranges compared, 0 differed",
         "demo finished",
     ] {
         assert!(text.contains(expected), "missing '{expected}' in:\n{text}");

@@ -5,14 +5,14 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use stormdht::client::{Client, verify};
+use stormdht::client::{Client, ClientError, verify};
 use stormdht::cluster::LocalCluster;
 use stormdht::config::{Config, Role};
 use stormdht::driver::{run_manager, run_peer};
 use stormdht::record::{self, RecordKey};
 use stormdht::report;
 use stormdht::telemetry;
-use stormdht::wire::{ClientRequest, ReplyBody};
+use stormdht::wire::{ClientRequest, ReplyBody, RequestError};
 use tokio::sync::{oneshot, watch};
 
 #[derive(Parser)]
@@ -420,6 +420,25 @@ async fn run_demo(cfg: &Config, peers: usize, file: Option<String>) -> Result<()
     println!("{}", report::verify_text(&v));
     if !v.ok() {
         return Err("some records were not found after the leave".into());
+    }
+
+    // The copies the leave planned may still be settling: a repair compares a settled ring.
+    println!("\n== repair: the holders of every range compared");
+    let mut tries = 0;
+    let repaired = loop {
+        match client.call(ClientRequest::Repair, None).await {
+            Err(ClientError::Failed(RequestError::Unsettled)) if tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => break other.map_err(|e| format!("repair: {e}"))?,
+        }
+    };
+    if let ReplyBody::Repair(r) = repaired {
+        println!("{}", report::repair_text(&r));
+        if r.diverged_ranges > 0 {
+            return Err("a repair found ranges whose holders differ".into());
+        }
     }
 
     println!("\n== teardown");
