@@ -32,6 +32,8 @@ pub struct RowRef<'a> {
     pub columns: &'a Columns,
     /// The packed values ([`PackedRow`]'s bytes).
     pub bytes: &'a [u8],
+    /// The header's [`columns_digest`], kept with the interned header.
+    columns_digest: u64,
 }
 
 impl RowRef<'_> {
@@ -48,6 +50,11 @@ impl RowRef<'_> {
 
     pub fn packed(&self) -> PackedRow {
         PackedRow::from_checked(self.bytes)
+    }
+
+    /// This row's [`row_digest`] as a row of `key`.
+    pub fn digest(&self, key: RecordKey) -> u64 {
+        row_digest(key, self.columns_digest, self.bytes)
     }
 
     /// The same row as `other`: the same header (the same interned one, or equal) and bytes.
@@ -130,6 +137,8 @@ pub struct Store {
     /// Each schema's column names packed as a query's answer carries them, made once: packing
     /// them for every answer was a tenth of a peer's work per query.
     packed_schemas: Vec<PackedRow>,
+    /// Each header's [`columns_digest`], for the digests of rows a repair compares.
+    schema_digests: Vec<u64>,
     segments: Vec<Vec<u8>>,
     slots: Vec<Slot>,
     /// The first slot of each key.
@@ -218,6 +227,7 @@ impl Store {
 
     fn push_schema(&mut self, columns: Columns) {
         self.packed_schemas.push(PackedRow::pack(&columns));
+        self.schema_digests.push(columns_digest(&columns));
         self.schemas.push(columns);
     }
 
@@ -236,6 +246,7 @@ impl Store {
         let (segment, at) = (slot.offset() / SEGMENT, slot.offset() % SEGMENT);
         RowRef {
             columns: &self.schemas[slot.schema()],
+            columns_digest: self.schema_digests[slot.schema()],
             bytes: &self.segments[segment][at..at + slot.len()],
         }
     }

@@ -816,6 +816,14 @@ pub struct PeerReport {
     pub digests: Vec<u64>,
 }
 
+impl PeerReport {
+    /// The rows this peer reported of `arc`, and their digest if it sent digests.
+    pub fn range(&self, arc: u64) -> Option<(u64, Option<u64>)> {
+        let i = self.ranges.iter().position(|(a, _)| *a == arc)?;
+        Some((self.ranges[i].1, self.digests.get(i).copied()))
+    }
+}
+
 /// What a node has had to cope with since it started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {

@@ -196,9 +196,8 @@ impl Manager {
             if rep.epoch != epoch || rep.handing_over > 0 || rep.digests.len() != rep.ranges.len() {
                 return None;
             }
-            let i = rep.ranges.iter().position(|(a, _)| *a == arc);
             // A holder that reports nothing of an arc holds no row of it.
-            Some(i.map_or((0, 0), |i| (rep.ranges[i].1, rep.digests[i])))
+            Some(rep.range(arc).map_or((0, 0), |(n, d)| (n, d.unwrap_or(0))))
         };
         let (mut checked, mut unchecked, mut diverged) = (0, 0, 0);
         let mut asked: BTreeMap<PeerId, Vec<u64>> = BTreeMap::new();
@@ -398,12 +397,10 @@ impl Manager {
             let counts: Vec<u64> = holders
                 .iter()
                 .map(|h| {
-                    reports.get(&h.id).map_or(0, |rep| {
-                        rep.ranges
-                            .iter()
-                            .find(|(a, _)| *a == arc)
-                            .map_or(0, |(_, n)| *n)
-                    })
+                    reports
+                        .get(&h.id)
+                        .and_then(|rep| rep.range(arc))
+                        .map_or(0, |(n, _)| n)
                 })
                 .collect();
             let full = counts.iter().copied().max().unwrap_or(0);
@@ -413,11 +410,7 @@ impl Manager {
             // them under the current view; `repair` copies them).
             let digests: Vec<u64> = holders
                 .iter()
-                .filter_map(|h| {
-                    let rep = reports.get(&h.id)?;
-                    let i = rep.ranges.iter().position(|(a, _)| *a == arc)?;
-                    rep.digests.get(i).copied()
-                })
+                .filter_map(|h| reports.get(&h.id)?.range(arc)?.1)
                 .collect();
             let differ = digests.windows(2).any(|w| w[0] != w[1]);
             if missing > 0 || differ {

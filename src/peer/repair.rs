@@ -159,8 +159,6 @@ pub fn holdings(
     let (mut owned, mut replicas) = (0, 0);
     // Arc → (rows, digest).
     let mut ranges: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
-    // Header digests by the interned header (a store holds a handful).
-    let mut headers: Vec<(*const [String], u64)> = Vec::new();
     for (key, rows) in store.iter() {
         let (arc, holders) = placer.replicas(key, r);
         let Some(owner) = holders.first() else {
@@ -172,18 +170,7 @@ pub fn holdings(
         let range = ranges.entry(arc).or_default();
         let mut n = 0;
         for row in rows {
-            let ptr = Arc::as_ptr(row.columns);
-            let header = match headers.iter().find(|(p, _)| std::ptr::eq(*p, ptr)) {
-                Some(&(_, d)) => d,
-                None => {
-                    let d = crate::store::columns_digest(row.columns);
-                    headers.push((ptr, d));
-                    d
-                }
-            };
-            range.1 = range
-                .1
-                .wrapping_add(crate::store::row_digest(key, header, row.bytes));
+            range.1 = range.1.wrapping_add(row.digest(key));
             n += 1;
         }
         range.0 += n;
